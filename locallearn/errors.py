@@ -1,0 +1,46 @@
+"""User-facing errors.
+
+Every error a user can cause by bad input (a wrong name, a bad option, missing
+data, a model that cannot be split) is a :class:`LocallearnError` whose message
+is one line naming the problem and the valid choices. The command line prints
+that line and exits with status 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LocallearnError(Exception):
+    """Base class of errors caused by the user's input, with a one-line message."""
+
+
+class ConfigError(LocallearnError, ValueError):
+    """An unknown or ill-typed option, or an unknown name."""
+
+
+class DataError(LocallearnError):
+    """A data set that cannot be found, read or downloaded."""
+
+
+class SplitError(LocallearnError):
+    """A model that cannot be split into a block stack correctly."""
+
+
+def unknown_name(
+    kind: str, name: str, choices: Iterable[str], owner: str = "", limit: int = 12
+) -> ConfigError:
+    """Build the error for an unknown ``name`` of ``kind`` (of ``owner``), naming close matches
+    or the choices."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
+    if close:
+        hint = "did you mean " + ", ".join(close) + "?"
+    elif len(choices) <= limit:
+        hint = "choices: " + ", ".join(choices)
+    else:
+        hint = f"{len(choices)} choices, e.g. " + ", ".join(choices[:limit])
+    where = f" for {owner}" if owner else ""
+    return ConfigError(f"unknown {kind} {name!r}{where}; {hint}")
