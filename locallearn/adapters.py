@@ -1,0 +1,280 @@
+"""Per-family layouts of timm models: stem, stages of fine blocks, head.
+
+timm has no single API that yields composable blocks (see docs/architecture.md),
+so each family the splitter knows gets a small adapter that reads the model's
+own ``forward_features``/``forward_head`` and lays its modules out in forward
+order. Adapters are matched by exact type: a subclass may override ``forward``
+and must not be split by its parent's recipe. Everything else goes through
+:func:`generic_layout`, which cuts at timm's ``feature_info`` taps. Adapters
+only describe; :func:`locallearn.blocks.split` proves every layout by
+comparing the composed blocks with ``model(x)``.
+
+Adapters raise :class:`~locallearn.errors.SplitError` with a short reason; the
+caller turns it into the full one-line refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models._features import FeatureInfo
+from timm.models.convnext import ConvNeXt
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.resnet import ResNet
+from timm.models.vgg import VGG
+from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
+from torch import nn
+
+from locallearn.errors import SplitError
+from locallearn.models import CifarVGG
+
+
+@dataclass
+class Stage:
+    """One stage: its fine blocks in forward order, and the model's own stage module if any.
+
+    Attributes:
+        name: the stage's name, e.g. ``"layer1"``.
+        fine: ``(name, module)`` per fine block; composing them is the stage.
+        module: the model's module that runs the whole stage (used at stage
+            granularity); ``None`` means an ``nn.Sequential`` of ``fine``.
+    """
+
+    name: str
+    fine: list[tuple[str, nn.Module]]
+    module: nn.Module | None = None
+
+    def as_module(self) -> nn.Module:
+        return self.module if self.module is not None else nn.Sequential(*(m for _, m in self.fine))
+
+
+@dataclass
+class Layout:
+    """A model in forward order: ``head(stages(stem(x)))``."""
+
+    stem: nn.Module
+    stages: list[Stage]
+    head: nn.Module
+
+
+def _isotropic(blocks: nn.Sequential, prefix: str = "blocks") -> list[Stage]:
+    # Transformers have no stages: every block is its own stage.
+    return [Stage(f"{prefix}.{i}", [(f"{prefix}.{i}", b)], b) for i, b in enumerate(blocks)]
+
+
+class ResNetHead(nn.Module):
+    """timm ResNet's ``forward_head``: pool, functional dropout (rate read at split time), fc."""
+
+    def __init__(self, model: ResNet):
+        super().__init__()
+        self.global_pool, self.fc = model.global_pool, model.fc
+        self.drop_rate = float(model.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return self.fc(x)
+
+
+def resnet_layout(model: ResNet) -> Layout:
+    """Stem conv1-bn1-act1-maxpool; stages layer1..4 of residual blocks; pool-dropout-fc head."""
+    stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
+    stages = []
+    for i in range(1, 5):
+        layer = getattr(model, f"layer{i}")
+        fine = [(f"layer{i}.{j}", block) for j, block in enumerate(layer)]
+        stages.append(Stage(f"layer{i}", fine, layer))
+    return Layout(stem, stages, ResNetHead(model))
+
+
+def vgg_layout(model: VGG | CifarVGG) -> Layout:
+    """Fine blocks are conv-(bn)-act units, each max-pool riding with the unit before it.
+
+    Stages are the units between max-pools; the first unit is the stem (so in
+    VGG-16 the stem's stage-mates form a stage of their own).
+    """
+    units: list[list[int]] = []
+    for i, m in enumerate(model.features):
+        if isinstance(m, nn.Conv2d) or not units:
+            units.append([i])
+        else:
+            units[-1].append(i)
+
+    def name(idx: list[int]) -> str:
+        return f"features.{idx[0]}-{idx[-1]}"
+
+    def module(idx: list[int]) -> nn.Module:
+        return nn.Sequential(*(model.features[i] for i in idx))
+
+    groups, current = [], []
+    for unit in units[1:]:
+        current.append(unit)
+        if isinstance(model.features[unit[-1]], nn.MaxPool2d):
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    stages = [
+        Stage(f"features.{g[0][0]}-{g[-1][-1]}", [(name(u), module(u)) for u in g]) for g in groups
+    ]
+    return Layout(module(units[0]), stages, nn.Sequential(model.pre_logits, model.head))
+
+
+def convnext_layout(model: ConvNeXt) -> Layout:
+    """Stem; stages whose first fine block carries the stage's downsample; norm_pre + head."""
+    stages = []
+    for i, stage in enumerate(model.stages):
+        fine = [(f"stages.{i}.blocks.{j}", b) for j, b in enumerate(stage.blocks)]
+        if not isinstance(stage.downsample, nn.Identity):
+            fine[0] = (fine[0][0], nn.Sequential(stage.downsample, stage.blocks[0]))
+        stages.append(Stage(f"stages.{i}", fine, stage))
+    return Layout(model.stem, stages, nn.Sequential(model.norm_pre, model.head))
+
+
+class VitEmbed(nn.Module):
+    """The ViT embedding step as a block, holding the model's own parameters.
+
+    Mirrors ``VisionTransformer.forward_features`` up to the blocks: patch
+    embedding, class/register tokens, position embedding, pos_drop,
+    patch_drop, norm_pre (``_pos_embed`` without dynamic image size).
+    """
+
+    def __init__(self, model: VisionTransformer):
+        super().__init__()
+        self.patch_embed = model.patch_embed
+        self.cls_token, self.reg_token = model.cls_token, model.reg_token
+        self.pos_embed = model.pos_embed
+        self.no_embed_class = model.no_embed_class
+        self.pos_drop, self.patch_drop = model.pos_drop, model.patch_drop
+        self.norm_pre = model.norm_pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        tokens = [t.expand(x.shape[0], -1, -1) for t in prefix]
+        if self.pos_embed is None:
+            # timm returns here, skipping pos_drop.
+            x = torch.cat(tokens + [x.view(x.shape[0], -1, x.shape[-1])], dim=1)
+        elif self.no_embed_class:
+            x = x + self.pos_embed
+            x = torch.cat(tokens + [x], dim=1) if tokens else x
+            x = self.pos_drop(x)
+        else:
+            x = torch.cat(tokens + [x], dim=1) if tokens else x
+            x = self.pos_drop(x + self.pos_embed)
+        return self.norm_pre(self.patch_drop(x))
+
+
+class VitHead(nn.Module):
+    """ViT's final norm, token pooling, fc_norm, head_drop and classifier."""
+
+    def __init__(self, model: VisionTransformer):
+        super().__init__()
+        self.norm, self.fc_norm = model.norm, model.fc_norm
+        self.head_drop, self.head = model.head_drop, model.head
+        self.pool_type = model.global_pool
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.pool_include_prefix = model.pool_include_prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = global_pool_nlc(
+            self.norm(x),
+            pool_type=self.pool_type,
+            num_prefix_tokens=self.num_prefix_tokens,
+            reduce_include_prefix=self.pool_include_prefix,
+        )
+        return self.head(self.head_drop(self.fc_norm(x)))
+
+
+def vit_layout(model: VisionTransformer) -> Layout:
+    """Embedding step, then each transformer block; refuses what it does not reproduce."""
+    if model.dynamic_img_size:
+        raise SplitError("dynamic_img_size=True is not supported")
+    if model.attn_pool is not None:
+        raise SplitError(f"attention pooling (global_pool={model.global_pool!r}) is not supported")
+    return Layout(VitEmbed(model), _isotropic(model.blocks), VitHead(model))
+
+
+class MixerHead(nn.Module):
+    """MLP-Mixer's final norm, token mean, head_drop and classifier."""
+
+    def __init__(self, model: MlpMixer):
+        super().__init__()
+        self.norm, self.head_drop, self.head = model.norm, model.head_drop, model.head
+        self.global_pool = model.global_pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        return self.head(self.head_drop(x))
+
+
+def mixer_layout(model: MlpMixer) -> Layout:
+    """Patch embedding, then each mixer block."""
+    return Layout(model.stem, _isotropic(model.blocks), MixerHead(model))
+
+
+def generic_layout(model: nn.Module) -> Layout:
+    """Cut the top-level children at the modules named by ``model.feature_info``.
+
+    Like timm's ``FeatureListNet``, a top-level ``nn.Sequential`` is opened one
+    level when a tap points inside it (``"blocks.1"``). Children up to the
+    first tap are the stem, each later tap closes a stage, and the children
+    after the last tap, in order, are the head. Fine blocks open each stage
+    member that is a plain ``nn.Sequential`` one more level.
+    """
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, FeatureInfo):
+        taps = info.module_name()
+    elif isinstance(info, (list, tuple)) and info:
+        taps = [f["module"] for f in info]
+    else:
+        raise SplitError("no feature_info")
+    taps = list(dict.fromkeys(taps))  # some models tap one module twice
+    units: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.Sequential) and any(t.startswith(name + ".") for t in taps):
+            units += [(f"{name}.{n}", m) for n, m in child.named_children()]
+        else:
+            units.append((name, child))
+    order = {name: i for i, (name, _) in enumerate(units)}
+    for tap in taps:
+        if tap not in order:
+            raise SplitError(f"feature module {tap!r} is neither a child nor in a child Sequential")
+    cuts = [order[t] for t in taps]
+    if cuts != sorted(cuts):
+        raise SplitError("feature_info is not in registration order")
+    bounds = [-1, *cuts]
+    segments = [units[a + 1 : b + 1] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    stages = []
+    for seg in segments[1:]:
+        fine = []
+        for name, m in seg:
+            # Only a plain Sequential is a list of blocks; a subclass is one unit (DenseTransition).
+            if type(m) is nn.Sequential and len(m):
+                fine += [(f"{name}.{n}", c) for n, c in m.named_children()]
+            else:
+                fine.append((name, m))
+        stages.append(Stage("+".join(n for n, _ in seg), fine))
+    stem = nn.Sequential(*(m for _, m in segments[0]))
+    return Layout(stem, stages, nn.Sequential(*(m for _, m in units[cuts[-1] + 1 :])))
+
+
+ADAPTERS: dict[type, Callable[..., Layout]] = {
+    ResNet: resnet_layout,
+    VGG: vgg_layout,
+    CifarVGG: vgg_layout,
+    ConvNeXt: convnext_layout,
+    VisionTransformer: vit_layout,
+    MlpMixer: mixer_layout,
+}
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The model's layout: by its family's adapter (exact type), else by ``feature_info``."""
+    return ADAPTERS.get(type(model), generic_layout)(model)

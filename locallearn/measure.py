@@ -1,0 +1,98 @@
+"""Activation memory as bytes saved for backward.
+
+Bytes that autograd saves for the backward pass are what local learning saves
+memory on. Counting them through ``torch.autograd.graph.saved_tensors_hooks``
+is deterministic and device-independent, unlike allocator statistics. Each
+storage is counted once while any saved reference to it is alive; parameters
+are not activations and are skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Saved:
+    """What the pack hook stores: the tensor, plus a release on deletion."""
+
+    __slots__ = ("tensor", "key", "meter")
+
+    def __init__(self, tensor: torch.Tensor, key: int | None, meter: SavedTensorMeter):
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self):
+        if self.key is not None:
+            self.meter._release(self.key)
+
+
+class SavedTensorMeter:
+    """Context manager tracking the live and peak bytes saved for backward.
+
+    Args:
+        skip: modules whose parameters are not counted (they are not activations).
+
+    Example:
+        >>> with SavedTensorMeter(model) as meter:
+        ...     model(x).sum().backward()
+        >>> meter.peak  # largest number of bytes alive at once
+    """
+
+    def __init__(self, *skip: nn.Module):
+        self._params = {p.data_ptr() for m in skip for p in m.parameters()}
+        self._refs: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        if isinstance(tensor, nn.Parameter) or tensor.data_ptr() in self._params:
+            return _Saved(tensor, None, self)
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0:  # empty or meta storage holds no memory
+            return _Saved(tensor, None, self)
+        if key not in self._refs:
+            self._refs[key] = 0
+            self._sizes[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self._refs[key] += 1
+        return _Saved(tensor, key, self)
+
+    @staticmethod
+    def _unpack(saved: _Saved) -> torch.Tensor:
+        return saved.tensor
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.current -= self._sizes.pop(key)
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement from the bytes alive now."""
+        self.peak = self.current
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def step_peak_bytes(trainer, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """Peak bytes saved for backward during one training step of ``trainer``.
+
+    Args:
+        trainer: a :class:`~locallearn.trainer.Trainer`.
+        images: a uint8 batch as the data loader yields it; labels: its labels.
+    """
+    device = trainer.accelerator.device
+    x = trainer.eval_transform(images.to(device))
+    trained = trainer.rule.trained_parts(0, trainer.config.epochs, len(trainer.parts))
+    with SavedTensorMeter(*trainer.parts) as meter:
+        trainer.train_step(x, labels.to(device), trained)
+    return meter.peak
