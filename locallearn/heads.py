@@ -1,0 +1,58 @@
+"""Local objectives' building blocks: auxiliary heads and the classifier objective."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PoolLinear(nn.Module):
+    """Global average pooling then a linear classifier.
+
+    Pools a (B, C, H, W) feature map over space, a (B, N, D) token sequence
+    over tokens, and passes (B, D) through; the default auxiliary head of the
+    seed paper's layer-wise training.
+    """
+
+    def __init__(self, channels: int, num_classes: int, hidden: int = 0):
+        super().__init__()
+        if hidden:
+            self.fc = nn.Sequential(
+                nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            )
+        else:
+            self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(pool(h))
+
+
+def pool(h: torch.Tensor) -> torch.Tensor:
+    """Average a block output down to one vector per sample (B, D)."""
+    if h.ndim == 4:
+        return h.mean(dim=(2, 3))
+    if h.ndim == 3:
+        return h.mean(dim=1)
+    return h.flatten(1)
+
+
+def channels_of(shape: torch.Size) -> int:
+    """Feature size left after :func:`pool` for a block output of ``shape`` (batch first)."""
+    return shape[1] if len(shape) == 4 else shape[-1] if len(shape) == 3 else int(shape[1:].numel())
+
+
+class Classifier(nn.Module):
+    """Objective that scores a block output with ``head`` and cross-entropy.
+
+    ``forward(h, y)`` returns ``(loss, logits)``; the logits are what the
+    trainer counts as this depth's prediction.
+    """
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(h)
+        return F.cross_entropy(logits, y), logits

@@ -1,0 +1,144 @@
+"""The rule contract: a partition of the block stack, local objectives and a schedule.
+
+A rule turns a :class:`~locallearn.blocks.BlockStack` into an ordered list of
+:class:`LocalPart` modules. Each part owns consecutive blocks plus the
+parameters of its objective, and its forward returns ``(output, loss,
+logits)``. The trainer runs the parts in order, detaching between them, and
+calls backward on each part's loss as soon as it exists; it knows nothing else
+about the rule. E2E is one part; layer-wise is one part per block plus the
+final head; a sequential schedule trains one part at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import build_config, config_dict
+from ..registry import Registry
+
+RULES = Registry("rule", required=("paper",))
+
+
+def register_rule(name: str, **meta: Any):
+    """Register a :class:`Rule` subclass under ``name``.
+
+    Args:
+        name: the name users pass to ``--rule``.
+        **meta: metadata; ``paper`` (the reference implemented) is required,
+            ``summary`` (one line for docs and ``--list-rules``) is expected.
+
+    Example:
+        >>> @register_rule("my_rule", paper="Me et al. 2026", summary="...")
+        ... class MyRule(Rule):
+        ...     Config = MyConfig
+        ...     def parts(self, stack, num_classes, example): ...
+    """
+
+    def decorate(cls: type[Rule]) -> type[Rule]:
+        if not (isinstance(cls, type) and issubclass(cls, Rule)):
+            raise TypeError(f"register_rule({name!r}) decorates a Rule subclass, not {cls!r}")
+        cls.name = name
+        return RULES.register(name, **meta)(cls)
+
+    return decorate
+
+
+def list_rules() -> list[str]:
+    """Names of all registered rules, sorted."""
+    return RULES.names()
+
+
+def create_rule(name: str, **options: Any) -> Rule:
+    """Build the rule ``name`` from options typed by its config dataclass."""
+    cls = RULES.get(name).factory
+    return cls(build_config(cls.Config, options, f"rule {name!r}"))
+
+
+class LocalPart(nn.Module):
+    """One trainable unit: consecutive blocks of the stack and the objective that trains them.
+
+    Args:
+        name: shown in logs and records.
+        blocks: the stack's blocks this part runs, in order (shared, not copied).
+        block_ids: their indices in the stack; the part's logits count as the
+            prediction at depth ``block_ids[-1]``. Empty for a part that only
+            holds a head on the previous part's output.
+        objective: module mapping ``(h, y)`` to ``(loss, logits)``; logits may be None.
+        lr_scale: multiplies the learning rate of this part's optimizer.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        blocks: Sequence[nn.Module],
+        block_ids: Sequence[int],
+        objective: nn.Module,
+        lr_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.part_name = name
+        self.blocks = nn.ModuleList(blocks)
+        self.block_ids = list(block_ids)
+        self.objective = objective
+        self.lr_scale = lr_scale
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        for block in self.blocks:
+            x = block(x)
+        loss, logits = self.objective(x, y)
+        return x, loss, logits
+
+
+@dataclass
+class NoOptions:
+    """A rule without options."""
+
+
+class Rule:
+    """Base class of training rules. Subclasses set ``Config`` and implement :meth:`parts`."""
+
+    name: ClassVar[str] = "?"
+    Config: ClassVar[type] = NoOptions
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    def parts(self, stack: nn.Module, num_classes: int, example: torch.Tensor) -> list[LocalPart]:
+        """Partition ``stack`` into trainable parts with their objectives.
+
+        Args:
+            stack: the BlockStack to train.
+            num_classes: number of labels.
+            example: a small batch of inputs, to read block output shapes.
+        """
+        raise NotImplementedError
+
+    def trained_parts(self, epoch: int, epochs: int, num_parts: int) -> list[int]:
+        """Indices of the parts that train in ``epoch`` (0-based); all of them by default.
+
+        Parts before the first trained one run without autograd; parts after
+        the last trained one are skipped during training.
+        """
+        return list(range(num_parts))
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved options, for the run record."""
+        return config_dict(self.config)
+
+
+def block_outputs(stack: nn.Module, example: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of every block for ``example``, without autograd and without touching BN stats."""
+    was_training = stack.training
+    stack.eval()
+    try:
+        with torch.no_grad():
+            return stack.features(example)
+    finally:
+        stack.train(was_training)

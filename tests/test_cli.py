@@ -1,0 +1,94 @@
+"""The command users run, exercised as a subprocess: records, summaries and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py")]
+
+
+def run_cli(*args, launcher=RUN, timeout=600):
+    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_synthetic_run_under_accelerate_launch_writes_a_record(tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(ROOT / "benchmarks" / "run.py")]
+    out = run_cli("--rule", "layerwise", "--model", "resnet18_cifar", "--dataset", "synthetic",
+                  "--epochs", "2", "--batch-size", "32", "--output", tmp_path, "--no-progress",
+                  "--rule-opt", "aux_hidden=8", launcher=launch)
+    assert out.returncode == 0, out.stderr
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    for key in ("rule", "model", "dataset", "config", "versions", "history", "test_acc",
+                "block_acc", "status"):
+        assert key in record
+    assert record["status"] == "complete" and record["rule"] == "layerwise"
+    assert record["config"]["rule_options"] == {"aux_hidden": 8}
+    assert record["versions"]["torch"] and record["versions"]["timm"]
+    assert len(record["history"]) == 2
+    assert all(a is not None for a in record["block_acc"])  # every block has an aux head
+    assert record["params"]["auxiliary"] > 0
+    assert "accuracy at each depth" in out.stdout and str(path.name) in out.stdout
+
+
+def test_main_job_on_the_cifar10_copy(tmp_path, cifar10_path):
+    # A smaller version of the README's main job: real data, real CLI, one epoch.
+    out = run_cli("--rule", "layerwise", "--model", "resnet18", "--dataset",
+                  f"imagefolder:{cifar10_path}", "--train-subset", "2000", "--test-subset", "1000",
+                  "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--output", tmp_path,
+                  "--no-progress", "--cache-dir", tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["dataset"].startswith("imagefolder:")
+    # Chance is 0.1; on 1000 test images its standard error is about 0.01.
+    assert record["test_acc"] > 0.14
+    assert len(record["block_acc"]) == 5
+
+
+BAD_INPUTS = [
+    (["--rule", "layerwse"], "unknown rule 'layerwse'; did you mean layerwise"),
+    (["--model", "resnet18_cifr"], "unknown model 'resnet18_cifr'; did you mean resnet18_c"),
+    (["--dataset", "cifar1O"], "unknown dataset 'cifar1O'; did you mean cifar10"),
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--epochs", "-3"], "--epochs: must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--lr", "fast"], "--lr: must be a number; got 'fast'"),
+    (["--rule", "layerwise", "--rule-opt", "aux_hidden"], "malformed --rule-opt 'aux_hidden'"),
+    (["--rule", "layerwise", "--rule-opt", "aux=3"], "unknown option 'aux' for rule 'layerwise'"),
+    (["--rule", "layerwise", "--rule-opt", "aux_hidden=big"], "must be an integer; got 'big'"),
+    (["--dataset", "imagefolder:/no/such/folder"], "/no/such/folder"),
+    (["--optimizer", "adam"], "invalid choice: 'adam'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_no_record(tmp_path, args, message):
+    out = run_cli("--dataset", "synthetic", *args, "--output", tmp_path / "runs")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.py: error: ")
+    assert message in lines[0]
+    assert not (tmp_path / "runs").exists()
+    assert out.stdout == ""
+
+
+def test_missing_data_without_network_says_how_to_supply_it(tmp_path):
+    out = run_cli("--dataset", "cifar10", "--data-root", tmp_path / "none", "--output",
+                  tmp_path / "runs")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "imagefolder:" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_list_rules_names_every_rule():
+    out = run_cli("--list-rules")
+    assert out.returncode == 0
+    assert "e2e" in out.stdout and "layerwise" in out.stdout and "Sakamoto" in out.stdout
