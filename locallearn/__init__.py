@@ -4,8 +4,10 @@ __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers the small-image variants with timm)
 from .blocks import BlockStack, split  # noqa: E402
+from .data import load_dataset  # noqa: E402
 from .errors import ConfigError, DataError, LocallearnError, SplitError  # noqa: E402
 from .rules import LocalPart, Rule, create_rule, list_rules, register_rule  # noqa: E402
+from .trainer import TrainConfig, Trainer  # noqa: E402
 
 __all__ = [
     "BlockStack",
@@ -15,8 +17,11 @@ __all__ = [
     "LocallearnError",
     "Rule",
     "SplitError",
+    "TrainConfig",
+    "Trainer",
     "create_rule",
     "list_rules",
+    "load_dataset",
     "register_rule",
     "split",
 ]

@@ -55,6 +55,6 @@ class Layerwise(Rule):
         outputs = block_outputs(stack, example)
         for k, (block, h) in enumerate(zip(stack.blocks, outputs, strict=True)):
             head = PoolLinear(channels_of(h.shape), num_classes, self.config.aux_hidden)
-            parts.append(LocalPart(f"block{k}", [block], [k], Classifier(head)))
+            parts.append(LocalPart(stack.names[k], [block], [k], Classifier(head)))
         parts.append(LocalPart("head", [], [], Classifier(stack.head)))
         return parts
