@@ -10,8 +10,8 @@ forward and one backward per wrapped module and step.
 
 from __future__ import annotations
 
-import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import BatchTransform, ImageData, make_loaders
 from .errors import LocallearnError
+from .optim import lr_factor, make_optimizer
 from .rules.base import LocalPart, Rule
 
 
@@ -65,38 +66,21 @@ class Observer:
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None: ...
 
 
-def make_optimizer(params, config: TrainConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    lr = config.lr * lr_scale
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(
-        params, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
-        weight_decay=config.weight_decay,
-    )
-
-
-def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier after ``step`` optimizer steps."""
-    if config.schedule == "cosine":
-        total = max(1, config.epochs * steps_per_epoch)
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    if config.schedule == "multistep":
-        epoch = step // max(1, steps_per_epoch)
-        passed = sum(epoch >= round(m * config.epochs) for m in config.milestones)
-        return config.gamma**passed
-    return 1.0
-
-
 class Trainer:
     """Trains a BlockStack by a rule.
 
     Args:
         stack: the network, split into blocks.
-        rule: partitions the stack into parts with local objectives.
+        rule: partitions the stack into parts with local objectives and a schedule.
         data: the data set, in memory.
         config: the loop's options.
         accelerator: an Accelerator (one is created if None).
         observers: called at fit start, epoch end and fit end.
+
+    A part is prepared (wrapped for DDP under several processes) and gets its
+    optimizer when it first trains, and is unwrapped and loses its optimizer
+    state after it last trains, so a frozen part holds no graph, no gradients
+    and no optimizer state.
     """
 
     def __init__(
@@ -109,32 +93,33 @@ class Trainer:
         observers: tuple[Observer, ...] = (),
     ):
         self.stack, self.rule, self.data, self.config = stack, rule, data, config
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = acc = accelerator or Accelerator()
         self.observers = observers
         self.train_transform = BatchTransform(data.mean, data.std, data.augment)
         self.eval_transform = BatchTransform(data.mean, data.std, "none")
         example = self.eval_transform(data.train_images[:2])
         self.parts: list[LocalPart] = rule.parts(stack, data.num_classes, example)
         self._check_parts()
-        stack.to(self.accelerator.device)
-        self.optimizers = [
-            make_optimizer(list(p.parameters()), config, p.lr_scale) if _trainable(p) else None
-            for p in self.parts
-        ]
+        n = len(self.parts)
+        self.schedule = [rule.trained_parts(e, config.epochs, n) for e in range(config.epochs)]
+        for epoch, trained in enumerate(self.schedule):
+            if not trained or list(trained) != sorted(set(trained)) or trained[-1] >= n:
+                raise RuntimeError(f"rule {rule.name!r}: bad trained parts {trained} "
+                                   f"in epoch {epoch + 1} of {n} parts")
+        stack.to(acc.device)
+        for part in self.parts:
+            part.to(acc.device)
         train_loader, test_loader = make_loaders(
             data, config.batch_size, config.seed, config.eval_batch_size or None
         )
-        acc = self.accelerator
-        self.models = [acc.prepare(p) for p in self.parts]
-        self.optimizers = [acc.prepare(o) if o is not None else None for o in self.optimizers]
         self.train_loader, self.test_loader = acc.prepare(train_loader, test_loader)
-        self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(
-                o, lambda s: lr_factor(config, s, len(self.train_loader))
-            ) if o is not None else None
-            for o in self.optimizers
-        ]
+        self.models: list[nn.Module] = list(self.parts)  # prepared while a part trains
+        self.optimizers: list[torch.optim.Optimizer | None] = [None] * n
+        self.schedulers: list[torch.optim.lr_scheduler.LRScheduler | None] = [None] * n
         self.history: list[dict[str, Any]] = []
+        self._features: tuple[int, Any] | None = None  # (first part, loader) of cached inputs
+        for i in self.schedule[0]:  # ready for train_step before fit
+            self.activate(i)
 
     def _check_parts(self) -> None:
         owner: dict[int, str] = {}
@@ -147,10 +132,52 @@ class Trainer:
                     )
                 owner[id(p)] = part.part_name
 
+    def activate(self, i: int) -> None:
+        """Prepare part ``i`` and give it an optimizer and a schedule (before it first trains)."""
+        part, acc, cfg = self.parts[i], self.accelerator, self.config
+        if self.optimizers[i] is not None or not any(p.requires_grad for p in part.parameters()):
+            return
+        self.models[i] = acc.prepare(part)
+        optimizer = acc.prepare(make_optimizer(part.parameters(), cfg, part.lr_scale))
+        epochs = [e for e, trained in enumerate(self.schedule) if i in trained]
+        steps = len(self.train_loader)
+        if self.rule.restart_schedule:  # the schedule runs over this part's own epochs
+            offset, horizon = 0, len(epochs)
+        else:  # one schedule over the whole run, read at this part's epochs
+            offset, horizon = epochs[0] * steps, cfg.epochs
+        self.optimizers[i] = optimizer
+        self.schedulers[i] = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(cfg, offset + s, steps, horizon)
+        )
+
+    def deactivate(self, i: int) -> None:
+        """Unwrap part ``i`` and drop its optimizer state (after it last trains)."""
+        acc = self.accelerator
+        if self.optimizers[i] is None:
+            return
+        # Accelerate keeps references for save_state; drop them so the state is freed.
+        for kept, obj in ((acc._optimizers, self.optimizers[i]), (acc._models, self.models[i])):
+            if obj in kept:
+                kept.remove(obj)
+        self.models[i] = acc.unwrap_model(self.models[i])
+        self.optimizers[i] = self.schedulers[i] = None
+
+    def autocast(self):
+        """Mixed precision for every part alike, prepared or not."""
+        if self.accelerator.mixed_precision == "no":
+            return nullcontext()
+        return self.accelerator.autocast()
+
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, trained: list[int]
+        self, x: torch.Tensor, y: torch.Tensor, trained: list[int], start: int = 0
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """One batch: forward part by part, each trained part's backward and step at once.
+
+        Args:
+            x: the input of part ``start`` (images when ``start`` is 0).
+            y: labels.
+            trained: indices of the parts that learn (sorted); the others run without autograd.
+            start: the first part to run.
 
         Returns:
             The detached loss of every trained part, and the logits of the last trained part.
@@ -159,20 +186,20 @@ class Trainer:
         losses: dict[int, torch.Tensor] = {}
         logits = None
         h = x
-        for i in range(trained[-1] + 1):
-            model = self.models[i]
-            if i not in trained_set:
-                with torch.no_grad():
-                    h, _, _ = model(h, y)
-                continue
-            h, loss, logits = model(h.detach(), y)
-            optimizer = self.optimizers[i]
-            if optimizer is not None and loss.requires_grad:
-                self.accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.schedulers[i].step()
-            losses[i] = loss.detach()
+        with self.autocast():
+            for i in range(start, trained[-1] + 1):
+                if i not in trained_set:
+                    with torch.no_grad():
+                        h = self.parts[i].run_blocks(h)
+                    continue
+                h, loss, logits = self.models[i](h.detach(), y)
+                optimizer = self.optimizers[i]
+                if optimizer is not None and loss.requires_grad:
+                    self.accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    self.schedulers[i].step()
+                losses[i] = loss.detach()
         return losses, logits
 
     @torch.no_grad()
@@ -184,10 +211,11 @@ class Trainer:
         for x, y in self.test_loader:
             h = self.eval_transform(x)
             preds, has_logits = [], []
-            for model in self.models:
-                h, _, logits = model(h, y)
-                has_logits.append(logits is not None)
-                preds.append(logits.argmax(1) if logits is not None else torch.full_like(y, -1))
+            with self.autocast():
+                for model in self.models:
+                    h, _, logits = model(h, y)
+                    has_logits.append(logits is not None)
+                    preds.append(logits.argmax(1) if logits is not None else torch.full_like(y, -1))
             preds, y = self.accelerator.gather_for_metrics((torch.stack(preds, 1), y))
             hits = (preds == y[:, None]).sum(0)
             correct = hits if correct is None else correct + hits
@@ -218,8 +246,9 @@ class Trainer:
             if acc.is_main_process and cfg.progress:
                 blocks = " ".join(f"{a:.3f}" for a in entry["block_acc"] if a is not None)
                 tqdm.write(
-                    f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f} "
-                    f"test acc {entry['test_acc']:.4f} | per depth {blocks}"
+                    f"epoch {epoch + 1}/{cfg.epochs} [{', '.join(entry['trained_parts'])}]: "
+                    f"loss {entry['train_loss']:.4f} test acc {entry['test_acc']:.4f} "
+                    f"| per depth {blocks}"
                 )
         last = self.history[-1]
         result = {
@@ -234,56 +263,96 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, acc = self.config, self.accelerator
-        trained = self.rule.trained_parts(epoch, cfg.epochs, len(self.parts))
+        trained = self.schedule[epoch]
+        for i in trained:
+            self.activate(i)
         for i, model in enumerate(self.models):
             model.train(i in trained)
+        loader, start = self.train_loader, 0
+        if self.rule.cache_inputs and trained[0] > 0:
+            loader, start = self._cached_inputs(trained[0])
         # One generator per epoch and process: augmentation is reproducible and not shared.
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + acc.process_index)
-        sums = {i: torch.zeros((), device=acc.device) for i in trained}
+        sums = torch.zeros(len(trained), device=acc.device)
         hits = torch.zeros((), device=acc.device)
         seen = 0
         bar = tqdm(
-            self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+            loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
             disable=not (cfg.progress and acc.is_main_process), leave=False, dynamic_ncols=True,
         )
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         for step, (x, y) in enumerate(bar):
-            losses, logits = self.train_step(self.train_transform(x, gen), y, trained)
-            for i, loss in losses.items():
-                sums[i] += loss
+            x = self.train_transform(x, gen) if start == 0 else x
+            losses, logits = self.train_step(x, y, trained, start)
+            sums += torch.stack([losses[i] for i in trained])
             if logits is not None:
                 hits += (logits.argmax(1) == y).sum()
             seen += len(y)
             if (step + 1) % cfg.log_every == 0:
-                self._check_finite(sums, epoch, step)
+                self._check_finite(sums, trained, epoch, step)
                 bar.set_postfix(
-                    loss=f"{sums[trained[-1]].item() / (step + 1):.3f}",
-                    acc=f"{hits.item() / seen:.3f}",
-                    img_s=f"{seen * acc.num_processes / (time.perf_counter() - start):.0f}",
+                    loss=f"{sums[-1].item() / (step + 1):.3f}", acc=f"{hits.item() / seen:.3f}",
+                    img_s=f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}",
                 )
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - t0
         bar.close()
-        steps = max(1, len(self.train_loader))
-        self._check_finite(sums, epoch, steps - 1)
-        part_loss = {self.parts[i].part_name: sums[i].item() / steps for i in trained}
+        steps = max(1, len(loader))
+        self._check_finite(sums, trained, epoch, steps - 1)
+        sums = acc.reduce(sums, "mean") / steps  # every process's mean loss, averaged
+        counts = acc.reduce(torch.stack([hits, torch.tensor(seen, device=acc.device)]), "sum")
+        for i in trained:
+            if not any(i in later for later in self.schedule[epoch + 1:]):
+                self.deactivate(i)
+        names = [self.parts[i].part_name for i in trained]
+        part_loss = dict(zip(names, sums.tolist(), strict=True))
         return {
             "epoch": epoch + 1,
-            "trained_parts": [self.parts[i].part_name for i in trained],
-            "train_loss": part_loss[self.parts[trained[-1]].part_name],
+            "trained_parts": names,
+            "train_loss": sums[-1].item(),
             "part_loss": part_loss,
-            "train_acc": hits.item() / max(seen, 1),
+            "train_acc": counts[0].item() / max(counts[1].item(), 1),
             "seconds": round(seconds, 3),
-            "images_per_s": round(seen * acc.num_processes / max(seconds, 1e-9), 1),
+            "images_per_s": round(counts[1].item() / max(seconds, 1e-9), 1),
         }
 
-    def _check_finite(self, sums: dict[int, torch.Tensor], epoch: int, step: int) -> None:
-        for i, total in sums.items():
-            if not torch.isfinite(total):
-                raise Diverged(
-                    f"rule {self.rule.name!r} diverged: part {self.parts[i].part_name!r} has a "
-                    f"non-finite loss by epoch {epoch + 1}, step {step + 1}"
-                )
+    @torch.no_grad()
+    def _cached_inputs(self, first: int):
+        """A loader of the frozen prefix's outputs (parts before ``first``) on the training set.
 
+        Computed once per first trained part, without augmentation, so later
+        parts do not run the prefix again every epoch.
+        """
+        if self._features is not None and self._features[0] == first:
+            return self._features[1], first
+        self._features = None  # free the previous cache first
+        acc, cfg = self.accelerator, self.config
+        for part in self.parts[:first]:
+            part.eval()
+        images, labels = self.data.train_images, self.data.train_labels
+        chunks = []
+        batch = cfg.eval_batch_size or 2 * cfg.batch_size
+        with self.autocast():
+            for k in range(0, len(images), batch):
+                h = self.eval_transform(images[k:k + batch].to(acc.device))
+                for part in self.parts[:first]:
+                    h = part.run_blocks(h)
+                chunks.append(h.float().cpu())
+        features = torch.cat(chunks)
+        if acc.is_main_process and cfg.progress:
+            tqdm.write(f"cached the inputs of part {self.parts[first].part_name!r}: "
+                       f"{tuple(features.shape)}, {features.nbytes / 2**20:.0f} MiB")
+        dataset = torch.utils.data.TensorDataset(features, labels)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(cfg.seed + first),
+        )
+        self._features = (first, acc.prepare(loader))
+        return self._features[1], first
 
-def _trainable(part: nn.Module) -> bool:
-    return any(p.requires_grad for p in part.parameters())
+    def _check_finite(self, sums: torch.Tensor, trained: list[int], epoch: int, step: int) -> None:
+        bad = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+        if bad:
+            raise Diverged(
+                f"rule {self.rule.name!r} diverged: part {self.parts[trained[bad[0]]].part_name!r} "
+                f"has a non-finite loss by epoch {epoch + 1}, step {step + 1}"
+            )

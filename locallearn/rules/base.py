@@ -87,11 +87,16 @@ class LocalPart(nn.Module):
         self.objective = objective
         self.lr_scale = lr_scale
 
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The part's blocks alone, without the objective (a frozen part's forward)."""
+        for block in self.blocks:
+            x = block(x)
+        return x
+
     def forward(
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(x)
         loss, logits = self.objective(x, y)
         return x, loss, logits
 
@@ -106,6 +111,12 @@ class Rule:
 
     name: ClassVar[str] = "?"
     Config: ClassVar[type] = NoOptions
+    #: Each part's learning-rate schedule runs over that part's own epochs
+    #: (rather than one schedule over the whole run).
+    restart_schedule: bool = False
+    #: Train a part whose predecessors are all frozen on their cached outputs
+    #: (computed once, without augmentation) instead of running them every step.
+    cache_inputs: bool = False
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

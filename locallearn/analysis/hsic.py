@@ -1,0 +1,401 @@
+"""Kernel dependence measures on samples: normalized HSIC, plain HSIC, linear CKA.
+
+Every function takes samples as tensors of shape ``(m, ...)`` (one row per
+sample, flattened), works in float64 with autocast off, and never builds an
+``(m, m, d)`` tensor: squared distances come from the inner products
+``||u||^2 + ||v||^2 - 2 u.v``, accumulated over chunks of features.
+
+Normalized HSIC (Fukumizu, Gretton, Sun & Schölkopf 2007, "Kernel measures of
+conditional dependence", NeurIPS) is
+
+    nHSIC(A; B) = Tr[R_A R_B],   R = K~ (K~ + eps m I)^-1,   K~ = H K H,
+
+with ``K`` the Gram matrix of a kernel and ``H = I - 11^T/m`` the centring
+matrix. ``R`` is a *soft projector*: with ``K~ = U diag(lam) U^T`` it is
+``U diag(lam / (lam + eps m)) U^T``, so its eigenvalues lie in ``[0, 1)``.
+That is how it is computed here (a symmetric eigendecomposition, eigenvalues
+clamped at zero, never an explicit inverse), once per sample set; a
+:class:`SoftProjector` can be passed instead of samples, so the input and the
+labels of a probe set are decomposed once and reused for every block and
+epoch.
+
+Defaults follow the HSIC-bottleneck line of work (Ma, Lewis & Kleijn 2020,
+"The HSIC Bottleneck: Deep Learning without Back-Propagation", AAAI), which the
+seed paper (Sakamoto & Sato 2024, TMLR) follows: a Gaussian kernel
+``exp(-||u - v||^2 / (2 sigma^2 d))`` on the flattened samples of dimension
+``d``, ``sigma = 5``, ``eps = 1e-5``, labels one-hot.
+
+Kernels (``kernel=``): ``"gaussian"`` (the above), ``"median"`` (Gaussian with
+the median heuristic, ``exp(-||u - v||^2 / (2 s^2))`` with ``s`` the median
+pairwise distance, as in Gretton et al. 2005), ``"linear"`` (``u.v``) and
+``"delta"`` (1 where two samples are equal; for 1-D integer labels or one-hot
+rows it is the label-equality kernel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_EPS",
+    "DEFAULT_SIGMA",
+    "KERNELS",
+    "SoftProjector",
+    "centre",
+    "differentiable_nhsic",
+    "hsic",
+    "inner_products",
+    "kernel_from_inner_products",
+    "kernel_matrix",
+    "linear_cka",
+    "nhsic",
+    "nhsic_scaled",
+    "soft_projector",
+    "sq_distances",
+]
+
+Kernel = Literal["gaussian", "median", "linear", "delta"]
+KERNELS: tuple[str, ...] = ("gaussian", "median", "linear", "delta")
+DEFAULT_SIGMA = 5.0
+DEFAULT_EPS = 1e-5
+# float64 bytes per feature chunk of the inner products: bounds the extra memory
+# to ~64 MiB whatever the feature dimension.
+_CHUNK_BYTES = 64 * 2**20
+_DOUBLE_EPS = torch.finfo(torch.float64).eps
+
+
+@contextmanager
+def _exact(device: torch.device) -> Iterator[None]:
+    """Autocast off: a float16 Gram matrix would make the measures meaningless."""
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def _flat(x: Tensor) -> Tensor:
+    if x.ndim == 0:
+        raise ValueError("samples must have shape (m, ...); got a scalar")
+    return x.reshape(len(x), -1)
+
+
+def inner_products(
+    x: Tensor, *, chunk: int | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """The Gram matrix of inner products ``x x^T`` of the flattened samples, in float64.
+
+    Accumulated over chunks of features, so only one float64 chunk exists beside
+    ``x``; ``x`` may live on the CPU while the products run on ``device``.
+
+    Args:
+        x: samples, shape ``(m, ...)``, any real dtype.
+        chunk: features per chunk (default: about 64 MiB of float64).
+        device: where to compute (default: ``x``'s device).
+
+    Returns:
+        ``(m, m)`` float64 tensor on ``device``.
+    """
+    flat = _flat(x)
+    m, d = flat.shape
+    device = torch.device(device) if device is not None else flat.device
+    chunk = chunk or max(1, _CHUNK_BYTES // (8 * max(m, 1)))
+    gram = torch.zeros(m, m, dtype=torch.float64, device=device)
+    with _exact(device):
+        for start in range(0, d, chunk):
+            part = flat[:, start:start + chunk].to(device=device, dtype=torch.float64)
+            gram.addmm_(part, part.T)
+    return gram
+
+
+def sq_distances(gram: Tensor) -> Tensor:
+    """Squared Euclidean distances from inner products: ``||u||^2 + ||v||^2 - 2 u.v``.
+
+    Rounding can make the expression slightly negative; it is clamped at zero and
+    the diagonal is set to exactly zero.
+    """
+    norms = gram.diagonal()
+    dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min_(0)
+    return dist.fill_diagonal_(0)
+
+
+def _median_scale(dist: Tensor) -> Tensor:
+    """Median pairwise squared distance (off the diagonal), or 1 if all samples coincide."""
+    m = len(dist)
+    if m < 2:
+        return dist.new_ones(())
+    i, j = torch.triu_indices(m, m, 1, device=dist.device)
+    med = dist[i, j].median()
+    return torch.where(med > 0, med, med.new_ones(()))
+
+
+def _labels_of(x: Tensor) -> Tensor:
+    """Integer ids with equal ids exactly for equal samples (labels or one-hot rows)."""
+    if x.ndim == 1:
+        return x
+    return torch.unique(_flat(x), dim=0, return_inverse=True)[1]
+
+
+def _delta(x: Tensor) -> Tensor:
+    ids = _labels_of(x)
+    return (ids[:, None] == ids[None, :]).to(torch.float64)
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choices: {', '.join(KERNELS)}")
+
+
+def kernel_from_inner_products(
+    gram: Tensor, dim: int, kernel: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA
+) -> Tensor:
+    """The Gram matrix of ``kernel`` from the inner products of samples of dimension ``dim``.
+
+    Args:
+        gram: ``x x^T`` of the flattened samples (float64).
+        dim: the feature dimension ``d`` of the flattened samples.
+        kernel: ``"gaussian"``, ``"median"`` or ``"linear"`` (``"delta"`` needs the samples).
+        sigma: Gaussian width, in units of ``sqrt(d)``.
+    """
+    _check_kernel(kernel)
+    if kernel == "linear":
+        return gram
+    if kernel == "delta":
+        raise ValueError("the delta kernel compares samples; use kernel_matrix(x, 'delta')")
+    dist = sq_distances(gram)
+    # sigma is scaled by sqrt(d) so the width does not depend on the layer's size.
+    scale = _median_scale(dist) if kernel == "median" else sigma**2 * max(dim, 1)
+    return torch.exp(-dist / (2 * scale))
+
+
+def kernel_matrix(x: Tensor, kernel: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA) -> Tensor:
+    """The ``(m, m)`` float64 Gram matrix of ``kernel`` on samples ``x`` of shape ``(m, ...)``."""
+    _check_kernel(kernel)
+    if kernel == "delta":
+        return _delta(x)
+    flat = _flat(x)
+    return kernel_from_inner_products(inner_products(flat), flat.shape[1], kernel, sigma)
+
+
+def centre(k: Tensor) -> Tensor:
+    """``H K H``: the doubly centred Gram matrix (rows and columns of mean zero)."""
+    k = k - k.mean(0, keepdim=True)
+    k = k - k.mean(1, keepdim=True)
+    return (k + k.T) / 2  # exactly symmetric, as eigh assumes
+
+
+@dataclass(frozen=True)
+class SoftProjector:
+    """``R = K~ (K~ + eps m I)^-1`` of one sample set, from the eigendecomposition of ``K~``.
+
+    Attributes:
+        matrix: ``R``, ``(m, m)`` float64, symmetric.
+        ratios: its eigenvalues ``lam / (lam + eps m)`` in ``[0, 1)``, ascending.
+        eps: the regulariser it was built with.
+    """
+
+    matrix: Tensor
+    ratios: Tensor
+    eps: float
+
+    @property
+    def size(self) -> int:
+        """The number of samples ``m``."""
+        return len(self.matrix)
+
+    def self_nhsic(self) -> float:
+        """``nHSIC(A; A) = Tr[R^2] = sum(r_i^2)``."""
+        return float(self.ratios.square().sum())
+
+    def effective_rank(self) -> float:
+        """``Tr[R] = sum(r_i)``: the largest ``nHSIC(A; B)`` can be for any ``B``,
+        since ``R_B`` has eigenvalues below 1."""
+        return float(self.ratios.sum())
+
+    def dot(self, other: SoftProjector) -> float:
+        """``Tr[R_self R_other]``; both are symmetric, so it is their elementwise product's sum."""
+        if other.size != self.size:
+            raise ValueError(f"sample counts differ: {self.size} vs {other.size}")
+        return float((self.matrix * other.matrix.to(self.matrix.device)).sum())
+
+
+def soft_projector(k: Tensor, eps: float = DEFAULT_EPS) -> SoftProjector:
+    """Centre a Gram matrix and decompose it into a :class:`SoftProjector`.
+
+    Eigenvalues of ``K~`` below the rounding level of ``K`` (``4 m u max|K|``, ``u``
+    the float64 unit roundoff) are set to zero: they are rounding noise, and
+    without this a constant representation would get a tiny random ``R``
+    instead of zero.
+
+    Args:
+        k: an ``(m, m)`` symmetric positive semi-definite Gram matrix.
+        eps: the regulariser; must be positive (``eps m`` keeps ``R`` bounded).
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be positive; got {eps}")
+    k = k.to(torch.float64)
+    m = len(k)
+    with _exact(k.device):
+        lam, vecs = torch.linalg.eigh(centre(k))
+        noise = 4 * m * _DOUBLE_EPS * float(k.abs().max()) if m else 0.0
+        lam = torch.where(lam > noise, lam, lam.new_zeros(()))
+        ratios = lam / (lam + eps * m)
+        matrix = (vecs * ratios) @ vecs.T
+    return SoftProjector((matrix + matrix.T) / 2, ratios, eps)
+
+
+def _projector(
+    x: Tensor | SoftProjector, kernel: Kernel, sigma: float, eps: float
+) -> SoftProjector:
+    if isinstance(x, SoftProjector):
+        return x
+    return soft_projector(kernel_matrix(x, kernel, sigma), eps)
+
+
+def nhsic(
+    a: Tensor | SoftProjector,
+    b: Tensor | SoftProjector,
+    *,
+    kernel_a: Kernel = "gaussian",
+    kernel_b: Kernel = "gaussian",
+    sigma: float = DEFAULT_SIGMA,
+    eps: float = DEFAULT_EPS,
+) -> float:
+    """Normalized HSIC ``Tr[R_a R_b]`` (Fukumizu, Gretton, Sun & Schölkopf 2007).
+
+    It lies between 0 and ``min(Tr R_a, Tr R_b)`` and grows with ``m`` (the
+    effective rank of a rich representation is close to ``m - 1``), so compare
+    values only at equal ``m``, or use :func:`nhsic_scaled`.
+
+    Args:
+        a, b: samples of shape ``(m, ...)``, or precomputed :func:`soft_projector` s
+            (then their kernel, sigma and eps are the ones they were built with).
+        kernel_a, kernel_b: one of :data:`KERNELS`.
+        sigma: Gaussian width in units of ``sqrt(d)`` (Ma, Lewis & Kleijn 2020 use 5).
+        eps: regulariser of ``K~ + eps m I``.
+    """
+    return _projector(a, kernel_a, sigma, eps).dot(_projector(b, kernel_b, sigma, eps))
+
+
+def nhsic_scaled(
+    a: Tensor | SoftProjector,
+    b: Tensor | SoftProjector,
+    *,
+    kernel_a: Kernel = "gaussian",
+    kernel_b: Kernel = "gaussian",
+    sigma: float = DEFAULT_SIGMA,
+    eps: float = DEFAULT_EPS,
+) -> float:
+    """``nHSIC(a; b) / sqrt(nHSIC(a; a) nHSIC(b; b))``, in ``[0, 1]`` (Cauchy-Schwarz).
+
+    Zero when either side is constant (its ``R`` is zero). Arguments as :func:`nhsic`.
+    """
+    pa = _projector(a, kernel_a, sigma, eps)
+    pb = _projector(b, kernel_b, sigma, eps)
+    norm = (pa.self_nhsic() * pb.self_nhsic()) ** 0.5
+    return pa.dot(pb) / norm if norm > 0 else 0.0
+
+
+def hsic(
+    a: Tensor,
+    b: Tensor,
+    *,
+    kernel_a: Kernel = "gaussian",
+    kernel_b: Kernel = "gaussian",
+    sigma: float = DEFAULT_SIGMA,
+) -> float:
+    """The biased HSIC estimate ``Tr[K_a H K_b H] / (m - 1)^2`` (Gretton et al. 2005,
+    "Measuring statistical dependence with Hilbert-Schmidt norms", ALT)."""
+    ka, kb = kernel_matrix(a, kernel_a, sigma), kernel_matrix(b, kernel_b, sigma)
+    m = len(ka)
+    if len(kb) != m:
+        raise ValueError(f"sample counts differ: {m} vs {len(kb)}")
+    return float((centre(ka) * kb).sum()) / max(m - 1, 1) ** 2
+
+
+def _alignment(ka: Tensor, kb: Tensor) -> float:
+    """``<K~a, K~b> / (|K~a| |K~b|)``; 0 if a side is constant up to rounding."""
+    ca, cb = centre(ka), centre(kb)
+    na, nb = ca.norm(), cb.norm()
+    # A constant representation centres to rounding noise; its alignment is undefined.
+    tiny = 4 * len(ka) * _DOUBLE_EPS
+    if na <= tiny * ka.abs().max() or nb <= tiny * kb.abs().max():
+        return 0.0
+    return float((ca * cb).sum() / (na * nb))
+
+
+def linear_cka(a: Tensor, b: Tensor) -> float:
+    """Linear centred kernel alignment (Kornblith, Norouzi, Lee & Hinton 2019,
+    "Similarity of Neural Network Representations Revisited", ICML), in ``[0, 1]``.
+
+    ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with linear kernels, computed from
+    the ``(m, m)`` Gram matrices, so wide features cost no ``d x d`` matrix.
+    """
+    return _alignment(inner_products(a), inner_products(b).to(a.device))
+
+
+def differentiable_nhsic(
+    a: Tensor,
+    b: Tensor | SoftProjector,
+    *,
+    kernel_a: Kernel = "gaussian",
+    kernel_b: Kernel = "gaussian",
+    sigma: float = DEFAULT_SIGMA,
+    eps: float = DEFAULT_EPS,
+) -> Tensor:
+    """``nHSIC(a; b)`` as a float64 scalar tensor with gradients to ``a`` (and ``b``).
+
+    The training-time regulariser of the seed code (a block's local loss minus
+    ``lambda * nHSIC(Z; X)``) is built on it. Gradients through an
+    eigendecomposition are undefined at repeated eigenvalues, which a centred
+    Gram matrix always has, so ``R`` is instead ``(K~ + eps m I)^-1 K~`` by a
+    Cholesky solve (``K~ + eps m I`` is positive definite); ``R_a`` and
+    ``K~ + eps m I`` commute, so it is the same ``R``. The median bandwidth, if
+    used, is treated as a constant.
+
+    Args:
+        a: samples ``(m, ...)``, e.g. a block's auxiliary output.
+        b: samples ``(m, ...)`` (e.g. the network input) or a precomputed projector.
+        kernel_a, kernel_b, sigma, eps: as in :func:`nhsic`.
+    """
+    ra = _differentiable_projector(a, kernel_a, sigma, eps)
+    if isinstance(b, SoftProjector):
+        rb = b.matrix.to(ra.device)
+    else:
+        rb = _differentiable_projector(b, kernel_b, sigma, eps)
+    if rb.shape != ra.shape:
+        raise ValueError(f"sample counts differ: {len(ra)} vs {len(rb)}")
+    return (ra * rb.T).sum()  # Tr[Ra Rb] without forming the product
+
+
+def _differentiable_projector(x: Tensor, kernel: Kernel, sigma: float, eps: float) -> Tensor:
+    _check_kernel(kernel)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive; got {eps}")
+    with _exact(x.device):
+        if kernel == "delta":
+            k = _delta(x.detach())
+        else:
+            flat = _flat(x).to(torch.float64)
+            gram = flat @ flat.T
+            if kernel == "linear":
+                k = gram
+            else:
+                norms = gram.diagonal()
+                off = 1 - torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+                # Masking the diagonal keeps its rounding noise out of the gradient.
+                dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0) * off
+                scale = (
+                    _median_scale(dist.detach()) if kernel == "median"
+                    else sigma**2 * flat.shape[1]
+                )
+                k = torch.exp(-dist / (2 * scale))
+        kc = k - k.mean(0, keepdim=True)
+        kc = kc - kc.mean(1, keepdim=True)
+        m = len(kc)
+        reg = kc + eps * m * torch.eye(m, dtype=kc.dtype, device=kc.device)
+        chol = torch.linalg.cholesky((reg + reg.T) / 2)
+        return torch.cholesky_solve(kc, chol)

@@ -1,0 +1,46 @@
+"""Optimizers and learning-rate schedules, built per trainable part."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: Any, lr_scale: float = 1.0):
+    """SGD (momentum, optional Nesterov) or AdamW with the loop's settings.
+
+    Args:
+        params: the parameters of one part.
+        config: a :class:`~locallearn.trainer.TrainConfig`.
+        lr_scale: multiplies ``config.lr`` (per-part learning rates).
+    """
+    lr = config.lr * lr_scale
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay,
+    )
+
+
+def lr_factor(config: Any, step: int, steps_per_epoch: int, epochs: int | None = None) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps of a schedule ``epochs`` long.
+
+    Args:
+        config: a TrainConfig (``schedule``, ``milestones``, ``gamma``, ``epochs``).
+        step: steps taken on this schedule's clock.
+        steps_per_epoch: optimizer steps in one epoch.
+        epochs: the schedule's length; ``config.epochs`` by default. A rule that
+            restarts the schedule for each part passes that part's epochs.
+    """
+    epochs = config.epochs if epochs is None else epochs
+    if config.schedule == "cosine":
+        total = max(1, epochs * steps_per_epoch)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if config.schedule == "multistep":
+        epoch = step // max(1, steps_per_epoch)
+        return config.gamma ** sum(epoch >= round(m * epochs) for m in config.milestones)
+    return 1.0

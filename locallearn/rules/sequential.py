@@ -1,0 +1,86 @@
+"""Greedy sequential layer-wise training: one part at a time, then frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import register_rule
+from .layerwise import Layerwise, LayerwiseConfig
+
+
+@dataclass
+class SequentialConfig(LayerwiseConfig):
+    """Options of ``sequential``.
+
+    Attributes:
+        epochs_per_part: epochs each block part trains, in order; must add up to
+            ``--epochs``. Empty: the epochs are shared out evenly, the last
+            parts getting one more when they do not divide.
+        restart_schedule: each part runs the whole learning-rate schedule over
+            its own epochs, as the seed code does; false: one schedule over the run.
+        cache_features: cache the frozen prefix's outputs on the un-augmented
+            training set once per part, instead of recomputing them every step.
+    """
+
+    epochs_per_part: tuple[int, ...] = ()
+    restart_schedule: bool = True
+    cache_features: bool = False
+
+
+@register_rule(
+    "sequential",
+    paper=(
+        "Bengio, Lamblin, Popovici & Larochelle 2006, Greedy Layer-Wise Training of Deep "
+        "Networks (NeurIPS); Belilovsky, Eickenberg & Oyallon 2019, Greedy Layerwise Learning "
+        "Can Scale to ImageNet (ICML); Sakamoto & Sato 2024 (TMLR), sequential variant"
+    ),
+    summary="block parts train one after another on their auxiliary heads, each then frozen",
+)
+class Sequential(Layerwise):
+    """Greedy sequential training (Bengio et al. 2006; Belilovsky et al. 2019).
+
+    The parts are those of ``layerwise`` (each block with its auxiliary head,
+    then the model's head). Part k trains alone for its share of the epochs
+    with its auxiliary head, then is frozen: it runs without autograd, in
+    eval mode, and holds no optimizer state while the next part trains on its
+    outputs. The model's head trains together with the last block. With
+    ``cache_features`` the frozen prefix's outputs are computed once per part.
+    """
+
+    Config = SequentialConfig
+
+    @property
+    def restart_schedule(self) -> bool:
+        return self.config.restart_schedule
+
+    @property
+    def cache_inputs(self) -> bool:
+        return self.config.cache_features
+
+    def epochs_per_part(self, epochs: int, blocks: int) -> list[int]:
+        """Epochs of each of the ``blocks`` block parts."""
+        given = list(self.config.epochs_per_part)
+        if given:
+            if len(given) != blocks or sum(given) != epochs or min(given) < 1:
+                raise ConfigError(
+                    f"option 'epochs_per_part' of rule 'sequential' needs {blocks} positive "
+                    f"counts adding up to --epochs {epochs}; got {','.join(map(str, given))}"
+                )
+            return given
+        if epochs < blocks:
+            raise ConfigError(
+                f"rule 'sequential' trains {blocks} parts one after another and needs "
+                f"--epochs >= {blocks}; got {epochs}"
+            )
+        share, extra = divmod(epochs, blocks)
+        return [share + (k >= blocks - extra) for k in range(blocks)]
+
+    def trained_parts(self, epoch: int, epochs: int, num_parts: int) -> list[int]:
+        blocks = num_parts - 1  # the last part is the model's head
+        ends, total = [], 0
+        for count in self.epochs_per_part(epochs, blocks):
+            total += count
+            ends.append(total)
+        k = next(i for i, end in enumerate(ends) if epoch < end)
+        return [k, num_parts - 1] if k == blocks - 1 else [k]
