@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="e2e", help="training rule (see --list-rules)")
     p.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="rule option, typed by the rule's config; repeatable")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="load rules from a Python file or module; repeatable")
     p.add_argument("--list-rules", action="store_true", help="list the registered rules and exit")
     p.add_argument("--model", default="resnet18_cifar", help="timm model name")
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -95,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--milestones", type=_fractions, default=(0.5, 0.75),
                    help="multistep: fractions of the epochs, e.g. 0.5,0.75")
     p.add_argument("--gamma", type=_number, default=0.1, help="multistep decay factor")
+    p.add_argument("--plane-every", type=_positive_int, default=1, metavar="N",
+                   help="information plane: before training, every N epochs and after the last")
+    p.add_argument("--probe-size", type=_positive_int, default=1000, metavar="M",
+                   help="samples in the information-plane probe set")
+    p.add_argument("--probe-split", choices=["train", "test"], default="train",
+                   help="where the probe set comes from (un-augmented)")
+    p.add_argument("--no-plane", action="store_true", help="skip the information plane")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs", help="folder for the run record")
@@ -111,10 +120,11 @@ def _literal(text: str) -> Any:
 
 
 def _check(args: argparse.Namespace):
-    """Validate everything cheap to validate; returns the rule and the model options."""
+    """Validate everything cheap to validate; returns the rule, model options and observers."""
     import timm
 
     from . import create_rule
+    from .analysis import InformationPlane
     from .data import check_dataset
 
     rule = create_rule(args.rule, **parse_assignments(args.rule_opt))
@@ -125,12 +135,16 @@ def _check(args: argparse.Namespace):
     check_dataset(args.dataset, args.data_root)
     if args.name is not None and (not args.name or "/" in args.name):
         raise ConfigError(f"--name must be a plain file name; got {args.name!r}")
-    return rule, model_opts
+    plane = None if args.no_plane else InformationPlane(
+        probe_size=args.probe_size, every=args.plane_every, split=args.probe_split,
+        seed=0,
+    )
+    return rule, model_opts, plane
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` say and write the record; returns the record."""
-    rule, model_opts = _check(args)
+    rule, model_opts, plane = _check(args)
 
     import timm
     from accelerate import Accelerator
@@ -142,7 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .rules.base import RULES
     from .trainer import Diverged, TrainConfig, Trainer
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_gpu())
     data = load_dataset(
         args.dataset, args.data_root, train_subset=args.train_subset,
         test_subset=args.test_subset, seed=args.seed, cache_dir=args.cache_dir,
@@ -160,7 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones,
         gamma=args.gamma, seed=args.seed, progress=not args.no_progress,
     )
-    trainer = Trainer(stack, rule, data, config, accelerator)
+    observers = (plane,) if plane is not None else ()
+    trainer = Trainer(stack, rule, data, config, accelerator, observers)
     started = dt.datetime.now(dt.timezone.utc)
     status, error, result = "complete", None, {}
     try:
@@ -178,7 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": args.dataset,
         "config": {
             **{k: v for k, v in vars(args).items()
-               if k not in ("list_rules", "rule_opt", "model_opt")},
+               if k not in ("list_rules", "rule_opt", "model_opt", "plugin")},
+            "plugins": list(args.plugin),
             "milestones": list(args.milestones),
             "rule_options": rule.describe(),
             "model_options": model_opts,
@@ -205,6 +222,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "block_acc": result.get("block_acc"),
         "seconds": result.get("seconds"),
     }
+    if plane is not None:
+        record["plane_config"] = plane.describe()
+        record["plane"] = plane.entries
     if error:
         record["error"] = error
     if accelerator.is_main_process:
@@ -214,6 +234,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if error:
         raise Diverged(error)
     return record
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    ) or torch.backends.mps.is_available()
 
 
 def _device_name(device) -> str:
@@ -252,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     prog = "run.py"
     try:
         args = build_parser().parse_args(argv)
+        from .plugins import load_plugins
+
+        load_plugins(args.plugin)
         if args.list_rules:
             from .rules.base import RULES
 

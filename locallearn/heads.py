@@ -56,3 +56,10 @@ class Classifier(nn.Module):
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.head(h)
         return F.cross_entropy(logits, y), logits
+
+
+class NoObjective(nn.Module):
+    """Objective of a part that never learns (a frozen feature extractor): no loss, no logits."""
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return h.new_zeros(()), None

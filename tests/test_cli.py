@@ -21,7 +21,7 @@ def test_synthetic_run_under_accelerate_launch_writes_a_record(tmp_path):
               str(ROOT / "benchmarks" / "run.py")]
     out = run_cli("--rule", "layerwise", "--model", "resnet18_cifar", "--dataset", "synthetic",
                   "--epochs", "2", "--batch-size", "32", "--output", tmp_path, "--no-progress",
-                  "--rule-opt", "aux_hidden=8", launcher=launch)
+                  "--rule-opt", "aux_hidden=8", "--probe-size", "64", launcher=launch)
     assert out.returncode == 0, out.stderr
     (path,) = tmp_path.glob("*.json")
     record = json.loads(path.read_text())
@@ -35,6 +35,12 @@ def test_synthetic_run_under_accelerate_launch_writes_a_record(tmp_path):
     assert all(a is not None for a in record["block_acc"])  # every block has an aux head
     assert record["params"]["auxiliary"] > 0
     assert "accuracy at each depth" in out.stdout and str(path.name) in out.stdout
+    # The information plane: epochs 0 (before training), 1 and 2, every block.
+    blocks = len(record["stack"]["blocks"])
+    assert {(e["epoch"], e["block"]) for e in record["plane"]} == {
+        (epoch, block) for epoch in (0, 1, 2) for block in range(blocks)
+    }
+    assert record["plane_config"]["m"] == 64
 
 
 def test_main_job_on_the_cifar10_copy(tmp_path, cifar10_path):
@@ -64,6 +70,8 @@ BAD_INPUTS = [
     (["--rule", "layerwise", "--rule-opt", "aux_hidden=big"], "must be an integer; got 'big'"),
     (["--dataset", "imagefolder:/no/such/folder"], "/no/such/folder"),
     (["--optimizer", "adam"], "invalid choice: 'adam'"),
+    (["--probe-size", "0"], "--probe-size: must be a positive integer"),
+    (["--plugin", "/no/such/rules.py"], "plugin file '/no/such/rules.py' not found"),
 ]
 
 

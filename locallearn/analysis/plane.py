@@ -1,0 +1,304 @@
+"""The information-plane observer: nHSIC of every block with the input and the labels.
+
+Sakamoto & Sato (2024, "End-to-End Training Induces Information Bottleneck
+through Layer-Role Differentiation", TMLR) compare training rules by where each
+layer's representation ``Z`` sits on the plane ``(nHSIC(X; Z), nHSIC(Y; Z))``
+as training goes on. :class:`InformationPlane` measures that plane for any
+rule, because it sees only the :class:`~locallearn.blocks.BlockStack`: a fixed
+probe set goes through the stack's blocks in eval mode, without autograd, on
+the main process, and temporary forward hooks copy each block's output out.
+
+Memory. ``nHSIC`` needs the ``m x m`` Gram matrix of every block, and a Gram
+matrix needs every pair of samples, so either all ``m`` feature rows of a block
+exist at once or the forward runs again for every pair of sample batches. The
+probe therefore keeps each block's flattened features on the *CPU* in float32
+(one float32 row per sample, nothing on the accelerator beyond one batch) and
+builds the float64 Gram matrix from them chunk by chunk over features. When
+the features of all blocks would exceed ``memory_budget`` bytes, the blocks are
+measured in several passes over the probe set, each holding a group of
+consecutive blocks: ``resnet18_cifar`` at block granularity and ``m = 1000``
+needs 1.2 GB and takes one pass; a ViT-B/16 at 224 pixels takes several.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import BatchTransform, ImageData, balanced_subset
+from ..errors import ConfigError, unknown_name
+from ..trainer import Observer
+from .hsic import (
+    DEFAULT_EPS,
+    DEFAULT_SIGMA,
+    KERNELS,
+    SoftProjector,
+    inner_products,
+    kernel_alignment,
+    kernel_from_inner_products,
+    kernel_matrix,
+    soft_projector,
+)
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["InformationPlane"]
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class _Probe:
+    """The fixed probe set and everything about it computed once."""
+
+    images: Tensor  # uint8 (m, C, H, W), CPU
+    transform: BatchTransform
+    device: torch.device  # where the blocks run
+    gram_device: torch.device  # where the float64 matrices live
+    x: SoftProjector
+    y: SoftProjector
+    x_linear: Tensor  # inner products of the inputs, for CKA
+    y_linear: Tensor
+
+
+class InformationPlane(Observer):
+    """Measures ``nHSIC(X; Z_k)`` and ``nHSIC(Y; Z_k)`` of every block ``k`` during training.
+
+    Measured before training (epoch 0), after every ``every``-th epoch and after
+    the last. ``X`` is the normalised input image, ``Y`` the one-hot label, ``Z_k``
+    the flattened output of block ``k``. Each measurement appends one entry per
+    block to :attr:`entries`: ``epoch``, ``block``, ``name``, ``dim`` (of ``Z_k``),
+    ``nhsic_x``, ``nhsic_y``, their scale-free forms ``nhsic_x_scaled`` and
+    ``nhsic_y_scaled`` (``nHSIC(X; Z) / sqrt(nHSIC(X; X) nHSIC(Z; Z))``),
+    ``nhsic_self`` (``nHSIC(Z; Z)``), ``rank`` (``Tr R_Z``, the effective rank: under
+    independence ``nHSIC(X; Z)`` averages ``Tr R_X Tr R_Z / (m - 1)``), and linear CKA
+    ``cka_x``, ``cka_y``.
+
+    Args:
+        probe_size: ``m``, the number of probe samples (fewer if the split is smaller).
+            nHSIC grows with ``m``: compare raw values only at equal ``m``.
+        every: measure after every ``every``-th epoch (and always after the last).
+        split: ``"train"`` (default, without augmentation) or ``"test"``.
+        seed: draws the seeded, class-balanced probe set. Fixed by default, not
+            the run's seed, so every run measures the same samples.
+        sigma: Gaussian width in units of ``sqrt(d)`` (Ma, Lewis & Kleijn 2020).
+        eps: regulariser of ``R = K~ (K~ + eps m I)^-1`` (Fukumizu et al. 2007).
+        kernel: kernel on inputs and block outputs (see :mod:`locallearn.analysis.hsic`).
+        label_kernel: kernel on the one-hot labels; ``"delta"`` for label equality.
+        batch_size: probe samples per forward batch.
+        memory_budget: bytes of CPU features held at once (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        probe_size: int = 1000,
+        every: int = 1,
+        split: str = "train",
+        seed: int = 0,
+        sigma: float = DEFAULT_SIGMA,
+        eps: float = DEFAULT_EPS,
+        kernel: str = "gaussian",
+        label_kernel: str = "gaussian",
+        batch_size: int = 200,
+        memory_budget: int = 2 * 2**30,
+    ):
+        if probe_size < 2:
+            raise ConfigError(f"probe size must be at least 2; got {probe_size}")
+        if every < 1 or batch_size < 1 or memory_budget < 1:
+            raise ConfigError("every, batch_size and memory_budget must be positive")
+        if split not in SPLITS:
+            raise unknown_name("probe split", split, SPLITS)
+        for name in (kernel, label_kernel):
+            if name not in KERNELS:
+                raise unknown_name("kernel", name, KERNELS)
+        if kernel == "delta":
+            raise ConfigError("the delta kernel is for labels; use it as label_kernel")
+        if not (sigma > 0 and eps > 0):
+            raise ConfigError(f"sigma and eps must be positive; got {sigma} and {eps}")
+        self.probe_size, self.every, self.split, self.seed = probe_size, every, split, seed
+        self.sigma, self.eps, self.kernel, self.label_kernel = sigma, eps, kernel, label_kernel
+        self.batch_size, self.memory_budget = batch_size, memory_budget
+        self.entries: list[dict[str, Any]] = []
+        self.seconds: list[float] = []  # wall time of each measurement
+        self.m: int | None = None
+        self._probe: _Probe | None = None
+        self._reference: dict[str, float] = {}
+
+    def describe(self) -> dict[str, Any]:
+        """The settings for the run record's ``plane_config``; ``m`` is the size actually used."""
+        return {
+            "m": self.m if self.m is not None else self.probe_size,
+            "probe_size": self.probe_size,
+            "split": self.split,
+            "seed": self.seed,
+            "every": self.every,
+            "kernel": self.kernel,
+            "label_kernel": self.label_kernel,
+            "sigma": self.sigma,
+            "eps": self.eps,
+            "input": "normalised images, flattened",
+            **self._reference,
+            "seconds": [round(s, 3) for s in self.seconds],
+        }
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.accelerator.is_main_process:
+            self.prepare(trainer.data, trainer.eval_transform, trainer.accelerator.device)
+            self.record(trainer.stack, 0)
+        trainer.accelerator.wait_for_everyone()  # the others wait rather than race ahead
+
+    def on_epoch_end(self, trainer: Trainer, entry: dict[str, Any]) -> None:
+        epoch = entry["epoch"]
+        if epoch % self.every and epoch != trainer.config.epochs:
+            return
+        if trainer.accelerator.is_main_process:
+            self.record(trainer.stack, epoch)
+        trainer.accelerator.wait_for_everyone()
+
+    def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        self._probe = None  # the m x m matrices are not needed any more
+
+    def prepare(self, data: ImageData, transform: BatchTransform, device: torch.device) -> None:
+        """Draw the probe set and decompose the kernels of its inputs and labels, once."""
+        images = data.train_images if self.split == "train" else data.test_images
+        labels = data.train_labels if self.split == "train" else data.test_labels
+        self.m = min(self.probe_size, len(labels))
+        index = balanced_subset(labels, self.m, self.seed)
+        images = images[index].cpu()
+        device = torch.device(device)
+        # MPS has no float64; the m x m matrices then live on the CPU.
+        gram_device = torch.device("cpu") if device.type == "mps" else device
+        x = transform(images)  # normalised, no augmentation
+        x_linear = inner_products(x, device=gram_device)
+        x_proj = soft_projector(
+            kernel_from_inner_products(x_linear, x[0].numel(), self.kernel, self.sigma), self.eps
+        )
+        onehot = F.one_hot(labels[index].cpu(), data.num_classes).to(torch.float64)
+        y_proj = soft_projector(
+            kernel_matrix(onehot, self.label_kernel, self.sigma).to(gram_device), self.eps
+        )
+        self._probe = _Probe(images, transform, device, gram_device, x_proj, y_proj, x_linear,
+                             inner_products(onehot, device=gram_device))
+        self._reference = {
+            "nhsic_xx": x_proj.self_nhsic(), "nhsic_yy": y_proj.self_nhsic(),
+            "rank_x": x_proj.effective_rank(), "rank_y": y_proj.effective_rank(),
+        }
+
+    def record(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
+        """Measure ``stack`` and append the entries, labelled with ``epoch``."""
+        start = time.perf_counter()
+        entries = self.measure(stack, epoch)
+        self.seconds.append(time.perf_counter() - start)
+        self.entries.extend(entries)
+        return entries
+
+    def measure(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
+        """One entry per block of ``stack`` (a BlockStack) for the prepared probe set.
+
+        Runs in eval mode without autograd or autocast; every module's training
+        flag is restored and every hook removed afterwards.
+        """
+        probe = self._probe
+        if probe is None:
+            raise RuntimeError("call prepare() (or attach the observer to a Trainer) first")
+        modes = [(module, module.training) for module in stack.modules()]
+        stack.eval()
+        try:
+            with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
+                dims = self._dims(stack, probe)
+                entries = []
+                for group in self._groups(dims):
+                    feats = self._features(stack, probe, group)
+                    for k in group:  # pop: each block's features go as soon as it is measured
+                        entries.append(self._entry(stack, probe, epoch, k, feats.pop(k)))
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+        return entries
+
+    def _dims(self, stack: nn.Module, probe: _Probe) -> list[int]:
+        """Flattened output size of every block, from a one-sample forward."""
+        h = probe.transform(probe.images[:1].to(probe.device))
+        dims = []
+        for block in stack.blocks:
+            h = block(h)
+            dims.append(h[0].numel())
+        return dims
+
+    def _groups(self, dims: list[int]) -> list[list[int]]:
+        """Consecutive blocks whose float32 features fit the memory budget together."""
+        groups: list[list[int]] = []
+        used = 0
+        for k, d in enumerate(dims):
+            size = 4 * d * self.m
+            if groups and used + size <= self.memory_budget:
+                groups[-1].append(k)
+                used += size
+            else:
+                groups.append([k])
+                used = size
+        return groups
+
+    def _features(self, stack: nn.Module, probe: _Probe, group: list[int]) -> dict[int, Tensor]:
+        """Run the probe set through the blocks up to the group's last; hooks copy outputs out.
+
+        Returns:
+            Block index -> its ``(m, d)`` float32 features, on the CPU.
+        """
+        m = len(probe.images)
+        feats: dict[int, Tensor] = {}
+        offset = 0  # where the current batch goes; the hooks read it when they fire
+
+        def hook_for(k: int):
+            def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+                rows = output.reshape(len(output), -1).float().cpu()
+                if k not in feats:
+                    feats[k] = torch.empty(m, rows.shape[1], dtype=torch.float32)
+                feats[k][offset:offset + len(rows)] = rows
+
+            return hook
+
+        handles = [stack.blocks[k].register_forward_hook(hook_for(k)) for k in group]
+        try:
+            for offset in range(0, m, self.batch_size):
+                h = probe.transform(probe.images[offset:offset + self.batch_size].to(probe.device))
+                for block in stack.blocks[: group[-1] + 1]:
+                    h = block(h)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return feats
+
+    def _entry(self, stack: nn.Module, probe: _Probe, epoch: int, k: int, feats: Tensor
+               ) -> dict[str, Any]:
+        gram = inner_products(feats, device=probe.gram_device)
+        z = soft_projector(
+            kernel_from_inner_products(gram, feats.shape[1], self.kernel, self.sigma), self.eps
+        )
+        zz = z.self_nhsic()
+        xz, yz = probe.x.dot(z), probe.y.dot(z)
+        return {
+            "epoch": epoch,
+            "block": k,
+            "name": stack.names[k],
+            "dim": feats.shape[1],
+            "nhsic_x": xz,
+            "nhsic_y": yz,
+            "nhsic_x_scaled": _scaled(xz, self._reference["nhsic_xx"], zz),
+            "nhsic_y_scaled": _scaled(yz, self._reference["nhsic_yy"], zz),
+            "nhsic_self": zz,
+            "rank": z.effective_rank(),
+            "cka_x": kernel_alignment(probe.x_linear, gram),
+            "cka_y": kernel_alignment(probe.y_linear, gram),
+        }
+
+
+def _scaled(ab: float, aa: float, bb: float) -> float:
+    norm = (aa * bb) ** 0.5
+    return ab / norm if norm > 0 else 0.0

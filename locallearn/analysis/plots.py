@@ -1,0 +1,317 @@
+"""Information-plane figures drawn from run records (``record["plane"]``).
+
+Three kinds, after Sakamoto & Sato (2024, TMLR):
+
+- ``plane``: one run; one trajectory per block over the measured epochs, on
+  the plane ``(nHSIC(X; Z), nHSIC(Y; Z))``, coloured by depth, epoch 0 drawn
+  as an open circle and the last epoch as a filled square.
+- ``compare``: several runs side by side on shared axes (e.g. every rule on
+  one backbone): the common information plane.
+- ``depth``: ``nHSIC(X; Z)`` and ``nHSIC(Y; Z)`` against depth at each run's
+  last measured epoch, one line per run.
+
+Every form of the measure depends on the probe set (``m``, the kernels and
+their widths), so a figure only puts together records measured alike; see
+``docs/information_plane.md``. Figures are built on a bare
+:class:`~matplotlib.figure.Figure` (no pyplot state) under fixed settings and
+saved without version metadata, so the same records give the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib import colormaps, rc_context
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from ..errors import ConfigError, DataError, LocallearnError, unknown_name
+
+__all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "save_figure"]
+
+KINDS = ("plane", "compare", "depth")
+#: form -> (entry key on x, entry key on y, x label, y label)
+FORMS: dict[str, tuple[str, str, str, str]] = {
+    "raw": ("nhsic_x", "nhsic_y", "nHSIC(X; Z)", "nHSIC(Y; Z)"),
+    "scaled": (
+        "nhsic_x_scaled", "nhsic_y_scaled",
+        "nHSIC(X; Z) / √(nHSIC(X; X) nHSIC(Z; Z))", "nHSIC(Y; Z) / √(nHSIC(Y; Y) nHSIC(Z; Z))",
+    ),
+    "cka": ("cka_x", "cka_y", "linear CKA(X, Z)", "linear CKA(Y, Z)"),
+}
+#: plane_config keys that must agree for records to share axes.
+MEASURED_ALIKE = ("m", "split", "kernel", "label_kernel", "sigma", "eps")
+STYLE = {
+    "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs everywhere
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "legend.fontsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "savefig.facecolor": "white",
+}
+CMAP = "viridis"
+_NAMED_TICKS = 16  # at most this many blocks get their names on the colour bar
+
+
+def load_record(path: str | Path) -> dict[str, Any]:
+    """Read a run record that has information-plane entries.
+
+    Raises:
+        DataError: the file is missing or unreadable, not JSON, or has no ``plane``.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not a JSON run record ({err})") from None
+    if not isinstance(record, dict) or not record.get("plane"):
+        raise DataError(f"{path}: the record has no 'plane' entries (was it run with --no-plane?)")
+    entries = record["plane"]
+    keys = {k for form in FORMS.values() for k in form[:2]} | {"epoch", "block"}
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and keys <= e.keys() for e in entries
+    ):
+        raise DataError(f"{path}: malformed 'plane' entries (each needs {', '.join(sorted(keys))})")
+    record["file"] = str(path)  # where it was read from, for messages and labels
+    return record
+
+
+def _check_alike(records: Sequence[dict[str, Any]]) -> None:
+    first = records[0].get("plane_config", {})
+    for record in records[1:]:
+        other = record.get("plane_config", {})
+        for key in MEASURED_ALIKE:
+            if first.get(key) != other.get(key):
+                raise ConfigError(
+                    f"{records[0]['file']} and {record['file']} were measured differently "
+                    f"({key}: {first.get(key)} vs {other.get(key)}); every form of the measure "
+                    "depends on the probe set, so only records measured alike share axes"
+                )
+
+
+def _labels(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Short run names: the rule, then what tells runs apart (model, seed, file)."""
+    labels = [str(r.get("rule", "?")) for r in records]
+    for key in ("model", "dataset"):
+        if len({r.get(key) for r in records}) > 1:
+            labels = [f"{lab} · {r.get(key)}" for lab, r in zip(labels, records, strict=True)]
+    if len(set(labels)) < len(labels):
+        seeds = [r.get("config", {}).get("seed") for r in records]
+        labels = [f"{lab} · seed {s}" for lab, s in zip(labels, seeds, strict=True)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} · {Path(r['file']).stem}" for lab, r in zip(labels, records, strict=True)]
+    return labels
+
+
+def _trajectories(record: dict[str, Any], form: str) -> dict[int, list[tuple[int, float, float]]]:
+    kx, ky = FORMS[form][:2]
+    out: dict[int, list[tuple[int, float, float]]] = {}
+    for e in record["plane"]:
+        out.setdefault(int(e["block"]), []).append((int(e["epoch"]), float(e[kx]), float(e[ky])))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _block_names(record: dict[str, Any]) -> list[str]:
+    names = {int(e["block"]): str(e.get("name", e["block"])) for e in record["plane"]}
+    return [names[k] for k in sorted(names)]
+
+
+def _setting(record: dict[str, Any]) -> str:
+    c = record.get("plane_config", {})
+    if not c:
+        return ""
+    return (f"m = {c.get('m')} {c.get('split', '')} samples, {c.get('kernel')} kernel, "
+            f"σ = {c.get('sigma')}, ε = {c.get('eps')}")
+
+
+def _draw_plane(ax, record: dict[str, Any], form: str) -> None:
+    cmap = colormaps[CMAP]
+    paths = _trajectories(record, form)
+    last = len(paths) - 1
+    for k, points in paths.items():
+        color = cmap(k / max(last, 1))  # relative depth: first block dark, last bright
+        _, xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, "-", color=color, lw=1.2, alpha=0.9)
+        ax.plot(xs[0], ys[0], "o", mfc="white", mec=color, ms=5, mew=1.2)
+        ax.plot(xs[-1], ys[-1], "s", color=color, mec="black", ms=5, mew=0.6)
+    ax.set_xlabel(FORMS[form][2])
+    ax.set_ylabel(FORMS[form][3])
+
+
+def _markers_legend(ax, records: Sequence[dict[str, Any]]) -> None:
+    firsts = {min(int(e["epoch"]) for e in r["plane"]) for r in records}
+    lasts = {max(int(e["epoch"]) for e in r["plane"]) for r in records}
+    first = f"epoch {firsts.pop()}" if len(firsts) == 1 else "first measured epoch"
+    last = f"epoch {lasts.pop()}" if len(lasts) == 1 else "last measured epoch"
+    handles = [
+        Line2D([], [], ls="", marker="o", mfc="white", mec="0.3", label=first),
+        Line2D([], [], ls="", marker="s", color="0.3", mec="black", label=last),
+    ]
+    ax.legend(handles=handles, loc="best", frameon=True)
+
+
+def _depth_colorbar(fig: Figure, axes, records: Sequence[dict[str, Any]]) -> None:
+    names = [_block_names(r) for r in records]
+    same = all(n == names[0] for n in names)
+    if same:
+        norm = Normalize(0, max(len(names[0]) - 1, 1))
+        bar = fig.colorbar(ScalarMappable(norm, CMAP), ax=axes, label="block (depth)")
+        if len(names[0]) <= _NAMED_TICKS:
+            bar.set_ticks(range(len(names[0])), labels=names[0])
+    else:
+        fig.colorbar(ScalarMappable(Normalize(0, 1), CMAP), ax=axes,
+                     label="relative depth (0 = first block, 1 = last)")
+
+
+def plane_figure(record: dict[str, Any], form: str = "raw") -> Figure:
+    """Figure (a): one run's trajectory per block over epochs."""
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    _draw_plane(ax, record, form)
+    ax.set_title(f"{record.get('rule', '?')} · {record.get('model', '?')} · "
+                 f"{record.get('dataset', '?')}\n{_setting(record)}")
+    _markers_legend(ax, [record])
+    _depth_colorbar(fig, ax, [record])
+    return fig
+
+
+def compare_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure:
+    """Figure (b): several runs side by side on shared axes."""
+    n = len(records)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.4 * cols + 1.2, 3.2 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+    for ax, record, label in zip(axes.flat, records, _labels(records), strict=False):
+        _draw_plane(ax, record, form)
+        ax.set_title(label)
+        ax.label_outer()
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    _markers_legend(axes.flat[0], records)
+    _depth_colorbar(fig, axes, records)
+    fig.suptitle(f"{records[0].get('model', '?')} · {records[0].get('dataset', '?')} · "
+                 f"{_setting(records[0])}")
+    return fig
+
+
+def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure:
+    """Figure (c): each measure against depth at the last epoch, one line per run."""
+    fig = Figure(figsize=(9.6, 4.0), layout="constrained")
+    ax_x, ax_y = fig.subplots(1, 2)
+    names = [_block_names(r) for r in records]
+    same = all(nm == names[0] for nm in names)
+    for record, label in zip(records, _labels(records), strict=True):
+        paths = _trajectories(record, form)
+        last = len(paths) - 1
+        depth = [k if same else k / max(last, 1) for k in paths]
+        final = [points[-1] for points in paths.values()]
+        epoch = max(p[0] for p in final)
+        for ax, i in ((ax_x, 1), (ax_y, 2)):
+            ax.plot(depth, [p[i] for p in final], "o-", ms=4, label=f"{label} (epoch {epoch})")
+    for ax, i in ((ax_x, 2), (ax_y, 3)):
+        ax.set_ylabel(FORMS[form][i])
+        ax.set_ylim(bottom=0)  # every form is >= 0; a floor at 0 keeps gaps in proportion
+        if same:
+            ax.set_xticks(range(len(names[0])), labels=names[0], rotation=45, ha="right")
+            ax.set_xlabel("block")
+        else:
+            ax.set_xlabel("relative depth (0 = first block, 1 = last)")
+    ax_y.legend(loc="best")
+    fig.suptitle(f"last epoch, by depth · {_setting(records[0])}")
+    return fig
+
+
+def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str = "raw"
+         ) -> Figure:
+    """Build a figure of ``kind`` (default: ``plane`` for one record, else ``compare``)."""
+    if form not in FORMS:
+        raise unknown_name("form", form, FORMS)
+    kind = kind or ("plane" if len(records) == 1 else "compare")
+    if kind not in KINDS:
+        raise unknown_name("kind", kind, KINDS)
+    if not records:
+        raise ConfigError("no records given")
+    _check_alike(records)
+    with rc_context(STYLE):
+        if kind == "plane":
+            if len(records) != 1:
+                raise ConfigError(f"--kind plane draws one record; got {len(records)} "
+                                  "(use --kind compare or depth)")
+            return plane_figure(records[0], form)
+        if kind == "compare":
+            return compare_figure(records, form)
+        return depth_figure(records, form)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save under the fixed style, without the version metadata that would vary the bytes.
+
+    The folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rc_context(STYLE):
+        fig.savefig(path, metadata=_metadata(path.suffix.lower()))
+    return path
+
+
+def _metadata(suffix: str) -> dict[str, Any]:
+    if suffix == ".png":
+        return {"Software": None}
+    if suffix in (".pdf", ".svg"):
+        return {"Creator": None, "Date": None} if suffix == ".pdf" else {"Date": None}
+    return {}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="plane.py", description="Draw information-plane figures from run records.")
+    p.add_argument("records", nargs="+", metavar="RECORD", help="run record JSON files")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="figure file (.png, .pdf or .svg)")
+    p.add_argument("--kind", help="plane (one run), compare (runs side by side) or depth "
+                                  "(default: plane for one record, compare for several)")
+    p.add_argument("--form", default="raw",
+                   help="raw nHSIC (default), scaled (nHSIC / sqrt of the self terms) or cka")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        suffix = Path(args.output).suffix.lower()
+        if suffix not in (".png", ".pdf", ".svg"):
+            raise ConfigError(f"output must end in .png, .pdf or .svg; got {args.output!r}")
+        if args.kind is not None and args.kind not in KINDS:
+            raise unknown_name("kind", args.kind, KINDS)
+        if args.form not in FORMS:
+            raise unknown_name("form", args.form, FORMS)
+        records = [load_record(p) for p in args.records]
+        fig = draw(records, args.kind, args.form)
+        path = save_figure(fig, args.output)
+    except (LocallearnError, OSError) as err:  # OSError: the figure file cannot be written
+        print(f"plane.py: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,116 @@
+"""Rules from outside the package: plugin files, plugin modules, and entry points.
+
+A plugin is ordinary Python that registers rules with the same
+:func:`~locallearn.register_rule` decorator the built-in rules use. It is
+loaded by path (``--plugin my_rules.py``), by module name (``--plugin
+mypkg.rules``), or through the ``locallearn.rules`` entry-point group of an
+installed package. Every failure is one line: the plugin's own error is
+summarised, not dumped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from .errors import ConfigError, LocallearnError
+from .rules.base import RULES
+
+ENTRY_POINT_GROUP = "locallearn.rules"
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _is_path(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or "\\" in spec
+
+
+def _import_file(path: Path) -> None:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    name = f"locallearn_plugin_{path.stem}_{digest}"
+    if name in sys.modules:  # the same file twice: already registered
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def load_plugin(spec: str) -> list[str]:
+    """Import the plugin ``spec`` (a ``.py`` path or a module name); returns the rules it added.
+
+    Raises:
+        ConfigError: a missing file or module, an error while importing, a
+            name clash with a registered rule, or a plugin that registers nothing.
+    """
+    before = set(RULES.names())
+    try:
+        if _is_path(spec):
+            path = Path(spec)
+            if not path.is_file():
+                raise ConfigError(f"plugin file {spec!r} not found")
+            _import_file(path)
+        else:
+            if importlib.util.find_spec(spec.split(".")[0]) is None:
+                raise ConfigError(f"plugin module {spec!r} not found; give a .py path or an "
+                                  "importable module name")
+            importlib.import_module(spec)
+    except ConfigError as err:
+        if str(err).startswith("plugin "):
+            raise
+        raise ConfigError(f"plugin {spec!r}: {err}") from None
+    except LocallearnError as err:
+        raise ConfigError(f"plugin {spec!r}: {err}") from None
+    except (Exception, SystemExit) as err:
+        raise ConfigError(f"plugin {spec!r} failed to import: {_one_line(err)}") from None
+    added = sorted(set(RULES.names()) - before)
+    if not added and not _already_loaded(spec):
+        raise ConfigError(f"plugin {spec!r} registered no rule; decorate a Rule subclass with "
+                          "@locallearn.register_rule(name, paper=...)")
+    return added
+
+
+def _already_loaded(spec: str) -> bool:
+    """Whether a plugin imported before (so it registered nothing new this time) defines rules."""
+    for entry in RULES:
+        module = getattr(entry.factory, "__module__", "")
+        if _is_path(spec):
+            if module.startswith(f"locallearn_plugin_{Path(spec).stem}_"):
+                return True
+        elif module == spec:
+            return True
+    return False
+
+
+def load_plugins(specs: list[str]) -> list[str]:
+    """Load every plugin in ``specs`` and the installed entry points; returns the rules added."""
+    added = load_entry_points()
+    for spec in dict.fromkeys(specs):
+        added += load_plugin(spec)
+    return added
+
+
+def load_entry_points() -> list[str]:
+    """Import the modules named in the ``locallearn.rules`` entry-point group."""
+    before = set(RULES.names())
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except LocallearnError as err:
+            raise ConfigError(f"entry point {ep.name!r} ({ep.value}): {err}") from None
+        except Exception as err:
+            raise ConfigError(
+                f"entry point {ep.name!r} ({ep.value}) failed to import: {_one_line(err)}"
+            ) from None
+    return sorted(set(RULES.names()) - before)

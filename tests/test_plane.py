@@ -1,0 +1,203 @@
+"""The information-plane observer (sees only the BlockStack) and the figures drawn from records."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from conftest import ROOT
+
+from locallearn import create_rule, split
+from locallearn.analysis import InformationPlane, plots
+from locallearn.data import load_dataset
+from locallearn.errors import ConfigError
+from locallearn.trainer import TrainConfig, Trainer
+
+M = 64  # probe size: small, so each measurement takes a fraction of a second
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_dataset("synthetic")
+
+
+def _trainer(rule, data, observers=(), **config):
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18_cifar", num_classes=data.num_classes)
+    stack = split(net, "stage", input_size=data.image_size)
+    cfg = TrainConfig(progress=False, **{"batch_size": 32, "lr": 0.05, **config})
+    return Trainer(stack, create_rule(rule), data, cfg, observers=observers)
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic):
+    plane = InformationPlane(probe_size=M)
+    trainer = _trainer("e2e", synthetic, (plane,), epochs=2)
+    trainer.fit()
+    return trainer, plane
+
+
+def _prepared(trainer, **options):
+    plane = InformationPlane(probe_size=M, **options)
+    plane.prepare(trainer.data, trainer.eval_transform, trainer.accelerator.device)
+    return plane
+
+
+def test_a_two_epoch_fit_records_epochs_0_1_2_for_every_block(fitted):
+    trainer, plane = fitted
+    blocks = len(trainer.stack.blocks)
+    assert len(plane.entries) == 3 * blocks
+    assert {(e["epoch"], e["block"]) for e in plane.entries} == {
+        (epoch, k) for epoch in (0, 1, 2) for k in range(blocks)
+    }
+    assert [e["name"] for e in plane.entries[:blocks]] == trainer.stack.names
+    config = plane.describe()
+    assert config["m"] == M and config["sigma"] == 5.0 and config["eps"] == 1e-5
+    assert len(config["seconds"]) == 3
+    for e in plane.entries:
+        assert 0 <= e["nhsic_x"] <= config["rank_x"] + 1e-9  # Tr R_X bounds nHSIC(X; .)
+        assert 0 <= e["nhsic_y"] <= config["rank_y"] + 1e-9
+        for key in ("nhsic_x_scaled", "nhsic_y_scaled", "cka_x", "cka_y"):
+            assert 0 <= e[key] <= 1 + 1e-12
+    json.dumps({"plane": plane.entries, "plane_config": config})  # fits in a run record
+
+
+def test_measures_every_nth_epoch_and_always_the_last(fitted):
+    trainer, _ = fitted  # trained for 2 epochs
+    plane = InformationPlane(probe_size=M, every=3)
+    plane.on_fit_start(trainer)
+    for epoch in (1, 2):
+        plane.on_epoch_end(trainer, {"epoch": epoch})
+    assert sorted({e["epoch"] for e in plane.entries}) == [0, 2]
+
+
+def test_same_weights_give_the_same_plane_whichever_rule_trained_them(synthetic):
+    e2e, layerwise = _trainer("e2e", synthetic), _trainer("layerwise", synthetic)
+    x = e2e.eval_transform(synthetic.train_images[:32])
+    y = synthetic.train_labels[:32]
+    for trainer in (e2e, layerwise):  # one step each: the rules move the weights apart
+        trainer.train_step(x, y, list(range(len(trainer.parts))))
+    plane = _prepared(e2e)
+    assert plane.measure(e2e.stack, 1) != plane.measure(layerwise.stack, 1)
+    layerwise.stack.load_state_dict(e2e.stack.state_dict())
+    assert plane.measure(e2e.stack, 1) == plane.measure(layerwise.stack, 1)
+
+
+def test_the_probe_leaves_no_trace(synthetic):
+    trainer = _trainer("layerwise", synthetic)
+    stack = trainer.stack
+    stack.train()
+    stack.blocks[1].eval()  # a mixed pattern of modes must come back as it was
+    modes = [m.training for m in stack.modules()]
+    buffers = {k: v.clone() for k, v in stack.state_dict().items()}
+    rng = torch.get_rng_state()
+    plane = _prepared(trainer)
+    entries = plane.measure(stack, 0)
+    assert [m.training for m in stack.modules()] == modes
+    for k, v in stack.state_dict().items():  # batch-norm statistics untouched
+        assert torch.equal(v, buffers[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)  # training draws the same numbers after it
+    assert all(p.grad is None for p in stack.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in stack.modules())
+    assert torch.is_grad_enabled()
+    assert all(isinstance(e["nhsic_x"], float) and math.isfinite(e["nhsic_x"]) for e in entries)
+    probe = plane._probe
+    assert not any(t.requires_grad for t in (probe.x.matrix, probe.y.matrix, probe.x_linear))
+
+
+def test_training_is_the_same_with_or_without_the_observer(synthetic, fitted):
+    observed, _ = fitted
+    plain = _trainer("e2e", synthetic, epochs=2)
+    plain.fit()
+    assert [h["train_loss"] for h in plain.history] == [h["train_loss"] for h in observed.history]
+    for (name, a), b in zip(plain.stack.state_dict().items(),
+                            observed.stack.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_several_passes_under_a_small_memory_budget_give_the_same_numbers(fitted):
+    trainer, _ = fitted
+    one_pass = _prepared(trainer).measure(trainer.stack, 2)
+    per_block = _prepared(trainer, memory_budget=1).measure(trainer.stack, 2)
+    assert per_block == one_pass
+
+
+def test_probe_set_is_balanced_and_clamped_to_the_split(synthetic, fitted):
+    trainer, _ = fitted
+    plane = InformationPlane(probe_size=10**6, split="test")
+    plane.prepare(synthetic, trainer.eval_transform, torch.device("cpu"))
+    assert plane.describe()["m"] == len(synthetic.test_labels)
+    assert plane.describe()["split"] == "test"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"split": "val"}, "unknown probe split 'val'"),
+    ({"probe_size": 1}, "probe size must be at least 2"),
+    ({"kernel": "delta"}, "delta kernel is for labels"),
+    ({"label_kernel": "rbf"}, "unknown kernel 'rbf'"),
+    ({"eps": 0.0}, "must be positive"),
+])
+def test_bad_options_are_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        InformationPlane(**options)
+
+
+@pytest.fixture(scope="module")
+def records(fitted, tmp_path_factory):
+    trainer, plane = fitted
+    folder = tmp_path_factory.mktemp("records")
+    paths = []
+    for rule in ("e2e", "layerwise"):
+        record = {"rule": rule, "model": "resnet18_cifar", "dataset": "synthetic",
+                  "config": {"seed": 0}, "plane": plane.entries, "plane_config": plane.describe()}
+        paths.append(folder / f"{rule}.json")
+        paths[-1].write_text(json.dumps(record))
+    bare = folder / "bare.json"
+    bare.write_text(json.dumps({"rule": "e2e", "history": []}))
+    other = json.loads(paths[0].read_text())
+    other["plane_config"]["m"] = 2 * M
+    paths.append(folder / "other_m.json")
+    paths[-1].write_text(json.dumps(other))
+    return {"e2e": paths[0], "layerwise": paths[1], "bare": bare, "other_m": paths[2]}
+
+
+@pytest.mark.parametrize("kind, form", [("plane", "raw"), ("compare", "scaled"), ("depth", "cka")])
+def test_figures_are_drawn_deterministically(records, tmp_path, kind, form, capsys):
+    inputs = [records["e2e"]] if kind == "plane" else [records["e2e"], records["layerwise"]]
+    outputs = [tmp_path / f"{kind}{i}.png" for i in range(2)]
+    for out in outputs:
+        args = [*map(str, inputs), "-o", str(out), "--kind", kind, "--form", form]
+        assert plots.main(args) == 0
+    assert outputs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
+    assert f"wrote {outputs[1]}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.json"], "missing.json: no such file"),
+    (["{bare}"], "has no 'plane' entries"),
+    (["{e2e}", "--kind", "trajectory"], "unknown kind 'trajectory'"),
+    (["{e2e}", "--form", "log"], "unknown form 'log'"),
+    (["{e2e}", "{other_m}"], "measured differently (m: 64 vs 128)"),
+    (["{e2e}", "{layerwise}", "--kind", "plane"], "--kind plane draws one record"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_figure(records, tmp_path, capsys, args, message):
+    out = tmp_path / "fig.png"
+    args = [a.format(**records) for a in args]
+    assert plots.main([*args, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("plane.py: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_plane_script_reports_bad_input_without_a_traceback(records, tmp_path):
+    out = tmp_path / "fig.png"
+    script = ROOT / "benchmarks" / "plane.py"
+    result = subprocess.run([sys.executable, str(script), str(records["bare"]), "-o", str(out)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("plane.py: error: ") and "Traceback" not in result.stderr
+    assert not out.exists()

@@ -1,0 +1,92 @@
+"""Rules from outside the package: the docs' tutorial rule through --plugin, and bad plugins."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py")]
+
+
+def tutorial_code() -> str:
+    text = (ROOT / "docs" / "adding_a_rule.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)[0]
+
+
+def run(*args, env=None, cwd=ROOT):
+    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=env)
+
+
+def test_tutorial_rule_runs_through_the_cli(tmp_path):
+    plugin = tmp_path / "my_rules.py"
+    plugin.write_text(tutorial_code())
+    out = run("--plugin", plugin, "--rule", "random_features", "--rule-opt", "train_last=1",
+              "--dataset", "synthetic", "--epochs", "1", "--batch-size", "64", "--output",
+              tmp_path / "runs", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert record["rule"] == "random_features" and "Rahimi" in record["rule_paper"]
+    assert record["config"]["rule_options"] == {"train_last": 1}
+    assert record["history"][0]["trained_parts"] == ["trained"]
+    assert record["config"]["plugins"] == [str(plugin)]
+
+
+def test_plugin_as_a_module_and_in_list_rules(tmp_path):
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "rules.py").write_text(tutorial_code())
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = run("--plugin", "mypkg.rules", "--list-rules", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "random_features" in out.stdout and "e2e" in out.stdout
+
+
+def test_plugin_rules_register_in_process(tmp_path):
+    from locallearn.plugins import load_plugin
+    from locallearn.rules.base import RULES
+
+    plugin = tmp_path / "inproc_rules.py"
+    plugin.write_text(tutorial_code().replace('"random_features"', '"random_features_inproc"'))
+    try:
+        assert load_plugin(str(plugin)) == ["random_features_inproc"]
+        assert load_plugin(str(plugin)) == []  # loading it again is harmless
+    finally:
+        RULES.unregister("random_features_inproc")
+
+
+BAD_PLUGINS = {
+    "missing": (None, "plugin file '{path}' not found"),
+    "raises": ("import math\nx = 1 / 0\n", "failed to import: ZeroDivisionError: division by zero"),
+    "syntax": ("def broken(:\n", "failed to import: SyntaxError"),
+    "empty": ("X = 1\n", "registered no rule"),
+    "clash": (
+        "import locallearn\n\n@locallearn.register_rule('e2e', paper='x')\n"
+        "class Clash(locallearn.Rule):\n    pass\n",
+        "rule 'e2e' is already registered",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PLUGINS)
+def test_bad_plugins_fail_in_one_line_with_status_2(tmp_path, case):
+    source, message = BAD_PLUGINS[case]
+    path = tmp_path / f"{case}_rules.py"
+    if source is not None:
+        path.write_text(source)
+    out = run("--plugin", path, "--dataset", "synthetic", "--output", tmp_path / "runs")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert message.format(path=path) in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_plugin_module(tmp_path):
+    out = run("--plugin", "no_such_module_xyz", "--output", tmp_path / "runs")
+    assert out.returncode == 2
+    assert "plugin module 'no_such_module_xyz' not found" in out.stderr
