@@ -1,9 +1,12 @@
 """Activation memory of local learning: peak bytes saved for backward in one training step.
 
-Prints the peak under ``e2e`` and under ``layerwise`` with the network cut into
-K parts balanced by activation memory, and their ratio. Bytes saved for
-backward are counted with ``torch.autograd.graph.saved_tensors_hooks``: the
-same number on any device, and what per-part backward is meant to save.
+Prints the peak under ``e2e`` and under the local rules with the network cut
+into K parts balanced by activation memory, and each one's ratio to ``e2e``.
+For ``sequential`` the peak is the largest over its phases (one part trains at
+a time), and the script also times its training step on cached features (the
+frozen prefix's outputs, as ``--rule-opt cache_features=true`` trains on)
+against the ``e2e`` step. Bytes saved for backward are counted with
+``torch.autograd.graph.saved_tensors_hooks``: the same number on any device.
 
     python benchmarks/memory.py                      # resnet18_cifar, batch 256, K = 4
     python benchmarks/memory.py --model vgg11_cifar --blocks 8
@@ -12,11 +15,14 @@ same number on any device, and what per-part backward is meant to save.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
-from locallearn.bench import random_data, trainer_for
+from locallearn.bench import median_time, random_data, trainer_for
 from locallearn.measure import step_peak_bytes
+
+RULES = ("e2e", "layerwise", "sequential", "dgl")
 
 
 def main() -> None:
@@ -25,20 +31,48 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per phase (median)")
     args = p.parse_args()
 
     data = random_data(args.batch_size, args.image_size)
     x, y = data.train_images, data.train_labels
-    peaks = {}
-    for rule, blocks in (("e2e", None), ("layerwise", args.blocks)):
+    peaks, trainers = {}, {}
+    for rule in RULES:
         torch.manual_seed(0)
-        trainer = trainer_for(rule, args.model, data, args.batch_size, blocks)
-        peaks[rule] = step_peak_bytes(trainer, x, y)
-        parts = ", ".join(p.part_name for p in trainer.parts)
-        print(f"{rule:10s} parts [{parts}]: peak saved for backward {peaks[rule] / 2**20:9.1f} MiB")
-    ratio = peaks["layerwise"] / peaks["e2e"]
-    print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}: "
-          f"layerwise (K={args.blocks}) / e2e = {ratio:.3f}")
+        blocks = None if rule == "e2e" else args.blocks
+        trainer = trainer_for(rule, args.model, data, args.batch_size, blocks,
+                              epochs=args.blocks if rule == "sequential" else 1)
+        trainers[rule] = trainer
+        phases = sorted({tuple(t) for t in trainer.schedule})
+        peaks[rule] = max(step_peak_bytes(trainer, x, y, list(t)) for t in phases)
+        print(f"{rule:10s} {len(trainer.parts)} parts, {len(phases)} phase(s): "
+              f"peak saved for backward {peaks[rule] / 2**20:9.1f} MiB")
+    print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"K = {args.blocks}:")
+    for rule in RULES[1:]:
+        print(f"  {rule} / e2e = {peaks[rule] / peaks['e2e']:.3f}")
+
+    # Step time: e2e against sequential training on its cached prefix outputs.
+    e2e, seq = trainers["e2e"], trainers["sequential"]
+    device = e2e.accelerator.device
+    images, labels = e2e.eval_transform(x.to(device)), y.to(device)
+    e2e_time = median_time(lambda: e2e.train_step(images, labels, [0]), args.repeats, device)
+    phase_times = []
+    for trained in sorted({tuple(t) for t in seq.schedule}):
+        trained = list(trained)
+        for i in trained:
+            seq.activate(i)
+        with torch.no_grad():  # the cache holds what the frozen prefix outputs
+            h = images
+            for part in seq.parts[: trained[0]]:
+                part.eval()
+                h = part.run_blocks(h)
+        phase_times.append(median_time(
+            lambda h=h, t=trained: seq.train_step(h, labels, t, t[0]), args.repeats, device
+        ))
+    seq_time = statistics.mean(phase_times)
+    print(f"step time, sequential on cached features (mean over {len(phase_times)} phases) / "
+          f"e2e = {seq_time * 1e3:.1f} ms / {e2e_time * 1e3:.1f} ms = {seq_time / e2e_time:.3f}")
 
 
 if __name__ == "__main__":

@@ -12,18 +12,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import locallearn
-from locallearn.bench import random_data, trainer_for
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from locallearn.bench import random_data, timed, trainer_for
 
 
 def main() -> None:
@@ -60,12 +54,9 @@ def main() -> None:
     times = {"plain": [], "trainer": []}
     for i in range(args.warmup + args.repeats):
         for name, step in (("plain", plain_step), ("trainer", trainer_step)):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
+            seconds = timed(step, device)
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.model}, batch {args.batch_size}, {device}, {args.repeats} interleaved repeats "
           f"(locallearn {locallearn.__version__})")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 from accelerate import Accelerator
 
@@ -32,5 +36,25 @@ def trainer_for(
 
     net = timm.create_model(model, num_classes=data.num_classes)
     stack = split(net, "stage", blocks, input_size=data.image_size)
-    cfg = TrainConfig(batch_size=batch_size, progress=False, **config)
+    cfg = TrainConfig(**{"batch_size": batch_size, "progress": False, **config})
     return Trainer(stack, create_rule(rule), data, cfg, accelerator)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``step`` takes, device work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def median_time(step: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of ``repeats`` calls of ``step``."""
+    return statistics.median(timed(step, device) for _ in range(repeats))

@@ -63,3 +63,51 @@ class NoObjective(nn.Module):
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
         return h.new_zeros(()), None
+
+
+class ConvHead(nn.Module):
+    """A 3x3 conv-BN-ReLU on a (B, C, H, W) map, then global average pooling and a linear layer.
+
+    Args:
+        channels: the map's channels.
+        out: outputs of the linear layer.
+        width: channels of the conv (0: ``channels``).
+        hidden: width of a hidden ReLU layer after pooling (0: none).
+    """
+
+    def __init__(self, channels: int, out: int, width: int = 0, hidden: int = 0):
+        super().__init__()
+        width = width or channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        self.fc = PoolLinear(width, out, hidden)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(h))
+
+
+def make_head(kind: str, shape: torch.Size, out: int, hidden: int = 0) -> nn.Module:
+    """An auxiliary head of ``kind`` for block outputs of ``shape``.
+
+    Args:
+        kind: ``linear`` (pool + linear), ``mlp`` (pool + hidden ReLU layer +
+            linear) or ``conv`` (:class:`ConvHead`; needs (B, C, H, W) outputs).
+        shape: the block output's shape, batch first.
+        out: the head's outputs.
+        hidden: the hidden width of ``mlp`` (0: the pooled feature size).
+
+    Raises:
+        ValueError: ``conv`` on an output that is not a feature map, or an unknown kind.
+    """
+    channels = channels_of(shape)
+    if kind == "linear":
+        return PoolLinear(channels, out, hidden)
+    if kind == "mlp":
+        return PoolLinear(channels, out, hidden or channels)
+    if kind == "conv":
+        if len(shape) != 4:
+            raise ValueError(f"a conv head needs (B, C, H, W) block outputs, not {tuple(shape)}")
+        return ConvHead(channels, out)
+    raise ValueError(f"unknown head kind {kind!r}")

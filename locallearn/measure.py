@@ -83,16 +83,25 @@ class SavedTensorMeter:
         self._hooks.__exit__(*exc)
 
 
-def step_peak_bytes(trainer, images: torch.Tensor, labels: torch.Tensor) -> int:
+def step_peak_bytes(
+    trainer, inputs: torch.Tensor, labels: torch.Tensor, trained: list[int] | None = None,
+    start: int = 0,
+) -> int:
     """Peak bytes saved for backward during one training step of ``trainer``.
 
     Args:
         trainer: a :class:`~locallearn.trainer.Trainer`.
-        images: a uint8 batch as the data loader yields it; labels: its labels.
+        inputs: a uint8 image batch as the data loader yields it when ``start`` is 0,
+            else the input of part ``start`` (e.g. cached outputs of a frozen prefix).
+        labels: the batch's labels.
+        trained: the parts that learn in this step; those of the first epoch by default.
+        start: the first part to run.
     """
     device = trainer.accelerator.device
-    x = trainer.eval_transform(images.to(device))
-    trained = trainer.rule.trained_parts(0, trainer.config.epochs, len(trainer.parts))
+    x = trainer.eval_transform(inputs.to(device)) if start == 0 else inputs.to(device)
+    trained = trained or trainer.schedule[0]
+    for i in trained:
+        trainer.activate(i)
     with SavedTensorMeter(*trainer.parts) as meter:
-        trainer.train_step(x, labels.to(device), trained)
+        trainer.train_step(x, labels.to(device), trained, start)
     return meter.peak

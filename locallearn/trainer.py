@@ -209,7 +209,7 @@ class Trainer:
             model.eval()
         correct, total, has_logits = None, 0, []
         for x, y in self.test_loader:
-            h = self.eval_transform(x)
+            h, y = self.rule.batch(x, y, self.eval_transform, None, train=False)
             preds, has_logits = [], []
             with self.autocast():
                 for model in self.models:
@@ -282,7 +282,8 @@ class Trainer:
         )
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(bar):
-            x = self.train_transform(x, gen) if start == 0 else x
+            if start == 0:
+                x, y = self.rule.batch(x, y, self.train_transform, gen)
             losses, logits = self.train_step(x, y, trained, start)
             sums += torch.stack([losses[i] for i in trained])
             if logits is not None:
@@ -305,7 +306,7 @@ class Trainer:
                 self.deactivate(i)
         names = [self.parts[i].part_name for i in trained]
         part_loss = dict(zip(names, sums.tolist(), strict=True))
-        return {
+        entry = {
             "epoch": epoch + 1,
             "trained_parts": names,
             "train_loss": sums[-1].item(),
@@ -314,6 +315,10 @@ class Trainer:
             "seconds": round(seconds, 3),
             "images_per_s": round(counts[1].item() / max(seconds, 1e-9), 1),
         }
+        extra = self.rule.epoch_metrics()
+        if extra:
+            entry["rule_metrics"] = extra
+        return entry
 
     @torch.no_grad()
     def _cached_inputs(self, first: int):

@@ -131,6 +131,39 @@ class Rule:
         """
         raise NotImplementedError
 
+    def batch(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Any,
+        generator: torch.Generator | None = None,
+        train: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first part's input and the batch's labels, from a batch of uint8 images.
+
+        The default applies ``transform`` (augmentation and normalisation). A
+        rule that changes its inputs overrides it: forward-forward writes labels
+        into the images, supervised contrastive stacks two augmented views. The
+        returned labels are the batch's (one per image), against which the last
+        part's logits are scored.
+
+        Args:
+            images: uint8 ``(B, C, H, W)`` images as the loader yields them.
+            labels: their labels.
+            transform: a :class:`~locallearn.data.BatchTransform` (training or evaluation).
+            generator: the random source of augmentation (None at evaluation).
+            train: whether the batch is for training (else for evaluation).
+        """
+        return transform(images, generator), labels
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Extra numbers for the epoch's entry in the run record (``rule_metrics``); none here.
+
+        Called once after each training epoch; a rule that accumulates its own
+        statistics during the epoch returns and resets them here.
+        """
+        return {}
+
     def trained_parts(self, epoch: int, epochs: int, num_parts: int) -> list[int]:
         """Indices of the parts that train in ``epoch`` (0-based); all of them by default.
 
