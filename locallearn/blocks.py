@@ -151,7 +151,10 @@ def split(
                 "at block granularity"
             )
         input_size = _input_size(model, input_size)
-        costs = saved_bytes_per_block(stack, input_size)
+        try:
+            costs = saved_bytes_per_block(stack, input_size)
+        except Exception as e:  # e.g. an input too small for the model's downsampling
+            raise _refusal(name, f"probe forward failed with {type(e).__name__}: {e}") from None
         stack = _group(stack, balanced_partition(costs, num_blocks))
     if verify:
         _verify(model, stack, _input_size(model, input_size), name)

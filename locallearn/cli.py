@@ -106,9 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plane", action="store_true", help="skip the information plane")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (same results on GPUs too; slower)")
     p.add_argument("--output", default="runs", help="folder for the run record")
     p.add_argument("--name", help="record file name (default: rule__model__dataset__seedN.json)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save the full training state here after every epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --checkpoint-dir")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=2, metavar="N",
+                   help="how many checkpoints to keep (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--check", action="store_true",
+                   help="check the arguments (names, options, data path) and exit without training")
     return p
 
 
@@ -133,6 +143,8 @@ def _check(args: argparse.Namespace):
     model_opts = parse_assignments(args.model_opt, "--model-opt")
     model_opts = {k: _literal(v) for k, v in model_opts.items()}
     check_dataset(args.dataset, args.data_root)
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir DIR")
     if args.name is not None and (not args.name or "/" in args.name):
         raise ConfigError(f"--name must be a plain file name; got {args.name!r}")
     plane = None if args.no_plane else InformationPlane(
@@ -162,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.dataset, args.data_root, train_subset=args.train_subset,
         test_subset=args.test_subset, seed=args.seed, cache_dir=args.cache_dir,
     )
-    set_seed(args.seed)
+    set_seed(args.seed, deterministic=args.deterministic)
     try:
         model = timm.create_model(args.model, num_classes=data.num_classes, **model_opts)
     except TypeError as err:
@@ -177,24 +189,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     observers = (plane,) if plane is not None else ()
     trainer = Trainer(stack, rule, data, config, accelerator, observers)
-    started = dt.datetime.now(dt.timezone.utc)
-    status, error, result = "complete", None, {}
-    try:
-        result = trainer.fit()
-    except Diverged as err:
-        status, error = "diverged", str(err)
     backbone = sum(p.numel() for p in stack.parameters())
     total = sum(p.numel() for part in trainer.parts for p in part.parameters())
     record = {
         "version": RECORD_VERSION,
-        "status": status,
+        "status": "running",
         "rule": args.rule,
         "rule_paper": RULES.get(args.rule).meta["paper"],
         "model": args.model,
         "dataset": args.dataset,
+        "seed": args.seed,
+        "deterministic": args.deterministic,
         "config": {
-            **{k: v for k, v in vars(args).items()
-               if k not in ("list_rules", "rule_opt", "model_opt", "plugin")},
+            **{k: v for k, v in vars(args).items() if k not in _NOT_CONFIG},
             "plugins": list(args.plugin),
             "milestones": list(args.milestones),
             "rule_options": rule.describe(),
@@ -216,24 +223,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p in trainer.parts
         ],
         "params": {"backbone": backbone, "auxiliary": total - backbone},
-        "started": started.isoformat(timespec="seconds"),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "history": trainer.history,
-        "test_acc": result.get("test_acc"),
-        "block_acc": result.get("block_acc"),
-        "seconds": result.get("seconds"),
+        "test_acc": None,
+        "block_acc": None,
+        "seconds": None,
     }
-    if plane is not None:
-        record["plane_config"] = plane.describe()
-        record["plane"] = plane.entries
-    if error:
-        record["error"] = error
-    if accelerator.is_main_process:
-        name = args.name or record_name(args.rule, args.model, args.dataset, args.seed)
-        record["path"] = str(write_json(Path(args.output) / name, record))
+    path = Path(args.output) / (args.name or record_name(args.rule, args.model, args.dataset,
+                                                         args.seed))
+
+    def write(status: str, **fields: Any) -> None:
+        record.update(status=status, **fields)
+        if plane is not None:
+            record["plane_config"] = plane.describe()
+            record["plane"] = plane.entries
+        if accelerator.is_main_process:
+            record["path"] = str(write_json(path, record))
+
+    trainer.observers = (*observers, _RecordWriter(write))
+    if args.checkpoint_dir:
+        identity = {
+            "model": args.model, "model_options": model_opts, "rule": args.rule,
+            "rule_options": rule.describe(), "dataset": args.dataset,
+            "train_subset": args.train_subset, "test_subset": args.test_subset,
+            "granularity": args.granularity, "num_blocks": args.blocks,
+            "train": config_dict(config) | {"progress": None},
+        }
+        trainer.save_checkpoints(args.checkpoint_dir, args.keep_checkpoints, identity)
+        if args.resume and trainer.resume() and accelerator.is_main_process:
+            print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
+    try:
+        result = trainer.fit()
+    except Diverged as err:
+        write("diverged", error=str(err))
+        accelerator.wait_for_everyone()
+        raise
+    except KeyboardInterrupt:
+        write("interrupted")
+        raise
+    write("complete", test_acc=result["test_acc"], block_acc=result["block_acc"],
+          seconds=result["seconds"])
     accelerator.wait_for_everyone()
-    if error:
-        raise Diverged(error)
     return record
+
+
+_NOT_CONFIG = ("list_rules", "rule_opt", "model_opt", "plugin", "check")
+
+
+class _RecordWriter:
+    """Observer that rewrites the record after every epoch, marked ``running``."""
+
+    def __init__(self, write):
+        self.write = write
+
+    def on_fit_start(self, trainer) -> None:
+        self.write("running")
+
+    def on_epoch_end(self, trainer, entry) -> None:
+        self.write("running")
+
+    def on_fit_end(self, trainer, result) -> None: ...
 
 
 def _has_gpu() -> bool:
@@ -288,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
 
             for entry in RULES:
                 print(f"{entry.name:12s} {entry.meta.get('summary', '')}  [{entry.meta['paper']}]")
+            return 0
+        if args.check:
+            _check(args)
+            print("arguments ok")
             return 0
         started = time.perf_counter()
         record = run(args)

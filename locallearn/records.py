@@ -72,3 +72,29 @@ def write_json(path: str | Path, data: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """Read and validate a run record.
+
+    Raises:
+        DataError: the file is missing, unreadable, truncated or not JSON, not a
+            run record, or from a record version this locallearn does not read.
+    """
+    from .errors import DataError
+
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not a JSON run record, or truncated ({err})") from None
+    if not isinstance(record, dict) or not {"rule", "model", "status"} <= record.keys():
+        raise DataError(f"{path}: not a run record (needs rule, model, status)")
+    if record.get("version") != RECORD_VERSION:
+        raise DataError(f"{path}: record version {record.get('version')!r}; this locallearn "
+                        f"reads version {RECORD_VERSION}")
+    return record

@@ -112,6 +112,8 @@ class Trainer:
         train_loader, test_loader = make_loaders(
             data, config.batch_size, config.seed, config.eval_batch_size or None
         )
+        # Reseeded every epoch, so epoch e's data order does not depend on earlier epochs.
+        self._order = train_loader.generator
         self.train_loader, self.test_loader = acc.prepare(train_loader, test_loader)
         self.models: list[nn.Module] = list(self.parts)  # prepared while a part trains
         self.optimizers: list[torch.optim.Optimizer | None] = [None] * n
@@ -120,6 +122,26 @@ class Trainer:
         self._features: tuple[int, Any] | None = None  # (first part, loader) of cached inputs
         for i in self.schedule[0]:  # ready for train_step before fit
             self.activate(i)
+        self.start_epoch = 0
+        self._checkpoints: tuple[Any, int, dict[str, Any]] | None = None
+
+    def save_checkpoints(self, directory, keep: int, identity: dict[str, Any]) -> None:
+        """Save the training state after every epoch into ``directory``, keeping ``keep``.
+
+        ``identity`` (model, rule, data, settings) is stored with each checkpoint
+        and must match when resuming.
+        """
+        self._checkpoints = (directory, keep, identity)
+
+    def resume(self) -> int:
+        """Continue from the newest complete checkpoint, if any; returns the epochs already done."""
+        from . import checkpoint
+
+        directory, _, identity = self._checkpoints
+        found = checkpoint.complete(directory)
+        if found:
+            self.start_epoch = checkpoint.load(self, found[-1], identity)
+        return self.start_epoch
 
     def _check_parts(self) -> None:
         owner: dict[int, str] = {}
@@ -235,7 +257,7 @@ class Trainer:
         for obs in self.observers:
             obs.on_fit_start(self)
         start = time.perf_counter()
-        for epoch in range(cfg.epochs):
+        for epoch in range(self.start_epoch, cfg.epochs):
             entry = self._train_epoch(epoch)
             t0 = time.perf_counter()
             entry["test_acc"], entry["block_acc"] = self.evaluate()
@@ -243,6 +265,13 @@ class Trainer:
             self.history.append(entry)
             for obs in self.observers:
                 obs.on_epoch_end(self, entry)
+            if self._checkpoints is not None:
+                from . import checkpoint
+
+                directory, keep, identity = self._checkpoints
+                if acc.is_main_process:
+                    checkpoint.save(self, directory, epoch + 1, identity, keep)
+                acc.wait_for_everyone()
             if acc.is_main_process and cfg.progress:
                 blocks = " ".join(f"{a:.3f}" for a in entry["block_acc"] if a is not None)
                 tqdm.write(
@@ -271,6 +300,7 @@ class Trainer:
         loader, start = self.train_loader, 0
         if self.rule.cache_inputs and trained[0] > 0:
             loader, start = self._cached_inputs(trained[0])
+        self._order.manual_seed(cfg.seed * 1_000_003 + epoch)
         # One generator per epoch and process: augmentation is reproducible and not shared.
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + acc.process_index)
         sums = torch.zeros(len(trained), device=acc.device)
@@ -278,7 +308,9 @@ class Trainer:
         seen = 0
         bar = tqdm(
             loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-            disable=not (cfg.progress and acc.is_main_process), leave=False, dynamic_ncols=True,
+            # None hides the bar where stderr is not a terminal (logs keep the epoch lines).
+            disable=None if cfg.progress and acc.is_main_process else True,
+            leave=False, dynamic_ncols=True,
         )
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(bar):

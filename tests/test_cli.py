@@ -100,3 +100,15 @@ def test_list_rules_names_every_rule():
     out = run_cli("--list-rules")
     assert out.returncode == 0
     assert "e2e" in out.stdout and "layerwise" in out.stdout and "Sakamoto" in out.stdout
+
+
+def test_divergence_writes_a_diverged_record_and_exits_non_zero(tmp_path):
+    out = run_cli("--rule", "layerwise", "--dataset", "synthetic", "--epochs", "2", "--lr",
+                  "1e12", "--momentum", "0", "--batch-size", "32", "--no-plane",
+                  "--output", tmp_path)
+    assert out.returncode == 3 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "rule 'layerwise' diverged: part" in line and "step" in line
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["status"] == "diverged" and record["test_acc"] is None
+    assert record["error"] == line.removeprefix("run.py: error: ")

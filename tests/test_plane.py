@@ -14,6 +14,7 @@ from locallearn import create_rule, split
 from locallearn.analysis import InformationPlane, plots
 from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
+from locallearn.records import RECORD_VERSION
 from locallearn.trainer import TrainConfig, Trainer
 
 M = 64  # probe size: small, so each measurement takes a fraction of a second
@@ -151,12 +152,14 @@ def records(fitted, tmp_path_factory):
     folder = tmp_path_factory.mktemp("records")
     paths = []
     for rule in ("e2e", "layerwise"):
-        record = {"rule": rule, "model": "resnet18_cifar", "dataset": "synthetic",
-                  "config": {"seed": 0}, "plane": plane.entries, "plane_config": plane.describe()}
+        record = {"version": RECORD_VERSION, "status": "complete", "rule": rule,
+                  "model": "resnet18_cifar", "dataset": "synthetic", "config": {"seed": 0},
+                  "plane": plane.entries, "plane_config": plane.describe()}
         paths.append(folder / f"{rule}.json")
         paths[-1].write_text(json.dumps(record))
     bare = folder / "bare.json"
-    bare.write_text(json.dumps({"rule": "e2e", "history": []}))
+    bare.write_text(json.dumps({"version": RECORD_VERSION, "status": "complete", "rule": "e2e",
+                                "model": "resnet18_cifar", "history": []}))
     other = json.loads(paths[0].read_text())
     other["plane_config"]["m"] = 2 * M
     paths.append(folder / "other_m.json")

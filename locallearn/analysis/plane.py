@@ -150,8 +150,17 @@ class InformationPlane(Observer):
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.accelerator.is_main_process:
             self.prepare(trainer.data, trainer.eval_transform, trainer.accelerator.device)
-            self.record(trainer.stack, 0)
+            if getattr(trainer, "start_epoch", 0) == 0:  # a resumed run has its epoch 0
+                self.record(trainer.stack, 0)
         trainer.accelerator.wait_for_everyone()  # the others wait rather than race ahead
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the entries measured so far."""
+        return {"entries": self.entries, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.entries[:] = state["entries"]
+        self.seconds[:] = state["seconds"]
 
     def on_epoch_end(self, trainer: Trainer, entry: dict[str, Any]) -> None:
         epoch = entry["epoch"]

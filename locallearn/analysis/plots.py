@@ -20,7 +20,6 @@ saved without version metadata, so the same records give the same file.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..errors import ConfigError, DataError, LocallearnError, unknown_name
+from ..records import read_record
 
 __all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "save_figure"]
 
@@ -68,18 +68,12 @@ def load_record(path: str | Path) -> dict[str, Any]:
     """Read a run record that has information-plane entries.
 
     Raises:
-        DataError: the file is missing or unreadable, not JSON, or has no ``plane``.
+        DataError: not a readable run record (see :func:`~locallearn.records.read_record`),
+            or one without ``plane`` entries.
     """
     path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not a JSON run record ({err})") from None
-    if not isinstance(record, dict) or not record.get("plane"):
+    record = read_record(path)
+    if not record.get("plane"):
         raise DataError(f"{path}: the record has no 'plane' entries (was it run with --no-plane?)")
     entries = record["plane"]
     keys = {k for form in FORMS.values() for k in form[:2]} | {"epoch", "block"}
