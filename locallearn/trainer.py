@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .data import BatchTransform, ImageData, make_loaders
 from .errors import LocallearnError
 from .optim import lr_factor, make_optimizer
@@ -135,8 +136,6 @@ class Trainer:
 
     def resume(self) -> int:
         """Continue from the newest complete checkpoint, if any; returns the epochs already done."""
-        from . import checkpoint
-
         directory, _, identity = self._checkpoints
         found = checkpoint.complete(directory)
         if found:
@@ -266,8 +265,6 @@ class Trainer:
             for obs in self.observers:
                 obs.on_epoch_end(self, entry)
             if self._checkpoints is not None:
-                from . import checkpoint
-
                 directory, keep, identity = self._checkpoints
                 if acc.is_main_process:
                     checkpoint.save(self, directory, epoch + 1, identity, keep)
