@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-split", choices=["train", "test"], default="train",
                    help="where the probe set comes from (un-augmented)")
     p.add_argument("--no-plane", action="store_true", help="skip the information plane")
+    p.add_argument("--max-loss", type=_number, default=0.0, metavar="X",
+                   help="stop as diverged when a part's mean loss exceeds X (0: off)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true",
@@ -186,6 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones,
         gamma=args.gamma, seed=args.seed, progress=not args.no_progress,
+        max_loss=args.max_loss,
     )
     observers = (plane,) if plane is not None else ()
     trainer = Trainer(stack, rule, data, config, accelerator, observers)

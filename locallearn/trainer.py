@@ -10,6 +10,7 @@ forward and one backward per wrapped module and step.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,7 +35,10 @@ class TrainConfig:
     Attributes:
         milestones: epochs (as fractions of ``epochs``) where ``multistep`` multiplies
             the learning rate by ``gamma``.
-        log_every: steps between progress updates (each costs a device sync).
+        log_every: steps between progress updates and divergence checks (each costs a
+            device sync).
+        max_loss: a part whose mean loss in an epoch so far exceeds this has diverged
+            (0: only non-finite losses count).
     """
 
     epochs: int = 1
@@ -51,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     log_every: int = 10
+    max_loss: float = 0.0
 
 
 class Diverged(LocallearnError):
@@ -319,7 +324,7 @@ class Trainer:
                 hits += (logits.argmax(1) == y).sum()
             seen += len(y)
             if (step + 1) % cfg.log_every == 0:
-                self._check_finite(sums, trained, epoch, step)
+                self._check_divergence(sums, trained, epoch, step)
                 bar.set_postfix(
                     loss=f"{sums[-1].item() / (step + 1):.3f}", acc=f"{hits.item() / seen:.3f}",
                     img_s=f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}",
@@ -327,7 +332,7 @@ class Trainer:
         seconds = time.perf_counter() - t0
         bar.close()
         steps = max(1, len(loader))
-        self._check_finite(sums, trained, epoch, steps - 1)
+        self._check_divergence(sums, trained, epoch, steps - 1)
         sums = acc.reduce(sums, "mean") / steps  # every process's mean loss, averaged
         counts = acc.reduce(torch.stack([hits, torch.tensor(seen, device=acc.device)]), "sum")
         for i in trained:
@@ -383,10 +388,18 @@ class Trainer:
         self._features = (first, acc.prepare(loader))
         return self._features[1], first
 
-    def _check_finite(self, sums: torch.Tensor, trained: list[int], epoch: int, step: int) -> None:
-        bad = (~torch.isfinite(sums)).nonzero().flatten().tolist()
-        if bad:
-            raise Diverged(
-                f"rule {self.rule.name!r} diverged: part {self.parts[trained[bad[0]]].part_name!r} "
-                f"has a non-finite loss by epoch {epoch + 1}, step {step + 1}"
-            )
+    def _check_divergence(
+        self, sums: torch.Tensor, trained: list[int], epoch: int, step: int
+    ) -> None:
+        """Stop on a non-finite loss, or a mean loss above ``config.max_loss``."""
+        means = (sums / (step + 1)).tolist()
+        for i, mean in zip(trained, means, strict=True):
+            where = f"by epoch {epoch + 1}, step {step + 1}"
+            name = self.parts[i].part_name
+            if not math.isfinite(mean):
+                raise Diverged(f"rule {self.rule.name!r} diverged: part {name!r} has a "
+                               f"non-finite loss {where}")
+            if self.config.max_loss > 0 and mean > self.config.max_loss:
+                raise Diverged(f"rule {self.rule.name!r} diverged: part {name!r} has a mean "
+                               f"loss of {mean:.4g}, above --max-loss {self.config.max_loss:g}, "
+                               f"{where}")

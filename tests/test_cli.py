@@ -104,7 +104,7 @@ def test_list_rules_names_every_rule():
 
 def test_divergence_writes_a_diverged_record_and_exits_non_zero(tmp_path):
     out = run_cli("--rule", "layerwise", "--dataset", "synthetic", "--epochs", "2", "--lr",
-                  "1e12", "--momentum", "0", "--batch-size", "32", "--no-plane",
+                  "1e12", "--momentum", "0", "--batch-size", "32", "--no-plane", "--no-progress",
                   "--output", tmp_path)
     assert out.returncode == 3 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
@@ -112,3 +112,12 @@ def test_divergence_writes_a_diverged_record_and_exits_non_zero(tmp_path):
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["status"] == "diverged" and record["test_acc"] is None
     assert record["error"] == line.removeprefix("run.py: error: ")
+
+
+def test_a_loss_above_the_bound_counts_as_divergence(tmp_path):
+    out = run_cli("--rule", "e2e", "--dataset", "synthetic", "--epochs", "1", "--max-loss",
+                  "0.5", "--batch-size", "32", "--no-plane", "--no-progress", "--output", tmp_path)
+    assert out.returncode == 3
+    (line,) = out.stderr.strip().splitlines()
+    assert "part 'e2e' has a mean loss of" in line and "above --max-loss 0.5" in line
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["status"] == "diverged"
