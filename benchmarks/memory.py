@@ -23,6 +23,7 @@ from locallearn.bench import median_time, random_data, trainer_for
 from locallearn.measure import step_peak_bytes
 
 RULES = ("e2e", "layerwise", "sequential", "dgl")
+INFOPRO_K = (2, 4)  # InfoPro's paper: about 57% and 37% of E2E memory (ResNet-110)
 
 
 def main() -> None:
@@ -51,6 +52,11 @@ def main() -> None:
           f"K = {args.blocks}:")
     for rule in RULES[1:]:
         print(f"  {rule} / e2e = {peaks[rule] / peaks['e2e']:.3f}")
+    for k in INFOPRO_K:
+        torch.manual_seed(0)
+        trainer = trainer_for("infopro", args.model, data, args.batch_size, k)
+        peak = step_peak_bytes(trainer, x, y)
+        print(f"  infopro (K = {k}) / e2e = {peak / peaks['e2e']:.3f}")
 
     # Step time: e2e against sequential training on its cached prefix outputs.
     e2e, seq = trainers["e2e"], trainers["sequential"]

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import models  # noqa: E402,F401  (registers the small-image variants with timm)
+from . import cifar_resnets, models  # noqa: E402,F401  (register the small-image variants with timm)
 from .blocks import BlockStack, split  # noqa: E402
 from .data import load_dataset  # noqa: E402
 from .errors import ConfigError, DataError, LocallearnError, SplitError  # noqa: E402

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                    help="load rules from a Python file or module; repeatable")
     p.add_argument("--list-rules", action="store_true", help="list the registered rules and exit")
+    p.add_argument("--preset", metavar="NAME",
+                   help="defaults from benchmarks/presets/NAME.json (its flags and those for "
+                        "--rule); flags given here override them")
     p.add_argument("--model", default="resnet18_cifar", help="timm model name")
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword for timm.create_model, e.g. img_size=32; repeatable")
@@ -193,7 +196,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     observers = (plane,) if plane is not None else ()
     trainer = Trainer(stack, rule, data, config, accelerator, observers)
     backbone = sum(p.numel() for p in stack.parameters())
-    total = sum(p.numel() for part in trainer.parts for p in part.parameters())
+    in_stack = {id(p) for p in stack.parameters()}
+    auxiliary = sum(p.numel() for part in trainer.parts for p in part.parameters()
+                    if id(p) not in in_stack)
     record = {
         "version": RECORD_VERSION,
         "status": "running",
@@ -225,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              "params": sum(q.numel() for q in p.parameters())}
             for p in trainer.parts
         ],
-        "params": {"backbone": backbone, "auxiliary": total - backbone},
+        "params": {"backbone": backbone, "auxiliary": auxiliary},
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "history": trainer.history,
         "test_acc": None,
@@ -236,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                          args.seed))
 
     def write(status: str, **fields: Any) -> None:
-        record.update(status=status, **fields)
+        record.update(status=status, **fields, **_measurements(trainer.history))
         if plane is not None:
             record["plane_config"] = plane.describe()
             record["plane"] = plane.entries
@@ -267,6 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write("complete", test_acc=result["test_acc"], block_acc=result["block_acc"],
           seconds=result["seconds"])
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # under several processes: tear the process group down
     return record
 
 
@@ -286,6 +292,33 @@ class _RecordWriter:
         self.write("running")
 
     def on_fit_end(self, trainer, result) -> None: ...
+
+
+def _with_preset(argv: list[str] | None) -> list[str]:
+    """``argv`` with its ``--preset``'s flags (for its ``--rule``) put first: given flags win."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = _Parser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--rule", default="e2e")
+    known, _ = pre.parse_known_args(argv)
+    if known.preset is None:
+        return argv
+    from .presets import load_preset
+
+    return load_preset(known.preset).flags_for(known.rule) + argv
+
+
+def _measurements(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Activation memory (max over epochs) and mean seconds per epoch, for the record."""
+    def peak(key: str) -> int | None:
+        return max((e[key] for e in history if key in e), default=None)
+
+    seconds = [e["seconds"] for e in history]
+    return {
+        "memory": {"saved_bytes_peak": peak("saved_bytes_peak"),
+                   "cuda_max_memory": peak("cuda_max_memory")},
+        "seconds_per_epoch": round(sum(seconds) / len(seconds), 3) if seconds else None,
+    }
 
 
 def _has_gpu() -> bool:
@@ -331,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     prog = "run.py"
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_with_preset(argv))
         from .plugins import load_plugins
 
         load_plugins(args.plugin)
@@ -350,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     except LocallearnError as err:
         from .trainer import Diverged
 
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        line = " ".join(str(err).splitlines())  # user text may hold line breaks
+        print(f"{prog}: error: {line}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

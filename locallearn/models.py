@@ -32,7 +32,7 @@ from torch import nn
 
 from locallearn.errors import ConfigError
 
-__all__ = ["CifarVGG", "resnet18_cifar", "vgg11_cifar"]
+__all__ = ["CifarVGG", "FFMlp", "ff_mlp", "resnet18_cifar", "vgg11_cifar"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -58,6 +58,7 @@ default_cfgs = generate_default_cfgs(
     {
         "resnet18_cifar": _cfg(first_conv="conv1", classifier="fc"),
         "vgg11_cifar": _cfg(pool_size=(1, 1), first_conv="features.0", classifier="head"),
+        "ff_mlp": _cfg(pool_size=(1, 1), first_conv="layers.0.fc", classifier="head"),
     }
 )
 
@@ -202,3 +203,68 @@ def vgg11_cifar(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3, 4, 5)),
         **kwargs,
     )
+
+
+class FFLayer(nn.Module):
+    """Length normalisation of the input, then a linear layer and ReLU (a forward-forward layer).
+
+    Hinton (2022) normalises each hidden vector to unit length before the
+    next layer, so a layer cannot read the previous layer's goodness (the
+    length) and must use the direction of its activities.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.fc = nn.Linear(dim_in, dim_out)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x / (x.norm(dim=1, keepdim=True) + 1e-6)
+        return self.act(self.fc(x))
+
+
+class FFMlp(nn.Module):
+    """A fully connected ReLU network on the flattened image, for forward-forward.
+
+    ``stem`` flattens; ``layers`` are :class:`FFLayer`s; ``head`` is a linear
+    classifier (trained by backprop rules; forward-forward predicts by goodness).
+
+    Args:
+        num_classes: classifier outputs.
+        in_chans: image channels.
+        img_size: image side.
+        widths: the hidden layers' widths.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
+                 widths: tuple[int, ...] = (1000, 1000, 1000)):
+        super().__init__()
+        self.num_classes, self.in_chans = num_classes, in_chans
+        dims = [in_chans * img_size * img_size, *widths]
+        self.stem = nn.Flatten()
+        pairs = zip(dims[:-1], dims[1:], strict=True)
+        self.layers = nn.Sequential(*(FFLayer(a, b) for a, b in pairs))
+        self.num_features = dims[-1]
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=dims[0], reduction=1, module="stem")] + [
+            dict(num_chs=w, reduction=1, module=f"layers.{i}") for i, w in enumerate(widths)
+        ]
+
+    def get_classifier(self) -> nn.Module:
+        """Return the final classifier layer."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one of ``num_classes`` outputs (0: identity)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)))
+
+
+@register_model
+def ff_mlp(pretrained: bool = False, **kwargs: Any) -> FFMlp:
+    """3 x 1000 ReLU layers with length normalisation on the flattened image (Hinton 2022)."""
+    _no_weights("ff_mlp", pretrained)
+    return build_model_with_cfg(FFMlp, "ff_mlp", pretrained, **kwargs)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .data import BatchTransform, ImageData, make_loaders
 from .errors import LocallearnError
+from .measure import SavedTensorMeter
 from .optim import lr_factor, make_optimizer
 from .rules.base import LocalPart, Rule
 
@@ -314,11 +315,20 @@ class Trainer:
             disable=None if cfg.progress and acc.is_main_process else True,
             leave=False, dynamic_ncols=True,
         )
+        cuda = acc.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(acc.device)
+        saved_peak = 0
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(bar):
             if start == 0:
                 x, y = self.rule.batch(x, y, self.train_transform, gen)
-            losses, logits = self.train_step(x, y, trained, start)
+            if step == 0:  # activation memory: peak bytes saved for backward in one step
+                with SavedTensorMeter(*self.parts) as meter:
+                    losses, logits = self.train_step(x, y, trained, start)
+                saved_peak = meter.peak
+            else:
+                losses, logits = self.train_step(x, y, trained, start)
             sums += torch.stack([losses[i] for i in trained])
             if logits is not None:
                 hits += (logits.argmax(1) == y).sum()
@@ -348,7 +358,10 @@ class Trainer:
             "train_acc": counts[0].item() / max(counts[1].item(), 1),
             "seconds": round(seconds, 3),
             "images_per_s": round(counts[1].item() / max(seconds, 1e-9), 1),
+            "saved_bytes_peak": saved_peak,
         }
+        if cuda:
+            entry["cuda_max_memory"] = torch.cuda.max_memory_allocated(acc.device)
         extra = self.rule.epoch_metrics()
         if extra:
             entry["rule_metrics"] = extra

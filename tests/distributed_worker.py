@@ -34,6 +34,8 @@ def main(rule: str, batch_size: int, out: Path) -> None:
                 "num_processes": accelerator.num_processes,
                 "distributed_type": str(accelerator.distributed_type)},
                out / f"rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # tear the process group down before exiting
 
 
 if __name__ == "__main__":

@@ -36,20 +36,23 @@ class Decoder(nn.Module):
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(F.interpolate(h, size=self.size, mode="bilinear", align_corners=True))
+        if tuple(h.shape[2:]) != self.size:  # at the image's size already: no copy
+            h = F.interpolate(h, size=self.size, mode="bilinear", align_corners=True)
+        return self.net(h)
 
 
 class AuxNet(nn.Module):
     """InfoPro's auxiliary head: conv-BN-ReLU, global pool, FC-ReLU, FC.
 
-    The conv has stride 2 and doubles the channels on maps of side 16 or more
-    (as the paper's ``1c2f`` head does on early, wide-resolution stages).
+    The conv keeps the channels and has stride 2 on maps of side 16 or more
+    (the paper's ``1c2f`` head also strides there; it doubles the channels,
+    which costs activation memory in the largest part).
     """
 
     def __init__(self, channels: int, side: int, out: int, hidden: int = 128):
         super().__init__()
         stride = 2 if side >= 16 else 1
-        width = channels * stride
+        width = channels
         self.conv = nn.Sequential(
             nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
             nn.BatchNorm2d(width), nn.ReLU(inplace=True),

@@ -180,6 +180,12 @@ class Layerwise(Rule):
 
     Config = LayerwiseConfig
 
+    def describe(self):
+        """The resolved options; the local-loss family's only where they differ from default."""
+        options, default = super().describe(), LayerwiseConfig()
+        return {k: v for k, v in options.items()
+                if k not in _FAMILY or v != getattr(default, k)}
+
     def batch(self, images, labels, transform, generator=None, train=True):
         if train and self.config.loss == "supcon":  # two augmented views, stacked
             return torch.cat([transform(images, generator), transform(images, generator)]), labels
@@ -207,6 +213,9 @@ class Layerwise(Rule):
                                   first=k == 0))
         parts.append(LocalPart("head", [], [], LocalObjective(stack.head)))
         return parts
+
+
+_FAMILY = ("loss", "head", "beta", "temperature", "proj_dim", "nhsic_lambda", "nhsic_target")
 
 
 class _Pool(nn.Module):

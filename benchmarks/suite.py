@@ -1,0 +1,174 @@
+"""Run a preset's grid (every run x seed) one after another; see ``--help``.
+
+    python benchmarks/suite.py --preset cpu-smoke            # into benchmarks/results/cpu-smoke/
+    python benchmarks/suite.py --preset cpu-smoke --dry-run  # list the runs and what is done
+    python benchmarks/suite.py --preset paper-resnet18 --epochs 5 --seeds 0
+    python benchmarks/suite.py --preset cpu-smoke -- --mixed-precision bf16   # any run.py flag
+
+Each run is ``benchmarks/run.py`` in a subprocess, so one run's memory and
+state never leak into the next. A run whose record already exists with
+status ``complete`` (or ``diverged``: a final outcome too) is skipped, so an
+interrupted grid resumes where it stopped; ``--redo`` runs everything again.
+Every run's arguments are checked before the first one starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_PY = ROOT / "benchmarks" / "run.py"
+DONE = ("complete", "diverged")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        from locallearn.errors import ConfigError
+
+        raise ConfigError(message)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be integers, e.g. 0,1; got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="suite.py", description="Run every run x seed of a preset, skip done ones.",
+                epilog="Flags after -- go to every run.py run, after the preset's.")
+    p.add_argument("--preset", required=True, help="a name in benchmarks/presets/ or a .json file")
+    p.add_argument("--data", metavar="PATH", help="an image folder (--dataset imagefolder:PATH)")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--seeds", type=_seeds, help="override the preset's seeds, e.g. 0,1")
+    p.add_argument("--rules", help="only these rules or run ids, comma-separated")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results"),
+                   help="records go to OUTPUT/<preset>/ (default benchmarks/results)")
+    p.add_argument("--redo", action="store_true", help="run again even runs that are done")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    return p
+
+
+def plan(args: argparse.Namespace, extra: list[str]) -> tuple[object, list[dict], list[str]]:
+    """The preset, one item per run x seed (argv, record path, status), and skip messages."""
+    from locallearn import cli
+    from locallearn.errors import ConfigError, LocallearnError
+    from locallearn.plugins import load_plugins
+    from locallearn.presets import load_preset
+    from locallearn.records import read_record, record_name
+    from locallearn.rules import list_rules
+
+    preset = load_preset(args.preset)
+    ref = str(Path(args.preset).resolve()) if preset.path.stem != args.preset else args.preset
+    load_plugins(preset.args.get("plugin", []))
+    runs, skipped = preset.runs(list_rules())
+    if args.rules:
+        wanted = {r.strip() for r in args.rules.split(",") if r.strip()}
+        runs = [r for r in runs if r.rule in wanted or r.run_id in wanted]
+    overrides = []
+    if args.data:
+        overrides += ["--dataset", f"imagefolder:{args.data}"]
+    if args.epochs:
+        overrides += ["--epochs", str(args.epochs)]
+    folder = _short(Path(args.output) / preset.name)
+    items = []
+    for run in runs:
+        for seed in args.seeds or preset.seeds:
+            argv = [*preset.argv(run, ref), "--seed", str(seed), *overrides, *extra]
+            try:
+                parsed = cli.build_parser().parse_args(cli._with_preset(argv))
+                cli._check(parsed)  # names, options, data path: fail before any run starts
+            except LocallearnError as err:
+                raise ConfigError(f"run {run.run_id}, seed {seed}: {err}") from err
+            name = record_name(run.run_id, parsed.model, parsed.dataset, seed)
+            path = folder / name
+            try:
+                status = read_record(path)["status"]
+            except Exception:  # absent, unreadable or foreign: run it
+                status = "absent"
+            argv += ["--output", str(folder), "--name", name]
+            items.append({"id": run.run_id, "seed": seed, "argv": argv, "path": path,
+                          "status": status})
+    return preset, items, skipped
+
+
+def _short(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies below it (shorter commands)."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def _execute(item: dict, bar) -> int:
+    proc = subprocess.Popen([sys.executable, str(RUN_PY), *item["argv"]], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            bar.write(f"  {line.rstrip()}")
+        return proc.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C and writes its record
+        proc.wait()
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2: bad input, 1: a run failed)."""
+    from locallearn.errors import LocallearnError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    try:
+        args = build_parser().parse_args(own)
+        preset, items, skipped = plan(args, extra)
+    except LocallearnError as err:
+        print(f"suite.py: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return 2
+    for message in skipped:
+        print(f"suite.py: {message}")
+    todo = [i for i in items if args.redo or i["status"] not in DONE]
+    if args.dry_run:
+        print(f"preset {preset.name}: {preset.about}\n")
+        for item in items:
+            state = "to run" if item in todo else f"done ({item['status']})"
+            print(f"{item['id']:24s} seed {item['seed']}  {state:18s} {item['path']}")
+            print(f"    python benchmarks/run.py {' '.join(item['argv'])}")
+        print(f"\n{len(todo)} of {len(items)} runs to go")
+        return 0
+    from tqdm.auto import tqdm
+
+    failed: list[str] = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="run",
+               desc=f"{preset.name}", dynamic_ncols=True)
+    try:
+        for item in todo:
+            label = f"{item['id']} seed {item['seed']}"
+            bar.set_postfix_str(label)
+            bar.write(f"{label}: python benchmarks/run.py {' '.join(item['argv'])}")
+            code = _execute(item, bar)
+            if code not in (0, 3):  # 3: diverged, recorded as such
+                failed.append(f"{label} (exit status {code})")
+            bar.update()
+    except KeyboardInterrupt:
+        bar.close()
+        print("suite.py: interrupted; run it again to resume", file=sys.stderr)
+        return 130
+    bar.close()
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{preset.name}: {len(todo) - len(failed)} run(s) in {minutes:.1f} min, "
+          f"{len(items) - len(todo)} already done, {len(failed)} failed; records in "
+          f"{Path(args.output) / preset.name}")
+    for f in failed:
+        print(f"  failed: {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

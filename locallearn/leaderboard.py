@@ -1,0 +1,413 @@
+"""Leaderboard tables built from run records: one table per (dataset, backbone, budget).
+
+Every number comes from the records (DESIGN principle 9). A row is one
+setting (rule, its options, ``--blocks K`` and whatever else differs) averaged
+over its seeds; only records with status ``complete`` are averaged, the rest
+are listed apart. Records are read in sorted order and every number is
+formatted with a fixed precision, so the same records give byte-identical
+files (figures included: :func:`~locallearn.analysis.plots.save_figure`
+strips the varying metadata).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LocallearnError
+from .records import read_record
+
+__all__ = [
+    "INTRO", "Row", "Table", "build_tables", "collect", "render_csv", "render_markdown",
+    "write_all",
+]
+
+# Config keys that do not change what a run measures (or are shown elsewhere).
+_NOT_SETTING = {
+    "seed", "output", "name", "no_progress", "check", "resume", "checkpoint_dir",
+    "keep_checkpoints", "cache_dir", "data_root", "dataset", "preset", "plugins", "plugin",
+    "list_rules", "train", "eval_batch_size", "probe_size", "plane_every", "probe_split",
+    "no_plane", "model", "epochs", "train_subset", "test_subset",
+}
+_DEPTHS_SHOWN = 8
+_PLANE_KEYS = {"epoch", "block", "nhsic_x", "nhsic_y"}
+
+INTRO = """\
+One table per (dataset, backbone, budget); a row per setting, averaged over its
+seeds. Columns: **test acc %**: mean ± sample standard deviation over the
+seeds; **acc % by depth**: the accuracy of the prediction at each depth that
+has one (auxiliary heads, shallow to deep; e2e has only the last); **params**:
+the backbone's and the auxiliary parts' (heads, decoders); **img/s** and
+**s/epoch**: training throughput, mean over epochs; **saved MiB**: activation
+memory, the peak bytes saved for backward during the first training step of
+each epoch (max over epochs; device-independent), and **× e2e** its ratio to
+the table's e2e row; **CUDA MiB**: `torch.cuda.max_memory_allocated` on GPUs;
+**nHSIC(X;Z)**, **nHSIC(Y;Z)**: the last block's information-plane position
+after the last epoch ([information_plane.md](information_plane.md)); **options**:
+rule options and whatever else differs between the table's rows. Runs that are
+not complete (running, interrupted, diverged) are listed apart at the end and
+never averaged in. Accuracies on `imagefolder:cifar10` are on the CIFAR-10
+JPEG copy: close to, not identical with, published CIFAR-10 numbers.
+"""
+
+
+@dataclass
+class Row:
+    """One setting of a table, averaged over its seeds."""
+
+    rule: str
+    blocks: int | None
+    setting: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    label: str = ""
+    options: str = ""
+
+    def mean(self, values: list[float | None]) -> float | None:
+        """Mean of the values present (None if none is)."""
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.get("seed", 0) for r in self.records]
+
+    def acc(self) -> tuple[float, float | None]:
+        """Test accuracy: mean and sample standard deviation over seeds (None for one seed)."""
+        accs = [float(r["test_acc"]) for r in self.records]
+        mean = sum(accs) / len(accs)
+        if len(accs) < 2:
+            return mean, None
+        return mean, math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1))
+
+    def block_acc(self) -> list[float]:
+        """Mean accuracy at each depth that has a prediction, shallow to deep."""
+        lists = [r.get("block_acc") or [] for r in self.records]
+        n = min(len(b) for b in lists)
+        means = [self.mean([b[i] for b in lists]) for i in range(n)]
+        return [m for m in means if m is not None]
+
+    def value(self, key: str) -> float | None:
+        """Mean over seeds of one per-record measurement (see :func:`measure`)."""
+        return self.mean([measure(r, key) for r in self.records])
+
+    def hardware(self) -> str:
+        seen = sorted({_hardware(r) for r in self.records})
+        return "; ".join(seen)
+
+
+@dataclass
+class Table:
+    """The rows of one (dataset, backbone, budget)."""
+
+    dataset: str
+    model: str
+    epochs: int
+    train_subset: int | None
+    test_subset: int | None
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        train = f"{self.train_subset:,}" if self.train_subset else "all"
+        test = f"{self.test_subset:,}" if self.test_subset else "all"
+        epochs = f"{self.epochs} epoch" + ("" if self.epochs == 1 else "s")
+        return (f"{self.dataset} · {self.model} · {epochs} · "
+                f"{train} train / {test} test images")
+
+    @property
+    def slug(self) -> str:
+        text = f"{self.dataset}_{self.model}_{self.epochs}ep_{self.train_subset or 'all'}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+    def e2e_memory(self) -> float | None:
+        """Saved bytes of the first ``e2e`` row (the ratio's denominator)."""
+        for row in self.rows:
+            if row.rule == "e2e" and row.value("saved_bytes_peak"):
+                return row.value("saved_bytes_peak")
+        return None
+
+
+def dataset_label(dataset: str) -> str:
+    """``imagefolder:/some/path/cifar10`` -> ``imagefolder:cifar10``: the same data anywhere."""
+    kind, sep, path = dataset.partition(":")
+    return f"{kind}:{Path(path).name}" if sep and kind == "imagefolder" else dataset
+
+
+def measure(record: dict[str, Any], key: str) -> float | None:
+    """One measurement of a record: ``images_per_s`` (mean over epochs), ``seconds_per_epoch``,
+    ``saved_bytes_peak``, ``cuda_max_memory`` (max over epochs), ``nhsic_x`` / ``nhsic_y``
+    (last block, last measured epoch), ``params_backbone``, ``params_auxiliary``."""
+    history = record.get("history") or []
+    if key == "images_per_s":
+        values = [e["images_per_s"] for e in history if "images_per_s" in e]
+        return sum(values) / len(values) if values else None
+    if key == "seconds_per_epoch":
+        if record.get("seconds_per_epoch") is not None:
+            return record["seconds_per_epoch"]
+        values = [e["seconds"] for e in history if "seconds" in e]
+        return sum(values) / len(values) if values else None
+    if key in ("saved_bytes_peak", "cuda_max_memory"):
+        stored = (record.get("memory") or {}).get(key)
+        if stored is not None:
+            return stored
+        return max((e[key] for e in history if e.get(key) is not None), default=None)
+    if key in ("nhsic_x", "nhsic_y"):
+        plane = record.get("plane") or []
+        if not plane:
+            return None
+        last = max((e["epoch"], e["block"]) for e in plane)
+        return next(e[key] for e in plane if (e["epoch"], e["block"]) == last)
+    if key.startswith("params_"):
+        return (record.get("params") or {}).get(key[len("params_"):])
+    raise KeyError(key)
+
+
+def _hardware(record: dict[str, Any]) -> str:
+    hw = record.get("hardware") or {}
+    n = hw.get("num_processes", 1)
+    return f"{hw.get('device_name', '?')} ({hw.get('device', '?')}) x{n}"
+
+
+def collect(root: str | Path) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
+    """Read every ``*.json`` under ``root``, in sorted order.
+
+    Returns:
+        ``(file, record)`` of every complete run, and one entry per record kept
+        apart (running, interrupted, diverged, unreadable, without a test accuracy).
+    """
+    root = Path(root)
+    complete, apart = [], []
+    for path in sorted(root.rglob("*.json")):
+        name = path.relative_to(root).as_posix()
+        try:
+            record = read_record(path)
+        except LocallearnError as err:
+            why = str(err).replace(str(path), name)  # no machine's absolute path in the docs
+            apart.append({"file": name, "status": "unreadable", "why": why})
+            continue
+        status = record.get("status")
+        if status == "complete" and isinstance(record.get("test_acc"), (int, float)):
+            complete.append((name, record))
+            continue
+        config = record.get("config") or {}
+        apart.append({
+            "file": name, "status": status, "rule": record.get("rule"),
+            "model": record.get("model"), "seed": record.get("seed"),
+            "epochs": f"{len(record.get('history') or [])} of {config.get('epochs', '?')}",
+            "why": record.get("error") or ("no test accuracy" if status == "complete" else ""),
+        })
+    return complete, apart
+
+
+def build_tables(runs: list[tuple[str, dict[str, Any]]]) -> list[Table]:
+    """Group complete runs into tables and rows, sorted; rows get labels and option texts."""
+    tables: dict[tuple, Table] = {}
+    for name, record in runs:
+        c = record.get("config") or {}
+        key = (dataset_label(record["dataset"]), record["model"], int(c.get("epochs", 0)),
+               c.get("train_subset"), c.get("test_subset"))
+        table = tables.setdefault(key, Table(*key))
+        setting = {k: v for k, v in c.items() if k not in _NOT_SETTING}
+        blocks = (record.get("stack") or {}).get("num_blocks")
+        for row in table.rows:
+            if row.setting == setting:
+                break
+        else:
+            row = Row(record["rule"], blocks, setting)
+            table.rows.append(row)
+        row.records.append({**record, "file": name})
+    for table in tables.values():
+        _label(table)
+    order = sorted(tables, key=lambda k: json.dumps(k, default=str))
+    return [tables[k] for k in order]
+
+
+def _label(table: Table) -> None:
+    varying = sorted(
+        k for k in {k for r in table.rows for k in r.setting} - {"rule", "blocks", "rule_options"}
+        if len({json.dumps(r.setting.get(k), sort_keys=True) for r in table.rows}) > 1
+    )
+    for row in table.rows:
+        row.label = row.rule + (f" K={row.blocks}" if row.blocks else "")
+        # Rule options that tell this row from the rule's other rows (all of them: the CSV).
+        same_rule = [r.setting.get("rule_options") or {} for r in table.rows if r.rule == row.rule]
+        mine = row.setting.get("rule_options") or {}
+        opts = {k: mine[k] for k in sorted(mine)
+                if len({json.dumps(o.get(k), sort_keys=True) for o in same_rule}) > 1}
+        opts.update({k: row.setting.get(k) for k in varying})
+        row.options = ", ".join(f"{k}={_plain(v)}" for k, v in opts.items())
+        row.records.sort(key=lambda r: (r.get("seed", 0), r["file"]))
+    table.rows.sort(key=lambda r: (r.rule != "e2e", r.rule, r.blocks or 0, r.options))
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_plain(v) for v in value)
+    return str(value)
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(value * scale, spec)
+
+
+def depth_text(accs: list[float]) -> str:
+    """Accuracy (%) at each depth; more than 8 depths are sampled evenly, first and last kept."""
+    n = len(accs)
+    if n <= _DEPTHS_SHOWN:
+        return " ".join(f"{100 * a:.1f}" for a in accs)
+    picks = sorted({round(i * (n - 1) / (_DEPTHS_SHOWN - 1)) for i in range(_DEPTHS_SHOWN)})
+    return " ".join(f"{100 * accs[i]:.1f}" for i in picks) + f" ({n} depths)"
+
+
+def _params(row: Row) -> str:
+    b, a = row.value("params_backbone"), row.value("params_auxiliary")
+    # auxiliary = parts - backbone: below 0 when a rule leaves the model's head unused.
+    aux = "0" if not a or a < 0 else f"{a / 1e6:.2f}M"
+    return f"{_fmt(b, '.2f', 1e-6)}M + {aux}"
+
+
+def _cells(table: Table, row: Row) -> list[str]:
+    mean, std = row.acc()
+    acc = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+    saved, e2e = row.value("saved_bytes_peak"), table.e2e_memory()
+    ratio = _fmt(saved / e2e, ".2f") if saved is not None and e2e else "—"
+    epochs = sorted({str((r.get("config") or {}).get("epochs", "?")) for r in row.records})
+    return [
+        row.label, str(len(row.records)), acc, depth_text(row.block_acc()), _params(row),
+        _fmt(row.value("images_per_s"), ".0f"), _fmt(row.value("seconds_per_epoch"), ".1f"),
+        _fmt(saved, ".1f", 2 ** -20), ratio, _fmt(row.value("cuda_max_memory"), ".0f", 2 ** -20),
+        _fmt(row.value("nhsic_x"), ".3f"), _fmt(row.value("nhsic_y"), ".3f"),
+        "/".join(epochs), row.hardware(), row.options or "—",
+    ]
+
+
+HEADER = ["rule", "seeds", "test acc %", "acc % by depth", "params (backbone + aux)", "img/s",
+          "s/epoch", "saved MiB", "× e2e", "CUDA MiB", "nHSIC(X;Z)", "nHSIC(Y;Z)", "epochs",
+          "hardware", "options"]
+
+
+def render_markdown(tables: list[Table], apart: list[dict[str, Any]], source: str,
+                    figures: dict[str, str], intro: str = "") -> str:
+    """The leaderboard page: an intro, one section per table (with its figure), the runs apart."""
+    count = sum(len(r.records) for t in tables for r in t.rows)
+    lines = ["# Leaderboard", "",
+             f"Generated by `python benchmarks/leaderboard.py` from the run records under "
+             f"`{source}` ({count} complete runs, {len(apart)} kept apart). Do not edit by hand: "
+             "change or add records and run it again.", ""]
+    if intro:
+        lines += [intro.rstrip(), ""]
+    for table in tables:
+        presets = sorted({str((r.get("config") or {}).get("preset")) for row in table.rows
+                          for r in row.records if (r.get("config") or {}).get("preset")})
+        lines += [f"## {table.title}", ""]
+        if presets:
+            lines += ["Preset: " + ", ".join(f"`{p}`" for p in presets) +
+                      " ([presets.md](presets.md)).", ""]
+        lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(_cells(table, row)) + " |" for row in table.rows]
+        lines.append("")
+        if table.slug in figures:
+            lines += [f"![information plane: {table.title}]({figures[table.slug]})", ""]
+    if apart:
+        lines += ["## Runs kept out of the means", "",
+                  "| record | status | rule | model | seed | epochs done | why |",
+                  "|---|---|---|---|---|---|---|"]
+        for a in apart:
+            cells = [f"`{a['file']}`", str(a.get("status")), str(a.get("rule", "—")),
+                     str(a.get("model", "—")), str(a.get("seed", "—")), str(a.get("epochs", "—")),
+                     " ".join(str(a.get("why") or "—").split()).replace("|", "\\|")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_csv(tables: list[Table]) -> str:
+    """One line per row of every table, full precision (6 decimals)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    keys = ["images_per_s", "seconds_per_epoch", "saved_bytes_peak", "cuda_max_memory",
+            "nhsic_x", "nhsic_y", "params_backbone", "params_auxiliary"]
+    writer.writerow(["dataset", "model", "epochs", "train_subset", "test_subset", "rule", "blocks",
+                     "options", "rule_options", "seeds", "test_acc_mean", "test_acc_std",
+                     "block_acc", *keys, "saved_ratio_e2e", "hardware"])
+
+    def num(v: float | None, spec: str = ".6f") -> str:
+        return "" if v is None else format(v, spec)
+
+    counts = {"saved_bytes_peak", "cuda_max_memory", "params_backbone", "params_auxiliary"}
+
+    for table in tables:
+        e2e = table.e2e_memory()
+        for row in table.rows:
+            mean, std = row.acc()
+            saved = row.value("saved_bytes_peak")
+            writer.writerow([
+                table.dataset, table.model, table.epochs, table.train_subset or "",
+                table.test_subset or "", row.rule, row.blocks or "", row.options,
+                json.dumps(row.setting.get("rule_options") or {}, sort_keys=True),
+                " ".join(map(str, row.seeds)), num(mean), num(std),
+                " ".join(f"{a:.6f}" for a in row.block_acc()),
+                *(num(row.value(k), ".0f" if k in counts else ".6f") for k in keys),
+                num(saved / e2e if saved is not None and e2e else None), row.hardware(),
+            ])
+    return out.getvalue()
+
+
+def plane_records(table: Table) -> list[dict[str, Any]]:
+    """One record per row (its lowest seed) with plane entries, labelled by the row."""
+    picked = []
+    for row in table.rows:
+        with_plane = [r for r in row.records if r.get("plane") and all(
+            isinstance(e, dict) and _PLANE_KEYS <= e.keys() for e in r["plane"])]
+        if with_plane:
+            record = with_plane[0]
+            picked.append({**record, "rule": row.label,
+                           "dataset": dataset_label(record["dataset"])})
+    return picked
+
+
+def write_all(results: str | Path, docs: str | Path, source: str | None = None,
+              figures: bool = True, intro: str = INTRO) -> list[Path]:
+    """Write ``docs/leaderboard.md``, ``docs/leaderboard.csv`` and ``docs/figures/leaderboard_*``.
+
+    Args:
+        results: folder searched for records (recursively).
+        docs: folder of the outputs.
+        source: how the page names ``results`` (default: as given).
+        figures: draw the common information plane of each table.
+        intro: text put under the page's title.
+
+    Returns:
+        The files written.
+    """
+    from .analysis.plots import draw, save_figure
+    from .errors import ConfigError
+
+    docs = Path(docs)
+    runs, apart = collect(results)
+    tables = build_tables(runs)
+    written, links = [], {}
+    for table in tables if figures else []:
+        records = plane_records(table)
+        if not records:
+            continue
+        try:
+            fig = draw(records, "compare")
+        except ConfigError:  # measured differently: no common axes
+            continue
+        name = f"leaderboard_{table.slug}.png"
+        written.append(save_figure(fig, docs / "figures" / name))
+        links[table.slug] = f"figures/{name}"
+    text = render_markdown(tables, apart, source or str(results), links, intro)
+    for name, content in (("leaderboard.md", text), ("leaderboard.csv", render_csv(tables))):
+        path = docs / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        written.append(path)
+    return written

@@ -1,0 +1,88 @@
+"""forward_forward: wrong negatives, goodness separation, prediction by accumulated goodness."""
+
+import timm
+import torch
+
+from locallearn import create_rule, split
+from locallearn.bench import random_data
+from locallearn.losses import goodness
+from locallearn.rules.forward_forward import embed_labels, wrong_labels
+from locallearn.trainer import TrainConfig, Trainer
+
+
+def _trainer(data, **cfg):
+    torch.manual_seed(0)
+    net = timm.create_model("ff_mlp", num_classes=10, img_size=8, widths=(64, 64, 64))
+    stack = split(net, "stage", input_size=(3, 8, 8))
+    config = TrainConfig(progress=False, batch_size=32, optimizer="adamw", lr=0.01,
+                         weight_decay=0.0, **cfg)
+    return Trainer(stack, create_rule("forward_forward"), data, config)
+
+
+def test_negative_labels_are_never_the_true_label():
+    y = torch.arange(10).repeat(1000)
+    neg = wrong_labels(y, 10, torch.Generator().manual_seed(0))
+    assert not (neg == y).any()
+    assert set(neg.tolist()) == set(range(10))
+
+
+def test_embedding_writes_a_one_hot_over_the_first_pixels():
+    x = torch.randn(2, 3, 4, 4)
+    out = embed_labels(x, torch.tensor([3, 0]), 10)
+    assert out.flatten(1)[0, :10].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert torch.equal(out.flatten(1)[:, 10:], x.flatten(1)[:, 10:])
+
+
+def test_positive_goodness_rises_above_negative_on_a_separable_problem():
+    data = random_data(64, 8)
+    patterns = torch.randint(0, 256, (10, 3, 8, 8), generator=torch.Generator().manual_seed(3))
+    data.train_images = patterns[data.train_labels].to(torch.uint8)  # class = pattern
+    trainer = _trainer(data)
+    x, y = data.train_images, data.train_labels
+    for _ in range(60):
+        inputs, labels = trainer.rule.batch(x, y, trainer.eval_transform,
+                                            torch.Generator().manual_seed(1))
+        trainer.train_step(inputs, labels, [0, 1, 2])
+    inputs, _ = trainer.rule.batch(x, y, trainer.eval_transform, torch.Generator())
+    with torch.no_grad():
+        h = trainer.parts[0].run_blocks(inputs)
+    g = goodness(h)
+    assert g[:64].mean() > g[64:].mean()
+
+
+def test_prediction_is_the_accumulated_goodness_over_layers_after_the_first():
+    data = random_data(16, 8)
+    trainer = _trainer(data)
+    for part in trainer.parts:
+        part.eval()
+    x, y = data.test_images, data.test_labels
+    inputs, _ = trainer.rule.batch(x, y, trainer.eval_transform, None, train=False)
+    h, logits = inputs, []
+    with torch.no_grad():
+        for part in trainer.parts:
+            h, _, out = part(h, y)
+            logits.append(out)
+        layers = [trainer.stack.blocks[k] for k in range(len(trainer.stack.blocks))]
+        a = inputs
+        direct = []
+        for block in layers:
+            a = block(a)
+            direct.append(goodness(a).view(-1, 10))
+    assert torch.allclose(logits[-1], direct[2] + direct[3])
+    assert torch.allclose(logits[0], direct[1])
+
+
+def test_record_has_per_layer_goodness_gap_and_accuracy():
+    trainer = _trainer(random_data(32, 8))
+    result = trainer.fit()
+    entry = result["history"][-1]
+    assert set(entry["rule_metrics"]["goodness_gap"]) == {"layers.0", "layers.1", "layers.2"}
+    assert [a is not None for a in result["block_acc"]] == [False, True, True, True]
+
+
+def test_convolutional_backbones_run():
+    data = random_data(8, 32)
+    stack = split(timm.create_model("resnet18_cifar", num_classes=10), "stage", 2)
+    trainer = Trainer(stack, create_rule("forward_forward"), data,
+                      TrainConfig(progress=False, batch_size=8))
+    assert trainer.fit()["block_acc"][-1] is not None

@@ -1,0 +1,44 @@
+"""layerwise's loss and head options: each trains (its loss goes down on a fixed batch)."""
+
+import pytest
+import timm
+import torch
+
+from locallearn import create_rule, split
+from locallearn.bench import random_data
+from locallearn.errors import ConfigError
+from locallearn.trainer import TrainConfig, Trainer
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"loss": "predsim"}, {"loss": "supcon"}, {"head": "mlp"}, {"head": "conv"},
+    {"nhsic_lambda": 0.1}, {"nhsic_lambda": 0.1, "nhsic_target": "block_input"},
+    {"aux_hidden": 8},
+])
+def test_local_loss_goes_down_on_a_fixed_batch(options):
+    torch.manual_seed(0)
+    data = random_data(16, 16)
+    stack = split(timm.create_model("resnet18_cifar", num_classes=10), "stage", 2,
+                  input_size=(3, 16, 16))
+    trainer = Trainer(stack, create_rule("layerwise", **options), data,
+                      TrainConfig(progress=False, batch_size=16, lr=0.05))
+    x, y = data.train_images, data.train_labels
+    totals = []
+    for _ in range(6):
+        inputs, labels = trainer.rule.batch(x, y, trainer.eval_transform, None)
+        losses, _ = trainer.train_step(inputs, labels, trainer.schedule[0])
+        totals.append(float(losses[0]))
+    assert totals[-1] < totals[0], totals
+
+
+def test_supcon_trains_on_two_views_and_bad_options_are_one_line_errors():
+    rule = create_rule("layerwise", loss="supcon")
+    data = random_data(4, 8)
+    from locallearn.data import BatchTransform
+    inputs, labels = rule.batch(data.train_images, data.train_labels,
+                                BatchTransform((0.5,) * 3, (0.25,) * 3, "crop_flip"))
+    assert len(inputs) == 8 and len(labels) == 4
+    with pytest.raises(ConfigError, match="must be one of ce, predsim, supcon"):
+        create_rule("layerwise", loss="mse")
+    with pytest.raises(ConfigError, match="beta"):
+        create_rule("layerwise", beta=2)

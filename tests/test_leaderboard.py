@@ -1,0 +1,155 @@
+"""The leaderboard is rebuilt byte for byte from the same records, and keeps failed runs apart."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+
+import pytest
+from conftest import ROOT
+
+from locallearn.leaderboard import build_tables, collect, depth_text, write_all
+from locallearn.records import write_json
+
+NAMES = ["stem", "layer1", "layer2"]
+PLANE_CONFIG = {"m": 64, "split": "train", "kernel": "gaussian", "label_kernel": "gaussian",
+                "sigma": 5.0, "eps": 1e-5}
+
+
+def make_record(rule: str, seed: int, acc: float, status: str = "complete", model: str = "resnet18",
+                blocks: int | None = None, saved: int = 3 * 2**20, epochs: int = 2,
+                options: dict | None = None) -> dict:
+    """A small but complete run record, every number a function of the arguments."""
+    done = epochs if status == "complete" else 1
+    heads = [acc - 0.1, acc - 0.05, acc] if rule != "e2e" else [None, None, acc]
+    history = [{"epoch": e + 1, "seconds": 10.0 + e + seed, "images_per_s": 400.0 + 10 * seed,
+                "saved_bytes_peak": saved - e, "test_acc": acc, "block_acc": heads}
+               for e in range(done)]
+    plane = [{"epoch": e, "block": b, "name": n, "nhsic_x": 1.0 + 0.1 * b + 0.01 * e + seed / 100,
+              "nhsic_y": 0.5 + 0.05 * b + 0.02 * e, "nhsic_x_scaled": 0.1, "nhsic_y_scaled": 0.1,
+              "cka_x": 0.1, "cka_y": 0.1}
+             for e in range(done + 1) for b, n in enumerate(NAMES)]
+    config = {"rule": rule, "model": model, "granularity": "stage", "blocks": blocks,
+              "dataset": "imagefolder:/somewhere/cifar10", "train_subset": 1000,
+              "test_subset": 500, "epochs": epochs, "lr": 0.05, "seed": seed,
+              "output": "/tmp/x", "preset": "cpu-smoke", "rule_options": options or {}}
+    return {
+        "version": 1, "status": status, "rule": rule, "model": model,
+        "dataset": config["dataset"], "seed": seed, "config": config,
+        "hardware": {"device": "cpu", "device_name": "x86_64", "num_processes": 1},
+        "stack": {"blocks": NAMES, "granularity": "stage", "num_blocks": blocks},
+        "params": {"backbone": 11_181_642, "auxiliary": 0 if rule == "e2e" else 5_130},
+        "history": history, "test_acc": acc if status == "complete" else None,
+        "block_acc": heads if status == "complete" else None,
+        "memory": {"saved_bytes_peak": saved, "cuda_max_memory": None},
+        "seconds_per_epoch": 10.5 + seed, "plane_config": PLANE_CONFIG, "plane": plane,
+        **({"error": "rule 'layerwise' diverged: part 'stem' has a non-finite loss"}
+           if status == "diverged" else {}),
+    }
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    runs = [
+        ("e2e", 0, 0.50, "complete", {}), ("e2e", 1, 0.60, "complete", {}),
+        ("e2e", 2, 0.11, "diverged", {}),
+        ("layerwise", 0, 0.40, "complete", {"saved": 2**20}),
+        ("layerwise", 1, 0.44, "complete", {"saved": 2**20}),
+        ("layerwise", 2, 0.99, "running", {}),
+        ("dgl", 0, 0.30, "interrupted", {}),
+        ("infopro", 0, 0.45, "complete", {"blocks": 2, "options": {"aux_loss": "contrast"}}),
+        ("infopro", 0, 0.47, "complete", {"blocks": 4, "options": {"aux_loss": "ce"}}),
+        ("forward_forward", 0, 0.30, "complete", {"model": "ff_mlp"}),
+        ("e2e", 0, 0.35, "complete", {"model": "ff_mlp"}),
+    ]
+    for rule, seed, acc, status, kw in runs:
+        record = make_record(rule, seed, acc, status, **kw)
+        tag = f"-K{kw['blocks']}" if kw.get("blocks") else ""
+        write_json(root / "cpu-smoke" / f"{rule}{tag}__{record['model']}__seed{seed}.json", record)
+    (root / "cpu-smoke" / "truncated.json").write_text('{"rule": "e2e", "mod')
+    return root
+
+
+def test_same_records_give_byte_identical_files(results, tmp_path):
+    first = write_all(results, tmp_path / "a", source="benchmarks/results")
+    again = write_all(results, tmp_path / "a", source="benchmarks/results")
+    other = write_all(results, tmp_path / "b", source="benchmarks/results")
+    names = sorted(p.relative_to(tmp_path / "a").as_posix() for p in first)
+    assert names == ["figures/leaderboard_imagefolder-cifar10_ff_mlp_2ep_1000.png",
+                     "figures/leaderboard_imagefolder-cifar10_resnet18_2ep_1000.png",
+                     "leaderboard.csv", "leaderboard.md"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in other]
+
+
+def test_incomplete_and_diverged_runs_are_listed_apart_not_averaged(results, tmp_path):
+    complete, apart = collect(results)
+    assert len(complete) == 8
+    assert {(a["status"], a["file"].split("__")[0]) for a in apart} == {
+        ("diverged", "cpu-smoke/e2e"), ("running", "cpu-smoke/layerwise"),
+        ("interrupted", "cpu-smoke/dgl"), ("unreadable", "cpu-smoke/truncated.json"),
+    }
+    (resnet,) = [t for t in build_tables(complete) if t.model == "resnet18"]
+    rows = {row.label: row for row in resnet.rows}
+    # e2e first; no dgl row at all (its only run was interrupted)
+    assert list(rows) == ["e2e", "infopro K=2", "infopro K=4", "layerwise"]
+    assert rows["e2e"].seeds == [0, 1] and rows["layerwise"].seeds == [0, 1]
+    mean, std = rows["e2e"].acc()
+    assert mean == pytest.approx(0.55) and std == pytest.approx(0.0707107, abs=1e-6)
+
+    write_all(results, tmp_path / "docs", source="benchmarks/results", figures=False)
+    text = (tmp_path / "docs" / "leaderboard.md").read_text()
+    e2e_line = next(line for line in text.splitlines() if line.startswith("| e2e | 2 |"))
+    assert "55.00 ± 7.07" in e2e_line
+    apart_section = text.split("## Runs kept out of the means")[1]
+    assert "| diverged | e2e |" in apart_section and "non-finite loss" in apart_section
+    assert "| running | layerwise |" in apart_section and "1 of 2" in apart_section
+    assert "truncated.json" in apart_section and "99.00" not in text
+
+
+def test_table_columns_ratio_to_e2e_depths_and_plane(results, tmp_path):
+    write_all(results, tmp_path / "docs", source="benchmarks/results", figures=False)
+    text = (tmp_path / "docs" / "leaderboard.md").read_text()
+    assert text.count("\n## imagefolder:cifar10 · ") == 2  # resnet18 and ff_mlp tables
+    layerwise = next(line for line in text.splitlines() if line.startswith("| layerwise | 2 |"))
+    cells = [c.strip() for c in layerwise.strip("|").split("|")]
+    assert cells[2] == "42.00 ± 2.83"
+    assert cells[3] == "32.0 37.0 42.0"  # mean accuracy at each depth with a head
+    assert cells[4] == "11.18M + 0.01M"
+    assert cells[5] == "405" and cells[6] == "11.0"
+    assert cells[7] == "1.0" and cells[8] == "0.33"  # 1 MiB saved vs e2e's 3 MiB
+    assert cells[10] == "1.225" and cells[11] == "0.640"  # last block, epoch 2, mean of seeds
+    assert "x86_64 (cpu) x1" in cells[13]
+    infopro = next(line for line in text.splitlines() if line.startswith("| infopro K=2 |"))
+    assert infopro.endswith("| aux_loss=contrast |")  # the option that tells the two apart
+    assert layerwise.endswith("| — |")
+
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "docs" / "leaderboard.csv").read_text())))
+    assert [(r["model"], r["rule"], r["seeds"]) for r in rows] == [
+        ("ff_mlp", "e2e", "0"), ("ff_mlp", "forward_forward", "0"),
+        ("resnet18", "e2e", "0 1"), ("resnet18", "infopro", "0"), ("resnet18", "infopro", "0"),
+        ("resnet18", "layerwise", "0 1"),
+    ]
+    assert float(rows[5]["saved_ratio_e2e"]) == pytest.approx(1 / 3, abs=1e-6)
+    assert rows[3]["rule_options"] == '{"aux_loss": "contrast"}'
+    assert rows[5]["saved_bytes_peak"] == "1048576" and rows[5]["test_acc_std"] == "0.028284"
+
+
+def test_many_depths_are_sampled_evenly():
+    assert depth_text([0.1, 0.2]) == "10.0 20.0"
+    text = depth_text([i / 100 for i in range(55)])
+    assert text.startswith("0.0 ") and text.endswith("54.0 (55 depths)")
+    assert len(text.split()) == 8 + 2
+
+
+def test_command_line(results, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("board", ROOT / "benchmarks" / "leaderboard.py")
+    board = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(board)
+    assert board.main(["--results", str(results), "--docs", str(tmp_path / "d"),
+                       "--no-figures"]) == 0
+    assert (tmp_path / "d" / "leaderboard.md").is_file()
+    assert board.main(["--results", str(tmp_path / "none"), "--docs", str(tmp_path / "d")]) == 2
+    assert "no folder" in capsys.readouterr().err

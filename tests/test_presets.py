@@ -1,0 +1,179 @@
+"""Presets load, give run.py defaults that flags override, and each one's first run trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import timm
+import torch
+from conftest import ROOT
+
+import locallearn
+from locallearn import cli
+from locallearn.errors import ConfigError
+from locallearn.presets import list_presets, load_preset
+
+PRESETS = ["cpu-smoke", "infopro-k", "paper-resnet18", "paper-vgg11"]
+# One step of 32 images (the presets' models are for 32x32 images: VGG-11 pools 5 times).
+ONE_STEP = ["--epochs", "1", "--train-subset", "32", "--test-subset", "20", "--batch-size", "32",
+            "--no-plane", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 32x32 image folder of 10 classes: 4 train and 2 test images each."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in range(10):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+def suite_module():
+    spec = importlib.util.spec_from_file_location("suite", ROOT / "benchmarks" / "suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_presets_exist_and_load():
+    assert set(PRESETS) <= set(list_presets())
+    for name in PRESETS:
+        preset = load_preset(name)
+        runs, skipped = preset.runs(locallearn.list_rules())
+        assert runs and not skipped and preset.about and preset.seeds
+    runs, _ = load_preset("cpu-smoke").runs(locallearn.list_rules())
+    assert set(locallearn.list_rules()) <= {r.rule for r in runs}  # every registered rule
+    k_runs, _ = load_preset("infopro-k").runs(locallearn.list_rules())
+    assert {(r.rule, r.args.get("blocks")) for r in k_runs} == {("e2e", None)} | {
+        (rule, k) for rule in ("layerwise", "dgl", "infopro") for k in (2, 4, 8)}
+
+
+def first_runs():
+    cases = []
+    for name in PRESETS:
+        runs, _ = load_preset(name).runs(locallearn.list_rules())
+        cases.append((name, runs[0]))
+    smoke, _ = load_preset("cpu-smoke").runs(locallearn.list_rules())
+    cases += [("cpu-smoke", r) for r in smoke if r.rule == "forward_forward"]
+    return cases
+
+
+@pytest.mark.parametrize("name, run", first_runs(), ids=lambda v: getattr(v, "run_id", v))
+def test_a_preset_run_trains_a_step(name, run, tiny_folder, tmp_path):
+    argv = load_preset(name).argv(run) + ONE_STEP + [
+        "--dataset", f"imagefolder:{tiny_folder}", "--cache-dir", str(tmp_path / "cache"),
+        "--output", str(tmp_path)]
+    assert cli.main(argv) == 0
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "complete" and record["config"]["preset"] == name
+    assert record["rule"] == run.rule and len(record["history"]) == 1
+    assert record["memory"]["saved_bytes_peak"] > 0 and record["seconds_per_epoch"] > 0
+    assert record["history"][0]["saved_bytes_peak"] == record["memory"]["saved_bytes_peak"]
+
+
+def test_given_flags_override_the_preset():
+    def parse(*argv):
+        return cli.build_parser().parse_args(cli._with_preset(list(argv)))
+
+    args = parse("--preset", "cpu-smoke")
+    assert (args.model, args.probe_size, args.preset) == ("resnet18", 500, "cpu-smoke")
+    assert parse("--preset", "cpu-smoke", "--lr", "0.2", "--model", "resnet34").lr == 0.2
+    assert parse("--preset", "cpu-smoke", "--rule", "forward_forward").model == "ff_mlp"
+    assert parse("--preset", "cpu-smoke", "--rule", "forward_forward", "--model",
+                 "resnet18").model == "resnet18"
+    args = parse("--preset", "infopro-k", "--rule", "infopro", "--rule-opt", "aux_loss=ce")
+    assert args.rule_opt == ["aux_loss=contrast", "aux_loss=ce"]  # the last one wins
+    assert parse("--preset", "paper-resnet18").milestones == (0.5, 0.75, 0.875, 0.9375)
+
+
+def test_an_unknown_preset_is_one_line_naming_the_choices(capsys):
+    assert cli.main(["--preset", "cpu-smok"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown preset 'cpu-smok'; did you mean cpu-smoke" in err
+    assert cli.main(["--preset", "nothing-like-it"]) == 2
+    assert "choices: cpu-smoke, infopro-k, paper-resnet18, paper-vgg11" in capsys.readouterr().err
+
+
+BAD_FILES = [
+    ({"args": {"epochz": 3}}, "unknown run.py flag 'epochz'"),
+    ({"args": {"seed": 3}}, "'seed' cannot be set in a preset"),
+    ({"args": {"no-plane": "yes"}}, "'no-plane' must be true or false"),
+    ({"args": {"rule-opt": ["a=1"]}}, "'rule-opt' must be an object"),
+    ({"args": {"epochs": 0}}, "--epochs: must be a positive integer"),
+    ({"extra": 1}, "unknown key 'extra'"),
+    ({"seeds": []}, "'seeds' must be a non-empty list"),
+    ({"runs": [{"rule": "e2e", "tag": "a b"}]}, "'tag' must be"),
+    ({"runs": [{"rule": "e2e"}, {"rule": "e2e"}]}, "two runs named 'e2e'"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_FILES, ids=[m for _, m in BAD_FILES])
+def test_a_bad_preset_file_is_a_clear_error(tmp_path, change, message):
+    data = {"args": {"epochs": 1}, "runs": [{"rule": "e2e"}], "seeds": [0], **change}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=message):
+        load_preset(str(path)).runs(locallearn.list_rules())
+
+
+def test_a_rule_that_is_not_registered_is_skipped_with_a_message(tmp_path):
+    path = tmp_path / "later.json"
+    path.write_text(json.dumps({"args": {}, "runs": [{"rule": "e2e"}, {"rule": "hebbian"}],
+                                "seeds": [0]}))
+    runs, skipped = load_preset(str(path)).runs(locallearn.list_rules())
+    assert [r.rule for r in runs] == ["e2e"]
+    assert skipped == ["hebbian: rule 'hebbian' is not registered; skipped"]
+
+
+def test_suite_dry_run_and_bad_preset(capsys):
+    suite = suite_module()
+    assert suite.main(["--preset", "infopro-k", "--dry-run", "--seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "layerwise-K4__resnet32_cifar__imagefolder__seed0.json" in out
+    assert "10 of 10 runs to go" in out
+    assert suite.main(["--preset", "cpu-smok"]) == 2
+    assert "unknown preset 'cpu-smok'" in capsys.readouterr().err
+
+
+def test_suite_runs_the_grid_and_resumes(tmp_path, capsys):
+    suite = suite_module()
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({
+        "about": "one step of e2e", "args": {"model": "resnet18", "dataset": "synthetic",
+                                             "train-subset": 32, "test-subset": 20,
+                                             "batch-size": 32, "epochs": 1, "no-plane": True},
+        "runs": [{"rule": "e2e"}], "seeds": [0],
+    }))
+    argv = ["--preset", str(path), "--output", str(tmp_path / "results")]
+    assert suite.main(argv) == 0
+    record = tmp_path / "results" / "tiny" / "e2e__resnet18__synthetic__seed0.json"
+    assert json.loads(record.read_text())["status"] == "complete"
+    capsys.readouterr()
+    assert suite.main(argv) == 0  # everything done: nothing runs
+    out = capsys.readouterr().out
+    assert "tiny: 0 run(s)" in out and "1 already done" in out
+
+
+@pytest.mark.parametrize("name, blocks, params", [("resnet32_cifar", 5, 466_906),
+                                                 ("resnet110_cifar", 18, 1_730_714)])
+def test_cifar_resnets_split_exactly(name, blocks, params):
+    model = timm.create_model(name, num_classes=10).eval()
+    assert sum(p.numel() for p in model.parameters()) == params
+    x = torch.randn(2, 3, 32, 32)
+    for granularity, count in (("stage", 4), ("block", 1 + 3 * blocks)):
+        stack = locallearn.split(model, granularity).eval()
+        assert len(stack) == count
+        assert torch.equal(stack(x), model(x))
+    stack = locallearn.split(model, num_blocks=4).eval()
+    assert len(stack) == 4 and torch.equal(stack(x), model(x))
+    assert model.layer2[0].downsample is not None  # option B: a 1x1 projection shortcut
