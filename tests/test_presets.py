@@ -135,9 +135,12 @@ def test_a_rule_that_is_not_registered_is_skipped_with_a_message(tmp_path):
     assert skipped == ["hebbian: rule 'hebbian' is not registered; skipped"]
 
 
-def test_suite_dry_run_and_bad_preset(capsys):
+def test_suite_dry_run_and_bad_preset(capsys, tmp_path):
     suite = suite_module()
-    assert suite.main(["--preset", "infopro-k", "--dry-run", "--seeds", "0"]) == 0
+    for split in ("train", "test"):  # an empty image folder: the dry run only checks the path
+        (tmp_path / "folder" / split / "a").mkdir(parents=True)
+    argv = ["--preset", "infopro-k", "--dry-run", "--seeds", "0", "--data", tmp_path / "folder"]
+    assert suite.main([str(a) for a in argv]) == 0
     out = capsys.readouterr().out
     assert "layerwise-K4__resnet32_cifar__imagefolder__seed0.json" in out
     assert "10 of 10 runs to go" in out
