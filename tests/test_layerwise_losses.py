@@ -42,3 +42,12 @@ def test_supcon_trains_on_two_views_and_bad_options_are_one_line_errors():
         create_rule("layerwise", loss="mse")
     with pytest.raises(ConfigError, match="beta"):
         create_rule("layerwise", beta=2)
+
+
+def test_predsim_similarity_branch_is_finite_on_a_1x1_map():
+    from locallearn.rules.layerwise import SpatialStd
+
+    torch.manual_seed(0)
+    out = SpatialStd(8)(torch.randn(4, 8, 1, 1))
+    assert out.shape == (4, 8) and torch.isfinite(out).all()
+    assert torch.isfinite(SpatialStd(8)(torch.randn(4, 8, 3, 3))).all()

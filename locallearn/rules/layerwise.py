@@ -50,14 +50,19 @@ class MemoPart(LocalPart):
 
 
 class SpatialStd(nn.Module):
-    """A 3x3 conv, then each channel's standard deviation over space (Nøkland & Eidnes 2019)."""
+    """A 3x3 conv, then each channel's standard deviation over space (Nøkland & Eidnes 2019).
+
+    A 1x1 map has no spread over space (the standard deviation of one value is
+    undefined), so there the conv's channel values themselves are compared.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.conv(h).flatten(2).std(dim=2)
+        z = self.conv(h).flatten(2)
+        return z.std(dim=2) if z.shape[2] > 1 else z.squeeze(2)
 
 
 class LocalObjective(nn.Module):
