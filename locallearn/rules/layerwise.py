@@ -194,7 +194,7 @@ class Layerwise(Rule):
     def batch(self, images, labels, transform, generator=None, train=True):
         if train and self.config.loss == "supcon":  # two augmented views, stacked
             return torch.cat([transform(images, generator), transform(images, generator)]), labels
-        return transform(images, generator), labels
+        return super().batch(images, labels, transform, generator, train)
 
     def _objective(self, shape, num_classes: int, memo: InputMemo, name: str) -> LocalObjective:
         cfg = self.config
