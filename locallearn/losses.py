@@ -79,9 +79,17 @@ def bce_reconstruction(decoded: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return F.binary_cross_entropy(decoded.float(), target.float())
 
 
-def goodness(h: torch.Tensor) -> torch.Tensor:
-    """Forward-forward goodness: the sum of squared activities of each sample (Hinton 2022)."""
-    return h.flatten(1).float().pow(2).sum(1)
+def goodness(h: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Forward-forward goodness of each sample (Hinton 2022).
+
+    ``reduce="sum"``: the sum of squared activities, as in the paper;
+    ``"mean"``: their mean, the same quantity divided by the layer's width, so
+    one threshold suits layers of any width.
+    """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"goodness reduce must be 'sum' or 'mean', not {reduce!r}")
+    squares = h.flatten(1).float().pow(2)
+    return squares.mean(1) if reduce == "mean" else squares.sum(1)
 
 
 def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float) -> torch.Tensor:

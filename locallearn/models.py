@@ -205,12 +205,21 @@ def vgg11_cifar(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
     )
 
 
+def rms_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Scale each sample (row of the flattened ``x``) to unit root-mean-square."""
+    rms = x.flatten(1).pow(2).mean(1).add(eps).sqrt()
+    return x / rms.view(-1, *([1] * (x.ndim - 1)))
+
+
 class FFLayer(nn.Module):
     """Length normalisation of the input, then a linear layer and ReLU (a forward-forward layer).
 
-    Hinton (2022) normalises each hidden vector to unit length before the
-    next layer, so a layer cannot read the previous layer's goodness (the
-    length) and must use the direction of its activities.
+    Hinton (2022) normalises each hidden vector's length before the next
+    layer, so a layer cannot read the previous layer's goodness (the length)
+    and must use the direction of its activities. The length here is
+    ``sqrt(dim)`` (unit root-mean-square entries) rather than 1, which keeps
+    the same direction and suits ``nn.Linear``'s initialisation, made for
+    inputs of unit-scale entries.
     """
 
     def __init__(self, dim_in: int, dim_out: int):
@@ -219,8 +228,7 @@ class FFLayer(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x / (x.norm(dim=1, keepdim=True) + 1e-6)
-        return self.act(self.fc(x))
+        return self.act(self.fc(rms_normalize(x)))
 
 
 class FFMlp(nn.Module):

@@ -1,11 +1,14 @@
 """forward_forward: wrong negatives, goodness separation, prediction by accumulated goodness."""
 
+import pytest
 import timm
 import torch
 
 from locallearn import create_rule, split
 from locallearn.bench import random_data
+from locallearn.errors import ConfigError
 from locallearn.losses import goodness
+from locallearn.models import rms_normalize
 from locallearn.rules.forward_forward import embed_labels, wrong_labels
 from locallearn.trainer import TrainConfig, Trainer
 
@@ -67,7 +70,7 @@ def test_prediction_is_the_accumulated_goodness_over_layers_after_the_first():
         direct = []
         for block in layers:
             a = block(a)
-            direct.append(goodness(a).view(-1, 10))
+            direct.append(goodness(a, "mean").view(-1, 10))
     assert torch.allclose(logits[-1], direct[2] + direct[3])
     assert torch.allclose(logits[0], direct[1])
 
@@ -80,9 +83,38 @@ def test_record_has_per_layer_goodness_gap_and_accuracy():
     assert [a is not None for a in result["block_acc"]] == [False, True, True, True]
 
 
-def test_convolutional_backbones_run():
+def test_convolutional_backbones_are_refused():
     data = random_data(8, 32)
     stack = split(timm.create_model("resnet18_cifar", num_classes=10), "stage", 2)
-    trainer = Trainer(stack, create_rule("forward_forward"), data,
-                      TrainConfig(progress=False, batch_size=8))
-    assert trainer.fit()["block_acc"][-1] is not None
+    refusal = r"fully connected backbones.*'stem\+layer1\.0\+layer1\.1' outputs a 4-D"
+    with pytest.raises(ConfigError, match=refusal):
+        Trainer(stack, create_rule("forward_forward"), data, TrainConfig(progress=False))
+
+
+def test_layers_see_only_the_direction_of_the_previous_layer():
+    layer = timm.create_model("ff_mlp", num_classes=0, img_size=8, widths=(16,)).layers[0]
+    x = torch.randn(4, 192)
+    assert torch.allclose(layer(x), layer(7.5 * x), atol=1e-6)
+    assert torch.allclose(rms_normalize(x).pow(2).mean(1), torch.ones(4))
+
+
+def test_sequential_variant_trains_one_layer_per_phase():
+    torch.manual_seed(0)
+    net = timm.create_model("ff_mlp", num_classes=10, img_size=8, widths=(32, 32))
+    stack = split(net, "stage", input_size=(3, 8, 8))
+    rule = create_rule("forward_forward", sequential=True, epochs_per_part=(1, 2))
+    before = [p.detach().clone() for p in net.layers[0].parameters()]
+    config = TrainConfig(progress=False, batch_size=16, epochs=3, optimizer="adamw", lr=0.01)
+    result = Trainer(stack, rule, random_data(32, 8), config).fit()
+    trained = [entry["trained_parts"] for entry in result["history"]]
+    assert trained == [["layers.0"], ["layers.1"], ["layers.1"]]
+    gaps = result["history"][-1]["rule_metrics"]["goodness_gap"]
+    assert gaps["layers.0"] is None and gaps["layers.1"] is not None
+    after = net.layers[0].parameters()
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # phase 0
+
+
+def test_sequential_variant_needs_an_epoch_per_layer():
+    rule = create_rule("forward_forward", sequential=True)
+    with pytest.raises(ConfigError, match="needs --epochs >= 3"):
+        rule.trained_parts(0, 2, 3)

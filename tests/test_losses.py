@@ -43,6 +43,7 @@ def test_supcon_matches_a_loop_over_anchors():
 def test_ff_loss_and_goodness_match_their_formulas():
     h = torch.randn(4, 3)
     assert torch.allclose(goodness(h), (h ** 2).sum(1))
+    assert torch.allclose(goodness(h, "mean"), (h ** 2).sum(1) / h.shape[1])
     gp, gn = torch.tensor([1.0, 3.0]), torch.tensor([0.5, 4.0])
     naive = 0.5 * (sum(math.log1p(math.exp(2 - g)) for g in gp) / 2
                    + sum(math.log1p(math.exp(g - 2)) for g in gn) / 2)

@@ -9,6 +9,39 @@ from .base import register_rule
 from .layerwise import Layerwise, LayerwiseConfig
 
 
+def share_epochs(epochs: int, parts: int, given: tuple[int, ...], rule: str) -> list[int]:
+    """Epochs of each of ``parts`` parts trained one after another.
+
+    ``given`` (the rule's ``epochs_per_part`` option) is checked and returned;
+    empty, the epochs are shared out evenly, the last parts getting one more
+    when they do not divide.
+    """
+    if given:
+        if len(given) != parts or sum(given) != epochs or min(given) < 1:
+            raise ConfigError(
+                f"option 'epochs_per_part' of rule '{rule}' needs {parts} positive "
+                f"counts adding up to --epochs {epochs}; got {','.join(map(str, given))}"
+            )
+        return list(given)
+    if epochs < parts:
+        raise ConfigError(
+            f"rule '{rule}' trains {parts} parts one after another and needs "
+            f"--epochs >= {parts}; got {epochs}"
+        )
+    share, extra = divmod(epochs, parts)
+    return [share + (k >= parts - extra) for k in range(parts)]
+
+
+def phase(epoch: int, epochs_per_part: list[int]) -> int:
+    """The part that trains in ``epoch`` (0-based) when parts train in turn."""
+    end = 0
+    for k, count in enumerate(epochs_per_part):
+        end += count
+        if epoch < end:
+            return k
+    raise ValueError(f"epoch {epoch} is past the last part's epochs")
+
+
 @dataclass
 class SequentialConfig(LayerwiseConfig):
     """Options of ``sequential``.
@@ -60,27 +93,9 @@ class Sequential(Layerwise):
 
     def epochs_per_part(self, epochs: int, blocks: int) -> list[int]:
         """Epochs of each of the ``blocks`` block parts."""
-        given = list(self.config.epochs_per_part)
-        if given:
-            if len(given) != blocks or sum(given) != epochs or min(given) < 1:
-                raise ConfigError(
-                    f"option 'epochs_per_part' of rule 'sequential' needs {blocks} positive "
-                    f"counts adding up to --epochs {epochs}; got {','.join(map(str, given))}"
-                )
-            return given
-        if epochs < blocks:
-            raise ConfigError(
-                f"rule 'sequential' trains {blocks} parts one after another and needs "
-                f"--epochs >= {blocks}; got {epochs}"
-            )
-        share, extra = divmod(epochs, blocks)
-        return [share + (k >= blocks - extra) for k in range(blocks)]
+        return share_epochs(epochs, blocks, self.config.epochs_per_part, "sequential")
 
     def trained_parts(self, epoch: int, epochs: int, num_parts: int) -> list[int]:
         blocks = num_parts - 1  # the last part is the model's head
-        ends, total = [], 0
-        for count in self.epochs_per_part(epochs, blocks):
-            total += count
-            ends.append(total)
-        k = next(i for i, end in enumerate(ends) if epoch < end)
+        k = phase(epoch, self.epochs_per_part(epochs, blocks))
         return [k, num_parts - 1] if k == blocks - 1 else [k]
