@@ -5,7 +5,8 @@ into K parts balanced by activation memory, and each one's ratio to ``e2e``.
 For ``sequential`` the peak is the largest over its phases (one part trains at
 a time), and the script also times its training step on cached features (the
 frozen prefix's outputs, as ``--rule-opt cache_features=true`` trains on)
-against the ``e2e`` step. Bytes saved for backward are counted with
+against the ``e2e`` step. ``infopro`` is reported at K = 2 and K = 4, with its
+heads recomputed in backward (the default) and without. Bytes saved for backward are counted with
 ``torch.autograd.graph.saved_tensors_hooks``: the same number on any device.
 
     python benchmarks/memory.py                      # resnet18_cifar, batch 256, K = 4
@@ -53,10 +54,13 @@ def main() -> None:
     for rule in RULES[1:]:
         print(f"  {rule} / e2e = {peaks[rule] / peaks['e2e']:.3f}")
     for k in INFOPRO_K:
-        torch.manual_seed(0)
-        trainer = trainer_for("infopro", args.model, data, args.batch_size, k)
-        peak = step_peak_bytes(trainer, x, y)
-        print(f"  infopro (K = {k}) / e2e = {peak / peaks['e2e']:.3f}")
+        for recompute in (True, False):
+            torch.manual_seed(0)
+            trainer = trainer_for("infopro", args.model, data, args.batch_size, k,
+                                  rule_options={"recompute_heads": recompute})
+            peak = step_peak_bytes(trainer, x, y)
+            note = "" if recompute else ", recompute_heads=false"
+            print(f"  infopro (K = {k}{note}) / e2e = {peak / peaks['e2e']:.3f}")
 
     # Step time: e2e against sequential training on its cached prefix outputs.
     e2e, seq = trainers["e2e"], trainers["sequential"]

@@ -29,15 +29,15 @@ def random_data(n: int, size: int, num_classes: int = 10, seed: int = 0) -> Imag
 
 def trainer_for(
     rule: str, model: str, data: ImageData, batch_size: int, blocks: int | None,
-    accelerator: Accelerator | None = None, **config,
+    accelerator: Accelerator | None = None, rule_options: dict | None = None, **config,
 ) -> Trainer:
-    """A trainer of ``rule`` on a fresh timm ``model`` split into ``blocks`` parts."""
+    """A trainer of ``rule`` (and its ``rule_options``) on timm ``model`` in ``blocks`` parts."""
     import timm
 
     net = timm.create_model(model, num_classes=data.num_classes)
     stack = split(net, "stage", blocks, input_size=data.image_size)
     cfg = TrainConfig(**{"batch_size": batch_size, "progress": False, **config})
-    return Trainer(stack, create_rule(rule), data, cfg, accelerator)
+    return Trainer(stack, create_rule(rule, **(rule_options or {})), data, cfg, accelerator)
 
 
 def sync(device: torch.device) -> None:

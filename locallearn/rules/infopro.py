@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..heads import Classifier
 from ..losses import bce_reconstruction, supcon_loss
+from ..recompute import recomputed
 from .base import Rule, block_outputs, register_rule
 from .layerwise import InputMemo, MemoPart
 
@@ -67,6 +68,10 @@ class AuxNet(nn.Module):
 class InfoProObjective(nn.Module):
     """``lambda1 * BCE(decoder(h), image in [0, 1]) + lambda2 * aux loss`` of one local part.
 
+    A term weighted 0 has no module (``decoder`` or ``aux`` is None): it
+    would not learn, so it costs no memory or parameters, and a part
+    without an auxiliary head does not predict at its depth.
+
     The image is the network input recorded in ``memo`` by the first part,
     mapped back to [0, 1] with the normalisation the rule's batch hook saw
     (or, without it, by the batch's min and max).
@@ -74,7 +79,7 @@ class InfoProObjective(nn.Module):
 
     part_input: torch.Tensor | None = None
 
-    def __init__(self, decoder: Decoder, aux: AuxNet, lambdas: tuple[float, float],
+    def __init__(self, decoder: Decoder | None, aux: AuxNet | None, lambdas: tuple[float, float],
                  aux_loss: str, memo: InputMemo, rule: InfoPro):
         super().__init__()
         self.decoder, self.aux, self.lambdas, self.aux_loss = decoder, aux, lambdas, aux_loss
@@ -82,20 +87,27 @@ class InfoProObjective(nn.Module):
 
     def forward(self, h: torch.Tensor, y: torch.Tensor):
         l1, l2 = self.lambdas
-        out = self.aux(h)
         value = h.new_zeros((), dtype=torch.float32)
-        if l1 and self.training:
-            value = value + l1 * bce_reconstruction(self.decoder(h), self._rule[0].target(
-                self.memo.network_input))
+        if self.decoder is not None and self.training:
+            image = self._rule[0].target(self.memo.network_input)
+            value = value + l1 * self._term(
+                self.decoder, lambda z: bce_reconstruction(self.decoder(z), image), h)
+        if self.aux is None:  # lambda2 = 0: no auxiliary head, no prediction at this depth
+            return value, None
+        if self.training:
+            return value + l2 * self._term(self.aux, lambda z: self._aux_loss(self.aux(z), y),
+                                           h), None
+        out = self.aux(h)
+        return value + l2 * self._aux_loss(out, y), None if self.aux_loss == "contrast" else out
+
+    def _aux_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.aux_loss == "contrast":
-            logits = None
-            if l2:
-                value = value + l2 * supcon_loss(out, y, self._rule[0].config.temperature)
-        else:
-            logits = out
-            if l2:
-                value = value + l2 * F.cross_entropy(out, y)
-        return value, logits
+            return supcon_loss(out, y, self._rule[0].config.temperature)
+        return F.cross_entropy(out, y)
+
+    def _term(self, head: nn.Module, loss, h: torch.Tensor) -> torch.Tensor:
+        """One head's loss on ``h``; with ``recompute_heads`` its graph is rebuilt in backward."""
+        return recomputed(loss, head, h) if self._rule[0].config.recompute_heads else loss(h)
 
 
 @dataclass
@@ -109,6 +121,11 @@ class InfoProConfig:
         aux_loss: the auxiliary loss: ``ce`` or ``contrast`` (supervised contrastive).
         temperature: temperature of ``contrast``.
         decoder_width: channels of the decoder's hidden conv.
+        recompute_heads: keep no activations of the decoder and auxiliary head
+            for backward; each runs again in backward, one at a time
+            (:func:`~locallearn.recompute.recomputed`), so a part's peak holds
+            its blocks plus the larger head, not both. Same gradients; each
+            head runs twice per step.
     """
 
     lambda_first: tuple[float, ...] = ()
@@ -116,6 +133,7 @@ class InfoProConfig:
     aux_loss: Literal["ce", "contrast"] = "ce"
     temperature: float = 0.07
     decoder_width: int = 12
+    recompute_heads: bool = True
 
     def __post_init__(self):
         for key in ("lambda_first", "lambda_last"):
@@ -205,8 +223,8 @@ class InfoPro(Rule):
                 objective = Classifier(stack.head)
             else:
                 decoder = Decoder(h.shape[1], example.shape[2:], self.config.decoder_width,
-                                  example.shape[1])
-                aux = AuxNet(h.shape[1], h.shape[2], aux_out)
+                                  example.shape[1]) if weights[k][0] else None
+                aux = AuxNet(h.shape[1], h.shape[2], aux_out) if weights[k][1] else None
                 objective = InfoProObjective(decoder, aux, weights[k], self.config.aux_loss,
                                              memo, self)
             parts.append(MemoPart(stack.names[k], [block], [k], objective, memo=memo,

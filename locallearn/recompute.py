@@ -1,0 +1,74 @@
+"""A loss term that keeps no graph: its module runs again in backward.
+
+A local part with several heads (InfoPro's decoder and auxiliary classifier)
+normally keeps every head's activations for backward at once, on top of its
+blocks'. Wrapping each head's loss in :func:`recomputed` keeps only the head's
+input: backward runs the head again, takes its gradients with
+:func:`torch.autograd.grad` and frees them before the next head's turn. The
+peak so holds the blocks plus the largest head instead of all heads, at the
+price of one more forward of each head. Gradients are those of the plain
+computation (the same function runs on the same input); the parameters are
+inputs of the autograd node, so their gradients accumulate as usual (DDP's
+hooks, gradient scaling). Unlike ``torch.utils.checkpoint`` this installs no
+saved-tensor hooks of its own, so :class:`~locallearn.measure.SavedTensorMeter`
+counts what the second forward saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def recomputed(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module,
+               h: torch.Tensor) -> torch.Tensor:
+    """``fn(h)`` (a loss computed by ``module``) whose graph is rebuilt in backward.
+
+    Args:
+        fn: maps ``h`` to a tensor through ``module`` (and constants it closes over).
+        module: the module holding the parameters and buffers ``fn`` uses.
+        h: the input; only it is kept for backward.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    return _Recomputed.apply(fn, module, h, *params)
+
+
+class _Recomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, module, h, *params):
+        ctx.fn, ctx.module = fn, module
+        ctx.autocast = (h.device.type, torch.is_autocast_enabled(h.device.type),
+                        torch.get_autocast_dtype(h.device.type))
+        ctx.save_for_backward(h)
+        with torch.no_grad():
+            return fn(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        params = [p for p in ctx.module.parameters() if p.requires_grad]
+        device, enabled, dtype = ctx.autocast
+        needs_h = ctx.needs_input_grad[2]
+        x = h.detach().requires_grad_(needs_h)
+        inputs = ([x] if needs_h else []) + params
+        with _buffers_kept(ctx.module):  # restored after the graph that saved them is used
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                out = ctx.fn(x)
+            grads = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
+        grad_h = grads.pop(0) if needs_h else None
+        return (None, None, grad_h, *grads)
+
+
+@contextmanager
+def _buffers_kept(module: nn.Module):
+    """Undo buffer updates (batch-norm running statistics) of the second forward."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
