@@ -6,7 +6,8 @@ For ``sequential`` the peak is the largest over its phases (one part trains at
 a time), and the script also times its training step on cached features (the
 frozen prefix's outputs, as ``--rule-opt cache_features=true`` trains on)
 against the ``e2e`` step. ``infopro`` is reported at K = 2 and K = 4, with its
-heads recomputed in backward (the default) and without. Bytes saved for backward are counted with
+heads recomputed in backward (the default) and without, and the step time
+that recomputation costs at K = 2. Bytes saved for backward are counted with
 ``torch.autograd.graph.saved_tensors_hooks``: the same number on any device.
 
     python benchmarks/memory.py                      # resnet18_cifar, batch 256, K = 4
@@ -53,6 +54,7 @@ def main() -> None:
           f"K = {args.blocks}:")
     for rule in RULES[1:]:
         print(f"  {rule} / e2e = {peaks[rule] / peaks['e2e']:.3f}")
+    infopro = {}
     for k in INFOPRO_K:
         for recompute in (True, False):
             torch.manual_seed(0)
@@ -61,6 +63,7 @@ def main() -> None:
             peak = step_peak_bytes(trainer, x, y)
             note = "" if recompute else ", recompute_heads=false"
             print(f"  infopro (K = {k}{note}) / e2e = {peak / peaks['e2e']:.3f}")
+            infopro[k, recompute] = trainer
 
     # Step time: e2e against sequential training on its cached prefix outputs.
     e2e, seq = trainers["e2e"], trainers["sequential"]
@@ -83,6 +86,17 @@ def main() -> None:
     seq_time = statistics.mean(phase_times)
     print(f"step time, sequential on cached features (mean over {len(phase_times)} phases) / "
           f"e2e = {seq_time * 1e3:.1f} ms / {e2e_time * 1e3:.1f} ms = {seq_time / e2e_time:.3f}")
+
+    # The price of infopro's recomputed heads: one more forward of each head per step.
+    times = {}
+    for recompute in (True, False):
+        trainer = infopro[INFOPRO_K[0], recompute]
+        parts = list(range(len(trainer.parts)))
+        times[recompute] = median_time(lambda t=trainer, p=parts: t.train_step(images, labels, p),
+                                       args.repeats, device)
+    print(f"step time, infopro (K = {INFOPRO_K[0]}) with heads recomputed / without = "
+          f"{times[True] * 1e3:.1f} ms / {times[False] * 1e3:.1f} ms = "
+          f"{times[True] / times[False]:.3f}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ def synthetic():
     return load_dataset("synthetic")
 
 
-def _trainer(rule, data, model="resnet18_cifar", blocks=None, **config):
+def _trainer(rule, data, model="resnet18_cifar", blocks=None, model_kwargs=None, **config):
     torch.manual_seed(0)
-    net = timm.create_model(model, num_classes=data.num_classes)
+    net = timm.create_model(model, num_classes=data.num_classes, **(model_kwargs or {}))
     stack = split(net, "stage", blocks, input_size=data.image_size)
     cfg = TrainConfig(progress=False, **{"batch_size": 32, **config})
     return Trainer(stack, rule if not isinstance(rule, str) else create_rule(rule), data, cfg)
@@ -42,10 +42,17 @@ def test_create_rule_checks_options():
         create_rule("layerwse")
 
 
+# Rules made for one kind of backbone (a small one, at the data's size); others: resnet18_cifar.
+MODEL_OF = {"forward_forward": ("ff_mlp", {"widths": (64, 64, 64)})}
+
+
 @pytest.mark.parametrize("rule", list_rules())
 def test_every_rule_trains_on_synthetic_data(rule, synthetic):
     # Two parts and two epochs: enough for rules that train parts in turn.
-    trainer = _trainer(rule, synthetic, blocks=2, epochs=2, lr=0.05)
+    model, kwargs = MODEL_OF.get(rule, ("resnet18_cifar", {}))
+    if kwargs:
+        kwargs = {**kwargs, "img_size": synthetic.image_size[1]}
+    trainer = _trainer(rule, synthetic, model, blocks=2, epochs=2, lr=0.05, model_kwargs=kwargs)
     result = trainer.fit()
     for entry in result["history"]:
         assert all(math.isfinite(v) for v in entry["part_loss"].values())
