@@ -118,3 +118,20 @@ def test_sequential_variant_needs_an_epoch_per_layer():
     rule = create_rule("forward_forward", sequential=True)
     with pytest.raises(ConfigError, match="needs --epochs >= 3"):
         rule.trained_parts(0, 2, 3)
+
+
+@pytest.mark.parametrize("goodness_kind", ["mean", "sum"])
+def test_loss_goes_down_on_a_fixed_batch(goodness_kind):
+    torch.manual_seed(0)
+    data = random_data(32, 8)
+    net = timm.create_model("ff_mlp", num_classes=10, img_size=8, widths=(64, 64, 64))
+    rule = create_rule("forward_forward", goodness=goodness_kind)
+    trainer = Trainer(split(net, "stage", input_size=(3, 8, 8)), rule, data,
+                      TrainConfig(progress=False, batch_size=32, optimizer="adamw", lr=0.01))
+    totals = []
+    for _ in range(8):
+        inputs, labels = rule.batch(data.train_images, data.train_labels,
+                                    trainer.eval_transform, torch.Generator().manual_seed(1))
+        losses, _ = trainer.train_step(inputs, labels, [0, 1, 2])
+        totals.append(sum(float(v) for v in losses.values()))
+    assert totals[-1] < totals[0], totals

@@ -1,4 +1,4 @@
-"""infopro: the lambda schedule, the decoder's output shape, no gradient across parts."""
+"""infopro: the lambda schedule, decoder shape, no gradient across parts, recomputed heads."""
 
 import pytest
 import timm
@@ -72,3 +72,49 @@ def test_loss_goes_down_on_a_fixed_batch(trainer):
         first = total if first is None else first
         last = total
     assert last < first
+
+
+def test_a_term_weighted_zero_has_no_module_and_no_prediction(trainer):
+    trainer, _ = trainer
+    first, middle, last_local = (p.objective for p in trainer.parts[:-1])
+    assert first.aux is None and first.decoder is not None  # (5, 0)
+    assert middle.aux is not None and middle.decoder is not None  # (2.5, 0.5)
+    assert last_local.aux is not None and last_local.decoder is None  # (0, 1)
+    _, block_acc = trainer.evaluate()
+    assert block_acc[0] is None and all(a is not None for a in block_acc[1:])
+
+
+def _one_step(recompute: bool, aux_loss: str = "ce"):
+    torch.manual_seed(0)
+    data = random_data(16, 16)
+    stack = split(timm.create_model("resnet18_cifar", num_classes=10), "stage", 2,
+                  input_size=(3, 16, 16))
+    rule = create_rule("infopro", recompute_heads=recompute, aux_loss=aux_loss)
+    trainer = Trainer(stack, rule, data, TrainConfig(progress=False, batch_size=16, lr=0.1))
+    inputs, labels = rule.batch(data.train_images, data.train_labels, trainer.eval_transform)
+    losses, _ = trainer.train_step(inputs, labels, trainer.schedule[0])
+    return trainer.parts[0].state_dict(), losses
+
+
+@pytest.mark.parametrize("aux_loss", ["ce", "contrast"])
+def test_recomputed_heads_give_the_step_of_kept_heads(aux_loss):
+    (kept, kept_losses), (again, again_losses) = (_one_step(r, aux_loss) for r in (False, True))
+    assert kept.keys() == again.keys()
+    for name in kept:  # blocks, decoder and auxiliary head: weights and batch-norm statistics
+        torch.testing.assert_close(again[name], kept[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(again_losses[0], kept_losses[0])
+
+
+def test_contrastive_auxiliary_loss_goes_down_on_a_fixed_batch():
+    torch.manual_seed(0)
+    data = random_data(16, 16)
+    stack = split(timm.create_model("resnet18_cifar", num_classes=10), "stage", 2,
+                  input_size=(3, 16, 16))
+    rule = create_rule("infopro", aux_loss="contrast")
+    trainer = Trainer(stack, rule, data, TrainConfig(progress=False, batch_size=16, lr=0.05))
+    totals = []
+    for _ in range(6):
+        inputs, labels = rule.batch(data.train_images, data.train_labels, trainer.eval_transform)
+        losses, _ = trainer.train_step(inputs, labels, trainer.schedule[0])
+        totals.append(float(losses[0]))
+    assert totals[-1] < totals[0], totals
