@@ -19,11 +19,15 @@ def main(rule: str, batch_size: int, out: Path) -> None:
     accelerator = Accelerator(cpu=True)
     data = load_dataset("synthetic")  # no augmentation, so processes see the same inputs
     torch.manual_seed(0)
-    # A tiny ViT: layer norm is per sample, so 2 x B and 1 x 2B give the same gradients
-    # (batch norm would normalise over each process's half batch instead).
-    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2,
-                              embed_dim=32, num_heads=2, num_classes=data.num_classes)
-    stack = split(model, input_size=data.image_size)
+    if rule == "infopro":  # needs feature maps: a CNN in 2 parts (batch norm: ranks agree only)
+        model = timm.create_model("resnet18_cifar", num_classes=data.num_classes)
+        stack = split(model, "stage", 2, input_size=data.image_size)
+    else:
+        # A tiny ViT: layer norm is per sample, so 2 x B and 1 x 2B give the same gradients
+        # (batch norm would normalise over each process's half batch instead).
+        model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2,
+                                  embed_dim=32, num_heads=2, num_classes=data.num_classes)
+        stack = split(model, input_size=data.image_size)
     config = TrainConfig(epochs=1, batch_size=batch_size, lr=0.05, schedule="constant",
                          progress=False)
     trainer = Trainer(stack, create_rule(rule), data, config, accelerator)

@@ -44,3 +44,11 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path, rule):
     torch.testing.assert_close(rank0["params"], single["params"], rtol=1e-4, atol=1e-5)
     assert rank0["test_acc"] == single["test_acc"]
     assert rank0["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
+
+
+def test_infopro_heads_recomputed_in_backward_work_under_ddp(tmp_path):
+    # The recomputed decoder and auxiliary head are autograd functions with the heads'
+    # parameters as inputs: DDP must see each parameter's gradient once, on every rank.
+    rank0, rank1 = _run("infopro", 16, tmp_path / "two", 2)
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert rank0["train_loss"] == rank1["train_loss"]
