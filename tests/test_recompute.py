@@ -66,3 +66,17 @@ def test_no_gradient_for_an_input_that_needs_none():
     value = recomputed(_loss(head, torch.zeros(2, 4, 3, 3)), head, torch.randn(2, 8, 3, 3))
     value.backward()
     assert all(p.grad is not None for p in head.parameters())
+
+
+def test_backward_reruns_under_the_forward_autocast():
+    grads = []
+    for wrap in (False, True):
+        head = _head(0)
+        h = torch.randn(4, 8, 6, 6, requires_grad=True)
+        fn = _loss(head, torch.zeros(4, 4, 6, 6))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = recomputed(fn, head, h) if wrap else fn(h)
+        value.float().backward()
+        grads.append(head[0].weight.grad)
+    # Recomputed in float32, the gradient would differ from the bfloat16 one by far more.
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
