@@ -106,8 +106,12 @@ class InfoProObjective(nn.Module):
         return F.cross_entropy(out, y)
 
     def _term(self, head: nn.Module, loss, h: torch.Tensor) -> torch.Tensor:
-        """One head's loss on ``h``; with ``recompute_heads`` its graph is rebuilt in backward."""
-        return recomputed(loss, head, h) if self._rule[0].config.recompute_heads else loss(h)
+        """One head's loss on ``h``; its graph is rebuilt in backward with ``recompute_heads``
+        when the part has both heads (with one, the peak would be the same)."""
+        both = self.decoder is not None and self.aux is not None
+        if both and self._rule[0].config.recompute_heads:
+            return recomputed(loss, head, h)
+        return loss(h)
 
 
 @dataclass
@@ -125,7 +129,8 @@ class InfoProConfig:
             for backward; each runs again in backward, one at a time
             (:func:`~locallearn.recompute.recomputed`), so a part's peak holds
             its blocks plus the larger head, not both. Same gradients; each
-            head runs twice per step.
+            head runs twice per step. Parts with a single head keep it (its
+            recomputation would not lower their peak).
     """
 
     lambda_first: tuple[float, ...] = ()
