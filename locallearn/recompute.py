@@ -39,7 +39,7 @@ def recomputed(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module,
 class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, module, h, *params):
-        ctx.fn, ctx.module = fn, module
+        ctx.fn, ctx.module, ctx.params = fn, module, params
         ctx.autocast = (h.device.type, torch.is_autocast_enabled(h.device.type),
                         torch.get_autocast_dtype(h.device.type))
         ctx.save_for_backward(h)
@@ -49,11 +49,10 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (h,) = ctx.saved_tensors
-        params = [p for p in ctx.module.parameters() if p.requires_grad]
         device, enabled, dtype = ctx.autocast
         needs_h = ctx.needs_input_grad[2]
         x = h.detach().requires_grad_(needs_h)
-        inputs = ([x] if needs_h else []) + params
+        inputs = ([x] if needs_h else []) + list(ctx.params)
         with _buffers_kept(ctx.module):  # restored after the graph that saved them is used
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 out = ctx.fn(x)

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses import ff_loss, goodness
 from ..models import rms_normalize
-from .base import LocalPart, Rule, register_rule
+from .base import LocalPart, Rule, block_outputs, register_rule
 from .sequential import phase, share_epochs
 
 
@@ -87,15 +87,13 @@ class Goodness(nn.Module):
 
 def _check_flat_outputs(stack: nn.Module, example: torch.Tensor) -> None:
     """Refuse backbones whose layers output feature maps or tokens, not vectors."""
-    h = example
-    with torch.no_grad():
-        for name, block in zip(stack.names, stack.blocks, strict=True):
-            h = block(h)
-            if h.ndim != 2 and any(True for _ in block.parameters()):
-                raise ConfigError(
-                    f"rule 'forward_forward' supports fully connected backbones such as ff_mlp; "
-                    f"block {name!r} outputs a {h.ndim}-D tensor {tuple(h.shape[1:])} per batch, "
-                    "not a vector (convolutional backbones are not supported)")
+    outputs = block_outputs(stack, example)
+    for name, block, h in zip(stack.names, stack.blocks, outputs, strict=True):
+        if h.ndim != 2 and any(True for _ in block.parameters()):
+            raise ConfigError(
+                f"rule 'forward_forward' supports fully connected backbones such as ff_mlp; "
+                f"block {name!r} outputs a {h.ndim}-D tensor {tuple(h.shape[1:])} per batch, "
+                "not a vector (convolutional backbones are not supported)")
 
 
 @dataclass

@@ -83,6 +83,9 @@ class InfoProObjective(nn.Module):
                  aux_loss: str, memo: InputMemo, rule: InfoPro):
         super().__init__()
         self.decoder, self.aux, self.lambdas, self.aux_loss = decoder, aux, lambdas, aux_loss
+        # Recomputing lowers the peak only where two heads would otherwise be alive at once.
+        both = decoder is not None and aux is not None
+        self.recompute = both and rule.config.recompute_heads
         self.memo, self._rule = memo, [rule]  # a list: the rule is not a submodule
 
     def forward(self, h: torch.Tensor, y: torch.Tensor):
@@ -106,12 +109,8 @@ class InfoProObjective(nn.Module):
         return F.cross_entropy(out, y)
 
     def _term(self, head: nn.Module, loss, h: torch.Tensor) -> torch.Tensor:
-        """One head's loss on ``h``; its graph is rebuilt in backward with ``recompute_heads``
-        when the part has both heads (with one, the peak would be the same)."""
-        both = self.decoder is not None and self.aux is not None
-        if both and self._rule[0].config.recompute_heads:
-            return recomputed(loss, head, h)
-        return loss(h)
+        """One head's loss on ``h``; with ``recompute`` its graph is rebuilt in backward."""
+        return recomputed(loss, head, h) if self.recompute else loss(h)
 
 
 @dataclass
