@@ -25,6 +25,7 @@ from . import checkpoint
 from .data import BatchTransform, ImageData, make_loaders
 from .errors import LocallearnError
 from .measure import SavedTensorMeter
+from .observers import Observer
 from .optim import lr_factor, make_optimizer
 from .rules.base import LocalPart, Rule
 
@@ -61,16 +62,6 @@ class TrainConfig:
 
 class Diverged(LocallearnError):
     """A local loss became non-finite."""
-
-
-class Observer:
-    """Hooks the trainer calls; subclass and override what you need."""
-
-    def on_fit_start(self, trainer: Trainer) -> None: ...
-
-    def on_epoch_end(self, trainer: Trainer, entry: dict[str, Any]) -> None: ...
-
-    def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None: ...
 
 
 class Trainer:

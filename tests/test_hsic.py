@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from locallearn.analysis import hsic as H
+from locallearn import hsic as H
 
 SIGMA, EPS = 5.0, 1e-5
 

@@ -1,13 +1,14 @@
 """Rule-independent analysis: kernel dependence measures, the information-plane observer, plots.
 
-Plain HSIC is :func:`locallearn.analysis.hsic.hsic`; it is not re-exported here, so
-that ``locallearn.analysis.hsic`` stays the module. Figures live in
+The measures themselves are pure functions in :mod:`locallearn.hsic`, a floor below
+the rules (which use the differentiable nHSIC term); the ones the plane uses are
+re-exported here. Plain HSIC is :func:`locallearn.hsic.hsic`. Figures live in
 :mod:`locallearn.analysis.plots` (imported on demand: it needs matplotlib).
 """
 
 from __future__ import annotations
 
-from .hsic import (
+from ..hsic import (
     KERNELS,
     SoftProjector,
     differentiable_nhsic,

@@ -32,8 +32,7 @@ from torch import Tensor, nn
 
 from ..data import BatchTransform, ImageData, balanced_subset
 from ..errors import ConfigError, unknown_name
-from ..trainer import Observer
-from .hsic import (
+from ..hsic import (
     DEFAULT_EPS,
     DEFAULT_SIGMA,
     KERNELS,
@@ -44,6 +43,7 @@ from .hsic import (
     kernel_matrix,
     soft_projector,
 )
+from ..observers import Observer
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
@@ -89,7 +89,7 @@ class InformationPlane(Observer):
             the run's seed, so every run measures the same samples.
         sigma: Gaussian width in units of ``sqrt(d)`` (Ma, Lewis & Kleijn 2020).
         eps: regulariser of ``R = K~ (K~ + eps m I)^-1`` (Fukumizu et al. 2007).
-        kernel: kernel on inputs and block outputs (see :mod:`locallearn.analysis.hsic`).
+        kernel: kernel on inputs and block outputs (see :mod:`locallearn.hsic`).
         label_kernel: kernel on the one-hot labels; ``"delta"`` for label equality.
         batch_size: probe samples per forward batch.
         memory_budget: bytes of CPU features held at once (see the module docstring).

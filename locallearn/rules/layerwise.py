@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis.hsic import differentiable_nhsic
 from ..errors import ConfigError
 from ..heads import make_head, pool
+from ..hsic import differentiable_nhsic
 from ..losses import predsim_loss, supcon_loss
 from .base import LocalPart, Rule, block_outputs, register_rule
 
