@@ -68,8 +68,8 @@ def main() -> None:
     # Step time: e2e against sequential training on its cached prefix outputs.
     e2e, seq = trainers["e2e"], trainers["sequential"]
     device = e2e.accelerator.device
-    images, labels = e2e.eval_transform(x.to(device)), y.to(device)
-    e2e_time = median_time(lambda: e2e.train_step(images, labels, [0]), args.repeats, device)
+    images, step = e2e.make_step(x.to(device), y.to(device), e2e.eval_transform)
+    e2e_time = median_time(lambda: e2e.train_step(images, step, [0]), args.repeats, device)
     phase_times = []
     for trained in sorted({tuple(t) for t in seq.schedule}):
         trained = list(trained)
@@ -81,7 +81,7 @@ def main() -> None:
                 part.eval()
                 h = part.run_blocks(h)
         phase_times.append(median_time(
-            lambda h=h, t=trained: seq.train_step(h, labels, t, t[0]), args.repeats, device
+            lambda h=h, t=trained: seq.train_step(h, step, t, t[0]), args.repeats, device
         ))
     seq_time = statistics.mean(phase_times)
     print(f"step time, sequential on cached features (mean over {len(phase_times)} phases) / "
@@ -92,7 +92,7 @@ def main() -> None:
     for recompute in (True, False):
         trainer = infopro[INFOPRO_K[0], recompute]
         parts = list(range(len(trainer.parts)))
-        times[recompute] = median_time(lambda t=trainer, p=parts: t.train_step(images, labels, p),
+        times[recompute] = median_time(lambda t=trainer, p=parts: t.train_step(images, step, p),
                                        args.repeats, device)
     print(f"step time, infopro (K = {INFOPRO_K[0]}) with heads recomputed / without = "
           f"{times[True] * 1e3:.1f} ms / {times[False] * 1e3:.1f} ms = "

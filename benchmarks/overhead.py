@@ -38,8 +38,9 @@ def main() -> None:
     cfg = trainer.config
     opt = torch.optim.SGD(plain_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
-    x = trainer.eval_transform(data.train_images.to(device))
-    y = data.train_labels.to(device)
+    x, step = trainer.make_step(data.train_images.to(device), data.train_labels.to(device),
+                                trainer.eval_transform)
+    y = step.labels
     trained = [0]
 
     def plain_step():
@@ -49,7 +50,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     def trainer_step():
-        trainer.train_step(x, y, trained)
+        trainer.train_step(x, step, trained)
 
     times = {"plain": [], "trainer": []}
     for i in range(args.warmup + args.repeats):

@@ -10,6 +10,7 @@ Supported field types: bool, int, float, str, ``Literal[...]`` and
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import typing
 from collections.abc import Iterable, Mapping
@@ -95,3 +96,27 @@ def config_dict(config: Any) -> dict[str, Any]:
     """A dataclass config as a JSON-ready dict (tuples become lists)."""
     items = dataclasses.asdict(config).items()
     return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+
+
+def call_options(fn: Any, items: Iterable[str], owner: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items typed by the annotated parameters of ``fn`` (a factory).
+
+    Args:
+        fn: a function whose keyword parameters are the options.
+        items: ``KEY=VALUE`` strings (e.g. the ``loss_options`` of a rule).
+        owner: what the options belong to, for messages ("loss 'focal'").
+
+    Raises:
+        ConfigError: a malformed item, an option ``fn`` does not take (close
+            matches named) or a value of the wrong type.
+    """
+    hints = typing.get_type_hints(fn)
+    params = set(inspect.signature(fn).parameters)
+    out = {}
+    for key, value in parse_assignments(items, f"option of {owner}").items():
+        if key not in params:
+            if not params:
+                raise ConfigError(f"{owner} takes no options; got {key!r}")
+            raise unknown_name("option", key, params, owner)
+        out[key] = _convert(value, hints.get(key, str), f"option {key!r} of {owner}")
+    return out

@@ -1,31 +1,96 @@
-"""Local objectives' building blocks: auxiliary heads and the classifier objective."""
+"""Auxiliary heads, registered by name and built from a block's output shape.
+
+Every auxiliary network in the library lives here: a local objective asks for
+a head by name (``build_head("cnn", shape, out)``) and any rule can use any
+head. A head is registered where it is defined::
+
+    @register_head("linear", role="classifier", summary="global average pool + linear")
+    def linear(shape, out, hidden=0):
+        return PoolLinear(channels_of(shape), out, hidden)
+
+The factory takes the block output's shape (batch first), the head's output
+size ``out`` and keyword options; the registry reads which options a head
+takes from its signature. ``role`` says what the head produces: ``classifier``
+(``out`` features: class scores or a projection), ``decoder`` (an image of
+shape ``out``), or ``similarity`` (features for predsim's similarity matching).
+``needs="map"`` marks heads that only take ``(B, C, H, W)`` feature maps.
+"""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+from .registry import Registry
 
-class PoolLinear(nn.Module):
-    """Global average pooling then a linear classifier.
+HEADS = Registry("head", required=("role", "summary"))
+ROLES = ("classifier", "decoder", "similarity")
 
-    Pools a (B, C, H, W) feature map over space, a (B, N, D) token sequence
-    over tokens, and passes (B, D) through; the default auxiliary head of the
-    seed paper's layer-wise training.
+
+def register_head(name: str, **meta: Any):
+    """Register a head factory ``f(shape, out, **options) -> nn.Module`` under ``name``.
+
+    Args:
+        name: what objectives and ``--rule-opt head=NAME`` call it.
+        **meta: ``role`` (one of :data:`ROLES`) and ``summary`` are required;
+            ``needs="map"`` for heads that need ``(B, C, H, W)`` inputs; ``paper``.
     """
+    if meta.get("role") not in ROLES:
+        raise ConfigError(f"head {name!r}: role must be one of {', '.join(ROLES)}; "
+                          f"got {meta.get('role')!r}")
 
-    def __init__(self, channels: int, num_classes: int, hidden: int = 0):
-        super().__init__()
-        if hidden:
-            self.fc = nn.Sequential(
-                nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
-            )
-        else:
-            self.fc = nn.Linear(channels, num_classes)
+    def decorate(factory):
+        params = inspect.signature(factory).parameters
+        options = tuple(p for p in params if p not in ("shape", "out"))
+        return HEADS.register(name, options=options, **meta)(factory)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc(pool(h))
+    return decorate
+
+
+def list_heads(role: str | None = None) -> list[str]:
+    """Names of the registered heads (of ``role``, if given), sorted."""
+    return [e.name for e in HEADS if role is None or e.meta["role"] == role]
+
+
+def build_head(name: str, shape: Sequence[int], out: Any, where: str = "",
+               option: str = "head", **options: Any) -> nn.Module:
+    """The head ``name`` for block outputs of ``shape``, with ``out`` outputs.
+
+    Options the head does not take are refused, except those left at 0 (a
+    rule passes its settings for every head it may build).
+
+    Args:
+        name: a registered head.
+        shape: the block output's shape, batch first.
+        out: the head's output size (an int, or a decoder's image shape).
+        where: what the head is for, in messages ("rule 'dgl', block 'layer1'").
+        option: the option that chose the head, for the hint in messages.
+        **options: the head's options (``hidden``, ``depth``, ``pool``, ``width``).
+
+    Raises:
+        ConfigError: an unknown head (close matches named), a feature-map head
+            on a block that outputs tokens or vectors, or an option it does not take.
+    """
+    entry = HEADS.get(name)
+    at = f"{where}: " if where else ""
+    given = {k: v for k, v in options.items() if v not in (0, None, ())}
+    extra = sorted(set(given) - set(entry.meta["options"]))
+    if extra:
+        takes = ", ".join(entry.meta["options"]) or "no options"
+        raise ConfigError(f"{at}head {name!r} takes {takes}; got {extra[0]}={given[extra[0]]}")
+    if entry.meta.get("needs") == "map" and len(shape) != 4:
+        anywhere = [n for n in list_heads(entry.meta["role"])
+                    if HEADS.get(n).meta.get("needs") != "map"]
+        raise ConfigError(f"{at}head {name!r} needs (B, C, H, W) block outputs, not "
+                          f"{tuple(shape)}; use --rule-opt {option}={' or '.join(anywhere)}")
+    kwargs = {k: v for k, v in options.items() if k in entry.meta["options"]}
+    return entry.factory(torch.Size(shape), out, **kwargs)
 
 
 def pool(h: torch.Tensor) -> torch.Tensor:
@@ -37,77 +102,203 @@ def pool(h: torch.Tensor) -> torch.Tensor:
     return h.flatten(1)
 
 
-def channels_of(shape: torch.Size) -> int:
+def channels_of(shape: Sequence[int]) -> int:
     """Feature size left after :func:`pool` for a block output of ``shape`` (batch first)."""
-    return shape[1] if len(shape) == 4 else shape[-1] if len(shape) == 3 else int(shape[1:].numel())
+    shape = torch.Size(shape)
+    return shape[1] if len(shape) == 4 else shape[-1] if len(shape) == 3 else int(
+        shape[1:].numel())
 
 
-class Classifier(nn.Module):
-    """Objective that scores a block output with ``head`` and cross-entropy.
+class PoolLinear(nn.Module):
+    """Global average pooling, then a linear layer (or a one-hidden-layer MLP).
 
-    ``forward(h, y)`` returns ``(loss, logits)``; the logits are what the
-    trainer counts as this depth's prediction.
+    Pools a (B, C, H, W) feature map over space, a (B, N, D) token sequence
+    over tokens, and passes (B, D) through.
     """
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, channels: int, out: int, hidden: int = 0):
         super().__init__()
-        self.head = head
+        if hidden:
+            self.fc = nn.Sequential(
+                nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
+            )
+        else:
+            self.fc = nn.Linear(channels, out)
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.head(h)
-        return F.cross_entropy(logits, y), logits
-
-
-class NoObjective(nn.Module):
-    """Objective of a part that never learns (a frozen feature extractor): no loss, no logits."""
-
-    def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return h.new_zeros(()), None
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(pool(h))
 
 
-class ConvHead(nn.Module):
-    """A 3x3 conv-BN-ReLU on a (B, C, H, W) map, then global average pooling and a linear layer.
+class ConvPoolLinear(nn.Module):
+    """``depth`` 3x3 conv-BN-ReLU layers, average pooling to ``side`` x ``side``, a linear layer.
+
+    The shape of three heads of the literature: the layer-wise ``conv`` head
+    (one conv, global pooling), DGL's CNN auxiliary network (two convs, 2x2
+    pooling) and InfoPro's auxiliary head (one strided conv, global pooling, an
+    MLP).
 
     Args:
         channels: the map's channels.
-        out: outputs of the linear layer.
-        width: channels of the conv (0: ``channels``).
+        out: outputs of the last linear layer.
+        depth: conv-BN-ReLU layers.
+        side: side of the pooled map (1: global average pooling).
         hidden: width of a hidden ReLU layer after pooling (0: none).
+        width: channels of the convs (0: ``channels``).
+        stride: stride of the first conv.
     """
 
-    def __init__(self, channels: int, out: int, width: int = 0, hidden: int = 0):
+    def __init__(self, channels: int, out: int, depth: int = 1, side: int = 1, hidden: int = 0,
+                 width: int = 0, stride: int = 1):
         super().__init__()
         width = width or channels
-        self.conv = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-        )
-        self.fc = PoolLinear(width, out, hidden)
+        layers: list[nn.Module] = []
+        for k in range(depth):
+            layers += [nn.Conv2d(channels if k == 0 else width, width, 3,
+                                 stride=stride if k == 0 else 1, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        self.side = side
+        self.fc = PoolLinear(width * side * side, out, hidden)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(h))
+        z = self.convs(h)
+        if self.side > 1:
+            return self.fc(F.adaptive_avg_pool2d(z, self.side).flatten(1))
+        return self.fc(z)  # PoolLinear pools globally
 
 
-def make_head(kind: str, shape: torch.Size, out: int, hidden: int = 0) -> nn.Module:
-    """An auxiliary head of ``kind`` for block outputs of ``shape``.
+class MlpSr(nn.Module):
+    """DGL's MLP-SR auxiliary network: spatial reduction, then 1x1 conv-BN-ReLU layers, linear.
+
+    Averages the map down to ``side`` x ``side`` first, so the auxiliary
+    network costs little however large the block output is.
+    """
+
+    def __init__(self, channels: int, out: int, depth: int = 3, side: int = 2, hidden: int = 0):
+        super().__init__()
+        hidden = hidden or channels
+        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(side)]
+        width = channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                       nn.ReLU(inplace=True)]
+            width = hidden
+        self.mlp = nn.Sequential(*layers)
+        self.fc = nn.Linear(width * side * side, out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mlp(h).flatten(1))
+
+
+class Decoder(nn.Module):
+    """InfoPro's reconstruction decoder: upsample to the image size, conv-BN-ReLU, conv, sigmoid.
 
     Args:
-        kind: ``linear`` (pool + linear), ``mlp`` (pool + hidden ReLU layer +
-            linear) or ``conv`` (:class:`ConvHead`; needs (B, C, H, W) outputs).
-        shape: the block output's shape, batch first.
-        out: the head's outputs.
-        hidden: the hidden width of ``mlp`` (0: the pooled feature size).
-
-    Raises:
-        ValueError: ``conv`` on an output that is not a feature map, or an unknown kind.
+        channels: the part output's channels.
+        size: ``(H, W)`` of the input image.
+        width: channels of the hidden conv (12 in the paper's code).
+        image_channels: channels of the image.
     """
+
+    def __init__(self, channels: int, size: tuple[int, int], width: int = 12,
+                 image_channels: int = 3):
+        super().__init__()
+        self.size = tuple(size)
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True), nn.Conv2d(width, image_channels, 3, padding=1), nn.Sigmoid(),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if tuple(h.shape[2:]) != self.size:  # at the image's size already: no copy
+            h = F.interpolate(h, size=self.size, mode="bilinear", align_corners=True)
+        return self.net(h)
+
+
+class SpatialStd(nn.Module):
+    """A 3x3 conv, then each channel's standard deviation over space (Nøkland & Eidnes 2019).
+
+    A 1x1 map has no spread over space (the standard deviation of one value is
+    undefined), so there the conv's channel values themselves are compared.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.conv(h).flatten(2)
+        return z.std(dim=2) if z.shape[2] > 1 else z.squeeze(2)
+
+
+class Pooled(nn.Module):
+    """No parameters: the globally pooled block output (:func:`pool`)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return pool(h)
+
+
+@register_head("linear", role="classifier",
+               summary="global average pool + linear (a hidden ReLU layer with hidden > 0)")
+def linear(shape, out, hidden: int = 0):
+    return PoolLinear(channels_of(shape), out, hidden)
+
+
+@register_head("mlp", role="classifier",
+               summary="global average pool + hidden ReLU layer (width hidden, else the "
+                       "pooled size) + linear")
+def mlp(shape, out, hidden: int = 0):
     channels = channels_of(shape)
-    if kind == "linear":
-        return PoolLinear(channels, out, hidden)
-    if kind == "mlp":
-        return PoolLinear(channels, out, hidden or channels)
-    if kind == "conv":
-        if len(shape) != 4:
-            raise ValueError(f"a conv head needs (B, C, H, W) block outputs, not {tuple(shape)}")
-        return ConvHead(channels, out)
-    raise ValueError(f"unknown head kind {kind!r}")
+    return PoolLinear(channels, out, hidden or channels)
+
+
+@register_head("conv", role="classifier", needs="map",
+               summary="3x3 conv-BN-ReLU, global average pool, linear")
+def conv(shape, out, hidden: int = 0):
+    return ConvPoolLinear(shape[1], out, hidden=hidden)
+
+
+@register_head("cnn", role="classifier", needs="map",
+               paper="Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs",
+               summary="DGL's CNN auxiliary net: depth (2) 3x3 conv-BN-ReLU layers, "
+                       "average pool to pool x pool (2), linear")
+def cnn(shape, out, depth: int = 0, pool: int = 0):
+    return ConvPoolLinear(shape[1], out, depth=depth or 2, side=pool or 2)
+
+
+@register_head("mlp_sr", role="classifier", needs="map",
+               paper="Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs",
+               summary="DGL's MLP-SR auxiliary net: average pool to pool x pool (2), "
+                       "depth (3) 1x1 conv-BN-ReLU layers, linear")
+def mlp_sr(shape, out, depth: int = 0, pool: int = 0, hidden: int = 0):
+    return MlpSr(shape[1], out, depth=depth or 3, side=pool or 2, hidden=hidden)
+
+
+@register_head("infopro", role="classifier", needs="map",
+               paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning",
+               summary="InfoPro's auxiliary head: 3x3 conv-BN-ReLU (stride 2 on maps of side 16 "
+                       "or more), global average pool, FC-ReLU (hidden, 128), FC")
+def infopro(shape, out, hidden: int = 0):
+    return ConvPoolLinear(shape[1], out, stride=2 if shape[2] >= 16 else 1, hidden=hidden or 128)
+
+
+@register_head("decoder", role="decoder", needs="map",
+               paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning",
+               summary="InfoPro's decoder: bilinear upsampling to the image, conv-BN-ReLU "
+                       "(width, 12), conv, sigmoid")
+def decoder(shape, out, width: int = 0):
+    channels, *size = out
+    return Decoder(shape[1], tuple(size), width or 12, channels)
+
+
+@register_head("spatial_std", role="similarity", needs="map",
+               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals",
+               summary="predsim's similarity branch: 3x3 conv, each channel's std over space")
+def spatial_std(shape, out):
+    return SpatialStd(shape[1])
+
+
+@register_head("pooled", role="similarity",
+               summary="the globally pooled block output (predsim's branch on tokens or vectors)")
+def pooled(shape, out):
+    return Pooled()

@@ -1,13 +1,39 @@
-"""Local objectives as plain functions of features, logits and labels.
+"""Local losses: pure functions of tensors, and the registry of loss terms built on them.
 
-Each function is pure (no parameters, no state) and differentiable; the
-rules' objective modules own the heads that produce their inputs.
+The functions (:func:`predsim_loss`, :func:`supcon_loss`, ...) are pure (no
+parameters, no state) and differentiable. A *loss term* is what an objective
+sums: a registered factory that takes the term's options and returns a
+callable of one :class:`LossInput` (its head's output, the part's input and
+output, the step). Its metadata says what it needs, so an objective builds the
+right heads and a rule refuses what cannot work before training::
+
+    @register_loss("ce", head="classifier", logits=True, paper="...", summary="...")
+    def cross_entropy():
+        return lambda inp: F.cross_entropy(inp.out, inp.labels)
+
+Metadata: ``head`` (the role of the head it scores, see
+:data:`locallearn.heads.ROLES`, or None for a loss on the part's output
+itself), ``out`` (``classes`` or ``proj_dim``: the classifier head's
+output size), ``logits`` (its head's output is the prediction at this depth),
+``views`` (stacked augmented views it needs), ``similarity`` (it also needs a
+similarity head), ``train_only`` (skipped at evaluation), ``input`` (it reads
+the network input). The options a loss takes are its factory's parameters.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from .errors import ConfigError
+from .hsic import differentiable_nhsic
+from .registry import Registry
+from .step import Scored, Step, zero_loss
 
 
 def similarity_matrix(z: torch.Tensor) -> torch.Tensor:
@@ -100,3 +126,135 @@ def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float) -> torch.Ten
     ``softplus(g_neg - theta)`` (negatives should not).
     """
     return 0.5 * (F.softplus(theta - g_pos).mean() + F.softplus(g_neg - theta).mean())
+
+
+LOSSES = Registry("loss", required=("summary",))
+_NEEDS = {"head": None, "out": "classes", "logits": False, "views": 1, "similarity": False,
+          "train_only": False, "input": False}
+
+
+def register_loss(name: str, **meta: Any):
+    """Register a loss-term factory ``f(**options) -> callable(LossInput)`` under ``name``.
+
+    Args:
+        name: what objectives and ``--rule-opt loss=NAME`` call it.
+        **meta: ``summary`` (required), ``paper``, and what it needs (see the module
+            docstring); unspecified needs take their defaults.
+    """
+    unknown = sorted(set(meta) - set(_NEEDS) - {"summary", "paper"})
+    if unknown:
+        raise ConfigError(f"loss {name!r}: unknown metadata {unknown[0]!r}; known: "
+                          f"{', '.join(sorted(_NEEDS))}, summary, paper")
+
+    def decorate(factory):
+        options = tuple(inspect.signature(factory).parameters)
+        return LOSSES.register(name, options=options, **(_NEEDS | meta))(factory)
+
+    return decorate
+
+
+def list_losses() -> list[str]:
+    """Names of the registered loss terms, sorted."""
+    return LOSSES.names()
+
+
+def build_loss(name: str, **options: Any) -> Callable[[LossInput], torch.Tensor | Scored]:
+    """The loss term ``name``, given the options it takes (others are not passed)."""
+    entry = LOSSES.get(name)
+    return entry.factory(**{k: v for k, v in options.items() if k in entry.meta["options"]})
+
+
+@dataclass
+class LossInput:
+    """What a loss term is computed from.
+
+    Attributes:
+        out: its head's output (None for a loss on the part's output itself).
+        h: the part's output.
+        part_input: the part's input.
+        step: the batch's :class:`~locallearn.step.Step`.
+        similarity: the similarity head's output, for losses that need one.
+    """
+
+    out: torch.Tensor | None
+    h: torch.Tensor
+    part_input: torch.Tensor
+    step: Step
+    similarity: torch.Tensor | None = None
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Labels of the rows of the part's output (repeated over stacked views)."""
+        return self.step.labels_for(len(self.h))
+
+
+@register_loss("ce", head="classifier", logits=True,
+               summary="cross-entropy of the head's class scores")
+def cross_entropy():
+    return lambda inp: F.cross_entropy(inp.out, inp.labels)
+
+
+@register_loss("predsim", head="classifier", logits=True, similarity=True,
+               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals "
+                     "(ICML)",
+               summary="(1 - beta) cross-entropy + beta similarity matching of a second branch")
+def predsim(beta: float = 0.99):
+    return lambda inp: predsim_loss(inp.out, inp.similarity, inp.labels,
+                                    inp.step.num_classes, beta)
+
+
+@register_loss("supcon", head="classifier", out="proj_dim", views=2,
+               paper="Khosla et al. 2020, Supervised Contrastive Learning (NeurIPS)",
+               summary="supervised contrastive loss of the head's projections, two views")
+def supcon(temperature: float = 0.1):
+    return lambda inp: supcon_loss(inp.out, inp.labels, temperature)
+
+
+@register_loss("contrast", head="classifier", out="proj_dim",
+               paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised "
+                     "Learning (ICLR), contrastive auxiliary loss",
+               summary="supervised contrastive loss of the head's projections, one view")
+def contrast(temperature: float = 0.07):
+    return lambda inp: supcon_loss(inp.out, inp.labels, temperature)
+
+
+@register_loss("reconstruction", head="decoder", train_only=True, input=True,
+               paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised "
+                     "Learning (ICLR)",
+               summary="binary cross-entropy of a decoder's image against the input in [0, 1]")
+def reconstruction():
+    return lambda inp: bce_reconstruction(inp.out, inp.step.image())
+
+
+@register_loss("nhsic", head="classifier", train_only=True, input=True,
+               paper="Sakamoto & Sato 2024, End-to-End Training Induces Information "
+                     "Bottleneck through Layer-Role Differentiation (TMLR)",
+               summary="minus nHSIC of the head's output with the network input "
+                       "(target=input) or the part's input (target=block_input)")
+def nhsic(target: str = "input"):
+    if target not in ("input", "block_input"):
+        raise ConfigError(f"nhsic target must be input or block_input; got {target!r}")
+
+    def term(inp: LossInput) -> torch.Tensor:
+        x = inp.step.network_input if target == "input" else inp.part_input
+        # nHSIC is float64; the other terms are float32, as the sum should stay.
+        return -differentiable_nhsic(inp.out.float(), x.flatten(1).float()).float()
+
+    return term
+
+
+@register_loss("goodness", paper="Hinton 2022, The Forward-Forward Algorithm",
+               summary="forward-forward: goodness above theta on positives, below on "
+                       "negatives; predicts the label whose embedding is best")
+def goodness_loss(theta: float = 2.0, reduce: str = "mean"):
+    def term(inp: LossInput) -> Scored:
+        g = goodness(inp.h, reduce)
+        step = inp.step
+        if step.train:  # positives, then the same images with wrong labels
+            g_pos, g_neg = g[: len(step.labels)], g[len(step.labels):]
+            gap = (g_pos.mean() - g_neg.mean()).detach()
+            return Scored(ff_loss(g_pos, g_neg, theta), None, {"goodness_gap": gap})
+        # Evaluation: each image with every label embedded, image-major.
+        return Scored(zero_loss(inp.h), g.view(-1, step.num_classes))
+
+    return term

@@ -84,24 +84,24 @@ class SavedTensorMeter:
 
 
 def step_peak_bytes(
-    trainer, inputs: torch.Tensor, labels: torch.Tensor, trained: list[int] | None = None,
-    start: int = 0,
+    trainer, images: torch.Tensor, labels: torch.Tensor, trained: list[int] | None = None,
 ) -> int:
     """Peak bytes saved for backward during one training step of ``trainer``.
 
+    Parts before the first trained one run without autograd, so they save
+    nothing: the peak is the one a step on their cached outputs would have.
+
     Args:
         trainer: a :class:`~locallearn.trainer.Trainer`.
-        inputs: a uint8 image batch as the data loader yields it when ``start`` is 0,
-            else the input of part ``start`` (e.g. cached outputs of a frozen prefix).
+        images: a uint8 image batch as the data loader yields it.
         labels: the batch's labels.
         trained: the parts that learn in this step; those of the first epoch by default.
-        start: the first part to run.
     """
     device = trainer.accelerator.device
-    x = trainer.eval_transform(inputs.to(device)) if start == 0 else inputs.to(device)
+    x, step = trainer.make_step(images.to(device), labels.to(device), trainer.eval_transform)
     trained = trained or trainer.schedule[0]
     for i in trained:
         trainer.activate(i)
     with SavedTensorMeter(*trainer.parts) as meter:
-        trainer.train_step(x, labels.to(device), trained, start)
+        trainer.train_step(x, step, trained)
     return meter.peak

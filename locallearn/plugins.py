@@ -1,7 +1,8 @@
-"""Rules from outside the package: plugin files, plugin modules, and entry points.
+"""Rules, heads and losses from outside the package: plugin files, modules, entry points.
 
-A plugin is ordinary Python that registers rules with the same
-:func:`~locallearn.register_rule` decorator the built-in rules use. It is
+A plugin is ordinary Python that registers rules, heads or losses with the
+decorators the built-in ones use (:func:`~locallearn.register_rule`,
+:func:`~locallearn.register_head`, :func:`~locallearn.register_loss`). It is
 loaded by path (``--plugin my_rules.py``), by module name (``--plugin
 mypkg.rules``), or through the ``locallearn.rules`` entry-point group of an
 installed package. Every failure is one line: the plugin's own error is
@@ -18,7 +19,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from .errors import ConfigError, LocallearnError
+from .heads import HEADS
+from .losses import LOSSES
 from .rules.base import RULES
+
+REGISTRIES = (RULES, HEADS, LOSSES)
 
 ENTRY_POINT_GROUP = "locallearn.rules"
 
@@ -48,13 +53,14 @@ def _import_file(path: Path) -> None:
 
 
 def load_plugin(spec: str) -> list[str]:
-    """Import the plugin ``spec`` (a ``.py`` path or a module name); returns the rules it added.
+    """Import the plugin ``spec`` (a ``.py`` path or a module name); returns the names it added.
 
     Raises:
         ConfigError: a missing file or module, an error while importing, a
-            name clash with a registered rule, or a plugin that registers nothing.
+            name clash with a registered rule, head or loss, or a plugin that
+            registers nothing.
     """
-    before = set(RULES.names())
+    before = _registered()
     try:
         if _is_path(spec):
             path = Path(spec)
@@ -74,16 +80,20 @@ def load_plugin(spec: str) -> list[str]:
         raise ConfigError(f"plugin {spec!r}: {err}") from None
     except (Exception, SystemExit) as err:
         raise ConfigError(f"plugin {spec!r} failed to import: {_one_line(err)}") from None
-    added = sorted(set(RULES.names()) - before)
+    added = sorted(_registered() - before)
     if not added and not _already_loaded(spec):
-        raise ConfigError(f"plugin {spec!r} registered no rule; decorate a Rule subclass with "
-                          "@locallearn.register_rule(name, paper=...)")
-    return added
+        raise ConfigError(f"plugin {spec!r} registered no rule, head or loss; decorate them with "
+                          "@locallearn.register_rule, register_head or register_loss")
+    return [name for _, name in added]
+
+
+def _registered() -> set[tuple[str, str]]:
+    return {(registry.kind, name) for registry in REGISTRIES for name in registry.names()}
 
 
 def _already_loaded(spec: str) -> bool:
-    """Whether a plugin imported before (so it registered nothing new this time) defines rules."""
-    for entry in RULES:
+    """Whether a plugin imported before (so it registered nothing new this time) defines any."""
+    for entry in (entry for registry in REGISTRIES for entry in registry):
         module = getattr(entry.factory, "__module__", "")
         if _is_path(spec):
             if module.startswith(f"locallearn_plugin_{Path(spec).stem}_"):
@@ -94,7 +104,7 @@ def _already_loaded(spec: str) -> bool:
 
 
 def load_plugins(specs: list[str]) -> list[str]:
-    """Load every plugin in ``specs`` and the installed entry points; returns the rules added."""
+    """Load every plugin in ``specs`` and the installed entry points; returns the names added."""
     added = load_entry_points()
     for spec in dict.fromkeys(specs):
         added += load_plugin(spec)
@@ -103,7 +113,7 @@ def load_plugins(specs: list[str]) -> list[str]:
 
 def load_entry_points() -> list[str]:
     """Import the modules named in the ``locallearn.rules`` entry-point group."""
-    before = set(RULES.names())
+    before = _registered()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()
@@ -113,4 +123,4 @@ def load_entry_points() -> list[str]:
             raise ConfigError(
                 f"entry point {ep.name!r} ({ep.value}) failed to import: {_one_line(err)}"
             ) from None
-    return sorted(set(RULES.names()) - before)
+    return [name for _, name in sorted(_registered() - before)]

@@ -1,7 +1,9 @@
 """One training loop under Hugging Face Accelerate for every rule.
 
 The loop runs a rule's parts in order on each batch. Each part gets the
-detached output of the part before it, and its loss is backpropagated and its
+detached output of the part before it and the batch's step context (a
+:class:`~locallearn.step.Step`, made once per batch by the rule's input hook
+and passed on every path), and its loss is backpropagated and its
 optimizer stepped *before* the next part runs, so only one part's autograd
 graph (and one part's gradients) is alive at a time: that is where local
 learning saves memory. Each part is prepared separately, since DDP expects one
@@ -28,6 +30,7 @@ from .measure import SavedTensorMeter
 from .observers import Observer
 from .optim import lr_factor, make_optimizer
 from .rules.base import LocalPart, Rule
+from .step import Step
 
 
 @dataclass
@@ -187,21 +190,23 @@ class Trainer:
         return self.accelerator.autocast()
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, trained: list[int], start: int = 0
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        self, x: torch.Tensor, step: Step, trained: list[int], start: int = 0
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, dict[int, dict[str, torch.Tensor]]]:
         """One batch: forward part by part, each trained part's backward and step at once.
 
         Args:
-            x: the input of part ``start`` (images when ``start`` is 0).
-            y: labels.
+            x: the input of part ``start`` (the rule's first input when ``start`` is 0).
+            step: the batch's step context, given to every part.
             trained: indices of the parts that learn (sorted); the others run without autograd.
             start: the first part to run.
 
         Returns:
-            The detached loss of every trained part, and the logits of the last trained part.
+            The detached loss of every trained part, the logits of the last
+            trained part, and the metrics each trained part's objective reported.
         """
         trained_set = set(trained)
         losses: dict[int, torch.Tensor] = {}
+        metrics: dict[int, dict[str, torch.Tensor]] = {}
         logits = None
         h = x
         with self.autocast():
@@ -210,7 +215,7 @@ class Trainer:
                     with torch.no_grad():
                         h = self.parts[i].run_blocks(h)
                     continue
-                h, loss, logits = self.models[i](h.detach(), y)
+                h, (loss, logits, metrics[i]) = self.models[i](h.detach(), step)
                 optimizer = self.optimizers[i]
                 if optimizer is not None and loss.requires_grad:
                     self.accelerator.backward(loss)
@@ -218,7 +223,14 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     self.schedulers[i].step()
                 losses[i] = loss.detach()
-        return losses, logits
+        return losses, logits, metrics
+
+    def make_step(self, images: torch.Tensor, labels: torch.Tensor, transform: Any,
+                  generator: torch.Generator | None = None, train: bool = True
+                  ) -> tuple[torch.Tensor, Step]:
+        """The rule's first input and step context for a batch of uint8 images."""
+        return self.rule.make_step(images, labels, transform, self.data.num_classes,
+                                   generator, train)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float | None]]:
@@ -227,13 +239,15 @@ class Trainer:
             model.eval()
         correct, total, has_logits = None, 0, []
         for x, y in self.test_loader:
-            h, y = self.rule.batch(x, y, self.eval_transform, None, train=False)
-            preds, has_logits = [], []
+            h, step = self.make_step(x, y, self.eval_transform, None, train=False)
+            logits = []
             with self.autocast():
                 for model in self.models:
-                    h, _, logits = model(h, y)
-                    has_logits.append(logits is not None)
-                    preds.append(logits.argmax(1) if logits is not None else torch.full_like(y, -1))
+                    h, scored = model(h, step)
+                    logits.append(scored.logits)
+            logits = self.rule.predictions(logits)
+            has_logits = [z is not None for z in logits]
+            preds = [z.argmax(1) if z is not None else torch.full_like(y, -1) for z in logits]
             preds, y = self.accelerator.gather_for_metrics((torch.stack(preds, 1), y))
             hits = (preds == y[:, None]).sum(0)
             correct = hits if correct is None else correct + hits
@@ -298,6 +312,7 @@ class Trainer:
         # One generator per epoch and process: augmentation is reproducible and not shared.
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + acc.process_index)
         sums = torch.zeros(len(trained), device=acc.device)
+        metric_sums: dict[int, dict[str, torch.Tensor]] = {}
         hits = torch.zeros((), device=acc.device)
         seen = 0
         bar = tqdm(
@@ -311,16 +326,24 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(acc.device)
         saved_peak = 0
         t0 = time.perf_counter()
-        for step, (x, y) in enumerate(bar):
+        for step, batch in enumerate(bar):
             if start == 0:
-                x, y = self.rule.batch(x, y, self.train_transform, gen)
+                images, y = batch
+                x, context = self.make_step(images, y, self.train_transform, gen)
+            else:  # cached inputs of part `start`, with the (un-augmented) images they came from
+                x, images, y = batch
+                _, context = self.make_step(images, y, self.eval_transform)
             if step == 0:  # activation memory: peak bytes saved for backward in one step
                 with SavedTensorMeter(*self.parts) as meter:
-                    losses, logits = self.train_step(x, y, trained, start)
+                    losses, logits, metrics = self.train_step(x, context, trained, start)
                 saved_peak = meter.peak
             else:
-                losses, logits = self.train_step(x, y, trained, start)
+                losses, logits, metrics = self.train_step(x, context, trained, start)
             sums += torch.stack([losses[i] for i in trained])
+            for i, values in metrics.items():
+                kept = metric_sums.setdefault(i, {})
+                for key, value in values.items():
+                    kept[key] = kept[key] + value if key in kept else value
             if logits is not None:
                 hits += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -353,9 +376,12 @@ class Trainer:
         }
         if cuda:
             entry["cuda_max_memory"] = torch.cuda.max_memory_allocated(acc.device)
-        extra = self.rule.epoch_metrics()
-        if extra:
-            entry["rule_metrics"] = extra
+        keys = sorted({key for values in metric_sums.values() for key in values})
+        if keys:  # each part's metrics averaged over the epoch's steps; null where not trained
+            entry["rule_metrics"] = {key: {
+                part.part_name: metric_sums[i][key].item() / steps
+                if key in metric_sums.get(i, {}) else None
+                for i, part in enumerate(self.parts)} for key in keys}
         return entry
 
     @torch.no_grad()
@@ -384,7 +410,8 @@ class Trainer:
         if acc.is_main_process and cfg.progress:
             tqdm.write(f"cached the inputs of part {self.parts[first].part_name!r}: "
                        f"{tuple(features.shape)}, {features.nbytes / 2**20:.0f} MiB")
-        dataset = torch.utils.data.TensorDataset(features, labels)
+        # The images travel with their features: each step's context holds the network input.
+        dataset = torch.utils.data.TensorDataset(features, images, labels)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, shuffle=True,
             generator=torch.Generator().manual_seed(cfg.seed + first),

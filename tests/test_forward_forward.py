@@ -43,10 +43,10 @@ def test_positive_goodness_rises_above_negative_on_a_separable_problem():
     trainer = _trainer(data)
     x, y = data.train_images, data.train_labels
     for _ in range(60):
-        inputs, labels = trainer.rule.batch(x, y, trainer.eval_transform,
-                                            torch.Generator().manual_seed(1))
-        trainer.train_step(inputs, labels, [0, 1, 2])
-    inputs, _ = trainer.rule.batch(x, y, trainer.eval_transform, torch.Generator())
+        inputs, step = trainer.make_step(x, y, trainer.eval_transform,
+                                         torch.Generator().manual_seed(1))
+        trainer.train_step(inputs, step, [0, 1, 2])
+    inputs, _ = trainer.make_step(x, y, trainer.eval_transform, torch.Generator())
     with torch.no_grad():
         h = trainer.parts[0].run_blocks(inputs)
     g = goodness(h)
@@ -59,12 +59,14 @@ def test_prediction_is_the_accumulated_goodness_over_layers_after_the_first():
     for part in trainer.parts:
         part.eval()
     x, y = data.test_images, data.test_labels
-    inputs, _ = trainer.rule.batch(x, y, trainer.eval_transform, None, train=False)
+    inputs, step = trainer.make_step(x, y, trainer.eval_transform, None, train=False)
     h, logits = inputs, []
     with torch.no_grad():
         for part in trainer.parts:
-            h, _, out = part(h, y)
-            logits.append(out)
+            h, scored = part(h, step)
+            logits.append(scored.logits)
+    logits = trainer.rule.predictions(logits)
+    with torch.no_grad():
         layers = [trainer.stack.blocks[k] for k in range(len(trainer.stack.blocks))]
         a = inputs
         direct = []
@@ -130,8 +132,8 @@ def test_loss_goes_down_on_a_fixed_batch(goodness_kind):
                       TrainConfig(progress=False, batch_size=32, optimizer="adamw", lr=0.01))
     totals = []
     for _ in range(8):
-        inputs, labels = rule.batch(data.train_images, data.train_labels,
-                                    trainer.eval_transform, torch.Generator().manual_seed(1))
-        losses, _ = trainer.train_step(inputs, labels, [0, 1, 2])
+        inputs, step = trainer.make_step(data.train_images, data.train_labels,
+                                         trainer.eval_transform, torch.Generator().manual_seed(1))
+        losses, _, _ = trainer.train_step(inputs, step, [0, 1, 2])
         totals.append(sum(float(v) for v in losses.values()))
     assert totals[-1] < totals[0], totals

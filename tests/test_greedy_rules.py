@@ -106,7 +106,7 @@ def test_dgl_each_optimizer_holds_its_part_and_aux_net_only(synthetic, aux):
     lrs = [o.param_groups[0]["lr"] for o in trainer.optimizers]
     assert lrs == pytest.approx([0.1, 0.05, 0.025])
     # The last part's objective is the model's own head.
-    assert trainer.parts[-1].objective.head is trainer.stack.head
+    assert trainer.parts[-1].objective.heads["head"] is trainer.stack.head
     assert trainer.schedule[0] == [0, 1, 2]
 
 

@@ -7,7 +7,8 @@ import torch
 from locallearn import create_rule, split
 from locallearn.bench import random_data
 from locallearn.errors import ConfigError
-from locallearn.rules.infopro import Decoder, lambda_schedule
+from locallearn.heads import Decoder
+from locallearn.rules.infopro import lambda_schedule
 from locallearn.trainer import TrainConfig, Trainer
 
 
@@ -39,21 +40,19 @@ def trainer():
 
 def test_parts_have_the_schedule_and_the_last_uses_the_model_head(trainer):
     trainer, _ = trainer
-    weights = [p.objective.lambdas for p in trainer.parts[:-1]]
-    assert weights == [(5.0, 0.0), (2.5, 0.5), (0.0, 1.0)]
-    assert trainer.parts[-1].objective.head is trainer.stack.head
+    weights = [{t.loss: t.weight for t in p.objective.terms} for p in trainer.parts[:-1]]
+    assert weights == [{"reconstruction": 5.0}, {"reconstruction": 2.5, "ce": 0.5}, {"ce": 1.0}]
+    assert trainer.parts[-1].objective.heads["head"] is trainer.stack.head
 
 
 def test_no_gradient_crosses_part_boundaries(trainer):
     trainer, data = trainer
-    x = trainer.eval_transform(data.train_images[:8])
-    y = data.train_labels[:8]
-    trainer.rule._stats = (trainer.eval_transform.mean, trainer.eval_transform.std)
-    h = x
+    h, step = trainer.make_step(data.train_images[:8], data.train_labels[:8],
+                                trainer.eval_transform)
     for k, part in enumerate(trainer.parts):
         for p in (q for part_ in trainer.parts for q in part_.parameters()):
             p.grad = None
-        h, loss, _ = part(h.detach(), y)
+        h, (loss, _, _) = part(h.detach(), step)
         loss.backward()
         mine = {id(p) for p in part.parameters()}
         for other in trainer.parts:
@@ -66,8 +65,8 @@ def test_loss_goes_down_on_a_fixed_batch(trainer):
     x, y = data.train_images[:16], data.train_labels[:16]
     first = last = None
     for _ in range(8):
-        inputs, labels = trainer.rule.batch(x, y, trainer.eval_transform)
-        losses, _ = trainer.train_step(inputs, labels, trainer.schedule[0])
+        inputs, step = trainer.make_step(x, y, trainer.eval_transform)
+        losses, _, _ = trainer.train_step(inputs, step, trainer.schedule[0])
         total = sum(float(v) for v in losses.values())
         first = total if first is None else first
         last = total
@@ -77,9 +76,9 @@ def test_loss_goes_down_on_a_fixed_batch(trainer):
 def test_a_term_weighted_zero_has_no_module_and_no_prediction(trainer):
     trainer, _ = trainer
     first, middle, last_local = (p.objective for p in trainer.parts[:-1])
-    assert first.aux is None and first.decoder is not None  # (5, 0)
-    assert middle.aux is not None and middle.decoder is not None  # (2.5, 0.5)
-    assert last_local.aux is not None and last_local.decoder is None  # (0, 1)
+    assert set(first.heads) == {"decoder"}  # (5, 0)
+    assert set(middle.heads) == {"decoder", "aux"}  # (2.5, 0.5)
+    assert set(last_local.heads) == {"aux"}  # (0, 1)
     _, block_acc = trainer.evaluate()
     assert block_acc[0] is None and all(a is not None for a in block_acc[1:])
 
@@ -91,8 +90,8 @@ def _one_step(recompute: bool, aux_loss: str = "ce"):
                   input_size=(3, 16, 16))
     rule = create_rule("infopro", recompute_heads=recompute, aux_loss=aux_loss)
     trainer = Trainer(stack, rule, data, TrainConfig(progress=False, batch_size=16, lr=0.1))
-    inputs, labels = rule.batch(data.train_images, data.train_labels, trainer.eval_transform)
-    losses, _ = trainer.train_step(inputs, labels, trainer.schedule[0])
+    inputs, step = trainer.make_step(data.train_images, data.train_labels, trainer.eval_transform)
+    losses, _, _ = trainer.train_step(inputs, step, trainer.schedule[0])
     return trainer.parts[0].state_dict(), losses
 
 
@@ -114,7 +113,8 @@ def test_contrastive_auxiliary_loss_goes_down_on_a_fixed_batch():
     trainer = Trainer(stack, rule, data, TrainConfig(progress=False, batch_size=16, lr=0.05))
     totals = []
     for _ in range(6):
-        inputs, labels = rule.batch(data.train_images, data.train_labels, trainer.eval_transform)
-        losses, _ = trainer.train_step(inputs, labels, trainer.schedule[0])
+        inputs, step = trainer.make_step(data.train_images, data.train_labels,
+                                         trainer.eval_transform)
+        losses, _, _ = trainer.train_step(inputs, step, trainer.schedule[0])
         totals.append(float(losses[0]))
     assert totals[-1] < totals[0], totals

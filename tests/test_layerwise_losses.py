@@ -25,8 +25,8 @@ def test_local_loss_goes_down_on_a_fixed_batch(options):
     x, y = data.train_images, data.train_labels
     totals = []
     for _ in range(6):
-        inputs, labels = trainer.rule.batch(x, y, trainer.eval_transform, None)
-        losses, _ = trainer.train_step(inputs, labels, trainer.schedule[0])
+        inputs, step = trainer.make_step(x, y, trainer.eval_transform)
+        losses, _, _ = trainer.train_step(inputs, step, trainer.schedule[0])
         totals.append(float(losses[0]))
     assert totals[-1] < totals[0], totals
 
@@ -35,17 +35,21 @@ def test_supcon_trains_on_two_views_and_bad_options_are_one_line_errors():
     rule = create_rule("layerwise", loss="supcon")
     data = random_data(4, 8)
     from locallearn.data import BatchTransform
-    inputs, labels = rule.batch(data.train_images, data.train_labels,
-                                BatchTransform((0.5,) * 3, (0.25,) * 3, "crop_flip"))
-    assert len(inputs) == 8 and len(labels) == 4
-    with pytest.raises(ConfigError, match="must be one of ce, predsim, supcon"):
+    inputs, step = rule.make_step(data.train_images, data.train_labels,
+                                  BatchTransform((0.5,) * 3, (0.25,) * 3, "crop_flip"), 10)
+    assert len(inputs) == 8 and len(step.labels) == 4 and step.views == 2
+    assert len(step.labels_for(len(inputs))) == 8
+    # The registry's losses are the choices: an unknown one names the close matches.
+    with pytest.raises(ConfigError, match="unknown loss 'predsm'; did you mean predsim"):
+        create_rule("layerwise", loss="predsm")
+    with pytest.raises(ConfigError, match="unknown loss 'mse'"):
         create_rule("layerwise", loss="mse")
     with pytest.raises(ConfigError, match="beta"):
         create_rule("layerwise", beta=2)
 
 
 def test_predsim_similarity_branch_is_finite_on_a_1x1_map():
-    from locallearn.rules.layerwise import SpatialStd
+    from locallearn.heads import SpatialStd
 
     torch.manual_seed(0)
     out = SpatialStd(8)(torch.randn(4, 8, 1, 1))

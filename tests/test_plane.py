@@ -77,10 +77,10 @@ def test_measures_every_nth_epoch_and_always_the_last(fitted):
 
 def test_same_weights_give_the_same_plane_whichever_rule_trained_them(synthetic):
     e2e, layerwise = _trainer("e2e", synthetic), _trainer("layerwise", synthetic)
-    x = e2e.eval_transform(synthetic.train_images[:32])
-    y = synthetic.train_labels[:32]
+    x, step = e2e.make_step(synthetic.train_images[:32], synthetic.train_labels[:32],
+                            e2e.eval_transform)
     for trainer in (e2e, layerwise):  # one step each: the rules move the weights apart
-        trainer.train_step(x, y, list(range(len(trainer.parts))))
+        trainer.train_step(x, step, list(range(len(trainer.parts))))
     plane = _prepared(e2e)
     assert plane.measure(e2e.stack, 1) != plane.measure(layerwise.stack, 1)
     layerwise.stack.load_state_dict(e2e.stack.state_dict())

@@ -62,11 +62,11 @@ def test_every_rule_trains_on_synthetic_data(rule, synthetic):
     assert result["block_acc"][-1] is not None
 
 
-def _local_grads(trainer, x, y):
+def _local_grads(trainer, x, step):
     """Per part, the gradient of its own loss alone w.r.t. its parameters (input detached)."""
     grads, h = [], x
     for part in trainer.parts:
-        h, loss, _ = part(h.detach(), y)
+        h, (loss, _, _) = part(h.detach(), step)
         params = list(part.parameters())
         grads.append(torch.autograd.grad(loss, params))
     return grads
@@ -75,11 +75,11 @@ def _local_grads(trainer, x, y):
 def test_layerwise_applies_each_parts_local_gradient_only(synthetic):
     trainer = _trainer("layerwise", synthetic, lr=1.0, momentum=0.0, weight_decay=0.0,
                        schedule="constant")
-    x = trainer.eval_transform(synthetic.train_images[:16])
-    y = synthetic.train_labels[:16]
-    expected = _local_grads(trainer, x, y)
+    x, step = trainer.make_step(synthetic.train_images[:16], synthetic.train_labels[:16],
+                                trainer.eval_transform)
+    expected = _local_grads(trainer, x, step)
     before = [[p.detach().clone() for p in part.parameters()] for part in trainer.parts]
-    trainer.train_step(x, y, list(range(len(trainer.parts))))
+    trainer.train_step(x, step, list(range(len(trainer.parts))))
     for part, grads, old in zip(trainer.parts, expected, before, strict=True):
         for p, g, p0 in zip(part.parameters(), grads, old, strict=True):
             torch.testing.assert_close(p0 - p.detach(), g, rtol=1e-4, atol=1e-6)
@@ -87,13 +87,12 @@ def test_layerwise_applies_each_parts_local_gradient_only(synthetic):
 
 def test_layerwise_loss_leaves_earlier_blocks_untouched(synthetic):
     trainer = _trainer("layerwise", synthetic)
-    x = trainer.eval_transform(synthetic.train_images[:8])
-    y = synthetic.train_labels[:8]
+    h, step = trainer.make_step(synthetic.train_images[:8], synthetic.train_labels[:8],
+                                trainer.eval_transform)
     k = len(trainer.parts) - 2  # the last block's part
-    h = x
     for part in trainer.parts[:k]:
-        h, _, _ = part(h.detach(), y)
-    _, loss, _ = trainer.parts[k](h.detach(), y)
+        h, _ = part(h.detach(), step)
+    _, (loss, _, _) = trainer.parts[k](h.detach(), step)
     loss.backward()
     for part in trainer.parts[:k]:
         assert all(p.grad is None for p in part.parameters())
@@ -108,11 +107,11 @@ def test_e2e_gradients_equal_plain_autograd(synthetic):
     cfg = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant",
                       batch_size=16, progress=False)
     trainer = Trainer(stack, create_rule("e2e"), synthetic, cfg)
-    x = trainer.eval_transform(synthetic.train_images[:16])
-    y = synthetic.train_labels[:16]
-    F.cross_entropy(reference(x), y).backward()
+    x, step = trainer.make_step(synthetic.train_images[:16], synthetic.train_labels[:16],
+                                trainer.eval_transform)
+    F.cross_entropy(reference(x), step.labels).backward()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    trainer.train_step(x, y, [0])
+    trainer.train_step(x, step, [0])
     ref = dict(reference.named_parameters())
     for name, p in net.named_parameters():
         torch.testing.assert_close(before[name] - p.detach(), ref[name].grad, rtol=1e-4, atol=1e-6)
@@ -123,11 +122,10 @@ def test_parts_sharing_a_parameter_are_refused(synthetic):
         name = "shared"
 
         def parts(self, stack, num_classes, example):
-            from locallearn.heads import Classifier
-
             ids = list(range(len(stack.blocks)))
-            whole = locallearn.LocalPart("a", list(stack.blocks), ids, Classifier(stack.head))
-            again = locallearn.LocalPart("b", [], [], Classifier(stack.head))
+            whole = locallearn.LocalPart("a", list(stack.blocks), ids,
+                                         locallearn.classifier(stack.head))
+            again = locallearn.LocalPart("b", [], [], locallearn.classifier(stack.head))
             return [whole, again]
 
     with pytest.raises(RuntimeError, match="share a parameter"):

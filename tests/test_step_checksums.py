@@ -61,7 +61,13 @@ CASES: dict[str, tuple] = {
 }
 
 # Cases whose result the redesign changed on purpose, and why.
-CHANGED_ON_PURPOSE: dict[str, str] = {}
+CHANGED_ON_PURPOSE: dict[str, str] = {
+    "sequential-nhsic": (
+        "the memo bug: in phase 2 the frozen first part skipped MemoPart.forward, so every "
+        "step's nHSIC target was the network input of the last batch part 0 had trained on "
+        "(or a test batch after evaluate()); now each step's target is its own input"
+    ),
+}
 
 
 def _digest(tensors) -> str:

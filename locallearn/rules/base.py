@@ -2,11 +2,15 @@
 
 A rule turns a :class:`~locallearn.blocks.BlockStack` into an ordered list of
 :class:`LocalPart` modules. Each part owns consecutive blocks plus the
-parameters of its objective, and its forward returns ``(output, loss,
-logits)``. The trainer runs the parts in order, detaching between them, and
-calls backward on each part's loss as soon as it exists; it knows nothing else
-about the rule. E2E is one part; layer-wise is one part per block plus the
-final head; a sequential schedule trains one part at a time.
+objective that trains them (:class:`~locallearn.objectives.Objective`: heads
+and weighted loss terms from the registries). For every batch the rule's input
+hook :meth:`Rule.make_step` builds the first part's input and one
+:class:`~locallearn.step.Step`, which every part and objective receives; a
+part's forward returns its output and a :class:`~locallearn.step.Scored`. The
+trainer runs the parts in order, detaching between them, and calls backward on
+each part's loss as soon as it exists; it knows nothing else about the rule.
+E2E is one part; layer-wise is one part per block plus the final head; a
+sequential schedule trains one part at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from ..config import build_config, config_dict
 from ..registry import Registry
+from ..step import Scored, Step
 
 RULES = Registry("rule", required=("paper",))
 
@@ -68,7 +73,9 @@ class LocalPart(nn.Module):
         block_ids: their indices in the stack; the part's logits count as the
             prediction at depth ``block_ids[-1]``. Empty for a part that only
             holds a head on the previous part's output.
-        objective: module mapping ``(h, y)`` to ``(loss, logits)``; logits may be None.
+        objective: module mapping ``(h, step, part_input)`` to a
+            :class:`~locallearn.step.Scored` (usually an
+            :class:`~locallearn.objectives.Objective`).
         lr_scale: multiplies the learning rate of this part's optimizer.
     """
 
@@ -93,12 +100,9 @@ class LocalPart(nn.Module):
             x = block(x)
         return x
 
-    def forward(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        x = self.run_blocks(x)
-        loss, logits = self.objective(x, y)
-        return x, loss, logits
+    def forward(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, Scored]:
+        h = self.run_blocks(x)
+        return h, self.objective(h, step, x)
 
 
 @dataclass
@@ -107,7 +111,11 @@ class NoOptions:
 
 
 class Rule:
-    """Base class of training rules. Subclasses set ``Config`` and implement :meth:`parts`."""
+    """Base class of training rules. Subclasses set ``Config`` and implement :meth:`parts`.
+
+    Most rules need not start here: :class:`~locallearn.rules.local.LocalRule`
+    builds parts with auxiliary heads and loss terms from the registries.
+    """
 
     name: ClassVar[str] = "?"
     Config: ClassVar[type] = NoOptions
@@ -131,38 +139,50 @@ class Rule:
         """
         raise NotImplementedError
 
-    def batch(
+    def make_step(
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
         transform: Any,
+        num_classes: int,
         generator: torch.Generator | None = None,
         train: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first part's input and the batch's labels, from a batch of uint8 images.
+    ) -> tuple[torch.Tensor, Step]:
+        """The first part's input and the :class:`~locallearn.step.Step` of a batch.
 
         The default applies ``transform`` (augmentation and normalisation). A
         rule that changes its inputs overrides it: forward-forward writes labels
         into the images, supervised contrastive stacks two augmented views. The
-        returned labels are the batch's (one per image), against which the last
+        step's labels are the batch's (one per image), against which the last
         part's logits are scored.
 
         Args:
             images: uint8 ``(B, C, H, W)`` images as the loader yields them.
             labels: their labels.
             transform: a :class:`~locallearn.data.BatchTransform` (training or evaluation).
+            num_classes: the number of labels.
             generator: the random source of augmentation (None at evaluation).
             train: whether the batch is for training (else for evaluation).
         """
-        return transform(images, generator), labels
+        return self.stacked_views(images, labels, transform, num_classes, generator, train, 1)
 
-    def epoch_metrics(self) -> dict[str, Any]:
-        """Extra numbers for the epoch's entry in the run record (``rule_metrics``); none here.
+    @staticmethod
+    def stacked_views(images, labels, transform, num_classes, generator, train,
+                      views: int) -> tuple[torch.Tensor, Step]:
+        """``views`` augmented views of each image stacked (one at evaluation), and their step."""
+        views = views if train else 1
+        x = transform(images, generator)
+        if views > 1:
+            x = torch.cat([x] + [transform(images, generator) for _ in range(views - 1)])
+        return x, Step(labels, x, train, views, num_classes, transform.mean, transform.std)
 
-        Called once after each training epoch; a rule that accumulates its own
-        statistics during the epoch returns and resets them here.
+    def predictions(self, logits: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The prediction at each part's depth from the logits each part gave (at evaluation).
+
+        By default each part's own logits; forward-forward sums goodness over
+        layers. The last entry is the network's prediction.
         """
-        return {}
+        return logits
 
     def trained_parts(self, epoch: int, epochs: int, num_parts: int) -> list[int]:
         """Indices of the parts that train in ``epoch`` (0-based); all of them by default.

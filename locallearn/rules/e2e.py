@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..heads import Classifier
+from ..objectives import classifier
 from .base import LocalPart, Rule, register_rule
 
 
@@ -16,4 +16,4 @@ class EndToEnd(Rule):
 
     def parts(self, stack, num_classes, example):
         ids = list(range(len(stack.blocks)))
-        return [LocalPart("e2e", list(stack.blocks), ids, Classifier(stack.head))]
+        return [LocalPart("e2e", list(stack.blocks), ids, classifier(stack.head))]

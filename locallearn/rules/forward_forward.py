@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..losses import ff_loss, goodness
 from ..models import rms_normalize
+from ..objectives import Objective, Term
+from ..step import Step
 from .base import LocalPart, Rule, block_outputs, register_rule
 from .sequential import phase, share_epochs
 
@@ -49,40 +50,6 @@ class NormalizedPart(LocalPart):
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         return super().run_blocks(rms_normalize(x))
-
-
-class Goodness(nn.Module):
-    """A forward-forward layer's objective.
-
-    Training batches hold positives then negatives (``2B`` rows): the loss is
-    :func:`~locallearn.losses.ff_loss` of their goodness. Evaluation batches
-    hold each image with every label embedded (``B * C`` rows, image-major):
-    the logits are the goodness of each label, accumulated over this layer and
-    the ones before it except the first (``accumulate``; the first layer's own
-    goodness is its logits).
-    """
-
-    def __init__(self, theta: float, num_classes: int, memo: dict, first: bool,
-                 reduce: str = "sum"):
-        super().__init__()
-        self.theta, self.num_classes, self.memo, self.first = theta, num_classes, memo, first
-        self.reduce = reduce
-        self.gap = torch.zeros(())
-        self.steps = 0
-
-    def forward(self, h: torch.Tensor, y: torch.Tensor):
-        g = goodness(h, self.reduce)
-        if self.training:
-            g_pos, g_neg = g[: len(y)], g[len(y):]
-            self.gap = self.gap.to(g.device) + (g_pos.mean() - g_neg.mean()).detach()
-            self.steps += 1
-            return ff_loss(g_pos, g_neg, self.theta), None
-        g = g.view(-1, self.num_classes)
-        if self.first:
-            self.memo["goodness"] = torch.zeros_like(g)
-            return h.new_zeros(()), g
-        self.memo["goodness"] = self.memo["goodness"] + g
-        return h.new_zeros(()), self.memo["goodness"]
 
 
 def _check_flat_outputs(stack: nn.Module, example: torch.Tensor) -> None:
@@ -156,18 +123,24 @@ class ForwardForward(Rule):
     def restart_schedule(self) -> bool:
         return self.config.sequential
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.num_classes = 0
-        self.objectives: list[Goodness] = []
-
-    def batch(self, images, labels, transform, generator=None, train=True):
-        x, c, s = transform(images, generator), self.num_classes, self.config.embed_scale
+    def make_step(self, images, labels, transform, num_classes, generator=None, train=True):
+        """Training: positives then negatives; evaluation: each image with every label."""
+        x, c, s = transform(images, generator), num_classes, self.config.embed_scale
         if train:
             neg = wrong_labels(labels, c, generator)
-            return torch.cat([embed_labels(x, labels, c, s), embed_labels(x, neg, c, s)]), labels
-        every = torch.arange(c, device=x.device).repeat(len(x))
-        return embed_labels(x.repeat_interleave(c, 0), every, c, s), labels
+            x = torch.cat([embed_labels(x, labels, c, s), embed_labels(x, neg, c, s)])
+        else:
+            every = torch.arange(c, device=x.device).repeat(len(x))
+            x = embed_labels(x.repeat_interleave(c, 0), every, c, s)
+        return x, Step(labels, x, train, 1, c, transform.mean, transform.std)
+
+    def predictions(self, logits):
+        """Goodness of each label summed over the layers after the first (the first: its own)."""
+        out, total = [logits[0]], None
+        for g in logits[1:]:
+            total = g if total is None else total + g
+            out.append(total)
+        return out
 
     def trained_parts(self, epoch, epochs, num_parts):
         if not self.config.sequential:
@@ -175,30 +148,19 @@ class ForwardForward(Rule):
         return [phase(epoch, share_epochs(epochs, num_parts, self.config.epochs_per_part,
                                           "forward_forward"))]
 
-    def epoch_metrics(self):
-        gaps = {}
-        for objective, name in zip(self.objectives, self.names, strict=True):
-            gaps[name] = objective.gap.item() / objective.steps if objective.steps else None
-            objective.gap, objective.steps = torch.zeros(()), 0
-        return {"goodness_gap": gaps}
-
     def parts(self, stack, num_classes, example):
         if num_classes > example[0].numel():
             raise ConfigError("rule 'forward_forward': more labels than input values to embed")
         _check_flat_outputs(stack, example)
-        self.num_classes, memo = num_classes, {}
         parts, pending, pending_ids = [], [], []
-        self.objectives, self.names = [], []
         for k, block in enumerate(stack.blocks):
             pending.append(block)
             pending_ids.append(k)
             if not any(True for _ in block.parameters()):  # e.g. the flattening stem
                 continue
-            objective = Goodness(self.config.theta, num_classes, memo, first=not parts,
-                                 reduce=self.config.goodness)
+            options = {"theta": self.config.theta, "reduce": self.config.goodness}
+            objective = Objective({}, [Term("goodness", options=options)])
             parts.append(NormalizedPart(stack.names[k], pending, pending_ids, objective))
-            self.objectives.append(objective)
-            self.names.append(stack.names[k])
             pending, pending_ids = [], []
         if pending or len(parts) < 2:
             raise ConfigError("rule 'forward_forward' needs at least two layers with parameters, "

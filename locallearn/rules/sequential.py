@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..losses import LOSSES
 from .base import register_rule
 from .layerwise import Layerwise, LayerwiseConfig
 
@@ -82,6 +83,15 @@ class Sequential(Layerwise):
     """
 
     Config = SequentialConfig
+    shown = ("aux_hidden", "epochs_per_part", "restart_schedule", "cache_features")
+
+    def _check(self) -> None:
+        super()._check()
+        views = LOSSES.get(self.loss).meta["views"]
+        if self.config.cache_features and views > 1:
+            raise ConfigError(f"rule 'sequential': cache_features computes each frozen output "
+                              f"once, without augmentation, so loss {self.loss!r} would get "
+                              f"{views} identical views; turn one of them off")
 
     @property
     def restart_schedule(self) -> bool:

@@ -1,0 +1,118 @@
+"""Objectives: a weighted sum of registered loss terms over auxiliary heads.
+
+An :class:`Objective` is a part's whole local objective. It owns its heads
+(named slots, e.g. ``"aux"`` and ``"decoder"``) and sums its terms, each a
+registered loss (:data:`locallearn.losses.LOSSES`) scoring one head's output,
+or the part's output itself, with a weight::
+
+    Objective({"aux": build_head("linear", shape, 10)},
+              [Term("ce", head="aux"), Term("nhsic", 0.1, head="aux")])
+
+Its forward takes the part's output, the batch's :class:`~locallearn.step.Step`
+and the part's input, and returns a :class:`~locallearn.step.Scored`: the
+loss, the logits at this depth (from the first term whose loss predicts) and
+the terms' metrics. Terms that only train (reconstruction, nHSIC) are skipped
+at evaluation. With ``recompute``, each head keeps only its input during a
+training step and runs again in backward (:func:`~locallearn.recompute.recomputed`),
+one head at a time: that head's output then gives no logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .losses import LOSSES, LossInput, build_loss
+from .recompute import recomputed
+from .step import Scored, Step, zero_loss
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted loss term of an objective.
+
+    Attributes:
+        loss: a registered loss name.
+        weight: its weight in the sum.
+        head: the slot of the head whose output it scores (None: the part's output).
+        similarity: the slot of the similarity head, for losses that need one.
+        options: the loss's options (those it does not take are not passed).
+    """
+
+    loss: str
+    weight: float = 1.0
+    head: str | None = None
+    similarity: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """A part's local objective: ``sum(weight * loss(head(h)))`` over its terms.
+
+    Args:
+        heads: slot name -> head module (parameters learned with the part).
+        terms: the weighted loss terms, in the order they are summed.
+        recompute: rebuild each head's graph in backward instead of keeping it
+            (only where nothing else needs its output).
+    """
+
+    def __init__(self, heads: dict[str, nn.Module], terms: list[Term], recompute: bool = False):
+        super().__init__()
+        self.heads = nn.ModuleDict(heads)
+        self.terms = list(terms)
+        for term in self.terms:
+            for slot in (term.head, term.similarity):
+                if slot is not None and slot not in self.heads:
+                    raise ValueError(f"term {term.loss!r} scores head {slot!r}, which the "
+                                     f"objective lacks (it has {', '.join(self.heads)})")
+        self.fns = [build_loss(t.loss, **t.options) for t in self.terms]
+        self.train_only = [LOSSES.get(t.loss).meta["train_only"] for t in self.terms]
+        self.predicts = [LOSSES.get(t.loss).meta["logits"] for t in self.terms]
+        self.recompute = recompute
+
+    def forward(self, h: torch.Tensor, step: Step, part_input: torch.Tensor) -> Scored:
+        value, logits, metrics = None, None, {}
+        outputs: dict[str, torch.Tensor] = {}
+        for term, fn, train_only, predicts in zip(self.terms, self.fns, self.train_only,
+                                                  self.predicts, strict=True):
+            if train_only and not step.train:
+                continue
+            sim = None if term.similarity is None else self._output(term.similarity, h, outputs)
+            if term.head is None:
+                scored = fn(LossInput(None, h, part_input, step, sim))
+            elif self.recompute and step.train and sim is None:
+                head = self.heads[term.head]
+                scored = recomputed(
+                    lambda z, head=head, fn=fn: fn(LossInput(head(z), z, part_input, step)),
+                    head, h)
+            else:
+                out = self._output(term.head, h, outputs)
+                scored = fn(LossInput(out, h, part_input, step, sim))
+                if predicts and logits is None:
+                    logits = out[: len(step.labels)]
+            if isinstance(scored, Scored):
+                logits = scored.logits if logits is None else logits
+                metrics.update(scored.metrics)
+                scored = scored.loss
+            v = scored if term.weight == 1 else term.weight * scored
+            value = v if value is None else value + v
+        return Scored(zero_loss(h) if value is None else value, logits, metrics)
+
+    def _output(self, slot: str, h: torch.Tensor, outputs: dict[str, torch.Tensor]):
+        """A head's output on ``h``, computed once per step however many terms read it."""
+        if slot not in outputs:
+            outputs[slot] = self.heads[slot](h)
+        return outputs[slot]
+
+
+def classifier(head: nn.Module) -> Objective:
+    """Cross-entropy of ``head``'s class scores: the objective of e2e and of a model's head."""
+    return Objective({"head": head}, [Term("ce", head="head")])
+
+
+def no_objective() -> Objective:
+    """The objective of a part that never learns (a frozen feature extractor): loss 0, no logits."""
+    return Objective({}, [])

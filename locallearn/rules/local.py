@@ -1,0 +1,183 @@
+"""The local-objective machinery that layerwise, sequential, dgl and infopro share.
+
+A :class:`LocalRule` makes one part per block of the stack. Each part's
+objective is built from the registries: an auxiliary head (``head``, from
+:data:`locallearn.heads.HEADS`) scored by a loss (``loss``, from
+:data:`locallearn.losses.LOSSES`), optionally minus ``nhsic_lambda`` times
+nHSIC of the head's output with the input, and optionally a decoder's
+reconstruction (InfoPro). The model's own head is either a last part of its
+own (layer-wise) or trains with the last block (DGL, InfoPro). The rules
+differ only in their defaults, their schedule and per-part settings, so any
+head and any loss work with any of them::
+
+    --rule sequential --rule-opt head=cnn --rule-opt loss=supcon
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ..config import call_options
+from ..errors import ConfigError
+from ..heads import HEADS, build_head
+from ..losses import LOSSES
+from ..objectives import Objective, Term, classifier
+from .base import LocalPart, Rule, block_outputs
+
+
+@dataclass
+class LocalConfig:
+    """Options every local-objective rule takes.
+
+    Attributes:
+        aux_hidden: hidden width of the auxiliary head (``linear``, ``conv``,
+            ``mlp``, ``mlp_sr``, ``infopro``); 0: the head's default.
+        aux_depth: layers of the ``cnn`` or ``mlp_sr`` head; 0: the head's default.
+        aux_pool: side of the map the ``cnn`` or ``mlp_sr`` head pools to; 0: its default.
+        beta: ``predsim``'s weight of similarity matching.
+        temperature: the contrastive losses' softmax temperature.
+        proj_dim: projection size of the contrastive losses' heads.
+        nhsic_lambda: subtract ``nhsic_lambda * nHSIC(aux output; target)`` from each
+            local loss (Sakamoto & Sato 2024's augmenting term).
+        nhsic_target: ``input`` (the network input) or ``block_input`` (the part's input).
+        loss_options: ``KEY=VALUE`` options of the local loss beyond the ones
+            above (a plugin loss's own parameters), comma-separated.
+    """
+
+    aux_hidden: int = 0
+    aux_depth: int = 0
+    aux_pool: int = 0
+    beta: float = 0.99
+    temperature: float = 0.1
+    proj_dim: int = 128
+    nhsic_lambda: float = 0.0
+    nhsic_target: Literal["input", "block_input"] = "input"
+    loss_options: tuple[str, ...] = ()
+
+
+class LocalRule(Rule):
+    """One part per block, each with an objective composed from registered heads and losses.
+
+    Subclasses set their ``Config`` (a :class:`LocalConfig` with a head and a
+    loss field), and may override :meth:`weights` (the terms' weights per
+    part), :meth:`recompute` and the partition attributes below.
+    """
+
+    Config: ClassVar[type] = LocalConfig
+    #: The config fields naming the auxiliary head and the local loss.
+    head_option: ClassVar[str] = "head"
+    loss_option: ClassVar[str] = "loss"
+    #: ``own``: the model's head is a last part of its own; ``last_block``: it
+    #: is the objective of the last block's part.
+    model_head: ClassVar[Literal["own", "last_block"]] = "own"
+    #: Options always in the run record; the others only where they differ from the default.
+    shown: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        self._check()
+
+    @property
+    def head(self) -> str:
+        return getattr(self.config, self.head_option)
+
+    @property
+    def loss(self) -> str:
+        return getattr(self.config, self.loss_option)
+
+    def _check(self) -> None:
+        """Refuse, before anything is built, options and compositions that cannot work."""
+        cfg, rule = self.config, f"rule {self.name!r}"
+        for key in ("aux_hidden", "aux_depth", "aux_pool", "nhsic_lambda"):
+            if getattr(cfg, key) < 0:
+                raise ConfigError(f"option {key!r} of {rule} must be >= 0; "
+                                  f"got {getattr(cfg, key)}")
+        if not 0 <= cfg.beta <= 1 or cfg.temperature <= 0 or cfg.proj_dim < 1:
+            raise ConfigError(f"options of {rule} need 0 <= beta <= 1, temperature > 0 and "
+                              f"proj_dim >= 1; got {cfg.beta}, {cfg.temperature}, {cfg.proj_dim}")
+        head = HEADS.get(self.head).meta  # unknown names: close matches named
+        loss = LOSSES.get(self.loss).meta
+        self.loss_options = call_options(LOSSES.get(self.loss).factory, cfg.loss_options,
+                                         f"loss {self.loss!r}")
+        if head["role"] != "classifier":
+            raise ConfigError(f"{rule}: {self.head_option}={self.head} is a {head['role']} head; "
+                              "the auxiliary head must be a classifier head")
+        if loss["head"] != "classifier":
+            kind = f"a {loss['head']} head" if loss["head"] else "the part's output itself"
+            fits = ", ".join(e.name for e in LOSSES if e.meta["head"] == "classifier")
+            raise ConfigError(f"{rule}: {self.loss_option}={self.loss} scores {kind}, not an "
+                              f"auxiliary classifier head; local losses: {fits}")
+
+    def describe(self) -> dict[str, Any]:
+        """The rule's own options, and the composition's where they differ from its default."""
+        options, default = super().describe(), type(self.config)()
+        return {k: v for k, v in options.items()
+                if k in self.shown or v != getattr(default, k)}
+
+    def make_step(self, images, labels, transform, num_classes, generator=None, train=True):
+        views = LOSSES.get(self.loss).meta["views"]
+        return self.stacked_views(images, labels, transform, num_classes, generator, train, views)
+
+    def weights(self, k: int, local_parts: int) -> dict[str, float]:
+        """Weights of part ``k``'s terms: ``loss`` (the local loss) and ``reconstruction``."""
+        return {"reconstruction": 0.0, "loss": 1.0}
+
+    def recompute(self, heads: dict[str, torch.nn.Module]) -> bool:
+        """Whether the objective with ``heads`` rebuilds them in backward; never by default."""
+        return False
+
+    def objective(self, k: int, local_parts: int, shape: torch.Size, num_classes: int,
+                  example: torch.Tensor, where: str) -> Objective:
+        """Part ``k``'s objective on block outputs of ``shape``.
+
+        Heads are built in a fixed order (decoder, auxiliary head, similarity
+        branch), so a seed gives the same initial weights.
+        """
+        cfg, weight = self.config, self.weights(k, local_parts)
+        meta = LOSSES.get(self.loss).meta
+        heads, terms = {}, []
+        if weight["reconstruction"]:
+            heads["decoder"] = build_head("decoder", shape, tuple(example.shape[1:]), where,
+                                          width=getattr(cfg, "decoder_width", 0))
+            terms.append(Term("reconstruction", weight["reconstruction"], "decoder"))
+        if weight["loss"]:
+            out = cfg.proj_dim if meta["out"] == "proj_dim" else num_classes
+            heads["aux"] = build_head(self.head, shape, out, where, self.head_option,
+                                      hidden=cfg.aux_hidden, depth=cfg.aux_depth,
+                                      pool=cfg.aux_pool)
+            sim = None
+            if meta["similarity"]:
+                sim = "sim"
+                heads[sim] = build_head("spatial_std" if len(shape) == 4 else "pooled",
+                                        shape, None, where)
+            options = {"beta": cfg.beta, "temperature": cfg.temperature, **self.loss_options}
+            terms.append(Term(self.loss, weight["loss"], "aux", sim, options))
+            if cfg.nhsic_lambda:
+                terms.append(Term("nhsic", cfg.nhsic_lambda, "aux",
+                                  options={"target": cfg.nhsic_target}))
+        return Objective(heads, terms, self.recompute(heads))
+
+    def part_scales(self, num_parts: int) -> list[float]:
+        """Learning-rate multiplier of each part; 1 by default."""
+        return [1.0] * num_parts
+
+    def parts(self, stack, num_classes, example):
+        outputs = block_outputs(stack, example)
+        n = len(stack.blocks)
+        local = n if self.model_head == "own" else n - 1
+        scales = self.part_scales(n)
+        parts = []
+        for k, (block, h) in enumerate(zip(stack.blocks, outputs, strict=True)):
+            name = stack.names[k]
+            if k < local:
+                objective = self.objective(k, local, h.shape, num_classes, example,
+                                           f"rule {self.name!r}, block {name!r}")
+            else:
+                objective = classifier(stack.head)
+            parts.append(LocalPart(name, [block], [k], objective, scales[k]))
+        if self.model_head == "own":
+            parts.append(LocalPart("head", [], [], classifier(stack.head)))
+        return parts
