@@ -25,6 +25,17 @@ def test_every_rule_has_a_section_in_rules_md_with_its_paper():
         assert first_author in section.group(1)
 
 
+def test_every_registered_head_and_loss_is_in_its_table_in_rules_md():
+    from locallearn.heads import HEADS
+    from locallearn.losses import LOSSES
+
+    text = (ROOT / "docs" / "rules.md").read_text()
+    for title, registry in (("Heads", HEADS), ("Losses", LOSSES)):
+        section = re.search(rf"^## {title}\n(.*?)(?=^## |\Z)", text, re.S | re.M).group(1)
+        rows = set(re.findall(r"^\| `([a-z_0-9]+)` \|", section, re.M))
+        assert rows == set(registry.names()), (title, rows ^ set(registry.names()))
+
+
 def test_readme_shows_the_main_job_and_the_test_command():
     text = (ROOT / "README.md").read_text()
     assert "accelerate launch benchmarks/run.py --rule layerwise" in text

@@ -12,9 +12,45 @@ from conftest import ROOT
 RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py")]
 
 
-def tutorial_code() -> str:
-    text = (ROOT / "docs" / "adding_a_rule.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, re.S)[0]
+def tutorial_code(page: str = "adding_a_rule.md", block: int = 0) -> str:
+    text = (ROOT / "docs" / page).read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)[block]
+
+
+def test_loss_tutorial_runs_from_a_users_file(tmp_path):
+    code = tutorial_code("adding_a_loss.md")
+    assert len(code.strip().splitlines()) < 30  # the page promises a loss in under 30 lines
+    plugin = tmp_path / "my_losses.py"
+    plugin.write_text(code)
+    out = run("--plugin", plugin, "--rule", "layerwise", "--rule-opt", "loss=focal",
+              "--rule-opt", "loss_options=gamma=1.0", "--dataset", "synthetic", "--epochs", "1",
+              "--batch-size", "64", "--model", "resnet32_cifar", "--no-plane", "--no-progress",
+              "--output", tmp_path / "runs")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert record["status"] == "complete"
+    assert record["config"]["rule_options"]["loss"] == "focal"
+    assert record["config"]["rule_options"]["loss_options"] == ["gamma=1.0"]
+    assert all(a is not None for a in record["block_acc"])  # focal's head predicts at each depth
+    listed = run("--plugin", plugin, "--list-losses")
+    assert listed.returncode == 0 and "focal" in listed.stdout and "Lin, Goyal" in listed.stdout
+    typo = run("--plugin", plugin, "--rule", "layerwise", "--rule-opt", "loss=focal",
+               "--rule-opt", "loss_options=gama=1", "--dataset", "synthetic", "--check")
+    assert typo.returncode == 2 and "unknown option 'gama' for loss 'focal'" in typo.stderr
+
+
+def test_head_tutorial_composes_with_the_loss_under_sequential(tmp_path):
+    (tmp_path / "my_losses.py").write_text(tutorial_code("adding_a_loss.md", 0))
+    (tmp_path / "my_heads.py").write_text(tutorial_code("adding_a_loss.md", 1))
+    out = run("--plugin", tmp_path / "my_heads.py", "--plugin", tmp_path / "my_losses.py",
+              "--rule", "sequential", "--rule-opt", "head=pool2_linear", "--rule-opt",
+              "loss=focal", "--blocks", "2", "--epochs", "2", "--dataset", "synthetic",
+              "--batch-size", "64", "--model", "resnet32_cifar", "--no-plane", "--no-progress",
+              "--output", tmp_path / "runs")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert record["config"]["rule_options"]["head"] == "pool2_linear"
+    assert record["params"]["auxiliary"] > 0 and len(record["history"]) == 2
 
 
 def run(*args, env=None, cwd=ROOT):
@@ -68,6 +104,16 @@ BAD_PLUGINS = {
         "import locallearn\n\n@locallearn.register_rule('e2e', paper='x')\n"
         "class Clash(locallearn.Rule):\n    pass\n",
         "rule 'e2e' is already registered",
+    ),
+    "loss_clash": (
+        "import locallearn\n\n@locallearn.register_loss('ce', summary='x')\n"
+        "def ce():\n    return None\n",
+        "loss 'ce' is already registered",
+    ),
+    "bad_role": (
+        "import locallearn\n\n@locallearn.register_head('h', role='pooler', summary='x')\n"
+        "def h(shape, out):\n    return None\n",
+        "role must be one of classifier, decoder, similarity",
     ),
 }
 
