@@ -1,13 +1,12 @@
 """locallearn: a zoo of local-learning rules for timm backbones, trained under Accelerate."""
 
-__version__ = "0.1.0"
-
-from . import cifar_resnets, models  # noqa: E402,F401  (register the small-image variants with timm)
-from .blocks import BlockStack, split  # noqa: E402
-from .data import load_dataset  # noqa: E402
-from .errors import ConfigError, DataError, LocallearnError, SplitError  # noqa: E402
-from .rules import LocalPart, Rule, create_rule, list_rules, register_rule  # noqa: E402
-from .trainer import TrainConfig, Trainer  # noqa: E402
+from . import cifar_resnets, models  # noqa: F401  (register the small-image variants with timm)
+from .blocks import BlockStack, split
+from .data import load_dataset
+from .errors import ConfigError, DataError, LocallearnError, SplitError
+from .rules import LocalPart, Rule, create_rule, list_rules, register_rule
+from .trainer import TrainConfig, Trainer
+from .version import __version__
 
 __all__ = [
     "BlockStack",
@@ -19,6 +18,7 @@ __all__ = [
     "SplitError",
     "TrainConfig",
     "Trainer",
+    "__version__",
     "create_rule",
     "list_rules",
     "load_dataset",

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .version import __version__
+
 RECORD_VERSION = 1
 
 
@@ -19,8 +21,6 @@ def versions() -> dict[str, str | None]:
     import accelerate
     import timm
     import torch
-
-    from . import __version__
 
     return {
         "locallearn": __version__,
