@@ -1,6 +1,6 @@
 """locallearn: a zoo of local-learning rules for timm backbones, trained under Accelerate."""
 
-from . import cifar_resnets, models  # noqa: F401  (register the small-image variants with timm)
+from . import models  # noqa: F401  (registers the small-image variants with timm)
 from .blocks import BlockStack, split
 from .data import load_dataset
 from .errors import ConfigError, DataError, LocallearnError, SplitError
