@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from .blocks import split
     from .data import load_dataset
-    from .records import RECORD_VERSION, record_name, versions, write_json
+    from .records import RecordWriter, build_record, hardware, record_name
     from .rules.base import RULES
     from .trainer import Diverged, TrainConfig, Trainer
 
@@ -95,60 +94,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     observers = (plane,) if plane is not None else ()
     trainer = Trainer(stack, rule, data, config, accelerator, observers)
-    backbone = sum(p.numel() for p in stack.parameters())
-    in_stack = {id(p) for p in stack.parameters()}
-    auxiliary = sum(p.numel() for part in trainer.parts for p in part.parameters()
-                    if id(p) not in in_stack)
-    record = {
-        "version": RECORD_VERSION,
-        "status": "running",
-        "rule": args.rule,
-        "rule_paper": RULES.get(args.rule).meta["paper"],
-        "model": args.model,
-        "dataset": args.dataset,
-        "seed": args.seed,
-        "deterministic": args.deterministic,
-        "config": {
-            **flags.recorded_values(args),
-            "plugins": list(args.plugin),
-            "milestones": list(args.milestones),
-            "rule_options": rule.describe(),
-            "model_options": model_opts,
-            "train": config_dict(config),
-        },
-        "versions": versions(),
-        "hardware": {
-            "device": str(accelerator.device),
-            "device_name": _device_name(accelerator.device),
-            "num_processes": accelerator.num_processes,
-        },
-        "stack": {
-            "blocks": stack.names, "granularity": args.granularity, "num_blocks": args.blocks
-        },
-        "parts": [
-            {"name": p.part_name, "blocks": p.block_ids,
-             "params": sum(q.numel() for q in p.parameters())}
-            for p in trainer.parts
-        ],
-        "params": {"backbone": backbone, "auxiliary": auxiliary},
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "history": trainer.history,
-        "test_acc": None,
-        "block_acc": None,
-        "seconds": None,
-    }
+    record = build_record(
+        flags.recorded_values(args), plugins=args.plugin,
+        rule_paper=RULES.get(args.rule).meta["paper"], rule_options=rule.describe(),
+        model_options=model_opts, train=config_dict(config), stack=stack, parts=trainer.parts,
+        hardware=hardware(accelerator), history=trainer.history,
+    )
     path = Path(args.output) / (args.name or record_name(args.rule, args.model, args.dataset,
                                                          args.seed))
-
-    def write(status: str, **fields: Any) -> None:
-        record.update(status=status, **fields, **_measurements(trainer.history))
-        if plane is not None:
-            record["plane_config"] = plane.describe()
-            record["plane"] = plane.entries
-        if accelerator.is_main_process:
-            record["path"] = str(write_json(path, record))
-
-    trainer.observers = (*observers, _RecordWriter(write))
+    writer = RecordWriter(record, path, plane, accelerator.is_main_process)
+    trainer.observers = (*observers, writer)  # the record shows the plane's epoch
     if args.checkpoint_dir:
         identity = flags.run_identity(args, {
             "rule_options": rule.describe(), "model_options": model_opts,
@@ -160,32 +115,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except Diverged as err:
-        write("diverged", error=str(err))
+        writer.write("diverged", error=str(err))
         accelerator.wait_for_everyone()
         raise
     except KeyboardInterrupt:
-        write("interrupted")
+        writer.write("interrupted")
         raise
-    write("complete", test_acc=result["test_acc"], block_acc=result["block_acc"],
-          seconds=result["seconds"])
+    writer.write("complete", test_acc=result["test_acc"], block_acc=result["block_acc"],
+                 seconds=result["seconds"])
     accelerator.wait_for_everyone()
     accelerator.end_training()  # under several processes: tear the process group down
     return record
-
-
-class _RecordWriter:
-    """Observer that rewrites the record after every epoch, marked ``running``."""
-
-    def __init__(self, write):
-        self.write = write
-
-    def on_fit_start(self, trainer) -> None:
-        self.write("running")
-
-    def on_epoch_end(self, trainer, entry) -> None:
-        self.write("running")
-
-    def on_fit_end(self, trainer, result) -> None: ...
 
 
 def _with_preset(argv: list[str] | None) -> list[str]:
@@ -202,35 +142,12 @@ def _with_preset(argv: list[str] | None) -> list[str]:
     return load_preset(known.preset).flags_for(known.rule) + argv
 
 
-def _measurements(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Activation memory (max over epochs) and mean seconds per epoch, for the record."""
-    def peak(key: str) -> int | None:
-        return max((e[key] for e in history if key in e), default=None)
-
-    seconds = [e["seconds"] for e in history]
-    return {
-        "memory": {"saved_bytes_peak": peak("saved_bytes_peak"),
-                   "cuda_max_memory": peak("cuda_max_memory")},
-        "seconds_per_epoch": round(sum(seconds) / len(seconds), 3) if seconds else None,
-    }
-
-
 def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available()
     ) or torch.backends.mps.is_available()
-
-
-def _device_name(device) -> str:
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def summary(record: dict[str, Any]) -> str:
