@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from .blocks import split
+    from .checkpoint import Checkpointer
     from .data import load_dataset
     from .records import RecordWriter, build_record, hardware, record_name
     from .rules.base import RULES
@@ -109,8 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rule_options": rule.describe(), "model_options": model_opts,
             "train": config_dict(config) | {"progress": None},
         })
-        trainer.save_checkpoints(args.checkpoint_dir, args.keep_checkpoints, identity)
-        if args.resume and trainer.resume() and accelerator.is_main_process:
+        checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints, identity)
+        trainer.observers += (checkpointer,)  # saved after the record shows the epoch
+        if args.resume and checkpointer.resume(trainer) and accelerator.is_main_process:
             print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
     try:
         result = trainer.fit()
