@@ -20,16 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from locallearn.flags import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "benchmarks" / "run.py"
 DONE = ("complete", "diverged")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        from locallearn.errors import ConfigError
-
-        raise ConfigError(message)
 
 
 def _seeds(text: str) -> list[int]:
@@ -40,7 +35,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="suite.py", description="Run every run x seed of a preset, skip done ones.",
+    p = Parser(prog="suite.py", description="Run every run x seed of a preset, skip done ones.",
                 epilog="Flags after -- go to every run.py run, after the preset's.")
     p.add_argument("--preset", required=True, help="a name in benchmarks/presets/ or a .json file")
     p.add_argument("--data", metavar="PATH", help="an image folder (--dataset imagefolder:PATH)")

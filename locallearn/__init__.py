@@ -1,18 +1,17 @@
 """locallearn: a zoo of local-learning rules for timm backbones, trained under Accelerate."""
 
-__version__ = "0.1.0"
-
-from . import cifar_resnets, models  # noqa: E402,F401  (register the small-image variants with timm)
-from .blocks import BlockStack, split  # noqa: E402
-from .data import load_dataset  # noqa: E402
-from .errors import ConfigError, DataError, LocallearnError, SplitError  # noqa: E402
-from .heads import build_head, list_heads, register_head  # noqa: E402
-from .losses import LossInput, build_loss, list_losses, register_loss  # noqa: E402
-from .objectives import Objective, Term, classifier, no_objective  # noqa: E402
-from .rules import LocalPart, Rule, create_rule, list_rules, register_rule  # noqa: E402
-from .rules.local import LocalConfig, LocalRule  # noqa: E402
-from .step import Scored, Step  # noqa: E402
-from .trainer import TrainConfig, Trainer  # noqa: E402
+from . import models  # noqa: F401  (registers the small-image variants with timm)
+from .blocks import BlockStack, split
+from .data import load_dataset
+from .errors import ConfigError, DataError, LocallearnError, SplitError
+from .heads import build_head, list_heads, register_head
+from .losses import LossInput, build_loss, list_losses, register_loss
+from .objectives import Objective, Term, classifier, no_objective
+from .rules import LocalPart, Rule, create_rule, list_rules, register_rule
+from .rules.local import LocalConfig, LocalRule
+from .step import Scored, Step
+from .trainer import TrainConfig, Trainer
+from .version import __version__
 
 __all__ = [
     "BlockStack",
@@ -31,6 +30,7 @@ __all__ = [
     "Term",
     "TrainConfig",
     "Trainer",
+    "__version__",
     "build_head",
     "build_loss",
     "classifier",

@@ -29,7 +29,8 @@ from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
 from torch import nn
 
 from locallearn.errors import SplitError
-from locallearn.models import CifarVGG
+
+from .models import CifarVGG
 
 
 @dataclass

@@ -13,6 +13,8 @@ A checkpoint is a folder ``epoch0003/`` holding
 
 It is written under a temporary name and renamed when complete, so a kill
 while saving leaves the previous checkpoint intact; old ones are pruned.
+:class:`Checkpointer` is the observer that saves one after every epoch and
+resumes from the newest.
 Accelerate's ``save_state`` is not used because its RNG states are pickles,
 which only unrestricted ``torch.load`` reads.
 """
@@ -32,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import LocallearnError
+from .observers import Observer
 from .records import write_json
 
 FORMAT = 1
@@ -40,6 +43,46 @@ PREFIX = "epoch"
 
 class CheckpointError(LocallearnError):
     """A checkpoint that is missing, damaged, or from another run."""
+
+
+class Checkpointer(Observer):
+    """Saves the training state after every epoch; resumes from the newest checkpoint.
+
+    Register it after the observers whose state it saves (the information plane)
+    and after the record writer, so a checkpoint never holds an epoch the record
+    has not shown yet.
+
+    Args:
+        directory: where the checkpoints go.
+        keep: how many to keep (the newest).
+        identity: model, rule, data and settings, stored with each checkpoint; a
+            checkpoint is resumed only under the same identity.
+    """
+
+    def __init__(self, directory: str | Path, keep: int, identity: dict[str, Any]):
+        self.directory, self.keep, self.identity = Path(directory), keep, identity
+
+    def on_epoch_end(self, trainer, entry: dict[str, Any]) -> None:
+        acc = trainer.accelerator
+        if acc.is_main_process:
+            save(trainer, self.directory, entry["epoch"], self.identity, self.keep)
+        acc.wait_for_everyone()
+
+    def resume(self, trainer) -> int:
+        """Restore ``trainer`` from the newest complete checkpoint, if any.
+
+        Call it after every observer is registered (their states are restored too).
+
+        Returns:
+            The epochs already done (``trainer.start_epoch``).
+
+        Raises:
+            CheckpointError: the newest checkpoint is damaged or from another run.
+        """
+        found = complete(self.directory)
+        if found:
+            trainer.start_epoch = load(trainer, found[-1], self.identity)
+        return trainer.start_epoch
 
 
 def _tensors(trainer) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LocallearnError
+from .flags import FLAGS
 from .records import read_record
 
 __all__ = [
@@ -28,13 +29,10 @@ __all__ = [
     "write_all",
 ]
 
-# Config keys that do not change what a run measures (or are shown elsewhere).
-_NOT_SETTING = {
-    "seed", "output", "name", "no_progress", "check", "resume", "checkpoint_dir",
-    "keep_checkpoints", "cache_dir", "data_root", "dataset", "preset", "plugins", "plugin",
-    "list_rules", "train", "eval_batch_size", "probe_size", "plane_every", "probe_split",
-    "no_plane", "model", "epochs", "train_subset", "test_subset",
-}
+# Config keys that do not make a row: the flags that are not part of a row (outputs,
+# commands, the table, the seed, what changes no trained number; see flags.Flag.row),
+# the loop's settings again as one dict ("train") and the --plugin list ("plugins").
+_NOT_SETTING = {f.dest for f in FLAGS if not f.in_row} | {"train", "plugins"}
 _DEPTHS_SHOWN = 8
 _PLANE_KEYS = {"epoch", "block", "nhsic_x", "nhsic_y"}
 

@@ -35,15 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, unknown_name
+from .flags import BY_NAME, build_parser
 
 __all__ = ["Preset", "PresetRun", "list_presets", "load_preset", "preset_dir"]
 
 ALL_RULES = "*"
 _KEYS = {"about", "notes", "args", "rule_args", "runs", "seeds"}
 _RUN_KEYS = {"rule", "tag", "args"}
-# Flags a preset must not set: the runs and seeds give rule and seed; the grid
-# runner gives output and name; the rest are commands, not settings.
-_FORBIDDEN = {"rule", "seed", "preset", "output", "name", "list-rules", "check", "resume", "help"}
+_REPEATABLE = ("list", "options")  # kinds of flag given once per list item
 _TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -134,15 +133,13 @@ def to_flags(args: dict[str, Any]) -> list[str]:
         elif isinstance(value, dict):
             for k, v in value.items():
                 out += [flag, f"{k}={_text(v)}"]
-        elif isinstance(value, list) and key in _REPEATABLE:
+        elif isinstance(value, list) and key in BY_NAME and BY_NAME[key].kind in _REPEATABLE:
             for v in value:
                 out += [flag, _text(v)]
         else:
             out += [flag, _text(value)]
     return out
 
-
-_REPEATABLE = {"plugin", "rule-opt", "model-opt"}
 
 
 def _text(value: Any) -> str:
@@ -209,24 +206,18 @@ def _no_unknown(data: dict[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _check_args(args: Any, where: str) -> dict[str, Any]:
-    from .cli import build_parser
-
     if not isinstance(args, dict):
         raise ConfigError(f"{where}: must be an object of run.py flags")
-    known = build_parser()._option_string_actions  # argparse has no public map of its flags
     for key, value in args.items():
-        action = known.get(f"--{key}")
-        if action is None:
-            raise unknown_name("run.py flag", key, [o[2:] for o in known if o.startswith("--")],
-                               where)
-        if key in _FORBIDDEN:
+        flag = BY_NAME.get(key)
+        if flag is None and key != "help":
+            raise unknown_name("run.py flag", key, [*BY_NAME, "help"], where)
+        if flag is None or not flag.presettable:  # the runs, seeds and grid runner give these
             raise ConfigError(f"{where}: {key!r} cannot be set in a preset")
-        switch = action.nargs == 0
-        if switch != isinstance(value, bool) or (
-            key in ("rule-opt", "model-opt") and not isinstance(value, dict)
-        ):
+        switch, options = flag.kind == "switch", flag.kind == "options"
+        if switch != isinstance(value, bool) or (options and not isinstance(value, dict)):
             kind = "true or false" if switch else (
-                "an object of KEY: VALUE" if key in ("rule-opt", "model-opt") else "a value")
+                "an object of KEY: VALUE" if options else "a value")
             raise ConfigError(f"{where}: {key!r} must be {kind}; got {value!r}")
     return dict(args)
 
@@ -244,8 +235,6 @@ def _entry(entry: Any, index: int, where: str) -> PresetRun:
 
 def _check_parses(preset: Preset) -> None:
     """Every run's flags must parse as run.py's (types, choices); names are checked at run time."""
-    from .cli import build_parser
-
     every = sorted(set(preset.rule_args) | {ALL_RULES})  # "*" alone: no rule_args
     for entry in preset.entries:
         for rule in every if entry.rule == ALL_RULES else [entry.rule]:

@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
 from .data import BatchTransform, ImageData, make_loaders
 from .errors import LocallearnError
 from .measure import SavedTensorMeter
@@ -125,22 +124,6 @@ class Trainer:
             self.activate(i)
         self.start_epoch = 0
         self._checkpoints: tuple[Any, int, dict[str, Any]] | None = None
-
-    def save_checkpoints(self, directory, keep: int, identity: dict[str, Any]) -> None:
-        """Save the training state after every epoch into ``directory``, keeping ``keep``.
-
-        ``identity`` (model, rule, data, settings) is stored with each checkpoint
-        and must match when resuming.
-        """
-        self._checkpoints = (directory, keep, identity)
-
-    def resume(self) -> int:
-        """Continue from the newest complete checkpoint, if any; returns the epochs already done."""
-        directory, _, identity = self._checkpoints
-        found = checkpoint.complete(directory)
-        if found:
-            self.start_epoch = checkpoint.load(self, found[-1], identity)
-        return self.start_epoch
 
     def _check_parts(self) -> None:
         owner: dict[int, str] = {}
@@ -275,11 +258,6 @@ class Trainer:
             self.history.append(entry)
             for obs in self.observers:
                 obs.on_epoch_end(self, entry)
-            if self._checkpoints is not None:
-                directory, keep, identity = self._checkpoints
-                if acc.is_main_process:
-                    checkpoint.save(self, directory, epoch + 1, identity, keep)
-                acc.wait_for_everyone()
             if acc.is_main_process and cfg.progress:
                 blocks = " ".join(f"{a:.3f}" for a in entry["block_acc"] if a is not None)
                 tqdm.write(

@@ -13,10 +13,10 @@ import torch
 
 from locallearn import create_rule, list_heads, split
 from locallearn.bench import random_data
-from locallearn.cifar_resnets import CifarResNet
 from locallearn.errors import ConfigError
 from locallearn.heads import HEADS
 from locallearn.losses import LOSSES
+from locallearn.models import CifarResNet
 from locallearn.rules import RULES
 from locallearn.rules.local import LocalRule
 from locallearn.trainer import TrainConfig, Trainer

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..errors import ConfigError, DataError, LocallearnError, unknown_name
+from ..flags import Parser
 from ..records import read_record
 
 __all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "save_figure"]
@@ -273,13 +274,8 @@ def _metadata(suffix: str) -> dict[str, Any]:
     return {}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="plane.py", description="Draw information-plane figures from run records.")
+    p = Parser(prog="plane.py", description="Draw information-plane figures from run records.")
     p.add_argument("records", nargs="+", metavar="RECORD", help="run record JSON files")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="figure file (.png, .pdf or .svg)")

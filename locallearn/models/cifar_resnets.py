@@ -32,8 +32,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-from locallearn.errors import ConfigError
-from locallearn.models import CIFAR10_MEAN, CIFAR10_STD
+from ..errors import ConfigError
+from .cifar import cifar_cfg, no_weights
 
 __all__ = ["CifarResNet", "resnet110_cifar", "resnet32_cifar"]
 
@@ -114,21 +114,15 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8),
-        "crop_pct": 1.0, "interpolation": "bilinear", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
-        "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0", **kwargs,
-    }
-
-
 # register_model reads this module-level name when each entrypoint is decorated.
-default_cfgs = generate_default_cfgs({"resnet32_cifar": _cfg(), "resnet110_cifar": _cfg()})
+default_cfgs = generate_default_cfgs({
+    name: cifar_cfg(pool_size=(8, 8), first_conv="conv1", classifier="fc")
+    for name in ("resnet32_cifar", "resnet110_cifar")
+})
 
 
 def _create(name: str, blocks: int, pretrained: bool, **kwargs: Any) -> CifarResNet:
-    if pretrained:
-        raise ConfigError(f"no pretrained weights exist for {name}; use pretrained=False")
+    no_weights(name, pretrained)
     return build_model_with_cfg(CifarResNet, name, pretrained, blocks=blocks,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 

@@ -1,0 +1,248 @@
+"""Every flag of ``benchmarks/run.py``, declared once.
+
+The command line's parser, the presets' checks, the leaderboard's idea of a
+setting and the identity a checkpoint must match are all read from
+:data:`FLAGS`. A flag's role says what it is:
+
+- ``IDENTITY``: what is trained (model, rule, data, split, the loop's
+  settings); a checkpoint resumes only under the same identity.
+- ``SETTING``: how it is trained or looked at, without being part of the
+  identity (precision, determinism, the information plane).
+- ``OUTPUT``: where things are read from or written to, and what is shown.
+- ``COMMAND``: what ``run.py`` does rather than what it trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "COMMAND", "FLAGS", "IDENTITY", "OUTPUT", "SETTING", "Flag", "Parser", "build_parser",
+    "recorded_values", "run_identity",
+]
+
+IDENTITY, SETTING, OUTPUT, COMMAND = "identity", "setting", "output", "command"
+# Where a loop setting sits in the identity: the resolved TrainConfig, under this key.
+TRAIN = "train"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors raise ConfigError so they print as one line."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
+
+
+def number(text: str) -> float:
+    """argparse type: a finite float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite; got {text!r}")
+    return value
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated fractions in (0, 1)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers; got {text!r}") from None
+    if not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"must be fractions of the epochs in (0, 1); got {text!r}")
+    return values
+
+
+def _datasets_help() -> str:
+    from .data import DATASETS  # data loads torch: only when a parser is built
+
+    return "one of: " + ", ".join(DATASETS)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of ``run.py``.
+
+    Attributes:
+        name: the long flag without its dashes, e.g. ``"train-subset"``.
+        role: ``IDENTITY``, ``SETTING``, ``OUTPUT`` or ``COMMAND``.
+        help: the help text, or a function giving it when the parser is built.
+        default: the value when the flag is not given.
+        type: turns the text into the value (argparse ``type``).
+        choices: the allowed values.
+        metavar: the value's name in the help.
+        kind: ``"value"``; ``"switch"`` (no value, true when given); ``"list"``
+            (repeatable, collected in a list); ``"options"`` (repeatable ``KEY=VALUE``).
+        identity_key: its key in the checkpoint identity (IDENTITY flags; default: its
+            dest); ``"train"`` for a loop setting, held there by the resolved TrainConfig.
+        recorded: whether its value goes into the run record's ``config`` as given
+            (options are recorded resolved, by the rule and the model).
+        row: whether runs that differ in it are different rows of a leaderboard table
+            (default: identity and setting flags); the table, the seed (averaged over)
+            and what changes no trained number are not.
+        presettable: whether a preset may set it.
+    """
+
+    name: str
+    role: str
+    help: str | Callable[[], str] | None = None
+    default: Any = None
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    kind: str = "value"
+    identity_key: str | None = None
+    recorded: bool = True
+    row: bool | None = None
+    presettable: bool = True
+
+    @property
+    def dest(self) -> str:
+        """The attribute of the parsed namespace (and the key of the record's config)."""
+        return self.name.replace("-", "_")
+
+    @property
+    def in_row(self) -> bool:
+        """Whether runs that differ in it are different rows of a leaderboard table."""
+        return self.role in (IDENTITY, SETTING) if self.row is None else self.row
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Add this flag to ``parser``."""
+        kw: dict[str, Any] = {"help": self.help() if callable(self.help) else self.help}
+        if self.kind == "switch":
+            kw["action"] = "store_true"
+        elif self.kind in ("list", "options"):
+            kw.update(action="append", default=list(self.default or ()), metavar=self.metavar)
+        else:
+            kw.update(default=self.default, type=self.type, metavar=self.metavar)
+            if self.choices is not None:
+                kw["choices"] = list(self.choices)
+        parser.add_argument(f"--{self.name}", **kw)
+
+
+def _loop(name: str, **kw: Any) -> Flag:
+    """A setting of the training loop: in the identity through the resolved TrainConfig."""
+    return Flag(name, IDENTITY, identity_key=TRAIN, **kw)
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("rule", IDENTITY, "training rule (see --list-rules)", "e2e",
+         presettable=False),  # a preset's runs give the rule
+    Flag("rule-opt", IDENTITY, "rule option, typed by the rule's config; repeatable",
+         metavar="KEY=VALUE", kind="options", identity_key="rule_options", recorded=False),
+    Flag("plugin", COMMAND, "load rules, heads and losses from a Python file or module; "
+         "repeatable",
+         metavar="FILE.py|MODULE", kind="list", recorded=False),
+    Flag("list-rules", COMMAND, "list the registered rules and exit", kind="switch",
+         recorded=False, presettable=False),
+    Flag("list-heads", COMMAND, "list the registered auxiliary heads and exit", kind="switch",
+         recorded=False, presettable=False),
+    Flag("list-losses", COMMAND, "list the registered loss terms and exit", kind="switch",
+         recorded=False, presettable=False),
+    Flag("preset", COMMAND, "defaults from benchmarks/presets/NAME.json (its flags and those "
+         "for --rule); flags given here override them", metavar="NAME", presettable=False),
+    Flag("model", IDENTITY, "timm model name", "resnet18_cifar", row=False),
+    Flag("model-opt", IDENTITY, "keyword for timm.create_model, e.g. img_size=32; repeatable",
+         metavar="KEY=VALUE", kind="options", identity_key="model_options", recorded=False),
+    Flag("granularity", IDENTITY, "split at stages (default) or at every block", "stage",
+         choices=("stage", "block")),
+    Flag("blocks", IDENTITY, "group the fine blocks into K parts balanced by activation memory",
+         type=positive_int, metavar="K", identity_key="num_blocks"),
+    Flag("dataset", IDENTITY, _datasets_help, "cifar10", row=False),
+    Flag("data-root", OUTPUT, "where torchvision data sets live", "data"),
+    Flag("cache-dir", OUTPUT, "decoded-image cache (default ~/.cache/locallearn)"),
+    Flag("train-subset", IDENTITY, "train on a fixed, seeded, class-balanced subset of N images",
+         type=positive_int, metavar="N", row=False),
+    Flag("test-subset", IDENTITY, "test on a fixed, seeded, class-balanced subset of N images",
+         type=positive_int, metavar="N", row=False),
+    _loop("epochs", default=10, type=positive_int, row=False),
+    _loop("batch-size", default=128, type=positive_int),
+    _loop("eval-batch-size", type=positive_int, row=False),
+    _loop("lr", default=0.1, type=number),
+    _loop("optimizer", default="sgd", choices=("sgd", "adamw")),
+    _loop("momentum", default=0.9, type=number),
+    _loop("nesterov", kind="switch"),
+    _loop("weight-decay", default=5e-4, type=number),
+    _loop("schedule", default="cosine", choices=("cosine", "multistep", "constant")),
+    _loop("milestones", help="multistep: fractions of the epochs, e.g. 0.5,0.75",
+          default=(0.5, 0.75), type=fractions),
+    _loop("gamma", help="multistep decay factor", default=0.1, type=number),
+    Flag("plane-every", SETTING, "information plane: before training, every N epochs and after "
+         "the last", 1, type=positive_int, metavar="N", row=False),
+    Flag("probe-size", SETTING, "samples in the information-plane probe set", 1000,
+         type=positive_int, metavar="M", row=False),
+    Flag("probe-split", SETTING, "where the probe set comes from (un-augmented)", "train",
+         choices=("train", "test"), row=False),
+    Flag("no-plane", SETTING, "skip the information plane", kind="switch", row=False),
+    _loop("max-loss", help="stop as diverged when a part's mean loss exceeds X (0: off)",
+          default=0.0, type=number, metavar="X"),
+    Flag("mixed-precision", SETTING, None, "no", choices=("no", "fp16", "bf16")),
+    _loop("seed", default=0, type=int, row=False,
+          presettable=False),  # a preset's seeds give it
+    Flag("deterministic", SETTING,
+         "torch.use_deterministic_algorithms (same results on GPUs too; slower)", kind="switch"),
+    Flag("output", OUTPUT, "folder for the run record", "runs",
+         presettable=False),  # the grid runner gives it
+    Flag("name", OUTPUT, "record file name (default: rule__model__dataset__seedN.json)",
+         presettable=False),  # the grid runner gives it
+    Flag("checkpoint-dir", OUTPUT, "save the full training state here after every epoch",
+         metavar="DIR"),
+    Flag("resume", COMMAND, "continue from the newest complete checkpoint in --checkpoint-dir",
+         kind="switch", presettable=False),
+    Flag("keep-checkpoints", OUTPUT, "how many checkpoints to keep (default 2)", 2,
+         type=positive_int, metavar="N"),
+    Flag("no-progress", OUTPUT, "no progress bars", kind="switch"),
+    Flag("check", COMMAND, "check the arguments (names, options, data path) and exit without "
+         "training", kind="switch", recorded=False, presettable=False),
+)
+BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}
+
+
+def build_parser() -> Parser:
+    """The parser of ``run.py``, every flag from :data:`FLAGS`."""
+    parser = Parser(
+        prog="run.py",
+        description="Train a timm backbone by a local-learning rule and write a JSON run record.",
+    )
+    for flag in FLAGS:
+        flag.add_to(parser)
+    return parser
+
+
+def recorded_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the flags recorded as given, by dest, in declaration order."""
+    return {f.dest: getattr(args, f.dest) for f in FLAGS if f.recorded}
+
+
+def run_identity(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: every IDENTITY flag, by its identity key.
+
+    Args:
+        args: the parsed command line.
+        resolved: values that replace the given ones, by identity key: the rule's and
+            the model's resolved options and ``"train"``, the loop's resolved settings.
+    """
+    identity: dict[str, Any] = {}
+    for flag in FLAGS:
+        if flag.role == IDENTITY:
+            key = flag.identity_key or flag.dest
+            identity[key] = resolved[key] if key in resolved else getattr(args, flag.dest)
+    return identity
