@@ -123,7 +123,6 @@ class Trainer:
         for i in self.schedule[0]:  # ready for train_step before fit
             self.activate(i)
         self.start_epoch = 0
-        self._checkpoints: tuple[Any, int, dict[str, Any]] | None = None
 
     def _check_parts(self) -> None:
         owner: dict[int, str] = {}
