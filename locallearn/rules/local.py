@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..config import call_options
+from ..config import call_options, config_dict
 from ..errors import ConfigError
 from ..heads import HEADS, build_head
 from ..losses import LOSSES
@@ -113,9 +113,8 @@ class LocalRule(Rule):
 
     def describe(self) -> dict[str, Any]:
         """The rule's own options, and the composition's where they differ from its default."""
-        options, default = super().describe(), type(self.config)()
-        return {k: v for k, v in options.items()
-                if k in self.shown or v != getattr(default, k)}
+        options, default = super().describe(), config_dict(type(self.config)())
+        return {k: v for k, v in options.items() if k in self.shown or v != default[k]}
 
     def make_step(self, images, labels, transform, num_classes, generator=None, train=True):
         views = LOSSES.get(self.loss).meta["views"]
