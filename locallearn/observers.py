@@ -6,10 +6,11 @@ and the run record can be observers without importing the loop they observe.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # for annotations only: the trainer sits above this module
-    from .trainer import Trainer
+# The trainer sits above this module and is not imported, not even for annotations:
+# each hook's ``trainer`` is the :class:`~locallearn.trainer.Trainer` that calls it.
+Trainer = Any
 
 
 class Observer:
