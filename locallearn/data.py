@@ -78,28 +78,38 @@ def _folder_split(path: Path, *names: str) -> Path | None:
 def check_dataset(spec: str, root: str | Path = "data") -> None:
     """Validate a dataset spec cheaply, before anything is built or written.
 
+    An image folder is listed (no image is opened): its layout, classes and
+    symbolic links are checked here.
+
     Raises:
         ConfigError: the name is unknown (close matches are named).
-        DataError: an image folder is missing or lacks ``train/`` and ``test/`` (or ``val/``).
+        DataError: an image folder is missing, lacks ``train/`` and ``test/`` (or ``val/``),
+            has fewer than 2 classes, an empty class or a symbolic-link loop.
     """
     if spec.startswith("imagefolder:"):
-        raw = spec[len("imagefolder:"):]
-        if not raw:
-            raise ConfigError("imagefolder needs a path: --dataset imagefolder:PATH")
-        path = Path(raw).expanduser()
-        if not path.is_dir():
-            problem = "does not exist" if not path.exists() else "is not a directory"
-        elif _folder_split(path, "train") is None:
-            problem = "has no train/ directory"
-        elif _folder_split(path, "test", "val") is None:
-            problem = "has neither test/ nor val/ directory"
-        else:
-            return
-        raise DataError(f"image folder {str(path)!r} {problem}; expected {_FOLDER_LAYOUT}")
+        _list_folder(_folder_path(spec))
+        return
     if _canonical_name(spec) is None:
         raise unknown_name("dataset", spec, DATASETS)
     if Path(root).is_file():
         raise DataError(f"data root {str(root)!r} is a file, not a directory")
+
+
+def _folder_path(spec: str) -> Path:
+    """The folder of an ``imagefolder:PATH`` spec, once its layout is checked."""
+    raw = spec[len("imagefolder:"):]
+    if not raw:
+        raise ConfigError("imagefolder needs a path: --dataset imagefolder:PATH")
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        problem = "does not exist" if not path.exists() else "is not a directory"
+    elif _folder_split(path, "train") is None:
+        problem = "has no train/ directory"
+    elif _folder_split(path, "test", "val") is None:
+        problem = "has neither test/ nor val/ directory"
+    else:
+        return path
+    raise DataError(f"image folder {str(path)!r} {problem}; expected {_FOLDER_LAYOUT}")
 
 
 def _canonical_name(spec: str) -> str | None:
@@ -129,15 +139,16 @@ def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | No
         ConfigError: unknown name, or a subset larger than its split.
         DataError: data that cannot be found, downloaded or decoded.
     """
-    check_dataset(spec, root)
     if spec.startswith("imagefolder:"):
         if cache_dir is None:
             cache_dir = os.environ.get("LOCALLEARN_CACHE") or Path.home() / ".cache" / "locallearn"
-        data = _load_imagefolder(Path(spec[len("imagefolder:"):]).expanduser(), Path(cache_dir))
-    elif _canonical_name(spec) == "synthetic":
-        data = _synthetic()
+        data = _load_imagefolder(_folder_path(spec), Path(cache_dir))
     else:
-        data = _load_torchvision(_canonical_name(spec), Path(root), download)
+        check_dataset(spec, root)
+        if _canonical_name(spec) == "synthetic":
+            data = _synthetic()
+        else:
+            data = _load_torchvision(_canonical_name(spec), Path(root), download)
     for split, n in (("train", train_subset), ("test", test_subset)):
         if n is None:
             continue
@@ -193,24 +204,8 @@ def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
 
 
 def _load_imagefolder(path: Path, cache_dir: Path) -> ImageData:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-    train_dir = path / "train"
-    test_dir = _folder_split(path, "test", "val")
-    try:
-        classes, class_to_idx = find_classes(train_dir)
-        train_files = make_dataset(train_dir, class_to_idx, IMG_EXTENSIONS)
-        extra = sorted(set(find_classes(test_dir)[0]) - set(classes))
-        if extra:
-            raise DataError(f"{test_dir.name}/ of {str(path)!r} has classes that train/ "
-                            f"lacks: {', '.join(extra)}")
-        test_files = make_dataset(test_dir, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-    except FileNotFoundError as err:  # torchvision's message may span lines
-        raise DataError(f"no images found in {str(path)!r} ({str(err).splitlines()[0]}); "
-                        f"expected {_FOLDER_LAYOUT}") from err
-    if not test_files:
-        raise DataError(f"no images found in {str(test_dir)!r}; expected {_FOLDER_LAYOUT}")
-
+    classes, train_files, test_files = _list_folder(path)
+    train_dir, test_dir = path / "train", _folder_split(path, "test", "val")
     train_images = _cached_split(train_dir, [p for p, _ in train_files], cache_dir)
     test_images = _cached_split(test_dir, [p for p, _ in test_files], cache_dir)
     if train_images.shape[1:] != test_images.shape[1:]:
@@ -224,6 +219,85 @@ def _load_imagefolder(path: Path, cache_dir: Path) -> ImageData:
                      labels[1], classes, mean, std, "crop_flip")
 
 
+# torchvision's IMG_EXTENSIONS, matched case-insensitively as its make_dataset does.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _list_folder(path: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """Classes and ``(file, label)`` lists of the train and test splits of an image folder.
+
+    Raises:
+        DataError: train/ has no class folder, a class without images or only one
+            class; test/ has classes train/ lacks or no image; a symbolic-link loop.
+    """
+    train_dir, test_dir = path / "train", _folder_split(path, "test", "val")
+    assert test_dir is not None, "_folder_path checked the layout"
+    classes = _class_names(train_dir)
+    if not classes:
+        raise DataError(f"no class folders in {str(train_dir)!r}; expected {_FOLDER_LAYOUT}")
+    train_files = _image_files(train_dir, classes)
+    empty = sorted(set(classes) - {classes[y] for _, y in train_files})
+    if empty:
+        raise DataError(f"class folder(s) {', '.join(empty)} in {str(train_dir)!r} hold no "
+                        f"images ({' '.join(IMAGE_EXTENSIONS)}); add images or remove them")
+    if len(classes) < 2:
+        raise DataError(f"image folder {str(path)!r} has 1 class ({classes[0]}) in train/; "
+                        "a classifier needs at least 2 classes")
+    extra = sorted(set(_class_names(test_dir)) - set(classes))
+    if extra:
+        raise DataError(f"{test_dir.name}/ of {str(path)!r} has classes that train/ "
+                        f"lacks: {', '.join(extra)}")
+    test_files = _image_files(test_dir, classes)
+    if not test_files:
+        raise DataError(f"no images found in {str(test_dir)!r}; expected {_FOLDER_LAYOUT}")
+    return classes, train_files, test_files
+
+
+def _class_names(split_dir: Path) -> list[str]:
+    """Sorted names of the subfolders (links followed), as torchvision's ``find_classes``."""
+    try:
+        with os.scandir(split_dir) as entries:
+            return sorted(e.name for e in entries if e.is_dir())
+    except OSError as err:
+        raise DataError(f"cannot list {str(split_dir)!r}: {err}") from err
+
+
+def _image_files(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """``(file, label)`` of the images under ``split_dir/<class>/``, label = index in ``classes``.
+
+    The same files in the same order as torchvision's ``make_dataset`` (sorted
+    walk, links followed), which the image cache's key depends on; but a
+    directory reached twice is refused, where ``os.walk`` would follow a link
+    to a parent again and again and list the same images thousands of times.
+
+    Raises:
+        DataError: a symbolic-link loop, or two links to one directory.
+    """
+    files: list[tuple[str, int]] = []
+    seen: dict[str, str] = {}  # real path of each directory walked -> the path it was reached by
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        if not os.path.isdir(class_dir):
+            continue
+        walked = []
+        for root, dirs, names in os.walk(class_dir, followlinks=True):
+            dirs.sort()  # a deterministic walk, so errors name the same paths every time
+            real, parent = os.path.realpath(root), os.path.realpath(os.path.dirname(root))
+            if real == parent or parent.startswith(os.path.join(real, "")):  # "/" ends in "/"
+                raise DataError(f"image folder {str(split_dir)!r}: {root!r} is a symbolic-link "
+                                f"loop (it leads back to {real!r}); remove the link")
+            if real in seen:
+                raise DataError(f"image folder {str(split_dir)!r}: {root!r} and {seen[real]!r} "
+                                "are the same directory (a symbolic-link loop or duplicate "
+                                "link); each image must be listed once, remove the link")
+            seen[real] = root
+            walked.append((root, names))
+        for root, names in sorted(walked):
+            files += [(os.path.join(root, f), label) for f in sorted(names)
+                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return files
+
+
 def _size(shape: Sequence[int]) -> str:
     return f"{shape[-1]}x{shape[-2]}"  # width x height, as PIL reports sizes
 
@@ -233,7 +307,10 @@ def _cached_split(split_dir: Path, paths: list[str], cache_dir: Path) -> torch.T
     key = hashlib.sha256(f"{_CACHE_VERSION}\n{split_dir.resolve()}\n".encode())
     prefix = os.path.join(split_dir, "")  # paths are listed under it; cheaper than relpath
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as err:  # e.g. a broken link
+            raise DataError(f"cannot read image {p!r}: {err}") from err
         key.update(f"{p.removeprefix(prefix)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     cache = cache_dir / f"imagefolder-{split_dir.name}-{key.hexdigest()[:24]}.npy"
     try:
@@ -263,21 +340,29 @@ def _decode_images(paths: list[str], split_dir: Path) -> np.ndarray:
     """
     out: np.ndarray | None = None
     first = ""
-    for i, p in enumerate(tqdm(paths, desc=f"decoding {split_dir.name}", unit="img",
-                               disable=None, leave=False)):
-        try:
-            with Image.open(p) as im:
-                pixels = np.asarray(im.convert("RGB"))  # grayscale repeats, alpha is dropped
-        except OSError as err:
-            raise DataError(f"cannot read image {p!r}: {err}") from err
-        if out is None:
-            out, first = np.empty((len(paths), *pixels.shape), np.uint8), p
-        elif pixels.shape != out.shape[1:]:
-            raise DataError(f"images in {str(split_dir)!r} differ in size: "
-                            f"{_size(out.shape[1:3])} ({first}) vs {_size(pixels.shape[:2])} "
+    with warnings.catch_warnings():
+        # Past Image.MAX_IMAGE_PIXELS PIL only warns; past twice that it raises. Refuse both.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for i, p in enumerate(tqdm(paths, desc=f"decoding {split_dir.name}", unit="img",
+                                   disable=None, leave=False)):
+            try:
+                with Image.open(p) as im:  # closes the file on every error too
+                    # Sizes are in the header: a mismatch fails before any pixel is decoded.
+                    if out is not None and im.size != (out.shape[2], out.shape[1]):
+                        raise DataError(
+                            f"images in {str(split_dir)!r} differ in size: "
+                            f"{_size(out.shape[1:3])} ({first}) vs {im.size[0]}x{im.size[1]} "
                             f"({p}); resize them to one size")
-        out[i] = pixels
-    assert out is not None, "make_dataset never returns an empty listing"
+                    pixels = np.asarray(im.convert("RGB"))  # grayscale repeats, alpha is dropped
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                raise DataError(f"refusing image {p!r}: {str(err).rstrip('.')} (PIL's "
+                                "decompression-bomb check); resize it") from err
+            except (OSError, ValueError, EOFError, SyntaxError) as err:
+                raise DataError(f"cannot read image {p!r}: {err}") from err
+            if out is None:
+                out, first = np.empty((len(paths), *pixels.shape), np.uint8), p
+            out[i] = pixels
+    assert out is not None, "_list_folder never returns an empty listing"
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -412,18 +497,31 @@ class BatchTransform:
         return out.permute(0, 3, 1, 2).contiguous()
 
 
+def dropped_images(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Training images an epoch leaves out: a last batch of one image (or any, with ``drop_last``).
+
+    A batch of one image breaks BatchNorm in training mode wherever a map is
+    1x1 (and a batch statistic of one sample means nothing anyway), so that
+    image waits for the next epoch's shuffle instead.
+    """
+    rest = n % batch_size
+    return rest if drop_last or rest == 1 else 0
+
+
 def make_loaders(data: ImageData, batch_size: int, seed: int, eval_batch_size: int | None = None,
                  drop_last: bool = False) -> tuple[DataLoader, DataLoader]:
     """Train and test loaders yielding ``(uint8 images, int64 labels)`` batches.
 
     The training order is shuffled by a generator seeded with ``seed``, so it is the
     same in every run; the test loader keeps the data order. No workers: the data
-    is already in memory.
+    is already in memory. The training loader drops a last batch of one image
+    (see :func:`dropped_images`), or any incomplete last batch with ``drop_last``.
     """
     if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
         raise ConfigError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+    drop = dropped_images(len(data.train_labels), batch_size, drop_last) > 0
     train = DataLoader(TensorDataset(data.train_images, data.train_labels),
-                       batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                       batch_size=batch_size, shuffle=True, drop_last=drop,
                        generator=torch.Generator().manual_seed(seed), num_workers=0)
     test = DataLoader(TensorDataset(data.test_images, data.test_labels),
                       batch_size=eval_batch_size or 2 * batch_size, shuffle=False, num_workers=0)

@@ -21,10 +21,11 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from .data import BatchTransform, ImageData, make_loaders
-from .errors import LocallearnError
+from .data import BatchTransform, ImageData, dropped_images, make_loaders
+from .errors import ConfigError, LocallearnError
 from .measure import SavedTensorMeter
 from .observers import Observer
 from .optim import lr_factor, make_optimizer
@@ -106,6 +107,9 @@ class Trainer:
             if not trained or list(trained) != sorted(set(trained)) or trained[-1] >= n:
                 raise RuntimeError(f"rule {rule.name!r}: bad trained parts {trained} "
                                    f"in epoch {epoch + 1} of {n} parts")
+        # Training images each epoch leaves out: a last batch of one image (see make_loaders).
+        self.dropped_images = dropped_images(len(data.train_labels), config.batch_size)
+        self._check_batches()
         stack.to(acc.device)
         for part in self.parts:
             part.to(acc.device)
@@ -123,6 +127,13 @@ class Trainer:
         for i in self.schedule[0]:  # ready for train_step before fit
             self.activate(i)
         self.start_epoch = 0
+        self.elapsed = 0.0  # seconds fit() ran before this process (a resumed run)
+        self._fit_start: float | None = None
+
+    def fit_seconds(self) -> float:
+        """Seconds of fitting so far, earlier processes of a resumed run included."""
+        now = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self.elapsed + now
 
     def _check_parts(self) -> None:
         owner: dict[int, str] = {}
@@ -134,6 +145,29 @@ class Trainer:
                         "share a parameter; each parameter must belong to one part"
                     )
                 owner[id(p)] = part.part_name
+
+    def _check_batches(self) -> None:
+        """Refuse a training set that gives no batch, and batches of one image under BatchNorm.
+
+        A batch of one image in training mode breaks BatchNorm wherever a map is
+        1x1, and only after a whole epoch has run, so it is refused up front. Only
+        parts that train count: a frozen part runs in eval mode.
+        """
+        n, size = len(self.data.train_labels), self.config.batch_size
+        if n - self.dropped_images < 1:
+            raise ConfigError(f"a training set of {n} image gives no training batch: a last "
+                              "batch of one image is dropped, as BatchNorm needs at least 2 "
+                              "images per training batch; train on at least 2 images")
+        if size > 1:
+            return
+        trained = sorted({i for parts in self.schedule for i in parts})
+        named = [m for i in trained for m in self.parts[i].named_modules(
+            prefix=self.parts[i].part_name)]
+        norm = next(((name, m) for name, m in named if isinstance(m, _BatchNorm)), None)
+        if norm is not None:
+            raise ConfigError(f"--batch-size 1 cannot train {type(norm[1]).__name__} "
+                              f"{norm[0]!r}: BatchNorm needs at least 2 images per training "
+                              "batch; use --batch-size 2 or more")
 
     def activate(self, i: int) -> None:
         """Prepare part ``i`` and give it an optimizer and a schedule (before it first trains)."""
@@ -248,7 +282,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         for obs in self.observers:
             obs.on_fit_start(self)
-        start = time.perf_counter()
+        self._fit_start = time.perf_counter()
         for epoch in range(self.start_epoch, cfg.epochs):
             entry = self._train_epoch(epoch)
             t0 = time.perf_counter()
@@ -269,7 +303,7 @@ class Trainer:
             "test_acc": last["test_acc"],
             "block_acc": last["block_acc"],
             "history": self.history,
-            "seconds": round(time.perf_counter() - start, 3),
+            "seconds": round(self.fit_seconds(), 3),
         }
         for obs in self.observers:
             obs.on_fit_end(self, result)
@@ -347,6 +381,7 @@ class Trainer:
             "train_loss": sums[-1].item(),
             "part_loss": part_loss,
             "train_acc": counts[0].item() / max(counts[1].item(), 1),
+            "dropped_images": self.dropped_images,
             "seconds": round(seconds, 3),
             "images_per_s": round(counts[1].item() / max(seconds, 1e-9), 1),
             "saved_bytes_peak": saved_peak,
@@ -391,6 +426,7 @@ class Trainer:
         dataset = torch.utils.data.TensorDataset(features, images, labels)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, shuffle=True,
+            drop_last=dropped_images(len(labels), cfg.batch_size) > 0,  # as the images' loader
             generator=torch.Generator().manual_seed(cfg.seed + first),
         )
         self._features = (first, acc.prepare(loader))

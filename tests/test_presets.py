@@ -137,8 +137,12 @@ def test_a_rule_that_is_not_registered_is_skipped_with_a_message(tmp_path):
 
 def test_suite_dry_run_and_bad_preset(capsys, tmp_path):
     suite = suite_module()
-    for split in ("train", "test"):  # an empty image folder: the dry run only checks the path
-        (tmp_path / "folder" / split / "a").mkdir(parents=True)
+    from PIL import Image
+
+    for split in ("train", "test"):  # a folder of two blank images per split: checked, not read
+        for name in ("a", "b"):
+            (tmp_path / "folder" / split / name).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / "folder" / split / name / "x.png")
     argv = ["--preset", "infopro-k", "--dry-run", "--seeds", "0", "--data", tmp_path / "folder"]
     assert suite.main([str(a) for a in argv]) == 0
     out = capsys.readouterr().out
