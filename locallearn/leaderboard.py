@@ -7,6 +7,13 @@ are listed apart. Records are read in sorted order and every number is
 formatted with a fixed precision, so the same records give byte-identical
 files (figures included: :func:`~locallearn.analysis.plots.save_figure`
 strips the varying metadata).
+
+A record the tables cannot read (not a run record, or a field of the wrong
+type: see :func:`problem`) does not stop the others: it is listed apart with
+the reason. :func:`write_all` refuses, writing nothing, when there is no
+complete record at all, or when the new ``leaderboard.csv`` would lose rows or
+runs the existing one has (unless ``force``). Each file is written whole or
+not at all (a temp file, then a rename).
 """
 
 from __future__ import annotations
@@ -16,17 +23,18 @@ import io
 import json
 import math
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LocallearnError
+from .errors import ConfigError, DataError, LocallearnError
 from .flags import FLAGS
-from .records import read_record
 
 __all__ = [
-    "INTRO", "Row", "Table", "build_tables", "collect", "render_csv", "render_markdown",
-    "write_all",
+    "COMPLETE_FIELDS", "INTRO", "RECORD_FIELDS", "Row", "Table", "build_tables", "collect",
+    "problem", "render_csv", "render_markdown", "write_all",
 ]
 
 # Config keys that do not make a row: the flags that are not part of a row (outputs,
@@ -34,7 +42,10 @@ __all__ = [
 # the loop's settings again as one dict ("train") and the --plugin list ("plugins").
 _NOT_SETTING = {f.dest for f in FLAGS if not f.in_row} | {"train", "plugins"}
 _DEPTHS_SHOWN = 8
-_PLANE_KEYS = {"epoch", "block", "nhsic_x", "nhsic_y"}
+# The columns of leaderboard.csv that say which row a line is (its "options" text is
+# left out: it names what differs between a table's rows, so it changes as rows come).
+_ROW_KEY = ("dataset", "model", "epochs", "train_subset", "test_subset", "rule", "blocks",
+            "rule_options")
 
 INTRO = """\
 One table per (dataset, backbone, budget); a row per setting, averaged over its
@@ -166,6 +177,101 @@ def measure(record: dict[str, Any], key: str) -> float | None:
     raise KeyError(key)
 
 
+# What the tables read of a record: (field, what it must be, whether it may be absent).
+# "a.b" is b in object a, "a[]" each item of list a; a field whose parent is absent or
+# null is skipped (its parent's line says whether it may be). Every record is checked
+# for RECORD_FIELDS (what a run kept apart shows), a complete one for COMPLETE_FIELDS too.
+RECORD_FIELDS = (
+    ("rule", "a string", False),
+    ("model", "a string", False),
+    ("seed", "a whole number", True),
+    ("config", "null or an object", True),
+    ("history", "null or a list", True),
+)
+COMPLETE_FIELDS = (
+    ("dataset", "a string", False),
+    ("config", "an object", False),
+    ("config.epochs", "a whole number >= 1", False),
+    ("config.train_subset", "null or a whole number >= 1", True),
+    ("config.test_subset", "null or a whole number >= 1", True),
+    ("config.rule_options", "null or an object", True),
+    ("stack", "an object", False),
+    ("stack.num_blocks", "null or a whole number >= 1", False),
+    ("hardware", "an object", False),
+    ("hardware.device", "a string", False),
+    ("hardware.device_name", "a string", False),
+    ("hardware.num_processes", "a whole number >= 1", False),
+    ("test_acc", "an accuracy in [0, 1]", False),
+    ("block_acc", "a list", False),
+    ("block_acc[]", "null or an accuracy in [0, 1]", False),
+    ("history", "a list", False),
+    ("history[]", "an object", False),
+    ("history[].images_per_s", "a number", True),
+    ("history[].seconds", "a number", True),
+    ("history[].saved_bytes_peak", "null or a number", True),
+    ("history[].cuda_max_memory", "null or a number", True),
+    ("memory", "null or an object", True),
+    ("memory.saved_bytes_peak", "null or a number", True),
+    ("memory.cuda_max_memory", "null or a number", True),
+    ("params", "an object", False),
+    ("params.backbone", "null or a number", True),
+    ("params.auxiliary", "null or a number", True),
+    ("seconds_per_epoch", "null or a number", True),
+)
+_ABSENT = object()
+
+
+def _places(record: dict[str, Any], path: str) -> list[tuple[str, Any]]:
+    """``(name, value)`` of each place ``path`` names in ``record`` (``_ABSENT`` if absent)."""
+    places = [("", record)]
+    for part in path.split("."):
+        key = part.removesuffix("[]")
+        found = []
+        for above, parent in places:
+            if not isinstance(parent, dict):  # absent or null: its own line checks it
+                continue
+            name = f"{above}.{key}" if above else key
+            value = parent.get(key, _ABSENT)
+            if part == key:
+                found.append((name, value))
+            elif isinstance(value, list):
+                found += [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+        places = found
+    return places
+
+
+def problem(record: dict[str, Any]) -> str | None:
+    """The first problem of the fields the tables and figures read, as a short text
+    (``test_acc: expected an accuracy in [0, 1], got 'high'``); None if there is none.
+
+    The fields are :data:`RECORD_FIELDS`, :data:`COMPLETE_FIELDS` (a complete
+    record with a test accuracy) and the ``plane`` entries
+    (:func:`~locallearn.analysis.plots.plane_problem`, raw form).
+    """
+    from .analysis.plots import is_number, is_whole, plane_problem, wrong
+
+    kinds = {
+        "a string": lambda v: isinstance(v, str),
+        "an object": lambda v: isinstance(v, dict),
+        "a list": lambda v: isinstance(v, list),
+        "a whole number": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "a whole number >= 1": lambda v: is_whole(v, 1),
+        "a number": is_number,
+        "an accuracy in [0, 1]": lambda v: is_number(v) and 0 <= v <= 1,
+    }
+    complete = record.get("status") == "complete" and record.get("test_acc") is not None
+    for path, kind, optional in RECORD_FIELDS + (COMPLETE_FIELDS if complete else ()):
+        nullable = kind.startswith("null or ")
+        check = kinds[kind.removeprefix("null or ")]
+        for name, value in _places(record, path):
+            if value is _ABSENT:
+                if not optional:
+                    return f"{name}: missing"
+            elif not ((nullable and value is None) or check(value)):
+                return wrong(name, value, kind)
+    return plane_problem(record, ("raw",)) if complete else None  # drawn in the raw form
+
+
 def _hardware(record: dict[str, Any]) -> str:
     hw = record.get("hardware") or {}
     n = hw.get("num_processes", 1)
@@ -177,20 +283,29 @@ def collect(root: str | Path) -> tuple[list[tuple[str, dict[str, Any]]], list[di
 
     Returns:
         ``(file, record)`` of every complete run, and one entry per record kept
-        apart (running, interrupted, diverged, unreadable, without a test accuracy).
+        apart (running, interrupted, diverged, unreadable, malformed (see
+        :func:`problem`), without a test accuracy).
     """
+    from .analysis.plots import read
+
     root = Path(root)
     complete, apart = [], []
     for path in sorted(root.rglob("*.json")):
         name = path.relative_to(root).as_posix()
         try:
-            record = read_record(path)
+            record = read(path)
         except LocallearnError as err:
             why = str(err).replace(str(path), name)  # no machine's absolute path in the docs
             apart.append({"file": name, "status": "unreadable", "why": why})
             continue
         status = record.get("status")
-        if status == "complete" and isinstance(record.get("test_acc"), (int, float)):
+        why = problem(record)
+        if why:
+            shown = {k: record[k] for k in ("rule", "model", "seed")
+                     if isinstance(record.get(k), (str, int)) and not isinstance(record[k], bool)}
+            apart.append({"file": name, "status": "malformed", "why": f"{name}: {why}", **shown})
+            continue
+        if status == "complete" and record.get("test_acc") is not None:
             complete.append((name, record))
             continue
         config = record.get("config") or {}
@@ -250,6 +365,11 @@ def _plain(value: Any) -> str:
     return str(value)
 
 
+def _cell(text: Any) -> str:
+    """Text as one Markdown table cell: on one line, its pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return "—" if value is None else format(value * scale, spec)
 
@@ -303,12 +423,12 @@ def render_markdown(tables: list[Table], apart: list[dict[str, Any]], source: st
     for table in tables:
         presets = sorted({str((r.get("config") or {}).get("preset")) for row in table.rows
                           for r in row.records if (r.get("config") or {}).get("preset")})
-        lines += [f"## {table.title}", ""]
+        lines += [f"## {_cell(table.title)}", ""]
         if presets:
             lines += ["Preset: " + ", ".join(f"`{p}`" for p in presets) +
                       " ([presets.md](presets.md)).", ""]
         lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(_cells(table, row)) + " |" for row in table.rows]
+        lines += ["| " + " | ".join(map(_cell, _cells(table, row))) + " |" for row in table.rows]
         lines.append("")
         if table.slug in figures:
             lines += [f"![information plane: {table.title}]({figures[table.slug]})", ""]
@@ -317,10 +437,9 @@ def render_markdown(tables: list[Table], apart: list[dict[str, Any]], source: st
                   "| record | status | rule | model | seed | epochs done | why |",
                   "|---|---|---|---|---|---|---|"]
         for a in apart:
-            cells = [f"`{a['file']}`", str(a.get("status")), str(a.get("rule", "—")),
-                     str(a.get("model", "—")), str(a.get("seed", "—")), str(a.get("epochs", "—")),
-                     " ".join(str(a.get("why") or "—").split()).replace("|", "\\|")]
-            lines.append("| " + " | ".join(cells) + " |")
+            cells = [f"`{a['file']}`", a.get("status"), a.get("rule", "—"), a.get("model", "—"),
+                     a.get("seed", "—"), a.get("epochs", "—"), a.get("why") or "—"]
+            lines.append("| " + " | ".join(map(_cell, cells)) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -361,8 +480,7 @@ def plane_records(table: Table) -> list[dict[str, Any]]:
     """One record per row (its lowest seed) with plane entries, labelled by the row."""
     picked = []
     for row in table.rows:
-        with_plane = [r for r in row.records if r.get("plane") and all(
-            isinstance(e, dict) and _PLANE_KEYS <= e.keys() for e in r["plane"])]
+        with_plane = [r for r in row.records if r.get("plane")]  # checked by problem()
         if with_plane:
             record = with_plane[0]
             picked.append({**record, "rule": row.label,
@@ -371,8 +489,11 @@ def plane_records(table: Table) -> list[dict[str, Any]]:
 
 
 def write_all(results: str | Path, docs: str | Path, source: str | None = None,
-              figures: bool = True, intro: str = INTRO) -> list[Path]:
+              figures: bool = True, intro: str = INTRO, force: bool = False,
+              warn: Callable[[str], Any] | None = None) -> list[Path]:
     """Write ``docs/leaderboard.md``, ``docs/leaderboard.csv`` and ``docs/figures/leaderboard_*``.
+
+    Everything is checked before anything is written.
 
     Args:
         results: folder searched for records (recursively).
@@ -380,17 +501,34 @@ def write_all(results: str | Path, docs: str | Path, source: str | None = None,
         source: how the page names ``results`` (default: as given).
         figures: draw the common information plane of each table.
         intro: text put under the page's title.
+        force: replace ``docs/leaderboard.csv`` even with fewer rows or runs.
+        warn: called, once the files are written, with one line per record kept
+            apart as unreadable or malformed.
 
     Returns:
         The files written.
+
+    Raises:
+        DataError: no complete record under ``results``; or the new CSV would drop
+            rows or runs of the existing one (and not ``force``).
+        ConfigError: ``docs`` (or a file in it) cannot be written: a file where a
+            folder goes, or the other way round.
     """
-    from .analysis.plots import draw, save_figure
-    from .errors import ConfigError
+    from .analysis.plots import draw, replacing, save_figure
 
     docs = Path(docs)
+    source = source or str(results)
     runs, apart = collect(results)
+    bad = [a["why"] for a in apart if a["status"] in ("unreadable", "malformed")]
+    if not runs:
+        raise DataError(_nothing(source, apart, bad))
     tables = build_tables(runs)
-    written, links = [], {}
+    table_csv = render_csv(tables)
+    names = [f"leaderboard_{t.slug}.png" for t in tables] if figures else []
+    _check_outputs(docs, [docs / "figures" / n for n in names])
+    if not force:
+        _check_loss(docs / "leaderboard.csv", table_csv, bad)
+    drawn, links = {}, {}
     for table in tables if figures else []:
         records = plane_records(table)
         if not records:
@@ -400,12 +538,77 @@ def write_all(results: str | Path, docs: str | Path, source: str | None = None,
         except ConfigError:  # measured differently: no common axes
             continue
         name = f"leaderboard_{table.slug}.png"
-        written.append(save_figure(fig, docs / "figures" / name))
+        drawn[name] = fig
         links[table.slug] = f"figures/{name}"
-    text = render_markdown(tables, apart, source or str(results), links, intro)
-    for name, content in (("leaderboard.md", text), ("leaderboard.csv", render_csv(tables))):
-        path = docs / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
-        written.append(path)
+    text = render_markdown(tables, apart, source, links, intro)
+    written = [save_figure(fig, docs / "figures" / name) for name, fig in drawn.items()]
+    for name, content in (("leaderboard.md", text), ("leaderboard.csv", table_csv)):
+        with replacing(docs / name) as tmp:
+            tmp.write_text(content)
+        written.append(docs / name)
+    for why in bad if warn else []:
+        warn(f"{why}; kept apart")
     return written
+
+
+def _nothing(source: str, apart: list[dict[str, Any]], bad: list[str]) -> str:
+    """Why there is no table: no record at all, or none complete."""
+    if not apart:
+        return f"no run records (*.json) under {source!r}; nothing written"
+    counts = Counter(str(a["status"]) for a in apart)
+    kinds = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    example = f"; e.g. {bad[0]}" if bad else ""
+    return (f"no complete run record under {source!r} ({len(apart)} kept apart: {kinds}"
+            f"{example}); nothing written")
+
+
+def _check_outputs(docs: Path, figures: list[Path]) -> None:
+    """Every output can be written: folders where folders go, files where files go."""
+    probe = docs
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(f"output folder {str(docs)!r}: {str(probe)!r} is a broken link")
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == docs else f"would be made in {str(probe)!r}, a file"
+        raise ConfigError(f"output folder {str(docs)!r} {where}; give a folder")
+    folder = docs / "figures"
+    if figures and (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise ConfigError(f"{str(folder)!r} is a file, not a folder for the figures")
+    for path in [docs / "leaderboard.md", docs / "leaderboard.csv", *figures]:
+        if path.is_dir():
+            raise ConfigError(f"{str(path)!r} is a folder; cannot write the file there")
+
+
+def _row_counts(text: str) -> tuple[Counter, Counter]:
+    """Rows and runs (seeds) of a ``leaderboard.csv``, by what makes a row."""
+    reader = csv.DictReader(io.StringIO(text))
+    if not {*_ROW_KEY, "seeds"} <= set(reader.fieldnames or ()):
+        raise ValueError("not a leaderboard CSV")
+    rows, runs = Counter(), Counter()
+    for line in reader:
+        key = tuple(line[k] for k in _ROW_KEY)
+        rows[key] += 1
+        runs[key] += len((line["seeds"] or "").split())
+    return rows, runs
+
+
+def _check_loss(path: Path, new: str, bad: list[str]) -> None:
+    """Refuse to replace ``path`` by ``new`` when rows or runs of ``path`` would be lost."""
+    if not path.is_file():
+        return
+    try:
+        old_rows, old_runs = _row_counts(path.read_text())
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError):
+        raise DataError(f"{str(path)!r} is not a leaderboard CSV to compare with; pass --force "
+                        "to replace it") from None
+    new_rows, new_runs = _row_counts(new)
+    rows = sum((old_rows - new_rows).values())
+    runs = sum((old_runs - new_runs).values())
+    if not runs:  # rows lost without a run lost: rows merged (options that no longer differ)
+        return
+    n_rows, n_runs = sum(old_rows.values()), sum(old_runs.values())
+    lost = (f"{rows} of the {n_rows} rows and " if rows else "") + f"{runs} of the {n_runs} runs"
+    why = f"; unreadable or malformed records: {len(bad)}, e.g. {bad[0]}" if bad else ""
+    raise DataError(f"the new leaderboard would drop {lost} of {str(path)!r}{why}; "
+                    "pass --force to replace it anyway")

@@ -15,14 +15,25 @@ their widths), so a figure only puts together records measured alike; see
 ``docs/information_plane.md``. Figures are built on a bare
 :class:`~matplotlib.figure.Figure` (no pyplot state) under fixed settings and
 saved without version metadata, so the same records give the same file.
+
+``plane.py`` draws exactly the records it is given, so it refuses the whole
+command, in one line naming the file and the field, when any of them cannot be
+drawn (not a run record, no or malformed ``plane`` entries, a wrong-typed field
+a figure reads: see :func:`plane_problem`), when the records were measured
+differently, or when the output is not a ``.png``/``.pdf``/``.svg`` file in an
+existing folder. Nothing is written then; a figure is written whole or not at
+all (a temp file, then a rename).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +47,8 @@ from ..errors import ConfigError, DataError, LocallearnError, unknown_name
 from ..flags import Parser
 from ..records import read_record
 
-__all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "save_figure"]
+__all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "plane_problem", "replacing",
+           "save_figure"]
 
 KINDS = ("plane", "compare", "depth")
 #: form -> (entry key on x, entry key on y, x label, y label)
@@ -60,9 +72,72 @@ STYLE = {
     "figure.dpi": 100,
     "savefig.dpi": 150,
     "savefig.facecolor": "white",
+    "text.parse_math": False,  # names from records are text: a "$" is no formula
 }
 CMAP = "viridis"
 _NAMED_TICKS = 16  # at most this many blocks get their names on the colour bar
+# No measure in a record comes near this (every form of the plane is at most the probe
+# size m, or 1): a larger value is corrupt, and one near the largest float overflows the axes.
+_LARGEST = 1e15
+_MAX_INDEX = 10**9  # epochs and block numbers are drawn as coordinates
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def wrong(field: str, value: Any, expected: str) -> str:
+    """The problem text of a field: ``test_acc: expected a number, got 'high'``."""
+    return f"{field}: expected {expected}, got {_shown(value)}"
+
+
+def is_number(value: Any, largest: float = _LARGEST) -> bool:
+    """A finite int or float (not a bool) no larger than ``largest`` in size."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and -largest <= value <= largest)
+
+
+def is_whole(value: Any, low: int = 0) -> bool:
+    """An int (not a bool) from ``low`` up to 10**9."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= _MAX_INDEX
+
+
+def plane_problem(record: dict[str, Any], forms: Sequence[str] = tuple(FORMS)) -> str | None:
+    """The first problem of the fields a figure reads, as a short text; None if there is none.
+
+    Checks ``rule``, ``model`` and ``dataset`` (strings), ``config`` and
+    ``plane_config`` (objects), and each ``plane`` entry: ``epoch`` and ``block``
+    (whole numbers >= 0), ``name`` (a string, optional) and the two keys of each
+    of ``forms`` (finite numbers). A record without ``plane`` entries has no problem
+    here (:func:`load_record` refuses it for its own reason).
+    """
+    for key in ("rule", "model", "dataset"):
+        if key in record and not isinstance(record[key], str):
+            return wrong(key, record[key], "a string")
+    for key in ("config", "plane_config"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return wrong(key, record[key], "an object")
+    entries = record.get("plane")
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        return wrong("plane", entries, "a list of entries")
+    keys = [k for form in forms for k in FORMS[form][:2]]
+    for i, entry in enumerate(entries):
+        where = f"plane[{i}]"
+        if not isinstance(entry, dict):
+            return wrong(where, entry, "an object")
+        for key in ("epoch", "block", *keys):
+            if key not in entry:
+                return f"{where}.{key}: missing"
+            whole = key in ("epoch", "block")
+            if not (is_whole(entry[key]) if whole else is_number(entry[key])):
+                expected = "a whole number >= 0" if whole else "a finite number"
+                return wrong(f"{where}.{key}", entry[key], expected)
+        if not isinstance(entry.get("name", ""), str):
+            return wrong(f"{where}.name", entry["name"], "a string")
+    return None
 
 
 def load_record(path: str | Path) -> dict[str, Any]:
@@ -70,26 +145,33 @@ def load_record(path: str | Path) -> dict[str, Any]:
 
     Raises:
         DataError: not a readable run record (see :func:`~locallearn.records.read_record`),
-            or one without ``plane`` entries.
+            one without ``plane`` entries, or one a figure cannot draw (:func:`plane_problem`).
     """
     path = Path(path)
-    record = read_record(path)
+    record = read(path)
+    problem = plane_problem(record)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     if not record.get("plane"):
         raise DataError(f"{path}: the record has no 'plane' entries (was it run with --no-plane?)")
-    entries = record["plane"]
-    keys = {k for form in FORMS.values() for k in form[:2]} | {"epoch", "block"}
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and keys <= e.keys() for e in entries
-    ):
-        raise DataError(f"{path}: malformed 'plane' entries (each needs {', '.join(sorted(keys))})")
     record["file"] = str(path)  # where it was read from, for messages and labels
     return record
 
 
+def read(path: Path) -> dict[str, Any]:
+    """:func:`~locallearn.records.read_record`, with a folder and absurd nesting refused too."""
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a run record file")
+    try:
+        return read_record(path)
+    except RecursionError:  # json gives up on deep nesting with a RecursionError
+        raise DataError(f"{path}: nested too deeply to be a run record") from None
+
+
 def _check_alike(records: Sequence[dict[str, Any]]) -> None:
-    first = records[0].get("plane_config", {})
+    first = records[0].get("plane_config") or {}
     for record in records[1:]:
-        other = record.get("plane_config", {})
+        other = record.get("plane_config") or {}
         for key in MEASURED_ALIKE:
             if first.get(key) != other.get(key):
                 raise ConfigError(
@@ -106,7 +188,7 @@ def _labels(records: Sequence[dict[str, Any]]) -> list[str]:
         if len({r.get(key) for r in records}) > 1:
             labels = [f"{lab} · {r.get(key)}" for lab, r in zip(labels, records, strict=True)]
     if len(set(labels)) < len(labels):
-        seeds = [r.get("config", {}).get("seed") for r in records]
+        seeds = [(r.get("config") or {}).get("seed") for r in records]
         labels = [f"{lab} · seed {s}" for lab, s in zip(labels, seeds, strict=True)]
     if len(set(labels)) < len(labels):
         labels = [f"{lab} · {Path(r['file']).stem}" for lab, r in zip(labels, records, strict=True)]
@@ -127,7 +209,7 @@ def _block_names(record: dict[str, Any]) -> list[str]:
 
 
 def _setting(record: dict[str, Any]) -> str:
-    c = record.get("plane_config", {})
+    c = record.get("plane_config") or {}
     if not c:
         return ""
     return (f"m = {c.get('m')} {c.get('split', '')} samples, {c.get('kernel')} kernel, "
@@ -257,13 +339,34 @@ def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str =
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Save under the fixed style, without the version metadata that would vary the bytes.
 
-    The folder is created if needed.
+    The folder is created if needed. The figure goes to a temp file in that
+    folder, renamed over ``path`` once whole: a failure leaves no partial file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rc_context(STYLE):
-        fig.savefig(path, metadata=_metadata(path.suffix.lower()))
+    suffix = path.suffix.lower()
+    with replacing(path) as tmp, rc_context(STYLE):
+        fig.savefig(tmp, format=suffix[1:], metadata=_metadata(suffix))
     return path
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temp file next to ``path`` (its folder created if needed), renamed over ``path``
+    when the block ends without an error and deleted when it raises: a failure leaves no
+    partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        mask = os.umask(0)  # the mode open() would give, not mkstemp's 0600
+        os.umask(mask)
+        tmp.chmod(0o666 & ~mask)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _metadata(suffix: str) -> dict[str, Any]:
@@ -286,6 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(path: Path) -> None:
+    """The figure file can be made: its folder exists, and it is no folder itself.
+
+    Raises:
+        ConfigError: it is a folder, or its folder is missing or a file.
+    """
+    folder = path.parent
+    if path.is_dir():
+        raise ConfigError(f"output {str(path)!r} is a folder; give a file name")
+    if not folder.exists():
+        raise ConfigError(f"output folder {str(folder)!r} does not exist; create it first")
+    if not folder.is_dir():
+        raise ConfigError(f"output folder {str(folder)!r} is a file, not a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
     try:
@@ -297,11 +415,12 @@ def main(argv: list[str] | None = None) -> int:
             raise unknown_name("kind", args.kind, KINDS)
         if args.form not in FORMS:
             raise unknown_name("form", args.form, FORMS)
+        check_output(Path(args.output))
         records = [load_record(p) for p in args.records]
         fig = draw(records, args.kind, args.form)
         path = save_figure(fig, args.output)
     except (LocallearnError, OSError) as err:  # OSError: the figure file cannot be written
-        print(f"plane.py: error: {err}", file=sys.stderr)
+        print("plane.py: error: " + " ".join(str(err).splitlines()), file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0
