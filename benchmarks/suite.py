@@ -77,16 +77,18 @@ def plan(args: argparse.Namespace, extra: list[str]) -> tuple[object, list[dict]
             argv = [*preset.argv(run, ref), "--seed", str(seed), *overrides, *extra]
             try:
                 parsed = cli.build_parser().parse_args(cli._with_preset(argv))
-                cli._check(parsed)  # names, options, data path: fail before any run starts
+                name = record_name(run.run_id, parsed.model, parsed.dataset, seed)
+                # The grid owns its folder: it decides what to run again (see DONE, --redo).
+                argv += ["--output", str(folder), "--name", name, "--overwrite"]
+                parsed = cli.build_parser().parse_args(cli._with_preset(argv))
+                cli._check(parsed)  # names, options, paths: fail before any run starts
             except LocallearnError as err:
                 raise ConfigError(f"run {run.run_id}, seed {seed}: {err}") from err
-            name = record_name(run.run_id, parsed.model, parsed.dataset, seed)
             path = folder / name
             try:
                 status = read_record(path)["status"]
             except Exception:  # absent, unreadable or foreign: run it
                 status = "absent"
-            argv += ["--output", str(folder), "--name", name]
             items.append({"id": run.run_id, "seed": seed, "argv": argv, "path": path,
                           "status": status})
     return preset, items, skipped

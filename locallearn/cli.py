@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import os
+import signal
 import sys
+import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from . import flags
@@ -19,6 +23,17 @@ from .errors import ConfigError, LocallearnError, unknown_name
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``kill`` send), handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +48,31 @@ def _literal(text: str) -> Any:
         return text
 
 
-def _check(args: argparse.Namespace):
-    """Validate everything cheap to validate; returns the rule, model options and observers."""
+@dataclass
+class Checked:
+    """What :func:`_check` built from the arguments."""
+
+    rule: Any
+    model_opts: dict[str, Any]
+    plane: Any
+    config: Any  # the loop's TrainConfig
+    identity: dict[str, Any]  # what a checkpoint must match
+
+
+def _main_process() -> bool:
+    """Whether this is the main process, before Accelerate is set up (torchrun's RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _check(args: argparse.Namespace) -> Checked:
+    """Validate everything cheap to validate, paths and the files other runs own included."""
     import timm
 
     from .analysis import InformationPlane
     from .data import check_dataset
+    from .outputs import check_paths, check_record, resumed_run
     from .rules import create_rule
+    from .trainer import TrainConfig
 
     rule = create_rule(args.rule, **parse_assignments(args.rule_opt))
     if not timm.is_model(args.model):
@@ -49,42 +82,11 @@ def _check(args: argparse.Namespace):
     check_dataset(args.dataset, args.data_root)
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir DIR")
-    if args.name is not None and (not args.name or "/" in args.name):
-        raise ConfigError(f"--name must be a plain file name; got {args.name!r}")
+    check_paths(args)
     plane = None if args.no_plane else InformationPlane(
         probe_size=args.probe_size, every=args.plane_every, split=args.probe_split,
         seed=0,
     )
-    return rule, model_opts, plane
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train as ``args`` say and write the record; returns the record."""
-    rule, model_opts, plane = _check(args)
-
-    import timm
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from .blocks import split
-    from .checkpoint import Checkpointer
-    from .data import load_dataset
-    from .records import RecordWriter, build_record, hardware, record_name
-    from .rules.base import RULES
-    from .trainer import Diverged, TrainConfig, Trainer
-
-    # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_gpu())
-    data = load_dataset(
-        args.dataset, args.data_root, train_subset=args.train_subset,
-        test_subset=args.test_subset, seed=args.seed, cache_dir=args.cache_dir,
-    )
-    set_seed(args.seed, deterministic=args.deterministic)
-    try:
-        model = timm.create_model(args.model, num_classes=data.num_classes, **model_opts)
-    except TypeError as err:
-        raise ConfigError(f"model {args.model!r} rejected --model-opt: {err}") from None
-    stack = split(model, args.granularity, args.blocks, input_size=data.image_size)
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size or 0,
@@ -93,24 +95,129 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gamma=args.gamma, seed=args.seed, progress=not args.no_progress,
         max_loss=args.max_loss,
     )
-    observers = (plane,) if plane is not None else ()
-    trainer = Trainer(stack, rule, data, config, accelerator, observers)
-    record = build_record(
-        flags.recorded_values(args), plugins=args.plugin,
-        rule_paper=RULES.get(args.rule).meta["paper"], rule_options=rule.describe(),
-        model_options=model_opts, train=config_dict(config), stack=stack, parts=trainer.parts,
-        hardware=hardware(accelerator), history=trainer.history,
+    identity = flags.run_identity(args, {
+        "rule_options": rule.describe(), "model_options": model_opts,
+        "train": config_dict(config) | {"progress": None},
+    })
+    if _main_process():  # the others would see the main process's own files
+        check_record(args, resumed_run(args, identity))
+    return Checked(rule, model_opts, plane, config, identity)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub's host answers a TCP connection within ``timeout``."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """Hugging Face Hub downloads switched off (only the local cache is read) inside."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _create_model(name: str, num_classes: int, options: dict[str, Any], image_size):
+    """``timm.create_model``, and a forward pass on two blank images of the data's size,
+    so options or data that break the model are named as the cause, in one line."""
+    import timm
+    import torch
+
+    given = " ".join(f"{k}={v!r}" for k, v in options.items())
+    offline = bool(options.get("pretrained")) and not _hub_reachable()
+    try:
+        with _hub_offline(offline):  # the cache only: no minute of retries
+            model = timm.create_model(name, num_classes=num_classes, **options)
+    except Exception as err:  # noqa: BLE001 - timm and the hub raise many kinds
+        first = " ".join(str(err).split())[:160] or type(err).__name__
+        if offline:
+            raise ConfigError(f"model {name!r}: the Hugging Face Hub is unreachable and its "
+                              "pretrained weights are not cached; download them where there "
+                              "is a network (timm caches them) or drop pretrained=True") from None
+        if not options:
+            raise
+        raise ConfigError(f"model {name!r} rejected --model-opt {given}: {first}") from None
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *image_size))
+    except Exception as err:  # noqa: BLE001 - whatever the options or the data broke
+        first = " ".join(str(err).split())[:160] or type(err).__name__
+        cause = f" with --model-opt {given}" if options else ""
+        raise ConfigError(f"model {name!r}{cause} fails on the data's "
+                          f"{'x'.join(map(str, image_size))} images: {first}") from None
+    return model
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as ``args`` say and write the record; returns the record."""
+    checked = _check(args)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .blocks import split
+    from .data import load_dataset
+    from .outputs import claim
+    from .trainer import Trainer
+
+    # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_gpu())
+    data = load_dataset(
+        args.dataset, args.data_root, train_subset=args.train_subset,
+        test_subset=args.test_subset, seed=args.seed, cache_dir=args.cache_dir,
     )
-    path = Path(args.output) / (args.name or record_name(args.rule, args.model, args.dataset,
-                                                         args.seed))
-    writer = RecordWriter(record, path, plane, accelerator.is_main_process)
-    trainer.observers = (*observers, writer)  # the record shows the plane's epoch
+    set_seed(args.seed, deterministic=args.deterministic)
+    model = _create_model(args.model, data.num_classes, checked.model_opts, data.image_size)
+    stack = split(model, args.granularity, args.blocks, input_size=data.image_size)
+    observers = (checked.plane,) if checked.plane is not None else ()
+    trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers)
+    # The files are taken (and checked again, now under their locks) just before the
+    # first is written, so a run that fails to start leaves nothing behind.
+    taken = claim(args, checked.identity) if accelerator.is_main_process else None
+    try:
+        return _fit(args, checked, trainer, taken.run_id if taken else None)
+    finally:
+        if taken is not None:
+            taken.release()
+
+
+def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
+         ) -> dict[str, Any]:
+    """Write the record and the checkpoints around ``trainer.fit()``."""
+    from .checkpoint import Checkpointer
+    from .outputs import record_path
+    from .records import RecordWriter, build_record, hardware
+    from .rules.base import RULES
+    from .trainer import Diverged
+
+    accelerator, plane = trainer.accelerator, checked.plane
+    record = build_record(
+        flags.recorded_values(args), run_id=run_id, plugins=args.plugin,
+        rule_paper=RULES.get(args.rule).meta["paper"], rule_options=checked.rule.describe(),
+        model_options=checked.model_opts, train=config_dict(checked.config),
+        stack=trainer.stack, parts=trainer.parts, hardware=hardware(accelerator),
+        history=trainer.history,
+    )
+    writer = RecordWriter(record, record_path(args), plane, accelerator.is_main_process)
+    trainer.observers = (*trainer.observers, writer)  # the record shows the plane's epoch
     if args.checkpoint_dir:
-        identity = flags.run_identity(args, {
-            "rule_options": rule.describe(), "model_options": model_opts,
-            "train": config_dict(config) | {"progress": None},
-        })
-        checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints, identity)
+        checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints,
+                                    checked.identity, run_id)
         trainer.observers += (checkpointer,)  # saved after the record shows the epoch
         if args.resume and checkpointer.resume(trainer) and accelerator.is_main_process:
             print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
@@ -120,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         writer.write("diverged", error=str(err))
         accelerator.wait_for_everyone()
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
         writer.write("interrupted")
         raise
     writer.write("complete", test_acc=result["test_acc"], block_acc=result["block_acc"],
@@ -189,8 +296,29 @@ def _print_registries(kinds: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status.
+
+    SIGTERM is handled like Ctrl-C: the record says ``interrupted``, the exit
+    status is 143 (130 for Ctrl-C), and one line says why.
+    """
     prog = "run.py"
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(prog, argv)
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _main(prog: str, argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(_with_preset(argv))
         from .plugins import load_plugins
@@ -212,9 +340,6 @@ def main(argv: list[str] | None = None) -> int:
         line = " ".join(str(err).splitlines())  # user text may hold line breaks
         print(f"{prog}: error: {line}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
     from accelerate.state import PartialState
 
     if PartialState().is_main_process:

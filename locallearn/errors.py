@@ -44,3 +44,7 @@ def unknown_name(
         hint = f"{len(choices)} choices, e.g. " + ", ".join(choices[:limit])
     where = f" for {owner}" if owner else ""
     return ConfigError(f"unknown {kind} {name!r}{where}; {hint}")
+
+
+class OutputError(LocallearnError):
+    """A path a run would write that is not writable, in use, or another run's."""

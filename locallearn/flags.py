@@ -5,9 +5,11 @@ setting and the identity a checkpoint must match are all read from
 :data:`FLAGS`. A flag's role says what it is:
 
 - ``IDENTITY``: what is trained (model, rule, data, split, the loop's
-  settings); a checkpoint resumes only under the same identity.
-- ``SETTING``: how it is trained or looked at, without being part of the
-  identity (precision, determinism, the information plane).
+  settings).
+- ``SETTING``: how it is trained or looked at (precision, determinism, the
+  information plane).
+  Both change results, so a checkpoint resumes only when every identity
+  and setting flag is the same (:func:`run_identity`).
 - ``OUTPUT``: where things are read from or written to, and what is shown.
 - ``COMMAND``: what ``run.py`` does rather than what it trains.
 """
@@ -57,6 +59,34 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be finite; got {text!r}")
+    return value
+
+
+def bounded(low: float, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = True) -> Callable[[str], float]:
+    """argparse type: a finite float in the interval from ``low`` to ``high`` (None: no bound)."""
+    left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
+    span = f"{left}{low:g}, {'inf' if high is None else f'{high:g}'}{right}"
+
+    def parse(text: str) -> float:
+        value = number(text)
+        above = value > low if low_open else value >= low
+        below = high is None or (value < high if high_open else value <= high)
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"must be in {span}; got {text!r}")
+        return value
+
+    return parse
+
+
+def seed(text: str) -> int:
+    """argparse type: an integer seed in [0, 2**32), what NumPy's seeding takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32); got {text!r}")
     return value
 
 
@@ -176,15 +206,15 @@ FLAGS: tuple[Flag, ...] = (
     _loop("epochs", default=10, type=positive_int, row=False),
     _loop("batch-size", default=128, type=positive_int),
     _loop("eval-batch-size", type=positive_int, row=False),
-    _loop("lr", default=0.1, type=number),
+    _loop("lr", default=0.1, type=bounded(0, low_open=True)),
     _loop("optimizer", default="sgd", choices=("sgd", "adamw")),
-    _loop("momentum", default=0.9, type=number),
+    _loop("momentum", default=0.9, type=bounded(0, 1)),
     _loop("nesterov", kind="switch"),
-    _loop("weight-decay", default=5e-4, type=number),
+    _loop("weight-decay", default=5e-4, type=bounded(0)),
     _loop("schedule", default="cosine", choices=("cosine", "multistep", "constant")),
     _loop("milestones", help="multistep: fractions of the epochs, e.g. 0.5,0.75",
           default=(0.5, 0.75), type=fractions),
-    _loop("gamma", help="multistep decay factor", default=0.1, type=number),
+    _loop("gamma", help="multistep decay factor", default=0.1, type=bounded(0, low_open=True)),
     Flag("plane-every", SETTING, "information plane: before training, every N epochs and after "
          "the last", 1, type=positive_int, metavar="N", row=False),
     Flag("probe-size", SETTING, "samples in the information-plane probe set", 1000,
@@ -193,9 +223,9 @@ FLAGS: tuple[Flag, ...] = (
          choices=("train", "test"), row=False),
     Flag("no-plane", SETTING, "skip the information plane", kind="switch", row=False),
     _loop("max-loss", help="stop as diverged when a part's mean loss exceeds X (0: off)",
-          default=0.0, type=number, metavar="X"),
+          default=0.0, type=bounded(0), metavar="X"),
     Flag("mixed-precision", SETTING, None, "no", choices=("no", "fp16", "bf16")),
-    _loop("seed", default=0, type=int, row=False,
+    _loop("seed", default=0, type=seed, row=False,
           presettable=False),  # a preset's seeds give it
     Flag("deterministic", SETTING,
          "torch.use_deterministic_algorithms (same results on GPUs too; slower)", kind="switch"),
@@ -203,6 +233,8 @@ FLAGS: tuple[Flag, ...] = (
          presettable=False),  # the grid runner gives it
     Flag("name", OUTPUT, "record file name (default: rule__model__dataset__seedN.json)",
          presettable=False),  # the grid runner gives it
+    Flag("overwrite", OUTPUT, "replace the record of another, finished run at the same "
+         "--output/--name", kind="switch", recorded=False, presettable=False),
     Flag("checkpoint-dir", OUTPUT, "save the full training state here after every epoch",
          metavar="DIR"),
     Flag("resume", COMMAND, "continue from the newest complete checkpoint in --checkpoint-dir",
@@ -233,7 +265,8 @@ def recorded_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_identity(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: every IDENTITY flag, by its identity key.
+    """What a checkpoint must match to be resumed: every IDENTITY and SETTING flag, by its
+    identity key.
 
     Args:
         args: the parsed command line.
@@ -242,7 +275,7 @@ def run_identity(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str
     """
     identity: dict[str, Any] = {}
     for flag in FLAGS:
-        if flag.role == IDENTITY:
+        if flag.role in (IDENTITY, SETTING):
             key = flag.identity_key or flag.dest
             identity[key] = resolved[key] if key in resolved else getattr(args, flag.dest)
     return identity

@@ -9,25 +9,29 @@ are not activations and are skipped.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 
 class _Saved:
-    """What the pack hook stores: the tensor, plus a release on deletion."""
+    """What the pack hook stores: the tensor, and the storage it counts (None: not counted)."""
 
-    __slots__ = ("tensor", "key", "meter")
+    __slots__ = ("tensor", "key", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, key: int | None, meter: SavedTensorMeter):
-        self.tensor, self.key, self.meter = tensor, key, meter
-
-    def __del__(self):
-        if self.key is not None:
-            self.meter._release(self.key)
+    def __init__(self, tensor: torch.Tensor, key: int | None):
+        self.tensor, self.key = tensor, key
 
 
 class SavedTensorMeter:
     """Context manager tracking the live and peak bytes saved for backward.
+
+    A storage counts while any object the pack hook returned for it is alive.
+    Those objects are watched through weak references and the dead ones are
+    swept at the next pack (the only moment the peak can grow), so nothing runs
+    when autograd frees them: a ``__del__`` there would swallow a Ctrl-C that
+    arrives while it runs.
 
     Args:
         skip: modules whose parameters are not counted (they are not activations).
@@ -40,36 +44,47 @@ class SavedTensorMeter:
 
     def __init__(self, *skip: nn.Module):
         self._params = {p.data_ptr() for m in skip for p in m.parameters()}
-        self._refs: dict[int, int] = {}
+        self._holders: dict[int, list[weakref.ref]] = {}  # storage -> its saved references
         self._sizes: dict[int, int] = {}
-        self.current = 0
+        self._current = 0
         self.peak = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
+    @property
+    def current(self) -> int:
+        """Bytes of the storages saved for backward and still referenced now."""
+        self._sweep()
+        return self._current
+
+    def _sweep(self) -> None:
+        for key in list(self._holders):
+            alive = [ref for ref in self._holders[key] if ref() is not None]
+            if alive:
+                self._holders[key] = alive
+            else:
+                del self._holders[key]
+                self._current -= self._sizes.pop(key)
+
     def _pack(self, tensor: torch.Tensor) -> _Saved:
         if isinstance(tensor, nn.Parameter) or tensor.data_ptr() in self._params:
-            return _Saved(tensor, None, self)
+            return _Saved(tensor, None)
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         if key == 0:  # empty or meta storage holds no memory
-            return _Saved(tensor, None, self)
-        if key not in self._refs:
-            self._refs[key] = 0
+            return _Saved(tensor, None)
+        self._sweep()
+        saved = _Saved(tensor, key)
+        if key not in self._holders:
+            self._holders[key] = []
             self._sizes[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-        self._refs[key] += 1
-        return _Saved(tensor, key, self)
+            self._current += storage.nbytes()
+            self.peak = max(self.peak, self._current)
+        self._holders[key].append(weakref.ref(saved))
+        return saved
 
     @staticmethod
     def _unpack(saved: _Saved) -> torch.Tensor:
         return saved.tensor
-
-    def _release(self, key: int) -> None:
-        self._refs[key] -= 1
-        if self._refs[key] == 0:
-            del self._refs[key]
-            self.current -= self._sizes.pop(key)
 
     def reset_peak(self) -> None:
         """Start a new peak measurement from the bytes alive now."""

@@ -16,8 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputError
 from .observers import Observer
 from .version import __version__
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not kept apart there
+    fcntl = None
 
 RECORD_VERSION = 1
 
@@ -56,22 +62,87 @@ def device_name(device) -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str | None:
-    """The commit of the locallearn checkout, with ``+dirty`` if it has local changes."""
-    here = Path(__file__).resolve().parent
+def _is_locallearn(folder: Path) -> bool:
+    """Whether ``folder`` is locallearn's project root (its pyproject.toml names it)."""
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, timeout=5,
-        )
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        text = (folder / "pyproject.toml").read_text()
+    except OSError:
+        return False
+    return re.search(r'^name\s*=\s*"locallearn"', text, re.MULTILINE) is not None
+
+
+def git_commit() -> str:
+    """The commit of locallearn's own checkout, with ``+dirty`` if it has local changes.
+
+    ``"unknown"`` when the package is not in a git checkout of its own: an
+    installed copy, or a copy inside another repository (whose commit would say
+    nothing about this code).
+    """
+    checkout = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        out = subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top is None or Path(top).resolve() != checkout or not _is_locallearn(checkout):
+            return "unknown"
+        sha = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return "unknown"
+    if sha is None:
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+class Lock:
+    """An exclusive advisory lock on ``path``, held until :meth:`release` or the process ends.
+
+    The lock file keeps the holder's pid, for the message of whoever is refused,
+    and is deleted on release (while still locked), so finished runs leave no
+    lock files; a killed run's stays behind, unlocked and harmless.
+
+    Args:
+        path: the lock file (created if missing; its folder must exist).
+        what: what it guards, for the message ("checkpoint folder 'ckpt'").
+
+    Raises:
+        OutputError: another process holds it.
+    """
+
+    def __init__(self, path: str | Path, what: str):
+        self.path = Path(path)
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held open while the lock is
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            pid = self._file.read().strip() or "?"
+            self._file.close()
+            raise OutputError(f"{what} is in use by a running run (pid {pid})") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self, remove: bool = True) -> None:
+        """Let go of the lock (and delete its file, unless ``remove`` is false)."""
+        if self._file.closed:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        self._file.close()
+
+    @staticmethod
+    def probe(path: str | Path, what: str) -> None:
+        """Raise OutputError if a process holds the lock at ``path`` (take nothing)."""
+        if Path(path).is_file():
+            Lock(path, what).release(remove=False)
 
 
 def record_name(rule: str, model: str, dataset: str, seed: int) -> str:
@@ -80,12 +151,24 @@ def record_name(rule: str, model: str, dataset: str, seed: int) -> str:
     return "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", p) for p in parts) + ".json"
 
 
+def file_mode() -> int:
+    """The mode a new file gets from ``open``: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as JSON atomically: a temp file in the same folder, then a rename."""
+    """Write ``data`` as JSON atomically: a temp file in the same folder, then a rename.
+
+    The file gets the mode ``open`` would give it (the umask's), not the temp file's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # not on Windows
+            os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=False)
             f.write("\n")
@@ -112,10 +195,14 @@ def read_record(path: str | Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not a run record file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read: {err}") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not a JSON run record, or truncated ({err})") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be a run record") from None
     if not isinstance(record, dict) or not {"rule", "model", "status"} <= record.keys():
         raise DataError(f"{path}: not a run record (needs rule, model, status)")
     if record.get("version") != RECORD_VERSION:
@@ -127,6 +214,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
 def build_record(
     values: dict[str, Any],
     *,
+    run_id: str | None,
     plugins: list[str],
     rule_paper: str,
     rule_options: dict[str, Any],
@@ -142,6 +230,8 @@ def build_record(
     Args:
         values: the command line's flags recorded as given, by dest
             (:func:`locallearn.flags.recorded_values`).
+        run_id: the run's id, shared with its checkpoints (None where not known:
+            processes other than the main one, which write nothing).
         plugins: the ``--plugin`` files and modules loaded.
         rule_paper: the paper of the rule, from its registry entry.
         rule_options: the rule's resolved options (``Rule.describe()``).
@@ -160,6 +250,7 @@ def build_record(
     return {
         "version": RECORD_VERSION,
         "status": "running",
+        "run_id": run_id,
         "rule": values["rule"],
         "rule_paper": rule_paper,
         "model": values["model"],

@@ -6,7 +6,10 @@ from locallearn import flags
 from locallearn.errors import ConfigError
 
 IDENTITY_KEYS = {"model", "model_options", "rule", "rule_options", "dataset", "train_subset",
-                 "test_subset", "granularity", "num_blocks", "train"}
+                 "test_subset", "granularity", "num_blocks", "train",
+                 # settings change results too (the plane's probe, the precision)
+                 "plane_every", "probe_size", "probe_split", "no_plane", "mixed_precision",
+                 "deterministic"}
 
 
 def test_every_flag_is_declared_once_with_a_role():
@@ -19,7 +22,7 @@ def test_every_flag_is_declared_once_with_a_role():
     assert given == {f"--{n}" for n in names}
 
 
-def test_the_checkpoint_identity_comes_from_the_identity_role():
+def test_the_checkpoint_identity_comes_from_the_identity_and_setting_roles():
     args = flags.build_parser().parse_args(["--blocks", "4", "--rule-opt", "aux_hidden=8"])
     train = {"epochs": 10, "seed": 0, "progress": None}
     identity = flags.run_identity(args, {"rule_options": {"aux_hidden": 8},
@@ -27,11 +30,13 @@ def test_the_checkpoint_identity_comes_from_the_identity_role():
     assert set(identity) == IDENTITY_KEYS
     assert identity["num_blocks"] == 4 and identity["rule_options"] == {"aux_hidden": 8}
     assert identity["train"] is train and identity["model"] == "resnet18_cifar"
-    # Outputs, commands and the plane's settings may change between a run and its resume.
+    # Outputs and commands may change between a run and its resume; settings may not.
     other = flags.build_parser().parse_args(
-        ["--blocks", "4", "--output", "elsewhere", "--no-plane", "--resume", "--no-progress"])
-    assert flags.run_identity(other, {"rule_options": {"aux_hidden": 8},
-                                      "model_options": {}, "train": train}) == identity
+        ["--blocks", "4", "--output", "elsewhere", "--resume", "--no-progress", "--overwrite"])
+    resolved = {"rule_options": {"aux_hidden": 8}, "model_options": {}, "train": train}
+    assert flags.run_identity(other, resolved) == identity
+    probe = flags.build_parser().parse_args(["--blocks", "4", "--probe-size", "64"])
+    assert flags.run_identity(probe, resolved)["probe_size"] == 64
 
 
 def test_recorded_values_leave_out_commands_and_unresolved_options():

@@ -32,6 +32,7 @@ FLOORS: list[tuple[str, ...]] = [
     # records and the command line
     ("records", "flags", "bench", "plugins"),
     ("checkpoint", "presets", "analysis.plots"),  # checkpoint writes with records.write_json
+    ("outputs",),  # a run's record and checkpoints, checked and taken
     ("leaderboard", "cli"),  # leaderboard draws with analysis.plots
     ("",),  # the package itself
 ]

@@ -13,7 +13,7 @@ RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py")]
 BASE = ["--rule", "sequential", "--dataset", "synthetic", "--epochs", "4", "--blocks", "2",
         "--batch-size", "32", "--probe-size", "64", "--no-progress"]
 TIMING = {"seconds", "images_per_s", "eval_seconds", "started", "path", "plane_config",
-          "seconds_per_epoch"}
+          "seconds_per_epoch", "run_id"}  # run_id: each run has its own
 
 
 def run(*args, **kw):

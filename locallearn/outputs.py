@@ -1,0 +1,177 @@
+"""What a run writes, checked and taken before any work: the record and the checkpoints.
+
+Every path is checked when the arguments are (``run.py --check`` too): a
+folder that is a file, cannot be created or written, a bad ``--name``. Then a
+run takes its files (:func:`claim`): the record and the checkpoint folder
+belong to one run, named by its id (``run_id``, kept in both). A run refuses
+
+- a record or a checkpoint folder a running run is writing (always);
+- a finished run's record, unless ``--overwrite``;
+- an unfinished run's record (interrupted, or killed while running), unless
+  it resumes that run (``--resume``) or ``--overwrite``;
+- a checkpoint folder holding checkpoints, unless it resumes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import LOCK, complete, lock_folder, read_meta
+from .errors import OutputError
+from .records import Lock, record_name
+
+# Leaves room for the temp files written next to it (".NAME.XXXXXXXX.tmp") within
+# the 255 bytes most file systems allow.
+MAX_NAME_BYTES = 200
+FINISHED = ("complete", "diverged")
+
+
+def record_path(args: argparse.Namespace) -> Path:
+    """Where the run's record goes: ``--output``/``--name`` (or the default name)."""
+    name = args.name or record_name(args.rule, args.model, args.dataset, args.seed)
+    return Path(args.output) / name
+
+
+def _lock_of(record: Path) -> Path:
+    return record.parent / f".{record.name}.lock"
+
+
+def check_folder(path: str | Path, flag: str) -> None:
+    """``path`` is a folder the run can create or write into.
+
+    Raises:
+        OutputError: it is a file, or it (or the folder it would be made in) is not writable.
+    """
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is a broken link")
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file" if probe == path else f"would be made in {str(probe)!r}, a file"
+        raise OutputError(f"{flag} {str(path)!r} {what}; give a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is not writable")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path the run will write: the record's folder and name, the checkpoint folder.
+
+    Raises:
+        OutputError: a bad ``--name``, or a folder that cannot be written.
+    """
+    name = args.name
+    if name is not None:
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise OutputError(f"--name must be a plain file name; got {name!r}")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise OutputError(f"--name is {len(name.encode())} bytes long; at most "
+                              f"{MAX_NAME_BYTES}")
+    check_folder(args.output, "--output")
+    if record_path(args).is_dir():
+        raise OutputError(f"the record {str(record_path(args))!r} would replace a folder; "
+                          "give another --name")
+    if args.checkpoint_dir:
+        check_folder(args.checkpoint_dir, "--checkpoint-dir")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def resumed_run(args: argparse.Namespace, identity: dict[str, Any], probe: bool = True
+                ) -> str | None:
+    """The id of the run ``--resume`` continues (None: a new run); checks the checkpoint
+    folder is free and, unless resuming, empty of checkpoints.
+
+    Raises:
+        OutputError, CheckpointError: in use, another run's, or not resumable.
+    """
+    if not args.checkpoint_dir:
+        return None
+    folder = Path(args.checkpoint_dir)
+    if probe:
+        Lock.probe(folder / LOCK, f"checkpoint folder {str(folder)!r}")
+    found = complete(folder)
+    if not found:
+        return None
+    if not args.resume:
+        raise OutputError(
+            f"checkpoint folder {str(folder)!r} holds another run's checkpoints "
+            f"({', '.join(p.name for p in found[-3:])}); pass --resume to continue that run, "
+            "or choose an empty --checkpoint-dir")
+    return read_meta(found[-1], identity)["run_id"]
+
+
+def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = True) -> None:
+    """Whether this run may write its record (see the module's docstring).
+
+    Args:
+        resumes: the id of the run this one continues, if any.
+        probe: whether to check that no running run holds the record (not when this
+            process holds its lock).
+
+    Raises:
+        OutputError: the record is another run's.
+    """
+    path = record_path(args)
+    if not path.exists():
+        return
+    if probe:
+        Lock.probe(_lock_of(path), f"the record {str(path)!r}")
+    record = _read(path)
+    status = record.get("status") if record else None
+    run = record.get("run_id") if record else None
+    if args.overwrite or (resumes is not None and run == resumes):
+        return
+    if args.resume and resumes is None and status not in FINISHED:
+        return  # nothing saved to resume from: the unfinished run starts again
+    what = (f"another run's record ({status})" if isinstance(status, str)
+            else "a file that is not a run record")
+    raise OutputError(f"{str(path)!r} holds {what}; pass --overwrite to replace it, or choose "
+                      "another --name or --output")
+
+
+@dataclass
+class Claim:
+    """The files a run has taken: its id and the locks it holds until :meth:`release`."""
+
+    run_id: str
+    record: Path
+    locks: list[Lock]
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+
+def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
+    """Take the record and the checkpoint folder for this run (the main process only).
+
+    Locks first, then checks again under the locks, so two runs started at
+    once cannot both pass.
+    """
+    path = record_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    locks = [Lock(_lock_of(path), f"the record {str(path)!r}")]
+    try:
+        if args.checkpoint_dir:
+            locks.append(lock_folder(args.checkpoint_dir))
+        resumes = resumed_run(args, identity, probe=False)
+        check_record(args, resumes, probe=False)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return Claim(resumes or uuid.uuid4().hex[:16], path, locks)

@@ -1,0 +1,406 @@
+"""What a careless or hostile user does to ``run.py``, its records and its checkpoints.
+
+Each case checks the exit status, that stderr is one line naming the problem
+(no traceback), and that no file was lost or left misleading. Cases of the
+data (image folders, the last batch) are in ``test_hostile_data.py``; those of
+``leaderboard.py`` and ``plane.py`` in ``test_hostile_reports.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT
+
+from locallearn import checkpoint
+from locallearn.cli import main
+from locallearn.records import Lock, git_commit
+
+TINY = ["--rule", "e2e", "--model", "resnet32_cifar", "--dataset", "synthetic",
+        "--batch-size", "32", "--train-subset", "64", "--test-subset", "32", "--no-plane",
+        "--no-progress"]
+
+
+def fails(capsys, argv, message, status=2):
+    """Run ``run.py argv`` in this process; it must fail with one line holding ``message``."""
+    capsys.readouterr()
+    assert main([*map(str, argv)]) == status
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    return lines[0]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` and its bytes (lock files aside)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """A finished 3-epoch run: its record in ``runs/`` and its checkpoints in ``ckpt/``."""
+    folder = tmp_path_factory.mktemp("done")
+    argv = [*TINY, "--epochs", "3", "--output", folder / "runs", "--checkpoint-dir",
+            folder / "ckpt", "--keep-checkpoints", "3"]
+    assert main([*map(str, argv)]) == 0
+    return folder
+
+
+def copy(done: Path, tmp_path: Path) -> tuple[Path, Path]:
+    shutil.copytree(done / "runs", tmp_path / "runs")
+    shutil.copytree(done / "ckpt", tmp_path / "ckpt")
+    return tmp_path / "runs", tmp_path / "ckpt"
+
+
+def resume(tmp_path, *extra):
+    return [*TINY, "--epochs", "3", "--output", tmp_path / "runs", "--checkpoint-dir",
+            tmp_path / "ckpt", "--resume", *extra]
+
+
+# 1. A checkpoint folder belongs to one run.
+
+def test_a_new_run_refuses_a_folder_of_another_runs_checkpoints(done, tmp_path, capsys):
+    _, ckpt = copy(done, tmp_path)
+    before = files(ckpt)
+    fails(capsys, [*TINY, "--epochs", "3", "--output", tmp_path / "new", "--checkpoint-dir",
+                   ckpt], "holds another run's checkpoints (epoch0001, epoch0002, epoch0003); "
+                          "pass --resume")
+    assert files(ckpt) == before and not (tmp_path / "new").exists()
+
+
+def test_pruning_only_removes_the_runs_own_checkpoints(tmp_path):
+    trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[],
+                              schedulers=[], history=[], observers=[], fit_seconds=lambda: 1.0)
+    for epoch in (7, 8):
+        checkpoint.save(trainer, tmp_path, epoch, {}, 1, "other")
+    for epoch in (1, 2, 3):
+        trainer.history.append({"epoch": epoch})
+        checkpoint.save(trainer, tmp_path, epoch, {}, 2, "mine")
+    kept = {p.name: checkpoint.run_of(p) for p in checkpoint.complete(tmp_path)}
+    assert kept == {"epoch0002": "mine", "epoch0003": "mine", "epoch0008": "other"}
+
+
+def test_a_folder_or_record_in_use_is_refused(done, tmp_path, capsys):
+    runs, ckpt = copy(done, tmp_path)
+    held = Lock(ckpt / checkpoint.LOCK, "test")
+    try:
+        fails(capsys, resume(tmp_path), f"checkpoint folder {str(ckpt)!r} is in use by a "
+                                        f"running run (pid {os.getpid()})")
+    finally:
+        held.release()
+    (record,) = runs.glob("*.json")
+    held = Lock(runs / f".{record.name}.lock", "test")
+    try:  # a running run's record is refused even when asked to overwrite
+        fails(capsys, [*TINY, "--epochs", "3", "--output", runs, "--overwrite"],
+              "is in use by a running run")
+    finally:
+        held.release()
+
+
+def test_an_interrupted_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[],
+                              schedulers=[], history=[{"epoch": 1}], observers=[],
+                              fit_seconds=lambda: 1.0)
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(trainer, tmp_path, 1, {}, 2, "mine")
+    assert list(tmp_path.iterdir()) == []
+    stale = tmp_path / ".tmp-epoch0004-99999"  # another (killed) process's
+    stale.mkdir()
+    checkpoint.lock_folder(tmp_path).release()
+    assert not stale.exists()
+
+
+# 2. A record belongs to one run.
+
+def test_a_finished_record_is_not_replaced_unless_asked(done, tmp_path, capsys):
+    runs, _ = copy(done, tmp_path)
+    before = files(runs)
+    (record,) = runs.glob("*.json")
+    fails(capsys, [*TINY, "--epochs", "3", "--output", runs],
+          f"{str(record)!r} holds another run's record (complete); pass --overwrite to replace")
+    assert files(runs) == before
+    assert main([*map(str, TINY), "--epochs", "1", "--output", str(runs), "--overwrite"]) == 0
+    assert len(json.loads(record.read_text())["history"]) == 1
+
+
+def test_an_unfinished_record_is_continued_only_by_resuming(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main([*map(str, TINY), "--epochs", "1", "--output", str(runs)]) == 0
+    (record,) = runs.glob("*.json")
+    data = json.loads(record.read_text()) | {"status": "interrupted"}
+    record.write_text(json.dumps(data))
+    fails(capsys, [*TINY, "--epochs", "1", "--output", runs],
+          "holds another run's record (interrupted)")
+    # --resume with nothing saved to resume from: that unfinished run starts again.
+    argv = [*TINY, "--epochs", "1", "--output", runs, "--checkpoint-dir", tmp_path / "ck",
+            "--resume"]
+    assert main([*map(str, argv)]) == 0
+    assert json.loads(record.read_text())["status"] == "complete"
+
+
+def test_resuming_another_runs_checkpoints_does_not_take_this_record(done, tmp_path, capsys):
+    runs, _ = copy(done, tmp_path)
+    (record,) = runs.glob("*.json")
+    data = json.loads(record.read_text()) | {"status": "interrupted", "run_id": "someone"}
+    record.write_text(json.dumps(data))
+    fails(capsys, resume(tmp_path), "another run's record (interrupted); pass --overwrite")
+
+
+def test_resuming_keeps_the_run_and_its_seconds(done, tmp_path):
+    runs, _ = copy(done, tmp_path)
+    (record,) = runs.glob("*.json")
+    before = json.loads(record.read_text())
+    assert main([*map(str, resume(tmp_path))]) == 0  # its own record: resumed, not refused
+    after = json.loads(record.read_text())
+    assert after["run_id"] == before["run_id"] and after["history"] == before["history"]
+    # The fit's seconds count the earlier process too, not only this one's (none: it was done).
+    assert after["seconds"] >= sum(e["seconds"] for e in after["history"]) > 0
+
+
+# 3. Checkpoint metadata is validated against itself and the saved state.
+
+def _edit_meta(ckpt: Path, name: str, edit) -> None:
+    path = ckpt / name / "meta.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(meta)))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m | {"epoch": 99}, "it says epoch 99 in folder epoch0003"),
+    (lambda m: m | {"history": m["history"][:1]}, "holds the history of 1 epoch(s)"),
+    (lambda m: m | {"epoch": "2"}, "bad or missing 'epoch'"),
+    (lambda m: m | {"history": {"a": 1}}, "bad or missing 'history'"),
+    (lambda m: m | {"observers": "x"}, "bad or missing 'observers'"),
+    (lambda m: {k: v for k, v in m.items() if k != "run_id"}, "bad or missing 'run_id'"),
+    (lambda m: [m], "meta.json is not a JSON object"),
+    (lambda m: m | {"format": "two"}, "has format 'two'"),
+], ids=["epoch-99", "short-history", "epoch-str", "history-dict", "observers-str", "no-run-id",
+        "a-list", "format"])
+def test_edited_metadata_is_refused(done, tmp_path, capsys, edit, message):
+    _, ckpt = copy(done, tmp_path)
+    _edit_meta(ckpt, "epoch0003", edit)
+    line = fails(capsys, resume(tmp_path), message)
+    assert "epoch0003" in line
+
+
+def test_metadata_that_disagrees_with_the_saved_state_is_refused(done, tmp_path, capsys):
+    _, ckpt = copy(done, tmp_path)
+    shutil.rmtree(ckpt / "epoch0002")
+    shutil.rmtree(ckpt / "epoch0003")
+    (ckpt / "epoch0001").rename(ckpt / "epoch0002")  # epoch 1's state, called epoch 2
+
+    def relabel(meta):
+        history = meta["history"]
+        return meta | {"epoch": 2, "history": history + [history[0] | {"epoch": 2}]}
+
+    _edit_meta(ckpt, "epoch0002", relabel)
+    fails(capsys, resume(tmp_path), "has taken 2 steps, not the 4 of its 2 epoch(s)")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("pickle", "state.pt cannot be read safely (UnpicklingError)"),
+    ("no-keys", "state.pt lacks the optimizer, scheduler or RNG states"),
+    ("weights", "model.safetensors cannot be read safely"),
+])
+def test_damaged_state_files_are_one_line(done, tmp_path, capsys, damage, message):
+    _, ckpt = copy(done, tmp_path)
+    last = ckpt / "epoch0003"
+    if damage == "pickle":  # an arbitrary object, which only the unsafe load would build
+        import pickle
+
+        (last / "state.pt").unlink()
+        with open(last / "state.pt", "wb") as f:
+            pickle.dump(SimpleNamespace(x=1), f)
+    elif damage == "no-keys":
+        torch.save({"optimizers": {}}, last / "state.pt")
+    else:
+        (last / "model.safetensors").write_bytes(b"\x00" * 16)
+    line = fails(capsys, resume(tmp_path), message)
+    assert "weights_only" not in line and "is damaged" in line
+
+
+# 4. Everything that changes results is part of the identity.
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--probe-size", "32", "probe_size is 1000 there, 32 here"),
+    ("--probe-split", "test", "probe_split is 'train' there, 'test' here"),
+    ("--mixed-precision", "bf16", "mixed_precision is 'no' there, 'bf16' here"),
+    ("--lr", "0.05", "train.lr is 0.1 there, 0.05 here"),
+])
+def test_resuming_with_other_settings_names_each_difference(done, tmp_path, capsys, flag,
+                                                            value, expected):
+    copy(done, tmp_path)
+    line = fails(capsys, resume(tmp_path, flag, value), f"is from another run: {expected}")
+    assert len(line) < 250
+
+
+def test_several_differences_are_listed_briefly(done, tmp_path, capsys):
+    copy(done, tmp_path)
+    line = fails(capsys, resume(tmp_path, "--probe-size", "32", "--seed", "3", "--gamma", "0.5"),
+                 "probe_size is 1000 there, 32 here")
+    assert "train.seed is 0 there, 3 here" in line and "train.gamma is 0.1 there, 0.5 here" in line
+    assert len(line) < 400
+
+
+# 6. Every path is checked before any work (--check runs the same checks).
+
+@pytest.mark.parametrize("case, message", [
+    ("output-file", "--output '{f}' is a file; give a folder"),
+    ("output-below-file", "would be made in '{f}', a file"),
+    ("checkpoint-file", "--checkpoint-dir '{f}' is a file; give a folder"),
+    ("name-dot", "--name must be a plain file name; got '.'"),
+    ("name-dotdot", "--name must be a plain file name; got '..'"),
+    ("name-slash", "--name must be a plain file name; got 'a/b.json'"),
+    ("name-long", "--name is 300 bytes long; at most 200"),
+    ("name-folder", "would replace a folder; give another --name"),
+])
+def test_bad_paths_fail_at_check_time(tmp_path, capsys, case, message):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    out = ["--output", tmp_path / "runs"]
+    extra = {
+        "output-file": ["--output", f],
+        "output-below-file": ["--output", f / "runs"],
+        "checkpoint-file": [*out, "--checkpoint-dir", f],
+        "name-dot": [*out, "--name", "."],
+        "name-dotdot": [*out, "--name", ".."],
+        "name-slash": [*out, "--name", "a/b.json"],
+        "name-long": [*out, "--name", "a" * 300],
+        "name-folder": ["--output", tmp_path, "--name", "runs-as-name"],
+    }[case]
+    (tmp_path / "runs-as-name").mkdir()
+    for check in (["--check"], []):
+        fails(capsys, [*TINY, *extra, *check], message.format(f=f))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "runs-as-name"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_folder_fails_at_check_time(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    fails(capsys, [*TINY, "--output", locked / "runs", "--check"], "is not writable")
+
+
+# 7. Signals.
+
+def _start(tmp_path):
+    argv = [sys.executable, str(ROOT / "benchmarks" / "run.py"), *TINY, "--epochs", "50",
+            "--output", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "ckpt" / "epoch0001" / "meta.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGTERM, 143, "terminated"),
+                                               (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_records_an_interrupted_run(tmp_path, sig, status, word):
+    proc = _start(tmp_path)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    assert err.strip().splitlines()[-1] == f"run.py: {word}" and "Traceback" not in err
+    (record,) = (tmp_path / "runs").glob("*.json")
+    assert json.loads(record.read_text())["status"] == "interrupted"
+    assert not list((tmp_path / "ckpt").glob(".tmp-*"))
+
+
+def test_the_memory_meter_runs_no_code_when_autograd_frees_a_tensor():
+    """A ``__del__`` there swallowed Ctrl-C; the meter sweeps weak references instead."""
+    from locallearn import measure
+
+    assert not hasattr(measure._Saved, "__del__")
+    x = torch.randn(8, 16, requires_grad=True)
+    with measure.SavedTensorMeter() as meter:
+        y = (x * 2).sin()
+        alive = meter.current
+        y.sum().backward()
+        del y
+    assert alive == 8 * 16 * 4 and meter.current == 0 and meter.peak == alive
+
+
+# One line, not a traceback: numbers and model options.
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-1", "argument --lr: must be in (0, inf); got '-1'"),
+    ("--lr", "0", "argument --lr: must be in (0, inf)"),
+    ("--momentum", "-5", "argument --momentum: must be in [0, 1); got '-5'"),
+    ("--seed", "-1", "argument --seed: must be in [0, 2**32); got '-1'"),
+    ("--weight-decay", "-0.1", "argument --weight-decay: must be in [0, inf)"),
+    ("--gamma", "-2", "argument --gamma: must be in (0, inf)"),
+    ("--max-loss", "-3", "argument --max-loss: must be in [0, inf)"),
+])
+def test_out_of_range_numbers_fail_at_check_time(capsys, flag, value, message):
+    fails(capsys, [*TINY, flag, value, "--check"], message)
+
+
+@pytest.mark.parametrize("option, message", [
+    ("in_chans=1", "with --model-opt in_chans=1 fails on the data's 3x16x16 images"),
+    ("drop_rate=abc", "with --model-opt drop_rate='abc' fails on the data's 3x16x16 images"),
+])
+def test_model_options_that_break_the_model_are_blamed(tmp_path, capsys, option, message):
+    line = fails(capsys, [*TINY, "--model", "resnet18", "--model-opt", option, "--output",
+                          tmp_path], message)
+    assert "cannot split" not in line and not list(tmp_path.iterdir())
+
+
+def test_pretrained_weights_offline_are_one_line(tmp_path, capsys, monkeypatch):
+    from locallearn import cli
+
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    fails(capsys, [*TINY, "--model", "resnet18", "--model-opt", "pretrained=True", "--output",
+                   tmp_path / "runs"], "the Hugging Face Hub is unreachable")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*.json"))
+
+
+# Smaller: file modes follow the umask; the commit is the package's own.
+
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        argv = [*TINY, "--epochs", "1", "--output", tmp_path / "runs", "--checkpoint-dir",
+                tmp_path / "ckpt"]
+        assert main([*map(str, argv)]) == 0
+    finally:
+        os.umask(old)
+    written = [*(tmp_path / "runs").glob("*.json"), *(tmp_path / "ckpt" / "epoch0001").iterdir()]
+    assert len(written) == 4
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {p.name: 0o640
+                                                                   for p in written}
+
+
+def test_the_commit_is_the_packages_own(tmp_path):
+    assert git_commit() != "unknown"  # this checkout
+    other = tmp_path / "other"
+    shutil.copytree(ROOT / "locallearn", other / "vendor" / "locallearn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "from locallearn.records import git_commit; print(git_commit())"],
+        cwd=other, env={**os.environ, "PYTHONPATH": str(other / "vendor")},
+        capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "unknown"
