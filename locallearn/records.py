@@ -71,14 +71,17 @@ def _is_locallearn(folder: Path) -> bool:
     return re.search(r'^name\s*=\s*"locallearn"', text, re.MULTILINE) is not None
 
 
-def git_commit() -> str:
+def git_commit(checkout: str | Path | None = None) -> str:
     """The commit of locallearn's own checkout, with ``+dirty`` if it has local changes.
 
     ``"unknown"`` when the package is not in a git checkout of its own: an
     installed copy, or a copy inside another repository (whose commit would say
     nothing about this code).
+
+    Args:
+        checkout: the folder holding the package (default: this package's).
     """
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(checkout or Path(__file__).parent.parent).resolve()
 
     def git(*args: str) -> str | None:
         out = subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True,
