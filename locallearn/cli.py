@@ -32,7 +32,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    # Every SIGTERM raises: ignoring later ones would leave a process that no SIGTERM stops
+    # if the first were ever swallowed (an exception raised inside a finaliser is dropped).
     raise Terminated
 
 
