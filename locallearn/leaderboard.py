@@ -31,6 +31,7 @@ from typing import Any
 
 from .errors import ConfigError, DataError, LocallearnError
 from .flags import FLAGS
+from .outputs import check_folder
 
 __all__ = [
     "COMPLETE_FIELDS", "INTRO", "RECORD_FIELDS", "Row", "Table", "build_tables", "collect",
@@ -564,14 +565,7 @@ def _nothing(source: str, apart: list[dict[str, Any]], bad: list[str]) -> str:
 
 def _check_outputs(docs: Path, figures: list[Path]) -> None:
     """Every output can be written: folders where folders go, files where files go."""
-    probe = docs
-    while not probe.exists():
-        if probe.is_symlink():
-            raise ConfigError(f"output folder {str(docs)!r}: {str(probe)!r} is a broken link")
-        probe = probe.parent
-    if not probe.is_dir():
-        where = "is a file" if probe == docs else f"would be made in {str(probe)!r}, a file"
-        raise ConfigError(f"output folder {str(docs)!r} {where}; give a folder")
+    check_folder(docs, "output folder")
     folder = docs / "figures"
     if figures and (folder.exists() or folder.is_symlink()) and not folder.is_dir():
         raise ConfigError(f"{str(folder)!r} is a file, not a folder for the figures")
