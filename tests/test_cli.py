@@ -76,15 +76,26 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_no_record(tmp_path, args, message):
-    out = run_cli("--dataset", "synthetic", *args, "--output", tmp_path / "runs")
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
+def test_bad_input_is_one_line_exit_2_and_no_record(tmp_path, capsys, args, message):
+    from locallearn.cli import main  # in this process: the script's own exit is tested below
+
+    status = main(["--dataset", "synthetic", *args, "--output", str(tmp_path / "runs")])
+    out = capsys.readouterr()
+    assert status == 2
+    assert "Traceback" not in out.err
+    lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run.py: error: ")
     assert message in lines[0]
     assert not (tmp_path / "runs").exists()
-    assert out.stdout == ""
+    assert out.out == ""
+
+
+def test_bad_input_through_the_script_exits_2_with_one_line(tmp_path):
+    out = run_cli("--dataset", "synthetic", "--rule", "layerwse", "--output", tmp_path / "runs")
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "run.py: error: unknown rule 'layerwse'; did you mean layerwise?"]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_data_without_network_says_how_to_supply_it(tmp_path):
