@@ -29,7 +29,7 @@ from .records import Lock, record_name
 # Leaves room for the temp files written next to it (".NAME.XXXXXXXX.tmp") within
 # the 255 bytes most file systems allow.
 MAX_NAME_BYTES = 200
-FINISHED = ("complete", "diverged")
+UNFINISHED = ("running", "interrupted")  # "running" here: killed, as no lock is held
 
 
 def record_path(args: argparse.Namespace) -> Path:
@@ -135,7 +135,7 @@ def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = Tr
     run = record.get("run_id") if record else None
     if args.overwrite or (resumes is not None and run == resumes):
         return
-    if args.resume and resumes is None and status not in FINISHED:
+    if args.resume and resumes is None and status in UNFINISHED:
         return  # nothing saved to resume from: the unfinished run starts again
     what = (f"another run's record ({status})" if isinstance(status, str)
             else "a file that is not a run record")

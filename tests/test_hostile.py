@@ -155,6 +155,16 @@ def test_an_unfinished_record_is_continued_only_by_resuming(tmp_path, capsys):
     assert json.loads(record.read_text())["status"] == "complete"
 
 
+def test_a_file_that_is_not_a_record_is_not_replaced_unless_asked(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "notes.json").write_text("my notes")
+    argv = [*TINY, "--epochs", "1", "--output", runs, "--name", "notes.json"]
+    for extra in ([], ["--checkpoint-dir", tmp_path / "ck", "--resume"]):
+        fails(capsys, [*argv, *extra], "holds a file that is not a run record; pass --overwrite")
+    assert (runs / "notes.json").read_text() == "my notes"
+
+
 def test_resuming_another_runs_checkpoints_does_not_take_this_record(done, tmp_path, capsys):
     runs, _ = copy(done, tmp_path)
     (record,) = runs.glob("*.json")
