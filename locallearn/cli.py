@@ -86,7 +86,7 @@ def _check(args: argparse.Namespace) -> Checked:
     check_paths(args)
     plane = None if args.no_plane else InformationPlane(
         probe_size=args.probe_size, every=args.plane_every, split=args.probe_split,
-        seed=0,
+        seed=0, distance=args.plane_distance,
     )
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size,

@@ -221,6 +221,9 @@ FLAGS: tuple[Flag, ...] = (
          type=positive_int, metavar="M", row=False),
     Flag("probe-split", SETTING, "where the probe set comes from (un-augmented)", "train",
          choices=("train", "test"), row=False),
+    Flag("plane-distance", SETTING, "information plane: the Gaussian kernel of the squared "
+         "distance (default, as the HSIC-bottleneck code) or of the distance (as the seed "
+         "paper's code)", "sqeuclidean", choices=("sqeuclidean", "euclidean"), row=False),
     Flag("no-plane", SETTING, "skip the information plane", kind="switch", row=False),
     _loop("max-loss", help="stop as diverged when a part's mean loss exceeds X (0: off)",
           default=0.0, type=bounded(0), metavar="X"),

@@ -19,17 +19,24 @@ clamped at zero, never an explicit inverse), once per sample set; a
 labels of a probe set are decomposed once and reused for every block and
 epoch.
 
-Defaults follow the HSIC-bottleneck line of work (Ma, Lewis & Kleijn 2020,
-"The HSIC Bottleneck: Deep Learning without Back-Propagation", AAAI), which the
-seed paper (Sakamoto & Sato 2024, TMLR) follows: a Gaussian kernel
-``exp(-||u - v||^2 / (2 sigma^2 d))`` on the flattened samples of dimension
-``d``, ``sigma = 5``, ``eps = 1e-5``, labels one-hot.
+Defaults follow the HSIC-bottleneck code (Ma, Lewis & Kleijn 2020, "The HSIC
+Bottleneck: Deep Learning without Back-Propagation", AAAI): a Gaussian kernel
+``exp(-||u - v||^2 / (2 sigma^2 d))`` of the *squared* distance on the flattened
+samples of dimension ``d``, ``sigma = 5``, ``eps = 1e-5``, labels one-hot.
+
+``distance="euclidean"`` puts the *unsquared* distance in the exponent instead,
+``exp(-||u - v|| / (2 sigma^2 d))``: that is what the only HSIC code released with
+the seed paper (Sakamoto & Sato 2024, "End-to-End Training Induces Information
+Bottleneck through Layer-Role Differentiation", TMLR; keitaroskmt/E2E-info,
+``src/hsic/hsic.py``, ``NormalizedHSIC._gaussian_kernel``) computes. The two can
+order representations differently; the squared form is the default.
 
 Kernels (``kernel=``): ``"gaussian"`` (the above), ``"median"`` (Gaussian with
 the median heuristic, ``exp(-||u - v||^2 / (2 s^2))`` with ``s`` the median
-pairwise distance, as in Gretton et al. 2005), ``"linear"`` (``u.v``) and
-``"delta"`` (1 where two samples are equal; for 1-D integer labels or one-hot
-rows it is the label-equality kernel).
+pairwise distance, as in Gretton et al. 2005; with ``distance="euclidean"``,
+``exp(-||u - v|| / (2 s))``), ``"linear"`` (``u.v``) and ``"delta"`` (1 where two
+samples are equal; for 1-D integer labels or one-hot rows it is the
+label-equality kernel). ``distance`` matters only to the two Gaussian kernels.
 """
 
 from __future__ import annotations
@@ -42,12 +49,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 __all__ = [
+    "DEFAULT_DISTANCE",
     "DEFAULT_EPS",
     "DEFAULT_SIGMA",
+    "DISTANCES",
     "KERNELS",
     "SoftProjector",
     "centre",
+    "check_distance",
     "differentiable_nhsic",
     "hsic",
     "inner_products",
@@ -63,6 +75,9 @@ __all__ = [
 
 Kernel = Literal["gaussian", "median", "linear", "delta"]
 KERNELS: tuple[str, ...] = ("gaussian", "median", "linear", "delta")
+Distance = Literal["sqeuclidean", "euclidean"]
+DISTANCES: tuple[str, ...] = ("sqeuclidean", "euclidean")
+DEFAULT_DISTANCE = "sqeuclidean"
 DEFAULT_SIGMA = 5.0
 DEFAULT_EPS = 1e-5
 # float64 bytes per feature chunk of the inner products: the extra memory stays
@@ -125,8 +140,14 @@ def sq_distances(gram: Tensor) -> Tensor:
     return dist.fill_diagonal_(0)
 
 
+def _distances(gram: Tensor, distance: Distance) -> Tensor:
+    """Pairwise distances from inner products: squared (``"sqeuclidean"``) or not."""
+    dist = sq_distances(gram)
+    return dist if distance == "sqeuclidean" else dist.sqrt_()
+
+
 def _median_scale(dist: Tensor) -> Tensor:
-    """Median pairwise squared distance (off the diagonal), or 1 if all samples coincide."""
+    """Median pairwise distance (off the diagonal), or 1 if all samples coincide."""
     m = len(dist)
     if m < 2:
         return dist.new_ones(())
@@ -152,8 +173,20 @@ def _check_kernel(kernel: str) -> None:
         raise ValueError(f"unknown kernel {kernel!r}; choices: {', '.join(KERNELS)}")
 
 
+def check_distance(distance: str) -> None:
+    """Raise a one-line :class:`~locallearn.errors.ConfigError` unless ``distance`` is one of
+    :data:`DISTANCES`."""
+    if distance not in DISTANCES:
+        raise ConfigError(f"unknown distance {distance!r}; choices: {', '.join(DISTANCES)}")
+
+
 def kernel_from_inner_products(
-    gram: Tensor, dim: int, kernel: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA
+    gram: Tensor,
+    dim: int,
+    kernel: Kernel = "gaussian",
+    sigma: float = DEFAULT_SIGMA,
+    *,
+    distance: Distance = DEFAULT_DISTANCE,
 ) -> Tensor:
     """The Gram matrix of ``kernel`` from the inner products of samples of dimension ``dim``.
 
@@ -162,25 +195,43 @@ def kernel_from_inner_products(
         dim: the feature dimension ``d`` of the flattened samples.
         kernel: ``"gaussian"``, ``"median"`` or ``"linear"`` (``"delta"`` needs the samples).
         sigma: Gaussian width, in units of ``sqrt(d)``.
+        distance: ``"sqeuclidean"`` (``exp(-||u - v||^2 / (2 sigma^2 d))``, Ma, Lewis &
+            Kleijn 2020) or ``"euclidean"`` (``exp(-||u - v|| / (2 sigma^2 d))``, the
+            seed paper's released code); the median kernel takes the median of the same
+            distance. Ignored by the linear kernel.
     """
     _check_kernel(kernel)
+    check_distance(distance)
     if kernel == "linear":
         return gram
     if kernel == "delta":
         raise ValueError("the delta kernel compares samples; use kernel_matrix(x, 'delta')")
-    dist = sq_distances(gram)
-    # sigma is scaled by sqrt(d) so the width does not depend on the layer's size.
+    dist = _distances(gram, distance)
+    # sigma is scaled by sqrt(d) so that, with the squared distance, the width does not
+    # depend on the layer's size (with the unsquared one it does).
     scale = _median_scale(dist) if kernel == "median" else sigma**2 * max(dim, 1)
     return torch.exp(-dist / (2 * scale))
 
 
-def kernel_matrix(x: Tensor, kernel: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA) -> Tensor:
-    """The ``(m, m)`` float64 Gram matrix of ``kernel`` on samples ``x`` of shape ``(m, ...)``."""
+def kernel_matrix(
+    x: Tensor,
+    kernel: Kernel = "gaussian",
+    sigma: float = DEFAULT_SIGMA,
+    *,
+    distance: Distance = DEFAULT_DISTANCE,
+) -> Tensor:
+    """The ``(m, m)`` float64 Gram matrix of ``kernel`` on samples ``x`` of shape ``(m, ...)``.
+
+    ``distance`` as in :func:`kernel_from_inner_products` (ignored by ``"delta"``).
+    """
     _check_kernel(kernel)
+    check_distance(distance)
     if kernel == "delta":
         return _delta(x)
     flat = _flat(x)
-    return kernel_from_inner_products(inner_products(flat), flat.shape[1], kernel, sigma)
+    return kernel_from_inner_products(
+        inner_products(flat), flat.shape[1], kernel, sigma, distance=distance
+    )
 
 
 def centre(k: Tensor) -> Tensor:
@@ -251,11 +302,11 @@ def soft_projector(k: Tensor, eps: float = DEFAULT_EPS) -> SoftProjector:
 
 
 def _projector(
-    x: Tensor | SoftProjector, kernel: Kernel, sigma: float, eps: float
+    x: Tensor | SoftProjector, kernel: Kernel, sigma: float, eps: float, distance: Distance
 ) -> SoftProjector:
     if isinstance(x, SoftProjector):
         return x
-    return soft_projector(kernel_matrix(x, kernel, sigma), eps)
+    return soft_projector(kernel_matrix(x, kernel, sigma, distance=distance), eps)
 
 
 def nhsic(
@@ -266,6 +317,7 @@ def nhsic(
     kernel_b: Kernel = "gaussian",
     sigma: float = DEFAULT_SIGMA,
     eps: float = DEFAULT_EPS,
+    distance: Distance = DEFAULT_DISTANCE,
 ) -> float:
     """Normalized HSIC ``Tr[R_a R_b]`` (Fukumizu, Gretton, Sun & Schölkopf 2007).
 
@@ -275,12 +327,16 @@ def nhsic(
 
     Args:
         a, b: samples of shape ``(m, ...)``, or precomputed :func:`soft_projector` s
-            (then their kernel, sigma and eps are the ones they were built with).
+            (then their kernel, sigma, eps and distance are the ones they were built with).
         kernel_a, kernel_b: one of :data:`KERNELS`.
         sigma: Gaussian width in units of ``sqrt(d)`` (Ma, Lewis & Kleijn 2020 use 5).
         eps: regulariser of ``K~ + eps m I``.
+        distance: in the Gaussian kernels, ``"sqeuclidean"`` (default) or ``"euclidean"``
+            (see :func:`kernel_from_inner_products`).
     """
-    return _projector(a, kernel_a, sigma, eps).dot(_projector(b, kernel_b, sigma, eps))
+    check_distance(distance)
+    pa = _projector(a, kernel_a, sigma, eps, distance)
+    return pa.dot(_projector(b, kernel_b, sigma, eps, distance))
 
 
 def nhsic_scaled(
@@ -291,13 +347,15 @@ def nhsic_scaled(
     kernel_b: Kernel = "gaussian",
     sigma: float = DEFAULT_SIGMA,
     eps: float = DEFAULT_EPS,
+    distance: Distance = DEFAULT_DISTANCE,
 ) -> float:
     """``nHSIC(a; b) / sqrt(nHSIC(a; a) nHSIC(b; b))``, in ``[0, 1]`` (Cauchy-Schwarz).
 
     Zero when either side is constant (its ``R`` is zero). Arguments as :func:`nhsic`.
     """
-    pa = _projector(a, kernel_a, sigma, eps)
-    pb = _projector(b, kernel_b, sigma, eps)
+    check_distance(distance)
+    pa = _projector(a, kernel_a, sigma, eps, distance)
+    pb = _projector(b, kernel_b, sigma, eps, distance)
     norm = (pa.self_nhsic() * pb.self_nhsic()) ** 0.5
     return pa.dot(pb) / norm if norm > 0 else 0.0
 
@@ -309,10 +367,14 @@ def hsic(
     kernel_a: Kernel = "gaussian",
     kernel_b: Kernel = "gaussian",
     sigma: float = DEFAULT_SIGMA,
+    distance: Distance = DEFAULT_DISTANCE,
 ) -> float:
     """The biased HSIC estimate ``Tr[K_a H K_b H] / (m - 1)^2`` (Gretton et al. 2005,
-    "Measuring statistical dependence with Hilbert-Schmidt norms", ALT)."""
-    ka, kb = kernel_matrix(a, kernel_a, sigma), kernel_matrix(b, kernel_b, sigma)
+    "Measuring statistical dependence with Hilbert-Schmidt norms", ALT).
+
+    ``distance`` as in :func:`kernel_from_inner_products`."""
+    ka = kernel_matrix(a, kernel_a, sigma, distance=distance)
+    kb = kernel_matrix(b, kernel_b, sigma, distance=distance)
     m = len(ka)
     if len(kb) != m:
         raise ValueError(f"sample counts differ: {m} vs {len(kb)}")
@@ -351,33 +413,40 @@ def differentiable_nhsic(
     kernel_b: Kernel = "gaussian",
     sigma: float = DEFAULT_SIGMA,
     eps: float = DEFAULT_EPS,
+    distance: Distance = DEFAULT_DISTANCE,
 ) -> Tensor:
     """``nHSIC(a; b)`` as a float64 scalar tensor with gradients to ``a`` (and ``b``).
 
     The training-time regulariser of the seed code (a block's local loss minus
-    ``lambda * nHSIC(Z; X)``) is built on it. Gradients through an
+    ``lambda * nHSIC(Z; X)``; Sakamoto & Sato 2024, keitaroskmt/E2E-info,
+    ``src/models/layer_wise_loss.py``, which uses ``distance="euclidean"``) is built
+    on it. Gradients through an
     eigendecomposition are undefined at repeated eigenvalues, which a centred
     Gram matrix always has, so ``R`` is instead ``(K~ + eps m I)^-1 K~`` by a
     Cholesky solve (``K~ + eps m I`` is positive definite); ``R_a`` and
     ``K~ + eps m I`` commute, so it is the same ``R``. The median bandwidth, if
-    used, is treated as a constant.
+    used, is treated as a constant. With ``distance="euclidean"`` the gradient of
+    a zero distance (the diagonal, or two equal samples) is taken as zero.
 
     Args:
         a: samples ``(m, ...)``, e.g. a block's auxiliary output.
         b: samples ``(m, ...)`` (e.g. the network input) or a precomputed projector.
-        kernel_a, kernel_b, sigma, eps: as in :func:`nhsic`.
+        kernel_a, kernel_b, sigma, eps, distance: as in :func:`nhsic`.
     """
-    ra = _differentiable_projector(a, kernel_a, sigma, eps)
+    check_distance(distance)
+    ra = _differentiable_projector(a, kernel_a, sigma, eps, distance)
     if isinstance(b, SoftProjector):
         rb = b.matrix.to(ra.device)
     else:
-        rb = _differentiable_projector(b, kernel_b, sigma, eps)
+        rb = _differentiable_projector(b, kernel_b, sigma, eps, distance)
     if rb.shape != ra.shape:
         raise ValueError(f"sample counts differ: {len(ra)} vs {len(rb)}")
     return (ra * rb.T).sum()  # Tr[Ra Rb] without forming the product
 
 
-def _differentiable_projector(x: Tensor, kernel: Kernel, sigma: float, eps: float) -> Tensor:
+def _differentiable_projector(
+    x: Tensor, kernel: Kernel, sigma: float, eps: float, distance: Distance
+) -> Tensor:
     _check_kernel(kernel)
     if not eps > 0:
         raise ValueError(f"eps must be positive; got {eps}")
@@ -394,6 +463,11 @@ def _differentiable_projector(x: Tensor, kernel: Kernel, sigma: float, eps: floa
                 off = 1 - torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
                 # Masking the diagonal keeps its rounding noise out of the gradient.
                 dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0) * off
+                if distance == "euclidean":
+                    # sqrt has an infinite slope at 0: take it only where the distance is
+                    # positive, so a zero one gets a zero gradient rather than nan.
+                    positive = dist > 0
+                    dist = torch.where(positive, dist.where(positive, 1.0).sqrt(), 0.0)
                 scale = (
                     _median_scale(dist.detach()) if kernel == "median"
                     else sigma**2 * flat.shape[1]

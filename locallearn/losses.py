@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .hsic import differentiable_nhsic
+from .hsic import check_distance, differentiable_nhsic
 from .registry import Registry
 from .step import Scored, Step, zero_loss
 
@@ -101,8 +101,14 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1)
 
 
 def bce_reconstruction(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of a sigmoid decoder output against an image in [0, 1] (InfoPro)."""
-    return F.binary_cross_entropy(decoded.float(), target.float())
+    """Binary cross-entropy of a sigmoid decoder output against an image in [0, 1] (InfoPro).
+
+    Computed in float32 with autocast off: CUDA autocast refuses
+    ``binary_cross_entropy`` outright (it is unsafe in half precision), and in
+    float32 training this is the very same computation.
+    """
+    with torch.autocast(decoded.device.type, enabled=False):
+        return F.binary_cross_entropy(decoded.float(), target.float())
 
 
 def goodness(h: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
@@ -231,14 +237,18 @@ def reconstruction():
                      "Bottleneck through Layer-Role Differentiation (TMLR)",
                summary="minus nHSIC of the head's output with the network input "
                        "(target=input) or the part's input (target=block_input)")
-def nhsic(target: str = "input"):
+def nhsic(target: str = "input", distance: str = "sqeuclidean"):
+    """``distance`` of the Gaussian kernel: the seed's code (``src/hsic/hsic.py``) uses
+    ``euclidean``; ``sqeuclidean`` is the HSIC-bottleneck form the analyzer defaults to."""
     if target not in ("input", "block_input"):
         raise ConfigError(f"nhsic target must be input or block_input; got {target!r}")
+    check_distance(distance)
 
     def term(inp: LossInput) -> torch.Tensor:
         x = inp.step.network_input if target == "input" else inp.part_input
         # nHSIC is float64; the other terms are float32, as the sum should stay.
-        return -differentiable_nhsic(inp.out.float(), x.flatten(1).float()).float()
+        return -differentiable_nhsic(inp.out.float(), x.flatten(1).float(),
+                                     distance=distance).float()
 
     return term
 

@@ -325,7 +325,7 @@ class Trainer:
         sums = torch.zeros(len(trained), device=acc.device)
         metric_sums: dict[int, dict[str, torch.Tensor]] = {}
         hits = torch.zeros((), device=acc.device)
-        seen = 0
+        seen = scored = 0  # images trained on; those of them in steps that gave logits
         bar = tqdm(
             loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
             # None hides the bar where stderr is not a terminal (logs keep the epoch lines).
@@ -357,19 +357,24 @@ class Trainer:
                     kept[key] = kept[key] + value if key in kept else value
             if logits is not None:
                 hits += (logits.argmax(1) == y).sum()
+                scored += len(y)
             seen += len(y)
             if (step + 1) % cfg.log_every == 0:
                 self._check_divergence(sums, trained, epoch, step)
-                bar.set_postfix(
-                    loss=f"{sums[-1].item() / (step + 1):.3f}", acc=f"{hits.item() / seen:.3f}",
-                    img_s=f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}",
-                )
+                shown = {"loss": f"{sums[-1].item() / (step + 1):.3f}"}
+                if scored:  # a rule whose steps give no logits (forward-forward) has no accuracy
+                    shown["acc"] = f"{hits.item() / scored:.3f}"
+                shown["img_s"] = f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}"
+                bar.set_postfix(shown)
         seconds = time.perf_counter() - t0
         bar.close()
         steps = max(1, len(loader))
         self._check_divergence(sums, trained, epoch, steps - 1)
         sums = acc.reduce(sums, "mean") / steps  # every process's mean loss, averaged
-        counts = acc.reduce(torch.stack([hits, torch.tensor(seen, device=acc.device)]), "sum")
+        # Summed over processes: hits, images in steps with logits, images.
+        counts = acc.reduce(torch.stack([
+            hits, torch.tensor(scored, device=acc.device), torch.tensor(seen, device=acc.device),
+        ]), "sum").tolist()
         for i in trained:
             if not any(i in later for later in self.schedule[epoch + 1:]):
                 self.deactivate(i)
@@ -380,10 +385,11 @@ class Trainer:
             "trained_parts": names,
             "train_loss": sums[-1].item(),
             "part_loss": part_loss,
-            "train_acc": counts[0].item() / max(counts[1].item(), 1),
+            # null, not 0, where no step of the epoch gave logits (on any process)
+            "train_acc": counts[0] / counts[1] if counts[1] > 0 else None,
             "dropped_images": self.dropped_images,
             "seconds": round(seconds, 3),
-            "images_per_s": round(counts[1].item() / max(seconds, 1e-9), 1),
+            "images_per_s": round(counts[2] / max(seconds, 1e-9), 1),
             "saved_bytes_peak": saved_peak,
         }
         if cuda:

@@ -8,8 +8,8 @@ from locallearn.errors import ConfigError
 IDENTITY_KEYS = {"model", "model_options", "rule", "rule_options", "dataset", "train_subset",
                  "test_subset", "granularity", "num_blocks", "train",
                  # settings change results too (the plane's probe, the precision)
-                 "plane_every", "probe_size", "probe_split", "no_plane", "mixed_precision",
-                 "deterministic"}
+                 "plane_every", "probe_size", "probe_split", "plane_distance", "no_plane",
+                 "mixed_precision", "deterministic"}
 
 
 def test_every_flag_is_declared_once_with_a_role():

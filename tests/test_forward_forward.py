@@ -1,10 +1,12 @@
 """forward_forward: wrong negatives, goodness separation, prediction by accumulated goodness."""
 
+import json
+
 import pytest
 import timm
 import torch
 
-from locallearn import create_rule, split
+from locallearn import cli, create_rule, split
 from locallearn.bench import random_data
 from locallearn.errors import ConfigError
 from locallearn.losses import goodness
@@ -83,6 +85,24 @@ def test_record_has_per_layer_goodness_gap_and_accuracy():
     entry = result["history"][-1]
     assert set(entry["rule_metrics"]["goodness_gap"]) == {"layers.0", "layers.1", "layers.2"}
     assert [a is not None for a in result["block_acc"]] == [False, True, True, True]
+    assert entry["train_acc"] is None  # its training steps give no logits
+
+
+@pytest.mark.parametrize("rule", ["forward_forward", "e2e"])
+def test_the_record_has_no_train_accuracy_where_training_gives_no_logits(rule, tmp_path):
+    # Forward-forward's training batches (positives and negatives) give no logits: its
+    # records once said train_acc 0.0. The same backbone under e2e has a train accuracy.
+    argv = ["--rule", rule, "--model", "ff_mlp", "--model-opt", "img_size=16",
+            "--dataset", "synthetic", "--train-subset", "64", "--test-subset", "32",
+            "--batch-size", "32", "--epochs", "1", "--no-plane", "--no-progress",
+            "--output", str(tmp_path)]
+    assert cli.main(argv) == 0
+    (path,) = tmp_path.glob("*.json")
+    (entry,) = json.loads(path.read_text())["history"]
+    if rule == "forward_forward":
+        assert entry["train_acc"] is None
+    else:
+        assert isinstance(entry["train_acc"], float) and 0.0 <= entry["train_acc"] <= 1.0
 
 
 def test_convolutional_backbones_are_refused():

@@ -33,10 +33,12 @@ from torch import Tensor, nn
 from ..data import BatchTransform, ImageData, balanced_subset
 from ..errors import ConfigError, unknown_name
 from ..hsic import (
+    DEFAULT_DISTANCE,
     DEFAULT_EPS,
     DEFAULT_SIGMA,
     KERNELS,
     SoftProjector,
+    check_distance,
     inner_products,
     kernel_alignment,
     kernel_from_inner_products,
@@ -91,6 +93,10 @@ class InformationPlane(Observer):
         eps: regulariser of ``R = K~ (K~ + eps m I)^-1`` (Fukumizu et al. 2007).
         kernel: kernel on inputs and block outputs (see :mod:`locallearn.hsic`).
         label_kernel: kernel on the one-hot labels; ``"delta"`` for label equality.
+        distance: the distance in the exponent of the Gaussian kernels (inputs, blocks,
+            labels): ``"sqeuclidean"`` (default; ``||u - v||^2``, as in Ma, Lewis & Kleijn
+            2020) or ``"euclidean"`` (``||u - v||``, as the seed paper's released code,
+            keitaroskmt/E2E-info ``src/hsic/hsic.py``). See :mod:`locallearn.hsic`.
         batch_size: probe samples per forward batch.
         memory_budget: bytes of CPU features held at once (see the module docstring).
     """
@@ -105,6 +111,7 @@ class InformationPlane(Observer):
         eps: float = DEFAULT_EPS,
         kernel: str = "gaussian",
         label_kernel: str = "gaussian",
+        distance: str = DEFAULT_DISTANCE,
         batch_size: int = 200,
         memory_budget: int = 2 * 2**30,
     ):
@@ -119,10 +126,12 @@ class InformationPlane(Observer):
                 raise unknown_name("kernel", name, KERNELS)
         if kernel == "delta":
             raise ConfigError("the delta kernel is for labels; use it as label_kernel")
+        check_distance(distance)
         if not (sigma > 0 and eps > 0):
             raise ConfigError(f"sigma and eps must be positive; got {sigma} and {eps}")
         self.probe_size, self.every, self.split, self.seed = probe_size, every, split, seed
         self.sigma, self.eps, self.kernel, self.label_kernel = sigma, eps, kernel, label_kernel
+        self.distance = distance
         self.batch_size, self.memory_budget = batch_size, memory_budget
         self.entries: list[dict[str, Any]] = []
         self.seconds: list[float] = []  # wall time of each measurement
@@ -140,6 +149,7 @@ class InformationPlane(Observer):
             "every": self.every,
             "kernel": self.kernel,
             "label_kernel": self.label_kernel,
+            "distance": self.distance,
             "sigma": self.sigma,
             "eps": self.eps,
             "input": "normalised images, flattened",
@@ -185,13 +195,12 @@ class InformationPlane(Observer):
         gram_device = torch.device("cpu") if device.type == "mps" else device
         x = transform(images)  # normalised, no augmentation
         x_linear = inner_products(x, device=gram_device)
-        x_proj = soft_projector(
-            kernel_from_inner_products(x_linear, x[0].numel(), self.kernel, self.sigma), self.eps
-        )
+        x_proj = soft_projector(kernel_from_inner_products(
+            x_linear, x[0].numel(), self.kernel, self.sigma, distance=self.distance
+        ), self.eps)
         onehot = F.one_hot(labels[index].cpu(), data.num_classes).to(torch.float64)
-        y_proj = soft_projector(
-            kernel_matrix(onehot, self.label_kernel, self.sigma).to(gram_device), self.eps
-        )
+        y_kernel = kernel_matrix(onehot, self.label_kernel, self.sigma, distance=self.distance)
+        y_proj = soft_projector(y_kernel.to(gram_device), self.eps)
         self._probe = _Probe(images, transform, device, gram_device, x_proj, y_proj, x_linear,
                              inner_products(onehot, device=gram_device))
         self._reference = {
@@ -287,9 +296,9 @@ class InformationPlane(Observer):
     def _entry(self, stack: nn.Module, probe: _Probe, epoch: int, k: int, feats: Tensor
                ) -> dict[str, Any]:
         gram = inner_products(feats, device=probe.gram_device)
-        z = soft_projector(
-            kernel_from_inner_products(gram, feats.shape[1], self.kernel, self.sigma), self.eps
-        )
+        z = soft_projector(kernel_from_inner_products(
+            gram, feats.shape[1], self.kernel, self.sigma, distance=self.distance
+        ), self.eps)
         zz = z.self_nhsic()
         xz, yz = probe.x.dot(z), probe.y.dot(z)
         return {

@@ -61,7 +61,10 @@ FORMS: dict[str, tuple[str, str, str, str]] = {
     "cka": ("cka_x", "cka_y", "linear CKA(X, Z)", "linear CKA(Y, Z)"),
 }
 #: plane_config keys that must agree for records to share axes.
-MEASURED_ALIKE = ("m", "split", "kernel", "label_kernel", "sigma", "eps")
+MEASURED_ALIKE = ("m", "split", "kernel", "label_kernel", "distance", "sigma", "eps")
+#: The value a key had before records stated it: records made before the Gaussian
+#: kernel's distance was an option used the squared distance.
+MEASURED_BEFORE = {"distance": "sqeuclidean"}
 STYLE = {
     "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs everywhere
     "font.size": 9,
@@ -168,15 +171,20 @@ def read(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: nested too deeply to be a run record") from None
 
 
+def _measured(config: dict[str, Any], key: str) -> Any:
+    return config.get(key, MEASURED_BEFORE.get(key)) if config else None
+
+
 def _check_alike(records: Sequence[dict[str, Any]]) -> None:
     first = records[0].get("plane_config") or {}
     for record in records[1:]:
         other = record.get("plane_config") or {}
         for key in MEASURED_ALIKE:
-            if first.get(key) != other.get(key):
+            a, b = _measured(first, key), _measured(other, key)
+            if a != b:
                 raise ConfigError(
                     f"{records[0]['file']} and {record['file']} were measured differently "
-                    f"({key}: {first.get(key)} vs {other.get(key)}); every form of the measure "
+                    f"({key}: {a} vs {b}); every form of the measure "
                     "depends on the probe set, so only records measured alike share axes"
                 )
 
@@ -212,7 +220,10 @@ def _setting(record: dict[str, Any]) -> str:
     c = record.get("plane_config") or {}
     if not c:
         return ""
-    return (f"m = {c.get('m')} {c.get('split', '')} samples, {c.get('kernel')} kernel, "
+    # The default distance goes unnamed, so figures of earlier records stay as they were.
+    distance = c.get("distance", "sqeuclidean")
+    kernel = f"{c.get('kernel')}{'' if distance == 'sqeuclidean' else f' ({distance})'} kernel"
+    return (f"m = {c.get('m')} {c.get('split', '')} samples, {kernel}, "
             f"σ = {c.get('sigma')}, ε = {c.get('eps')}")
 
 

@@ -43,6 +43,8 @@ class LocalConfig:
         nhsic_lambda: subtract ``nhsic_lambda * nHSIC(aux output; target)`` from each
             local loss (Sakamoto & Sato 2024's augmenting term).
         nhsic_target: ``input`` (the network input) or ``block_input`` (the part's input).
+        nhsic_distance: the Gaussian kernel's distance in that term: ``sqeuclidean``
+            (today's default) or ``euclidean`` (the seed's ``src/hsic/hsic.py``).
         loss_options: ``KEY=VALUE`` options of the local loss beyond the ones
             above (a plugin loss's own parameters), comma-separated.
     """
@@ -55,6 +57,7 @@ class LocalConfig:
     proj_dim: int = 128
     nhsic_lambda: float = 0.0
     nhsic_target: Literal["input", "block_input"] = "input"
+    nhsic_distance: Literal["sqeuclidean", "euclidean"] = "sqeuclidean"
     loss_options: tuple[str, ...] = ()
 
 
@@ -156,7 +159,8 @@ class LocalRule(Rule):
             terms.append(Term(self.loss, weight["loss"], "aux", sim, options))
             if cfg.nhsic_lambda:
                 terms.append(Term("nhsic", cfg.nhsic_lambda, "aux",
-                                  options={"target": cfg.nhsic_target}))
+                                  options={"target": cfg.nhsic_target,
+                                           "distance": cfg.nhsic_distance}))
         return Objective(heads, terms, self.recompute(heads))
 
     def part_scales(self, num_parts: int) -> list[float]:
