@@ -208,3 +208,24 @@ def test_records_of_different_distances_do_not_share_axes():
     with pytest.raises(ConfigError, match=r"measured differently \(distance: sqeuclidean vs "
                                           r"euclidean\)"):
         _check_alike(records(old, euclidean))
+
+
+def test_the_nhsic_loss_term_takes_the_distance():
+    from types import SimpleNamespace
+
+    from locallearn.hsic import differentiable_nhsic
+    from locallearn.losses import LossInput, build_loss
+    from locallearn.rules import create_rule
+
+    g = torch.Generator().manual_seed(0)
+    out, x = torch.randn(16, 10, generator=g), torch.randn(16, 3, 4, 4, generator=g)
+    step = SimpleNamespace(network_input=x)
+    inp = LossInput(out=out, h=out, part_input=x, step=step)
+    for distance in ("sqeuclidean", "euclidean"):
+        term = build_loss("nhsic", target="input", distance=distance)
+        expected = -differentiable_nhsic(out.double(), x.flatten(1).double(), distance=distance)
+        assert torch.allclose(term(inp).double(), expected, rtol=1e-5)
+    with pytest.raises(ConfigError, match="unknown distance 'manhattan'"):
+        build_loss("nhsic", distance="manhattan")
+    rule = create_rule("layerwise", nhsic_lambda=0.1, nhsic_distance="euclidean")
+    assert rule.describe()["nhsic_distance"] == "euclidean"
