@@ -40,12 +40,17 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def _parsed(text: str, kind: Callable[[str], Any], noun: str) -> Any:
+    """``kind(text)``, or the argparse error "must be NOUN"."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {noun}; got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer above zero."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
+    value = _parsed(text, int, "a positive integer")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
     return value
@@ -53,10 +58,7 @@ def positive_int(text: str) -> int:
 
 def number(text: str) -> float:
     """argparse type: a finite float."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    value = _parsed(text, float, "a number")
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be finite; got {text!r}")
     return value
@@ -81,10 +83,7 @@ def bounded(low: float, high: float | None = None, *, low_open: bool = False,
 
 def seed(text: str) -> int:
     """argparse type: an integer seed in [0, 2**32), what NumPy's seeding takes."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+    value = _parsed(text, int, "an integer")
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32); got {text!r}")
     return value
