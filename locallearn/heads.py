@@ -129,6 +129,89 @@ class PoolLinear(nn.Module):
         return self.fc(pool(h))
 
 
+def reduced_pool(shape: Sequence[int],
+                 features: int = 2048) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """Kernel, padding and output size of the average pool that keeps at most ``features`` values.
+
+    The rule of Nøkland & Eidnes' local-loss code (``dim_in_decoder``), which
+    the seed paper's layer-wise heads use (keitaroskmt/E2E-info,
+    ``src/models/trainable_block.py``, ``get_avg_pool``): double the kernel's
+    height, then its width, in turn, until ``C * ceil(H / kh) * ceil(W / kw)``
+    is at most ``features`` or the kernel is as tall as the map; pad so the
+    pooled map has ``ceil(H / kh) x ceil(W / kw)`` cells (the padding counts as
+    zeros in each average, as ``nn.AvgPool2d`` does by default).
+
+    Args:
+        shape: a ``(B, C, H, W)`` block output's shape.
+        features: the most values to keep per sample.
+
+    Returns:
+        ``((kh, kw), (ph, pw), C * ceil(H / kh) * ceil(W / kw))``.
+    """
+    _, channels, height, width = shape
+    kh = kw = 1
+    sh, sw = height, width
+    size = channels * sh * sw
+    while size > features and kh < height:
+        kh *= 2
+        sh = -(-height // kh)
+        size = channels * sh * sw
+        if size > features:
+            kw *= 2
+            sw = -(-width // kw)
+            size = channels * sh * sw
+    pad = ((kh * (sh - height // kh)) // 2, (kw * (sw - width // kw)) // 2)
+    return (kh, kw), pad, size
+
+
+class ReducedLinear(nn.Module):
+    """Average pooling to at most ``features`` values, keeping the spatial layout, then linear.
+
+    The auxiliary head of Nøkland & Eidnes' local-loss code and of the seed
+    paper's layer-wise training (Sakamoto & Sato, TMLR 2024): a feature map is
+    average-pooled with the kernel of :func:`reduced_pool` and flattened, so an
+    early block's head still sees where things are; token sequences are
+    average-pooled over tokens in the same way (halving their number until
+    ``tokens * D <= features``); vectors pass through. With ``hidden > 0`` a
+    hidden ReLU layer comes before the linear layer (the seed's ``mlp`` head).
+
+    Args:
+        shape: the block output's shape, batch first.
+        out: outputs of the last linear layer.
+        features: the most values the pooling keeps per sample.
+        hidden: width of a hidden ReLU layer (0: none).
+    """
+
+    def __init__(self, shape: Sequence[int], out: int, features: int = 2048, hidden: int = 0):
+        super().__init__()
+        shape = torch.Size(shape)
+        self.pool: nn.Module = nn.Identity()
+        if len(shape) == 4:
+            kernel, pad, size = reduced_pool(shape, features)
+            if kernel != (1, 1):
+                self.pool = nn.AvgPool2d(kernel, padding=pad)
+        elif len(shape) == 3:
+            tokens, dim = shape[1], shape[2]
+            step = 1
+            while -(-tokens // step) * dim > features and step < tokens:
+                step *= 2
+            if step > 1:
+                self.pool = nn.AvgPool1d(step, ceil_mode=True)
+            size = -(-tokens // step) * dim
+        else:
+            size = int(shape[1:].numel())
+        self.tokens = len(shape) == 3
+        self.features = size
+        self.fc = PoolLinear(size, out, hidden)  # on (B, D) its pooling is a flatten
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.tokens:  # (B, N, D): pool over N
+            h = self.pool(h.transpose(1, 2)).transpose(1, 2)
+        else:
+            h = self.pool(h)
+        return self.fc(h.flatten(1))
+
+
 class ConvPoolLinear(nn.Module):
     """``depth`` 3x3 conv-BN-ReLU layers, average pooling to ``side`` x ``side``, a linear layer.
 
@@ -242,6 +325,15 @@ class Pooled(nn.Module):
                summary="global average pool + linear (a hidden ReLU layer with hidden > 0)")
 def linear(shape, out, hidden: int = 0):
     return PoolLinear(channels_of(shape), out, hidden)
+
+
+@register_head("reduced_linear", role="classifier",
+               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals; "
+                     "Sakamoto & Sato 2024 (TMLR), the seed paper's layer-wise head",
+               summary="average pool to at most features (2048) values keeping the spatial "
+                       "layout, linear (a hidden ReLU layer with hidden > 0)")
+def reduced_linear(shape, out, features: int = 0, hidden: int = 0):
+    return ReducedLinear(shape, out, features or 2048, hidden)
 
 
 @register_head("mlp", role="classifier",

@@ -37,6 +37,7 @@ class LocalConfig:
             ``mlp``, ``mlp_sr``, ``infopro``); 0: the head's default.
         aux_depth: layers of the ``cnn`` or ``mlp_sr`` head; 0: the head's default.
         aux_pool: side of the map the ``cnn`` or ``mlp_sr`` head pools to; 0: its default.
+        aux_features: the most values the ``reduced_linear`` head's pooling keeps; 0: 2048.
         beta: ``predsim``'s weight of similarity matching.
         temperature: the contrastive losses' softmax temperature.
         proj_dim: projection size of the contrastive losses' heads.
@@ -52,6 +53,7 @@ class LocalConfig:
     aux_hidden: int = 0
     aux_depth: int = 0
     aux_pool: int = 0
+    aux_features: int = 0
     beta: float = 0.99
     temperature: float = 0.1
     proj_dim: int = 128
@@ -94,7 +96,7 @@ class LocalRule(Rule):
     def _check(self) -> None:
         """Refuse, before anything is built, options and compositions that cannot work."""
         cfg, rule = self.config, f"rule {self.name!r}"
-        for key in ("aux_hidden", "aux_depth", "aux_pool", "nhsic_lambda"):
+        for key in ("aux_hidden", "aux_depth", "aux_pool", "aux_features", "nhsic_lambda"):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"option {key!r} of {rule} must be >= 0; "
                                   f"got {getattr(cfg, key)}")
@@ -149,7 +151,7 @@ class LocalRule(Rule):
             out = cfg.proj_dim if meta["out"] == "proj_dim" else num_classes
             heads["aux"] = build_head(self.head, shape, out, where, self.head_option,
                                       hidden=cfg.aux_hidden, depth=cfg.aux_depth,
-                                      pool=cfg.aux_pool)
+                                      pool=cfg.aux_pool, features=cfg.aux_features)
             sim = None
             if meta["similarity"]:
                 sim = "sim"
