@@ -19,6 +19,12 @@ clamped at zero, never an explicit inverse), once per sample set; a
 labels of a probe set are decomposed once and reused for every block and
 epoch.
 
+Raw nHSIC has a chance level, ``Tr R_A Tr R_B / (m - 1)`` (its mean over random
+pairings of the samples), that grows with the effective ranks ``Tr R``. Beside it:
+the scale-free form :func:`nhsic_scaled` (divided by the Cauchy-Schwarz bound) and
+the chance-adjusted form :func:`nhsic_adjusted` (chance taken out of both, so 0 is
+chance and 1 the bound).
+
 Defaults follow the HSIC-bottleneck code (Ma, Lewis & Kleijn 2020, "The HSIC
 Bottleneck: Deep Learning without Back-Propagation", AAAI): a Gaussian kernel
 ``exp(-||u - v||^2 / (2 sigma^2 d))`` of the *squared* distance on the flattened
@@ -68,7 +74,10 @@ __all__ = [
     "kernel_matrix",
     "linear_cka",
     "nhsic",
+    "nhsic_adjusted",
+    "nhsic_chance",
     "nhsic_scaled",
+    "adjust_for_chance",
     "soft_projector",
     "sq_distances",
 ]
@@ -86,6 +95,9 @@ DEFAULT_EPS = 1e-5
 _CHUNK_BYTES = 2 * 2**20
 _MIN_CHUNK = 256
 _DOUBLE_EPS = torch.finfo(torch.float64).eps
+# Below this fraction of the Cauchy-Schwarz bound, the bound and the chance level count as
+# equal: their float64 sums carry relative rounding of about m u, far smaller than this.
+_SPAN_TOL = 1e-9
 
 
 @contextmanager
@@ -358,6 +370,67 @@ def nhsic_scaled(
     pb = _projector(b, kernel_b, sigma, eps, distance)
     norm = (pa.self_nhsic() * pb.self_nhsic()) ** 0.5
     return pa.dot(pb) / norm if norm > 0 else 0.0
+
+
+def nhsic_chance(trace_a: float, trace_b: float, m: int) -> float:
+    """``Tr R_a Tr R_b / (m - 1)``: the mean of ``nHSIC(a; b)`` over every pairing of
+    ``b``'s samples with ``a``'s (0 for ``m < 2``).
+
+    ``R_a`` and ``R_b`` are symmetric with rows summing to zero (``K~`` is centred).
+    Under a uniformly random permutation ``P``, ``E[Tr(R_a P R_b P^T)]`` sums a diagonal
+    part, ``sum_i (R_a)_ii`` times the mean diagonal entry of ``R_b``, ``Tr R_b / m``, and an
+    off-diagonal part, ``sum_{i != j} (R_a)_ij = -Tr R_a`` times the mean off-diagonal
+    entry of ``R_b``, ``-Tr R_b / (m (m - 1))``: together ``Tr R_a Tr R_b / (m - 1)``.
+    The traces are sums of the projectors' ``ratios`` (:meth:`SoftProjector.effective_rank`).
+    """
+    return trace_a * trace_b / (m - 1) if m > 1 else 0.0
+
+
+def adjust_for_chance(ab: float, aa: float, bb: float, trace_a: float, trace_b: float,
+                      m: int) -> float:
+    """``(ab - chance) / (sqrt(aa bb) - chance)``, from stored parts (see :func:`nhsic_adjusted`).
+
+    Args:
+        ab: ``nHSIC(a; b)``; aa, bb: ``nHSIC(a; a)``, ``nHSIC(b; b)``.
+        trace_a, trace_b: ``Tr R_a``, ``Tr R_b``; m: the number of samples.
+    """
+    chance = nhsic_chance(trace_a, trace_b, m)
+    top = (aa * bb) ** 0.5
+    span = top - chance
+    return (ab - chance) / span if span > _SPAN_TOL * top else 0.0
+
+
+def nhsic_adjusted(
+    a: Tensor | SoftProjector,
+    b: Tensor | SoftProjector,
+    *,
+    kernel_a: Kernel = "gaussian",
+    kernel_b: Kernel = "gaussian",
+    sigma: float = DEFAULT_SIGMA,
+    eps: float = DEFAULT_EPS,
+    distance: Distance = DEFAULT_DISTANCE,
+) -> float:
+    """nHSIC adjusted for chance, as the adjusted Rand index is (Hubert & Arabie 1985):
+
+        (nHSIC(a; b) - chance) / (sqrt(nHSIC(a; a) nHSIC(b; b)) - chance),
+
+    with ``chance = Tr R_a Tr R_b / (m - 1)`` (:func:`nhsic_chance`), the mean of
+    ``nHSIC(a; b)`` over every pairing of the samples, and the Cauchy-Schwarz bound
+    ``sqrt(nHSIC(a; a) nHSIC(b; b))`` as the most it can be. Both are unchanged by a
+    pairing, so the form averages exactly 0 over random pairings; it is 1 when ``R_a``
+    and ``R_b`` are proportional (``a = b``, for one), and negative below chance. It is
+    the scale-free form (:func:`nhsic_scaled`) with its own chance level taken out:
+    ``(s - c) / (1 - c)`` for ``s`` the scaled value and ``c`` chance over the same bound.
+
+    Where the bound equals chance (``R_a`` or ``R_b`` zero, or a multiple of the
+    centring matrix, as any varying set of 2 samples gives), every pairing gives the same
+    value, so there is no dependence to measure: 0. Arguments as :func:`nhsic`.
+    """
+    check_distance(distance)
+    pa = _projector(a, kernel_a, sigma, eps, distance)
+    pb = _projector(b, kernel_b, sigma, eps, distance)
+    return adjust_for_chance(pa.dot(pb), pa.self_nhsic(), pb.self_nhsic(),
+                             pa.effective_rank(), pb.effective_rank(), pa.size)
 
 
 def hsic(

@@ -1,5 +1,6 @@
 """Dependence measures against naive float64 formulas, and the properties they must have."""
 
+import itertools
 import math
 
 import pytest
@@ -235,3 +236,63 @@ def test_bad_arguments_are_value_errors():
         H.nhsic(x, z, eps=0.0)
     with pytest.raises(ValueError, match="sample counts differ"):
         H.nhsic(x, z[:10])
+
+
+def naive_adjusted(a, b, kernel_a="gaussian", kernel_b="gaussian"):
+    """The chance-adjusted form written out from its definition, with explicit inverses."""
+    ra, rb = naive_r(a, kernel_a), naive_r(b, kernel_b)
+    m = len(ra)
+    chance = float(torch.trace(ra) * torch.trace(rb)) / (m - 1)
+    top = math.sqrt(float(torch.trace(ra @ ra) * torch.trace(rb @ rb)))
+    return (float(torch.trace(ra @ rb)) - chance) / (top - chance)
+
+
+@pytest.mark.parametrize("kernel_a, kernel_b", [
+    ("gaussian", "gaussian"), ("median", "gaussian"), ("linear", "delta"),
+])
+def test_adjusted_nhsic_matches_the_naive_formula(kernel_a, kernel_b):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    z = x[:, :3] + 0.5 * torch.randn(40, 3, generator=g, dtype=torch.float64)
+    labels = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # 4 classes read off x
+    b = torch.nn.functional.one_hot(labels).double() if kernel_b == "delta" else z
+    ours = H.nhsic_adjusted(x, b, kernel_a=kernel_a, kernel_b=kernel_b)
+    expected = naive_adjusted(x, b, kernel_a, kernel_b)
+    assert 0.05 < expected < 1  # b depends on x
+    assert abs(ours - expected) <= 1e-8 * abs(expected)
+    # It is the scaled form with its own chance level taken out.
+    pa = H.soft_projector(H.kernel_matrix(x, kernel_a))
+    pb = H.soft_projector(H.kernel_matrix(b, kernel_b))
+    top = math.sqrt(pa.self_nhsic() * pb.self_nhsic())
+    c = H.nhsic_chance(pa.effective_rank(), pb.effective_rank(), len(x)) / top
+    assert abs(ours - (H.nhsic_scaled(pa, pb) - c) / (1 - c)) <= 1e-12
+
+
+def test_chance_and_the_adjusted_form_are_exact_means_over_every_pairing():
+    # m = 6: all 720 permutations of b's samples, so the mean is exact, not estimated.
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    b = a[:, :1] ** 2 + 0.3 * torch.randn(6, 2, generator=g, dtype=torch.float64)
+    pa, pb = (H.soft_projector(H.kernel_matrix(v, "median")) for v in (a, b))
+    raw, adjusted = [], []
+    for perm in itertools.permutations(range(6)):
+        shuffled = b[list(perm)]
+        raw.append(naive_nhsic(a, shuffled, "median", "median"))
+        adjusted.append(H.nhsic_adjusted(pa, H.soft_projector(H.kernel_matrix(shuffled, "median"))))
+    chance = H.nhsic_chance(pa.effective_rank(), pb.effective_rank(), 6)
+    assert chance > 0.05 * max(raw)  # at m = 6 chance is a large part of the raw value
+    assert rel(math.fsum(raw) / len(raw), chance) <= 1e-9
+    assert abs(math.fsum(adjusted) / len(adjusted)) <= 1e-9
+    assert min(adjusted) < 0 < max(adjusted) <= 1 + 1e-12  # below chance is negative
+
+
+def test_adjusted_nhsic_is_one_for_proportional_projectors_and_zero_without_dependence():
+    x, z, _, _ = data()
+    assert abs(H.nhsic_adjusted(x, x) - 1) <= 1e-12
+    same = H.nhsic_adjusted(x, 3 * x + 1, kernel_a="median", kernel_b="median")
+    assert abs(same - 1) <= 1e-9  # the median kernel ignores scale and shift
+    assert H.nhsic_adjusted(x, torch.ones(len(x), 2)) == 0.0  # a constant: R = 0
+    # Two samples: every varying R is a multiple of the centring matrix, so all pairings
+    # give the same value, and there is no dependence to measure.
+    assert H.nhsic_adjusted(x[:2], z[:2]) == 0.0
+    assert H.nhsic_adjusted(x[:1], z[:1]) == 0.0

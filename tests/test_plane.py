@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT
 
 from locallearn import create_rule, split
+from locallearn import hsic as H
 from locallearn.analysis import InformationPlane, plots
 from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
@@ -64,6 +65,29 @@ def test_a_two_epoch_fit_records_epochs_0_1_2_for_every_block(fitted):
         for key in ("nhsic_x_scaled", "nhsic_y_scaled", "cka_x", "cka_y"):
             assert 0 <= e[key] <= 1 + 1e-12
     json.dumps({"plane": plane.entries, "plane_config": config})  # fits in a run record
+
+
+def test_entries_carry_the_chance_adjusted_forms(fitted):
+    trainer, plane = fitted
+    config = plane.describe()
+    m = config["m"]
+    for e in plane.entries:  # the definition, from the entry's and the probe set's fields
+        for side in ("x", "y"):
+            chance = config[f"rank_{side}"] * e["rank"] / (m - 1)
+            top = math.sqrt(config[f"nhsic_{side}{side}"] * e["nhsic_self"])
+            expected = (e[f"nhsic_{side}"] - chance) / (top - chance)
+            assert e[f"nhsic_{side}_adj"] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+            assert e[f"nhsic_{side}_adj"] <= 1 + 1e-12
+    assert any(e["nhsic_y_adj"] > 0.1 for e in plane.entries if e["epoch"] == 2)  # it learnt
+    # and the same as the function of the measures, on the block's own features
+    again = _prepared(trainer)
+    entry = again.measure(trainer.stack, 2)[-1]
+    k = entry["block"]
+    with torch.no_grad():
+        feats = again._features(trainer.stack, again._probe, [k])[k]
+    z = H.soft_projector(H.kernel_matrix(feats))
+    assert entry["nhsic_x_adj"] == pytest.approx(H.nhsic_adjusted(again._probe.x, z), rel=1e-9)
+    assert entry["nhsic_y_adj"] == pytest.approx(H.nhsic_adjusted(again._probe.y, z), rel=1e-9)
 
 
 def test_measures_every_nth_epoch_and_always_the_last(fitted):
@@ -164,10 +188,29 @@ def records(fitted, tmp_path_factory):
     other["plane_config"]["m"] = 2 * M
     paths.append(folder / "other_m.json")
     paths[-1].write_text(json.dumps(other))
-    return {"e2e": paths[0], "layerwise": paths[1], "bare": bare, "other_m": paths[2]}
+    found = {"e2e": paths[0], "layerwise": paths[1], "bare": bare, "other_m": paths[2]}
+    # records made before the adjusted form was stored, with and without what computes it
+    old = json.loads(paths[0].read_text())
+    for entry in old["plane"]:
+        del entry["nhsic_x_adj"], entry["nhsic_y_adj"]
+    found["old"] = folder / "old.json"
+    found["old"].write_text(json.dumps(old))
+    del old["plane_config"]["rank_y"]
+    found["no_rank_y"] = folder / "no_rank_y.json"
+    found["no_rank_y"].write_text(json.dumps(old))
+    del old["plane"][3]["rank"]
+    old["plane_config"]["rank_y"] = 1.0
+    found["no_rank"] = folder / "no_rank.json"
+    found["no_rank"].write_text(json.dumps(old))
+    bad = json.loads(paths[0].read_text())
+    bad["plane"][1]["nhsic_y_adj"] = "high"
+    found["bad_adj"] = folder / "bad_adj.json"
+    found["bad_adj"].write_text(json.dumps(bad))
+    return found
 
 
-@pytest.mark.parametrize("kind, form", [("plane", "raw"), ("compare", "scaled"), ("depth", "cka")])
+@pytest.mark.parametrize("kind, form", [("plane", "raw"), ("compare", "scaled"), ("depth", "cka"),
+                                        ("compare", "adjusted")])
 def test_figures_are_drawn_deterministically(records, tmp_path, kind, form, capsys):
     inputs = [records["e2e"]] if kind == "plane" else [records["e2e"], records["layerwise"]]
     outputs = [tmp_path / f"{kind}{i}.png" for i in range(2)]
@@ -179,6 +222,23 @@ def test_figures_are_drawn_deterministically(records, tmp_path, kind, form, caps
     assert f"wrote {outputs[1]}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["plane", "depth"])
+def test_the_adjusted_form_of_an_older_record_is_computed_as_the_observer_stores_it(
+        records, tmp_path, kind):
+    figures = []
+    for name in ("e2e", "old"):
+        figures.append(tmp_path / f"{name}.png")
+        args = [str(records[name]), "-o", str(figures[-1]), "--kind", kind, "--form", "adjusted"]
+        assert plots.main(args) == 0
+    assert figures[0].read_bytes() == figures[1].read_bytes()
+    stored = plots.load_record(records["e2e"])
+    computed = plots.with_adjusted(plots.load_record(records["old"]))
+    for a, b in zip(stored["plane"], computed["plane"], strict=True):
+        assert a == b  # exactly: the same formula on the same stored numbers
+    # the other forms do not need it
+    assert plots.main([str(records["no_rank"]), "-o", str(tmp_path / "raw.png")]) == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.json"], "missing.json: no such file"),
     (["{bare}"], "has no 'plane' entries"),
@@ -186,6 +246,12 @@ def test_figures_are_drawn_deterministically(records, tmp_path, kind, form, caps
     (["{e2e}", "--form", "log"], "unknown form 'log'"),
     (["{e2e}", "{other_m}"], "measured differently (m: 64 vs 128)"),
     (["{e2e}", "{layerwise}", "--kind", "plane"], "--kind plane draws one record"),
+    (["{no_rank_y}", "--form", "adjusted"],
+     "no_rank_y.json: plane_config.rank_y is missing, and --form adjusted needs it"),
+    (["{e2e}", "{no_rank}", "--form", "adjusted", "--kind", "depth"],
+     "no_rank.json: plane[3].rank is missing, and --form adjusted needs it"),
+    (["{bad_adj}", "--form", "adjusted"],
+     "bad_adj.json: plane[1].nhsic_y_adj: expected a finite number, got 'high'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_figure(records, tmp_path, capsys, args, message):
     out = tmp_path / "fig.png"

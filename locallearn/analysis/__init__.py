@@ -16,6 +16,7 @@ from ..hsic import (
     kernel_matrix,
     linear_cka,
     nhsic,
+    nhsic_adjusted,
     nhsic_scaled,
     soft_projector,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "kernel_matrix",
     "linear_cka",
     "nhsic",
+    "nhsic_adjusted",
     "nhsic_scaled",
     "soft_projector",
 ]

@@ -38,6 +38,7 @@ from ..hsic import (
     DEFAULT_SIGMA,
     KERNELS,
     SoftProjector,
+    adjust_for_chance,
     check_distance,
     inner_products,
     kernel_alignment,
@@ -79,8 +80,12 @@ class InformationPlane(Observer):
     ``nhsic_x``, ``nhsic_y``, their scale-free forms ``nhsic_x_scaled`` and
     ``nhsic_y_scaled`` (``nHSIC(X; Z) / sqrt(nHSIC(X; X) nHSIC(Z; Z))``),
     ``nhsic_self`` (``nHSIC(Z; Z)``), ``rank`` (``Tr R_Z``, the effective rank: under
-    independence ``nHSIC(X; Z)`` averages ``Tr R_X Tr R_Z / (m - 1)``), and linear CKA
-    ``cka_x``, ``cka_y``.
+    independence ``nHSIC(X; Z)`` averages ``Tr R_X Tr R_Z / (m - 1)``), the
+    chance-adjusted forms ``nhsic_x_adj`` and ``nhsic_y_adj`` (that chance level taken
+    out of the scale-free form: 0 at chance, 1 at the bound; see
+    :func:`~locallearn.hsic.nhsic_adjusted`), and linear CKA ``cka_x``, ``cka_y``.
+    :meth:`describe` gives the probe set's ``nhsic_xx``, ``nhsic_yy``, ``rank_x``
+    (``Tr R_X``) and ``rank_y``, so each form can be recomputed from a record.
 
     Args:
         probe_size: ``m``, the number of probe samples (fewer if the split is smaller).
@@ -299,8 +304,9 @@ class InformationPlane(Observer):
         z = soft_projector(kernel_from_inner_products(
             gram, feats.shape[1], self.kernel, self.sigma, distance=self.distance
         ), self.eps)
-        zz = z.self_nhsic()
+        zz, rank = z.self_nhsic(), z.effective_rank()
         xz, yz = probe.x.dot(z), probe.y.dot(z)
+        ref, m = self._reference, z.size
         return {
             "epoch": epoch,
             "block": k,
@@ -308,10 +314,12 @@ class InformationPlane(Observer):
             "dim": feats.shape[1],
             "nhsic_x": xz,
             "nhsic_y": yz,
-            "nhsic_x_scaled": _scaled(xz, self._reference["nhsic_xx"], zz),
-            "nhsic_y_scaled": _scaled(yz, self._reference["nhsic_yy"], zz),
+            "nhsic_x_scaled": _scaled(xz, ref["nhsic_xx"], zz),
+            "nhsic_y_scaled": _scaled(yz, ref["nhsic_yy"], zz),
+            "nhsic_x_adj": adjust_for_chance(xz, ref["nhsic_xx"], zz, ref["rank_x"], rank, m),
+            "nhsic_y_adj": adjust_for_chance(yz, ref["nhsic_yy"], zz, ref["rank_y"], rank, m),
             "nhsic_self": zz,
-            "rank": z.effective_rank(),
+            "rank": rank,
             "cka_x": kernel_alignment(probe.x_linear, gram),
             "cka_y": kernel_alignment(probe.y_linear, gram),
         }

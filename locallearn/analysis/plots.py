@@ -10,7 +10,10 @@ Three kinds, after Sakamoto & Sato (2024, TMLR):
 - ``depth``: ``nHSIC(X; Z)`` and ``nHSIC(Y; Z)`` against depth at each run's
   last measured epoch, one line per run.
 
-Every form of the measure depends on the probe set (``m``, the kernels and
+Forms (``--form``): ``raw`` nHSIC, ``scaled`` (over the Cauchy-Schwarz bound),
+``adjusted`` (chance taken out too: 0 at chance, 1 at the bound; computed from the
+stored raw values, self terms and traces for records made before it was stored) and
+linear ``cka``. Every form of the measure depends on the probe set (``m``, the kernels and
 their widths), so a figure only puts together records measured alike; see
 ``docs/information_plane.md``. Figures are built on a bare
 :class:`~matplotlib.figure.Figure` (no pyplot state) under fixed settings and
@@ -45,10 +48,11 @@ from matplotlib.lines import Line2D
 
 from ..errors import ConfigError, DataError, LocallearnError, unknown_name
 from ..flags import Parser
+from ..hsic import adjust_for_chance
 from ..records import read_record
 
-__all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "plane_problem", "replacing",
-           "save_figure"]
+__all__ = ["FORMS", "KINDS", "STORED_FORMS", "draw", "load_record", "main", "plane_problem",
+           "replacing", "save_figure", "with_adjusted"]
 
 KINDS = ("plane", "compare", "depth")
 #: form -> (entry key on x, entry key on y, x label, y label)
@@ -58,8 +62,20 @@ FORMS: dict[str, tuple[str, str, str, str]] = {
         "nhsic_x_scaled", "nhsic_y_scaled",
         "nHSIC(X; Z) / √(nHSIC(X; X) nHSIC(Z; Z))", "nHSIC(Y; Z) / √(nHSIC(Y; Y) nHSIC(Z; Z))",
     ),
+    "adjusted": (
+        "nhsic_x_adj", "nhsic_y_adj",
+        "nHSIC(X; Z) adjusted for chance (0 = chance)",
+        "nHSIC(Y; Z) adjusted for chance (0 = chance)",
+    ),
     "cka": ("cka_x", "cka_y", "linear CKA(X, Z)", "linear CKA(Y, Z)"),
 }
+#: The forms every record stores; ``adjusted`` came later (see :func:`with_adjusted`).
+STORED_FORMS = ("raw", "scaled", "cka")
+#: What the adjusted form is computed from: per side, the entry's raw value and the
+#: probe set's self term and trace (``plane_config``); each entry's ``nhsic_self`` and
+#: ``rank`` (``Tr R_Z``) and the probe size ``m`` serve both sides.
+_ADJUSTED_FROM = {"nhsic_x_adj": ("nhsic_x", "nhsic_xx", "rank_x"),
+                  "nhsic_y_adj": ("nhsic_y", "nhsic_yy", "rank_y")}
 #: plane_config keys that must agree for records to share axes.
 MEASURED_ALIKE = ("m", "split", "kernel", "label_kernel", "distance", "sigma", "eps")
 #: The value a key had before records stated it: records made before the Gaussian
@@ -106,14 +122,15 @@ def is_whole(value: Any, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= _MAX_INDEX
 
 
-def plane_problem(record: dict[str, Any], forms: Sequence[str] = tuple(FORMS)) -> str | None:
+def plane_problem(record: dict[str, Any], forms: Sequence[str] = STORED_FORMS) -> str | None:
     """The first problem of the fields a figure reads, as a short text; None if there is none.
 
     Checks ``rule``, ``model`` and ``dataset`` (strings), ``config`` and
     ``plane_config`` (objects), and each ``plane`` entry: ``epoch`` and ``block``
     (whole numbers >= 0), ``name`` (a string, optional) and the two keys of each
-    of ``forms`` (finite numbers). A record without ``plane`` entries has no problem
-    here (:func:`load_record` refuses it for its own reason).
+    of ``forms`` (finite numbers; by default the forms every record stores). A record
+    without ``plane`` entries has no problem here (:func:`load_record` refuses it for
+    its own reason).
     """
     for key in ("rule", "model", "dataset"):
         if key in record and not isinstance(record[key], str):
@@ -169,6 +186,42 @@ def read(path: Path) -> dict[str, Any]:
         return read_record(path)
     except RecursionError:  # json gives up on deep nesting with a RecursionError
         raise DataError(f"{path}: nested too deeply to be a run record") from None
+
+
+def with_adjusted(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``nhsic_x_adj`` and ``nhsic_y_adj`` in every ``plane`` entry.
+
+    An entry that lacks them (a record made before the form was stored) gets them
+    computed, exactly as the observer would, from its ``nhsic_x``, ``nhsic_y``,
+    ``nhsic_self``, ``rank`` and the ``plane_config``'s ``m``, ``nhsic_xx``, ``nhsic_yy``,
+    ``rank_x``, ``rank_y``. The record is not changed; a new one is returned.
+
+    Raises:
+        DataError: a field the form needs is missing or malformed, named in one line.
+    """
+    file = record.get("file", "record")
+    config = record.get("plane_config") or {}
+    entries = []
+    for i, entry in enumerate(record["plane"]):
+        entry = dict(entry)
+        for key, (raw, self_term, trace) in _ADJUSTED_FROM.items():
+            if key in entry:
+                continue
+            needed = [("plane_config", "m", config.get("m"))]
+            needed += [("plane_config", k, config.get(k)) for k in (self_term, trace)]
+            needed += [(f"plane[{i}]", k, entry.get(k)) for k in (raw, "nhsic_self", "rank")]
+            for where, name, value in needed:
+                ok = is_whole(value, 2) if name == "m" else is_number(value)
+                if not ok:
+                    what = "missing" if value is None else f"malformed ({_shown(value)})"
+                    raise DataError(
+                        f"{file}: {where}.{name} is {what}, and --form adjusted needs it "
+                        f"(or {key} in every entry); draw this record with --form raw, "
+                        "scaled or cka")
+            entry[key] = adjust_for_chance(entry[raw], config[self_term], entry["nhsic_self"],
+                                           config[trace], entry["rank"], config["m"])
+        entries.append(entry)
+    return {**record, "plane": entries}
 
 
 def _measured(config: dict[str, Any], key: str) -> Any:
@@ -227,7 +280,17 @@ def _setting(record: dict[str, Any]) -> str:
             f"σ = {c.get('sigma')}, ε = {c.get('eps')}")
 
 
+def _chance_lines(ax, form: str, axes: str = "xy") -> None:
+    """Dashed lines at 0 on the chance-adjusted axes: the chance level."""
+    if form == "adjusted":
+        if "x" in axes:
+            ax.axvline(0, color="0.5", lw=0.8, ls="--", zorder=0)
+        if "y" in axes:
+            ax.axhline(0, color="0.5", lw=0.8, ls="--", zorder=0)
+
+
 def _draw_plane(ax, record: dict[str, Any], form: str) -> None:
+    _chance_lines(ax, form)
     cmap = colormaps[CMAP]
     paths = _trajectories(record, form)
     last = len(paths) - 1
@@ -314,7 +377,10 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
             ax.plot(depth, [p[i] for p in final], "o-", ms=4, label=f"{label} (epoch {epoch})")
     for ax, i in ((ax_x, 2), (ax_y, 3)):
         ax.set_ylabel(FORMS[form][i])
-        ax.set_ylim(bottom=0)  # every form is >= 0; a floor at 0 keeps gaps in proportion
+        if form == "adjusted":  # below 0 is below chance: show it, and where 0 is
+            _chance_lines(ax, form, "y")
+        else:
+            ax.set_ylim(bottom=0)  # these forms are >= 0; a floor at 0 keeps gaps in proportion
         if same:
             ax.set_xticks(range(len(names[0])), labels=names[0], rotation=45, ha="right")
             ax.set_xlabel("block")
@@ -336,6 +402,12 @@ def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str =
     if not records:
         raise ConfigError("no records given")
     _check_alike(records)
+    if form == "adjusted":
+        records = [with_adjusted(r) for r in records]
+        for record in records:
+            problem = plane_problem(record, ("adjusted",))
+            if problem:
+                raise DataError(f"{record.get('file', 'record')}: {problem}")
     with rc_context(STYLE):
         if kind == "plane":
             if len(records) != 1:
@@ -396,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", help="plane (one run), compare (runs side by side) or depth "
                                   "(default: plane for one record, compare for several)")
     p.add_argument("--form", default="raw",
-                   help="raw nHSIC (default), scaled (nHSIC / sqrt of the self terms) or cka")
+                   help="raw nHSIC (default), scaled (nHSIC / sqrt of the self terms), "
+                        "adjusted (the scaled form with chance taken out) or cka")
     return p
 
 
