@@ -6,8 +6,10 @@ blocks share the model's modules and parameters; nothing is copied.
 
 :func:`split` lays a model out per family (:mod:`locallearn.adapters`) at one
 of two granularities, or groups the fine blocks into ``num_blocks`` parts of
-balanced activation memory. Block 0 is always the ``"stem"``: the conv stem or
-the patch-embedding step.
+balanced activation memory, or into the parts that end after the fine blocks
+named in ``split_after`` (a published partition, such as InfoPro's table of
+cut points). Block 0 is always the ``"stem"``: the conv stem or the
+patch-embedding step.
 
 - ``"stage"``: the stem, then one block per stage (ResNet ``layer1..4``,
   ConvNeXt ``stages.i``, VGG runs of convs between max-pools). Isotropic
@@ -26,6 +28,7 @@ split wrongly.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 from collections import Counter
@@ -40,7 +43,7 @@ from locallearn.adapters import layout_of
 from locallearn.errors import ConfigError, SplitError, unknown_name
 from locallearn.measure import SavedTensorMeter
 
-__all__ = ["BlockStack", "balanced_partition", "saved_bytes_per_block", "split"]
+__all__ = ["BlockStack", "balanced_partition", "cut_after", "saved_bytes_per_block", "split"]
 
 GRANULARITIES = ("stage", "block")
 SUPPORTED = (
@@ -104,6 +107,7 @@ def split(
     num_blocks: int | None = None,
     input_size: tuple[int, int, int] | None = None,
     verify: bool = True,
+    split_after: Sequence[str] | None = None,
     **create_kwargs,
 ) -> BlockStack:
     """Split a timm model (or model name) into a verified :class:`BlockStack`.
@@ -117,18 +121,24 @@ def split(
         input_size: ``(C, H, W)`` of the probe batch; by default the model's
             ``pretrained_cfg["input_size"]`` (the patch embedding's image size for ViT/Mixer).
         verify: compare the stack with ``model(x)`` on a probe batch (recommended).
+        split_after: if set, group the block-level blocks into the parts that end
+            after each of these blocks (block-level names such as ``"layer1.4"``,
+            in forward order; see :func:`cut_after`); ``granularity`` is then unused.
         **create_kwargs: passed to ``timm.create_model`` when ``model`` is a name.
 
     Returns:
         A stack sharing the model's modules and parameters.
 
     Raises:
-        ConfigError: unknown model name or granularity, or ``num_blocks`` out of range.
+        ConfigError: unknown model name or granularity, ``num_blocks`` out of range,
+            a ``split_after`` that :func:`cut_after` refuses, or both of them given.
         SplitError: the model cannot be split correctly.
     """
     model = _create(model, create_kwargs)
     if granularity not in GRANULARITIES:
         raise unknown_name("granularity", granularity, GRANULARITIES)
+    if num_blocks is not None and split_after:
+        raise ConfigError("num_blocks and split_after both cut the stack into parts; give one")
     name = _model_name(model)
     try:
         layout = layout_of(model)
@@ -138,7 +148,7 @@ def split(
         raise _refusal(name, f"{type(e).__name__}: {e}") from None
 
     stem = [("stem", layout.stem)]
-    if num_blocks is None and granularity == "stage":
+    if num_blocks is None and not split_after and granularity == "stage":
         parts = stem + [(s.name, s.as_module()) for s in layout.stages]
     else:
         parts = stem + [pair for s in layout.stages for pair in s.fine]
@@ -156,6 +166,8 @@ def split(
         except Exception as e:  # e.g. an input too small for the model's downsampling
             raise _refusal(name, f"probe forward failed with {type(e).__name__}: {e}") from None
         stack = _group(stack, balanced_partition(costs, num_blocks))
+    if split_after:
+        stack = _group(stack, cut_after(stack.names, split_after, name))
     if verify:
         _verify(model, stack, _input_size(model, input_size), name)
     _sync_modes(model, stack)
@@ -183,6 +195,47 @@ def balanced_partition(costs: Sequence[float], k: int) -> list[list[int]]:
     top, _ = _best_cut(prefix, k, lambda worst, group: max(worst, group))
     _, groups = _best_cut(prefix, k, lambda sq, group: sq + group * group, limit=top)
     return groups
+
+
+def cut_after(names: Sequence[str], after: Sequence[str], model: str = "") -> list[list[int]]:
+    """Group blocks ``names`` into the contiguous parts that end after each block in ``after``.
+
+    ``cut_after(["stem", "layer1.0", "layer1.1", "layer2.0"], ["layer1.0"])`` is
+    ``[[0, 1], [2, 3]]``: the stem and ``layer1.0``, then the rest. ``len(after) + 1``
+    parts; the blocks before the first cut (the stem with them) are the first part.
+
+    Args:
+        names: the block names, in forward order.
+        after: the blocks each part but the last ends with, in forward order.
+        model: the model's name, for messages.
+
+    Raises:
+        ConfigError: an unknown name (the closest names, or all of them, named), a
+            name given twice, names out of forward order, or the last block (whose
+            part would be empty).
+    """
+    names = list(names)
+    at = f" of {model}" if model else ""
+    index = {n: i for i, n in enumerate(names)}
+    for name in after:
+        if name not in index:
+            close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else (
+                f"blocks in order: {', '.join(names)}")
+            raise ConfigError(f"split_after: unknown block {name!r}{at}; {hint}")
+    twice = [n for n, count in Counter(after).items() if count > 1]
+    if twice:
+        raise ConfigError(f"split_after names block {twice[0]!r} twice")
+    ends = [index[n] for n in after]
+    for prev, end in itertools.pairwise(ends):
+        if end < prev:
+            raise ConfigError(f"split_after must name blocks in forward order; {names[end]!r} "
+                              f"comes before {names[prev]!r}")
+    if ends and ends[-1] == len(names) - 1:
+        raise ConfigError(f"split_after cannot cut after {names[-1]!r}, the last block{at}: "
+                          "the part after it would be empty")
+    bounds = [0, *(e + 1 for e in ends), len(names)]
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
 
 
 def _best_cut(

@@ -81,6 +81,9 @@ def _check(args: argparse.Namespace) -> Checked:
     model_opts = parse_assignments(args.model_opt, "--model-opt")
     model_opts = {k: _literal(v) for k, v in model_opts.items()}
     check_dataset(args.dataset, args.data_root)
+    if args.blocks and args.split_after:
+        raise ConfigError("--blocks K and --split-after NAMES both cut the stack into parts; "
+                          "give one")
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir DIR")
     check_paths(args)
@@ -184,7 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     set_seed(args.seed, deterministic=args.deterministic)
     model = _create_model(args.model, data.num_classes, checked.model_opts, data.image_size)
-    stack = split(model, args.granularity, args.blocks, input_size=data.image_size)
+    stack = split(model, args.granularity, args.blocks, input_size=data.image_size,
+                  split_after=args.split_after)
     observers = (checked.plane,) if checked.plane is not None else ()
     trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers)
     # The files are taken (and checked again, now under their locks) just before the

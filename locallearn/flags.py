@@ -100,6 +100,17 @@ def fractions(text: str) -> tuple[float, ...]:
     return values
 
 
+def block_names(text: str) -> list[str]:
+    """argparse type: comma-separated block names, e.g. ``layer1.4,layer2.3``.
+
+    A list, as JSON gives it back: a checkpoint's stored identity compares equal.
+    """
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be comma-separated block names; got {text!r}")
+    return names
+
+
 def _datasets_help() -> str:
     from .data import DATASETS  # data loads torch: only when a parser is built
 
@@ -195,6 +206,9 @@ FLAGS: tuple[Flag, ...] = (
          choices=("stage", "block")),
     Flag("blocks", IDENTITY, "group the fine blocks into K parts balanced by activation memory",
          type=positive_int, metavar="K", identity_key="num_blocks"),
+    Flag("split-after", IDENTITY, "cut the fine blocks into parts that end after these blocks "
+         "(e.g. layer1.4,layer2.3: three parts; InfoPro's fixed split points); not with --blocks",
+         type=block_names, metavar="NAME,..."),
     Flag("dataset", IDENTITY, _datasets_help, "cifar10", row=False),
     Flag("data-root", OUTPUT, "where torchvision data sets live", "data"),
     Flag("cache-dir", OUTPUT, "decoded-image cache (default ~/.cache/locallearn)"),

@@ -217,8 +217,8 @@ class ConvPoolLinear(nn.Module):
 
     The shape of three heads of the literature: the layer-wise ``conv`` head
     (one conv, global pooling), DGL's CNN auxiliary network (two convs, 2x2
-    pooling) and InfoPro's auxiliary head (one strided conv, global pooling, an
-    MLP).
+    pooling) and InfoPro's ``1c2f`` net (one conv, strided below 64 channels,
+    global pooling, an MLP).
 
     Args:
         channels: the map's channels.
@@ -276,6 +276,12 @@ class MlpSr(nn.Module):
 class Decoder(nn.Module):
     """InfoPro's reconstruction decoder: upsample to the image size, conv-BN-ReLU, conv, sigmoid.
 
+    As the ``Decoder`` of InfoPro's code (Wang, Ni, Song, Yang & Huang, ICLR
+    2021; blackfeather-wang/InfoPro-Pytorch, ``networks/auxiliary_nets.py``):
+    bilinear upsampling with aligned corners, two 3x3 convs with biases (the
+    first followed by batch norm and ReLU), a sigmoid; convs start He-normal
+    (fan-out), as that code's ``InfoProResNet`` initialises every conv.
+
     Args:
         channels: the part output's channels.
         size: ``(H, W)`` of the input image.
@@ -288,14 +294,28 @@ class Decoder(nn.Module):
         super().__init__()
         self.size = tuple(size)
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width),
             nn.ReLU(inplace=True), nn.Conv2d(width, image_channels, 3, padding=1), nn.Sigmoid(),
         )
+        he_normal(self)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if tuple(h.shape[2:]) != self.size:  # at the image's size already: no copy
             h = F.interpolate(h, size=self.size, mode="bilinear", align_corners=True)
         return self.net(h)
+
+
+def he_normal(module: nn.Module) -> nn.Module:
+    """Draw every conv weight of ``module`` from N(0, 2 / (k * k * out_channels)); returns it.
+
+    The initialisation InfoPro's code gives all its convs, auxiliary nets
+    included (He et al. 2015, fan-out mode); biases and linear layers keep
+    PyTorch's defaults, as there.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return module
 
 
 class SpatialStd(nn.Module):
@@ -368,10 +388,19 @@ def mlp_sr(shape, out, depth: int = 0, pool: int = 0, hidden: int = 0):
 
 @register_head("infopro", role="classifier", needs="map",
                paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning",
-               summary="InfoPro's auxiliary head: 3x3 conv-BN-ReLU (stride 2 on maps of side 16 "
-                       "or more), global average pool, FC-ReLU (hidden, 128), FC")
+               summary="InfoPro's 1c2f auxiliary net: 3x3 conv-BN-ReLU (below 64 channels: to "
+                       "twice the channels, stride 2; else the same channels, stride 1), global "
+                       "average pool, FC-ReLU (hidden, 128), FC")
 def infopro(shape, out, hidden: int = 0):
-    return ConvPoolLinear(shape[1], out, stride=2 if shape[2] >= 16 else 1, hidden=hidden or 128)
+    """The ``1c2f`` net of InfoPro's ``AuxClassifier`` (blackfeather-wang/InfoPro-Pytorch,
+    ``networks/auxiliary_nets.py``), which that code defines for 16, 32 and 64 channels:
+    16 -> 32 and 32 -> 64 with stride 2, 64 -> 64 with stride 1; other widths follow
+    the same rule (below 64: doubled, stride 2). Convs start He-normal, as there."""
+    channels = shape[1]
+    wide = channels < 64
+    head = ConvPoolLinear(channels, out, width=2 * channels if wide else channels,
+                          stride=2 if wide else 1, hidden=hidden or 128)
+    return he_normal(head)
 
 
 @register_head("decoder", role="decoder", needs="map",

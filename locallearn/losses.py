@@ -100,6 +100,25 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1)
     return -mean_log.mean()
 
 
+def contrast_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """InfoPro's contrastive auxiliary loss: :func:`supcon_loss` on one view, over all anchors.
+
+    Wang, Ni, Song, Yang & Huang, "Revisiting Locally Supervised Learning"
+    (ICLR 2021). Their code (blackfeather-wang/InfoPro-Pytorch,
+    ``networks/losses.py``, ``SupConLoss`` called with one view at temperature
+    0.07) averages over every anchor of the batch, an anchor without a positive
+    counting 0, where :func:`supcon_loss` leaves such anchors out; the two agree
+    when every label occurs twice or more in the batch.
+
+    Args:
+        z: ``(N, D)`` projections (normalised here).
+        labels: ``(N,)`` their labels.
+        temperature: the softmax temperature.
+    """
+    has_positive = (labels[:, None] == labels[None, :]).sum(1) > 1
+    return supcon_loss(z, labels, temperature) * has_positive.float().mean()
+
+
 def bce_reconstruction(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of a sigmoid decoder output against an image in [0, 1] (InfoPro).
 
@@ -219,9 +238,10 @@ def supcon(temperature: float = 0.1):
 @register_loss("contrast", head="classifier", out="proj_dim",
                paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised "
                      "Learning (ICLR), contrastive auxiliary loss",
-               summary="supervised contrastive loss of the head's projections, one view")
+               summary="supervised contrastive loss of the head's projections, one view, "
+                       "averaged over all anchors (InfoPro's code)")
 def contrast(temperature: float = 0.07):
-    return lambda inp: supcon_loss(inp.out, inp.labels, temperature)
+    return lambda inp: contrast_loss(inp.out, inp.labels, temperature)
 
 
 @register_loss("reconstruction", head="decoder", train_only=True, input=True,

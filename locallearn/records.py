@@ -272,7 +272,7 @@ def build_record(
         "hardware": hardware,
         "stack": {
             "blocks": stack.names, "granularity": values["granularity"],
-            "num_blocks": values["blocks"],
+            "num_blocks": values["blocks"] or (len(stack) if values.get("split_after") else None),
         },
         "parts": [
             {"name": p.part_name, "blocks": p.block_ids,

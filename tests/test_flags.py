@@ -6,7 +6,7 @@ from locallearn import flags
 from locallearn.errors import ConfigError
 
 IDENTITY_KEYS = {"model", "model_options", "rule", "rule_options", "dataset", "train_subset",
-                 "test_subset", "granularity", "num_blocks", "train",
+                 "test_subset", "granularity", "num_blocks", "split_after", "train",
                  # settings change results too (the plane's probe, the precision)
                  "plane_every", "probe_size", "probe_split", "plane_distance", "no_plane",
                  "mixed_precision", "deterministic"}

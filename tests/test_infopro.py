@@ -34,7 +34,7 @@ def trainer():
     data = random_data(32, 32)
     stack = split(timm.create_model("resnet18_cifar", num_classes=10), "stage", 4,
                   input_size=(3, 32, 32))
-    return Trainer(stack, create_rule("infopro"), data,
+    return Trainer(stack, create_rule("infopro", aux_loss="ce"), data,
                    TrainConfig(progress=False, batch_size=16)), data
 
 

@@ -53,7 +53,7 @@ def test_the_presets_exist_and_load():
     runs, _ = load_preset("cpu-smoke").runs(locallearn.list_rules())
     assert set(locallearn.list_rules()) <= {r.rule for r in runs}  # every registered rule
     k_runs, _ = load_preset("infopro-k").runs(locallearn.list_rules())
-    assert {(r.rule, r.args.get("blocks")) for r in k_runs} == {("e2e", None)} | {
+    assert {(r.rule, len(r.args.get("split-after", ())) + 1) for r in k_runs} == {("e2e", 1)} | {
         (rule, k) for rule in ("layerwise", "dgl", "infopro") for k in (2, 4, 8)}
 
 
@@ -64,6 +64,8 @@ def first_runs():
         cases.append((name, runs[0]))
     smoke, _ = load_preset("cpu-smoke").runs(locallearn.list_rules())
     cases += [("cpu-smoke", r) for r in smoke if r.rule == "forward_forward"]
+    k_runs, _ = load_preset("infopro-k").runs(locallearn.list_rules())
+    cases += [("infopro-k", r) for r in k_runs if r.run_id == "infopro-K8"]  # split points
     return cases
 
 

@@ -67,6 +67,11 @@ CHANGED_ON_PURPOSE: dict[str, str] = {
         "step's nHSIC target was the network input of the last batch part 0 had trained on "
         "(or a test batch after evaluate()); now each step's target is its own input"
     ),
+    **dict.fromkeys(("infopro-2", "infopro-4", "infopro-contrast", "infopro-kept-heads"), (
+        "issue 13, InfoPro's reference code: contrast is the default auxiliary loss and "
+        "averages over every anchor, the infopro head is its 1c2f net (twice the channels "
+        "below 64), the decoder's first conv has a bias, both start He-normal"
+    )),
 }
 
 

@@ -15,12 +15,14 @@ class InfoProConfig(LocalConfig):
 
     Attributes:
         lambda_first: (lambda1, lambda2) of the first local part; empty: (5, 0.5)
-            when there is a single local part (K = 2), else (5, 0).
+            when there is a single local part (K = 2), else (5, 0) (the reference's
+            ResNet-110 commands for K = 2 and K = 8).
         lambda_last: (lambda1, lambda2) of the last local part (part K-1).
-        head: the auxiliary head (``infopro``: the paper's conv-BN-ReLU, pool,
-            FC-ReLU, FC), any registered classifier head.
-        aux_loss: the auxiliary loss: ``ce`` or ``contrast`` (supervised
-            contrastive), or any registered loss scoring a classifier head.
+        head: the auxiliary head (``infopro``: the reference code's ``1c2f`` net,
+            conv-BN-ReLU, pool, FC-ReLU, FC), any registered classifier head.
+        aux_loss: the auxiliary loss: ``contrast`` (supervised contrastive on a
+            ``proj_dim`` projection, as every command of the reference code) or
+            ``ce``, or any registered loss scoring a classifier head.
         temperature: temperature of ``contrast``.
         decoder_width: channels of the decoder's hidden conv.
         recompute_heads: keep no activations of the decoder and auxiliary head
@@ -34,7 +36,7 @@ class InfoProConfig(LocalConfig):
     head: str = "infopro"
     lambda_first: tuple[float, ...] = ()
     lambda_last: tuple[float, ...] = (0.0, 1.0)
-    aux_loss: str = "ce"
+    aux_loss: str = "contrast"
     temperature: float = 0.07
     decoder_width: int = 12
     recompute_heads: bool = True
@@ -72,14 +74,18 @@ def lambda_schedule(first: tuple[float, float], last: tuple[float, float],
 class InfoPro(LocalRule):
     """InfoPro (Wang, Ni, Song, Yang & Huang, ICLR 2021).
 
-    Each block of the stack (``--blocks K`` groups it into K parts balanced by
-    activation memory, as InfoPro* does) is a part. Every part but the last
-    minimises ``lambda1 * reconstruction + lambda2 * auxiliary loss``: a small
-    decoder rebuilds the input image from the part's output (binary
-    cross-entropy against the image in [0, 1]), and an auxiliary head
-    classifies it. The weights are interpolated linearly from ``lambda_first``
-    at the first part to ``lambda_last`` at the last local part. The last part
-    trains with the model's head and plain cross-entropy.
+    Each block of the stack is a part: ``--split-after`` cuts it at the
+    reference's fixed points (``networks/configs.py`` of
+    blackfeather-wang/InfoPro-Pytorch), ``--blocks K`` into K parts balanced by
+    activation memory, as InfoPro* does. Every part but the last minimises
+    ``lambda1 * reconstruction + lambda2 * auxiliary loss``: a small decoder
+    rebuilds the input image from the part's output (binary cross-entropy
+    against the image in [0, 1]), and an auxiliary net (the reference's
+    ``1c2f``) gives a projection for the supervised contrastive loss (or
+    class scores for ``aux_loss=ce``). The weights are interpolated linearly
+    from ``lambda_first`` at the first part to ``lambda_last`` at the last
+    local part. The last part trains with the model's head and plain
+    cross-entropy.
 
     The decoder's target is the network input mapped back to [0, 1]
     (:meth:`~locallearn.step.Step.image`), which every step carries.
@@ -106,7 +112,8 @@ class InfoPro(LocalRule):
 
     def parts(self, stack, num_classes, example):
         if len(stack.blocks) < 2:
-            raise ConfigError("rule 'infopro' needs at least 2 parts; use --blocks K with K >= 2")
+            raise ConfigError("rule 'infopro' needs at least 2 parts; use --blocks K with K >= 2 "
+                              "or --split-after NAME,...")
         outputs = block_outputs(stack, example)
         if example.ndim != 4 or any(h.ndim != 4 for h in outputs[:-1]):
             raise ConfigError("rule 'infopro' needs image inputs and (B, C, H, W) block outputs")
