@@ -76,11 +76,11 @@ def plan(args: argparse.Namespace, extra: list[str]) -> tuple[object, list[dict]
         for seed in args.seeds or preset.seeds:
             argv = [*preset.argv(run, ref), "--seed", str(seed), *overrides, *extra]
             try:
-                parsed = cli.build_parser().parse_args(cli._with_preset(argv))
+                parsed = cli.parse_args(argv)
                 name = record_name(run.run_id, parsed.model, parsed.dataset, seed)
                 # The grid owns its folder: it decides what to run again (see DONE, --redo).
                 argv += ["--output", str(folder), "--name", name, "--overwrite"]
-                parsed = cli.build_parser().parse_args(cli._with_preset(argv))
+                parsed = cli.parse_args(argv)
                 cli._check(parsed)  # names, options, paths: fail before any run starts
             except LocallearnError as err:
                 raise ConfigError(f"run {run.run_id}, seed {seed}: {err}") from err

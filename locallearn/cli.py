@@ -215,6 +215,7 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
         flags.recorded_values(args), run_id=run_id, plugins=args.plugin,
         rule_paper=RULES.get(args.rule).meta["paper"], rule_options=checked.rule.describe(),
         model_options=checked.model_opts, train=config_dict(checked.config),
+        sources=getattr(args, "config_sources", {}),
         stack=trainer.stack, parts=trainer.parts, hardware=hardware(accelerator),
         history=trainer.history,
     )
@@ -242,18 +243,99 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
     return record
 
 
-def _with_preset(argv: list[str] | None) -> list[str]:
-    """``argv`` with its ``--preset``'s flags (for its ``--rule``) put first: given flags win."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _preset_flags(argv: list[str]) -> list[str]:
+    """The flags of ``argv``'s ``--preset`` for its ``--rule`` (none without a preset)."""
     pre = flags.Parser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--rule", default="e2e")
     known, _ = pre.parse_known_args(argv)
     if known.preset is None:
-        return argv
+        return []
     from .presets import load_preset
 
-    return load_preset(known.preset).flags_for(known.rule) + argv
+    return load_preset(known.preset).flags_for(known.rule)
+
+
+def _with_preset(argv: list[str] | None) -> list[str]:
+    """``argv`` with its ``--preset``'s flags (for its ``--rule``) put first: given flags win."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return _preset_flags(argv) + argv
+
+
+def rule_flags(rule: str) -> list[str]:
+    """The flags of ``rule``'s ``training_defaults`` (none for a rule not registered).
+
+    Raises:
+        ConfigError: a declared value that ``run.py`` would refuse, naming the rule.
+    """
+    from .presets import to_flags
+    from .rules.base import RULES
+
+    if rule not in RULES:
+        return []  # the checks name the unknown rule
+    defaults = RULES.get(rule).factory.training_defaults
+    out = to_flags({k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()})
+    try:
+        build_parser().parse_args(out)
+    except ConfigError as err:
+        raise ConfigError(f"rule {rule!r} declares a bad training default: {err}") from None
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``run.py``'s arguments, each flag from the first that sets it: the command line, its
+    ``--preset``, the rule's ``training_defaults``, else the flag's own default.
+
+    Loads the ``--plugin``s first, so a plugin rule's defaults count too. The namespace's
+    ``config_sources`` maps each recorded identity or setting flag that was set (by dest)
+    to where its value came from: ``"command line"``, ``"preset NAME"`` or ``"rule NAME"``.
+    """
+    from .plugins import load_plugins
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = _preset_flags(argv)
+    first = build_parser().parse_args(preset + argv)
+    load_plugins(first.plugin)
+    rule = rule_flags(first.rule)
+    args = build_parser().parse_args(rule + preset + argv)
+    sources: dict[str, str] = {}
+    for layer, source in ((rule, f"rule {args.rule}"), (preset, f"preset {args.preset}"),
+                          (argv, "command line")):  # lowest first: a later layer wins
+        sources.update(dict.fromkeys(flags.given(layer), source))
+    args.config_sources = {f.dest: sources[f.dest] for f in flags.FLAGS if f.dest in sources
+                           and f.recorded and f.role in (flags.IDENTITY, flags.SETTING)}
+    return args
+
+
+def _from_rule_and_preset(args: argparse.Namespace) -> list[str]:
+    """What ``--check`` adds: one line per rule or preset that gave values (``from rule R:
+    --lr 0.001 ...``), and the rule's declared defaults that something else overrode."""
+    from .rules.base import RULES
+
+    sources = getattr(args, "config_sources", {})
+    groups: dict[str, list[str]] = {}
+    for flag in flags.FLAGS:
+        source = sources.get(flag.dest, "command line")
+        if source != "command line":
+            groups.setdefault(source, []).append(_as_flag(flag, getattr(args, flag.dest)))
+    lines = [f"from {source}: {' '.join(given)}" for source, given in groups.items()]
+    declared = RULES.get(args.rule).factory.training_defaults if args.rule in RULES else {}
+    overridden = []
+    for name in declared:
+        source = sources.get(name.replace("-", "_"))  # None: the rule's value is the flag's
+        if source not in (None, f"rule {args.rule}"):
+            overridden.append(f"--{name} (by the {source})")
+    if overridden:
+        lines.append(f"rule {args.rule}'s defaults overridden: {', '.join(overridden)}")
+    return lines
+
+
+def _as_flag(flag: flags.Flag, value: Any) -> str:
+    if flag.kind == "switch":
+        return f"--{flag.name}"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"--{flag.name} {value}"
 
 
 def _has_gpu() -> bool:
@@ -298,6 +380,8 @@ def _print_registries(kinds: list[str]) -> None:
         for entry in registries[kind]:
             paper = f"  [{entry.meta['paper']}]" if entry.meta.get("paper") else ""
             print(f"{entry.name:15s} {entry.meta.get('summary', '')}{paper}")
+            if kind == "rules" and entry.factory.training_defaults:
+                print(f"{'':15s} defaults: {' '.join(rule_flags(entry.name))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,17 +409,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(prog: str, argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(_with_preset(argv))
-        from .plugins import load_plugins
-
-        load_plugins(args.plugin)
+        args = parse_args(argv)
         listed = [kind for kind in ("rules", "heads", "losses") if getattr(args, f"list_{kind}")]
         if listed:
             _print_registries(listed)
             return 0
         if args.check:
             _check(args)
-            print("arguments ok")
+            print("arguments ok", *_from_rule_and_preset(args), sep="\n")
             return 0
         started = time.perf_counter()
         record = run(args)

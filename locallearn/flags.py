@@ -25,7 +25,7 @@ from .errors import ConfigError
 
 __all__ = [
     "COMMAND", "FLAGS", "IDENTITY", "OUTPUT", "SETTING", "Flag", "Parser", "build_parser",
-    "recorded_values", "run_identity",
+    "given", "recorded_values", "run_identity",
 ]
 
 IDENTITY, SETTING, OUTPUT, COMMAND = "identity", "setting", "output", "command"
@@ -164,8 +164,8 @@ class Flag:
         """Whether runs that differ in it are different rows of a leaderboard table."""
         return self.role in (IDENTITY, SETTING) if self.row is None else self.row
 
-    def add_to(self, parser: argparse.ArgumentParser) -> None:
-        """Add this flag to ``parser``."""
+    def add_to(self, parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+        """Add this flag to ``parser`` (without a default, if not ``defaults``)."""
         kw: dict[str, Any] = {"help": self.help() if callable(self.help) else self.help}
         if self.kind == "switch":
             kw["action"] = "store_true"
@@ -175,6 +175,8 @@ class Flag:
             kw.update(default=self.default, type=self.type, metavar=self.metavar)
             if self.choices is not None:
                 kw["choices"] = list(self.choices)
+        if not defaults:  # a flag not given stays out of the namespace
+            kw["default"] = argparse.SUPPRESS
         parser.add_argument(f"--{self.name}", **kw)
 
 
@@ -264,15 +266,21 @@ FLAGS: tuple[Flag, ...] = (
 BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}
 
 
-def build_parser() -> Parser:
-    """The parser of ``run.py``, every flag from :data:`FLAGS`."""
+def build_parser(defaults: bool = True) -> Parser:
+    """The parser of ``run.py``, every flag from :data:`FLAGS` (with its default, if
+    ``defaults``; else a flag not given is absent from the namespace)."""
     parser = Parser(
         prog="run.py",
         description="Train a timm backbone by a local-learning rule and write a JSON run record.",
     )
     for flag in FLAGS:
-        flag.add_to(parser)
+        flag.add_to(parser, defaults)
     return parser
+
+
+def given(argv: list[str]) -> set[str]:
+    """The dests of the flags that ``argv`` sets."""
+    return set(vars(build_parser(defaults=False).parse_args(argv)))
 
 
 def recorded_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,8 @@ comma-separated value (``"milestones": [0.5, 0.75]``) or a repeatable flag
 (``"plugin"``), and an object for ``rule-opt`` / ``model-opt``. The flags a
 run gets are, later ones winning: ``args``, ``rule_args[rule]``, the run's
 ``args``. ``run.py --preset NAME --rule R`` takes the first two as defaults
-that the flags given on its command line override.
+that the flags given on its command line override, and that override the
+rule's own ``training_defaults``.
 
 JSON, not TOML: ``tomllib`` needs Python 3.11 and the project supports 3.10
 without a TOML dependency; JSON is in every Python, and is strict. Comments

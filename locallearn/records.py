@@ -223,6 +223,7 @@ def build_record(
     rule_options: dict[str, Any],
     model_options: dict[str, Any],
     train: dict[str, Any],
+    sources: dict[str, str],
     stack,
     parts: list,
     hardware: dict[str, Any],
@@ -240,6 +241,9 @@ def build_record(
         rule_options: the rule's resolved options (``Rule.describe()``).
         model_options: the keywords given to ``timm.create_model``.
         train: the loop's resolved settings (the TrainConfig as a dict).
+        sources: where the value of each identity or setting flag of ``values`` that was
+            set came from, by dest: ``"command line"``, ``"preset NAME"`` or ``"rule NAME"``
+            (the rule's ``training_defaults``); one not in it has ``run.py``'s own default.
         stack: the BlockStack trained.
         parts: the rule's LocalParts.
         hardware: see :func:`hardware`.
@@ -268,6 +272,7 @@ def build_record(
             "model_options": model_options,
             "train": train,
         },
+        "config_sources": dict(sources),
         "versions": versions(),
         "hardware": hardware,
         "stack": {

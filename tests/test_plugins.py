@@ -70,6 +70,9 @@ def test_tutorial_rule_runs_through_the_cli(tmp_path):
     assert record["config"]["rule_options"] == {"train_last": 1}
     assert record["history"][0]["trained_parts"] == ["trained"]
     assert record["config"]["plugins"] == [str(plugin)]
+    assert record["config"]["optimizer"] == "adamw"  # the rule's declared default
+    assert record["config_sources"]["optimizer"] == "rule random_features"
+    assert record["config_sources"]["batch_size"] == "command line"
 
 
 def test_plugin_as_a_module_and_in_list_rules(tmp_path):

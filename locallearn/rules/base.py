@@ -15,7 +15,7 @@ sequential schedule trains one part at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,10 +23,16 @@ import torch
 from torch import nn
 
 from ..config import build_config, config_dict
+from ..errors import ConfigError
 from ..registry import Registry
 from ..step import Scored, Step
 
 RULES = Registry("rule", required=("paper",))
+
+#: The ``run.py`` flags a rule may give its own default for (:attr:`Rule.training_defaults`):
+#: the backbone and the training loop's settings. The seed is the user's or a preset's.
+DEFAULTABLE = ("model", "epochs", "batch-size", "eval-batch-size", "lr", "optimizer", "momentum",
+               "nesterov", "weight-decay", "schedule", "milestones", "gamma", "max-loss")
 
 
 def register_rule(name: str, **meta: Any):
@@ -42,15 +48,33 @@ def register_rule(name: str, **meta: Any):
         ... class MyRule(Rule):
         ...     Config = MyConfig
         ...     def parts(self, stack, num_classes, example): ...
+
+    Raises:
+        ConfigError: the class's ``training_defaults`` names a flag not in :data:`DEFAULTABLE`.
     """
 
     def decorate(cls: type[Rule]) -> type[Rule]:
         if not (isinstance(cls, type) and issubclass(cls, Rule)):
             raise TypeError(f"register_rule({name!r}) decorates a Rule subclass, not {cls!r}")
+        check_training_defaults(name, cls.training_defaults)
         cls.name = name
         return RULES.register(name, **meta)(cls)
 
     return decorate
+
+
+def check_training_defaults(name: str, defaults: Any) -> None:
+    """Refuse ``training_defaults`` that are not a mapping of :data:`DEFAULTABLE` flag names.
+
+    The values are checked by the flags' own parsers when a run resolves them.
+    """
+    if not isinstance(defaults, Mapping):
+        raise ConfigError(f"rule {name!r}: training_defaults must map run.py flag names to "
+                          f"values; got {type(defaults).__name__}")
+    for key in defaults:
+        if key not in DEFAULTABLE:
+            raise ConfigError(f"rule {name!r}: unknown training default {key!r}; valid: "
+                              f"{', '.join(DEFAULTABLE)}")
 
 
 def list_rules() -> list[str]:
@@ -125,6 +149,10 @@ class Rule:
     #: Train a part whose predecessors are all frozen on their cached outputs
     #: (computed once, without augmentation) instead of running them every step.
     cache_inputs: bool = False
+    #: ``run.py`` flags this rule sets by default, by flag name (see :data:`DEFAULTABLE`),
+    #: e.g. ``{"optimizer": "adamw", "lr": 1e-3}``. They apply where neither the command
+    #: line nor a preset sets the flag; the record's ``config_sources`` names which did.
+    training_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

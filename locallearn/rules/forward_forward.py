@@ -115,9 +115,20 @@ class ForwardForward(Rule):
     are refused with a ConfigError. With ``sequential=true`` the layers
     train one after another, each running the whole learning-rate schedule
     over its own epochs, then frozen.
+
+    Training defaults (``training_defaults``; the command line and presets override
+    them): the ``ff_mlp`` backbone; Adam (AdamW without weight decay) at a constant
+    learning rate, as the seed paper's forward-forward code (keitaroskmt/E2E-info,
+    ``conf/main_ff.yaml``: Adam, weight decay 0; ``main_ff.py`` uses no schedule) and
+    Hinton's own (mohammadpz/pytorch_forward_forward, ``main.py``); lr 1e-3, the seed's
+    Adam default (``conf/optimizer/adam.yaml``), not their 0.03, and batch 16, not the
+    seed's 128 (``conf/dataset/``): lr 0.03 or batch 128 left the prediction at chance
+    in short CIFAR-10 runs (measured, docs/rules.md).
     """
 
     Config = ForwardForwardConfig
+    training_defaults = {"model": "ff_mlp", "optimizer": "adamw", "lr": 1e-3,
+                         "weight-decay": 0.0, "batch-size": 16, "schedule": "constant"}
 
     @property
     def restart_schedule(self) -> bool:
