@@ -96,12 +96,21 @@ def vgg_layout(model: VGG | CifarVGG) -> Layout:
     """Fine blocks are conv-(bn)-act units, each max-pool riding with the unit before it.
 
     Stages are the units between max-pools; the first unit is the stem (so in
-    VGG-16 the stem's stage-mates form a stage of their own).
+    VGG-16 the stem's stage-mates form a stage of their own). A
+    :class:`~locallearn.models.CifarVGG` with ``pool_first`` puts each max-pool
+    at the start of the unit after it instead (the last one with the first
+    fully connected block, or the head); one with ``fc_layers`` adds a stage
+    ``pre_logits`` of its fully connected blocks.
     """
+    pool_first = getattr(model, "pool_first", False)
     units: list[list[int]] = []
+    waiting: list[int] = []  # max-pools waiting for the next unit (pool_first)
     for i, m in enumerate(model.features):
-        if isinstance(m, nn.Conv2d) or not units:
-            units.append([i])
+        if pool_first and isinstance(m, nn.MaxPool2d):
+            waiting.append(i)
+        elif isinstance(m, nn.Conv2d) or not units:
+            units.append(waiting + [i])
+            waiting = []
         else:
             units[-1].append(i)
 
@@ -111,10 +120,16 @@ def vgg_layout(model: VGG | CifarVGG) -> Layout:
     def module(idx: list[int]) -> nn.Module:
         return nn.Sequential(*(model.features[i] for i in idx))
 
+    def is_pool(i: int) -> bool:
+        return isinstance(model.features[i], nn.MaxPool2d)
+
     groups, current = [], []
     for unit in units[1:]:
+        if current and is_pool(unit[0]):
+            groups.append(current)
+            current = []
         current.append(unit)
-        if isinstance(model.features[unit[-1]], nn.MaxPool2d):
+        if is_pool(unit[-1]):
             groups.append(current)
             current = []
     if current:
@@ -122,7 +137,13 @@ def vgg_layout(model: VGG | CifarVGG) -> Layout:
     stages = [
         Stage(f"features.{g[0][0]}-{g[-1][-1]}", [(name(u), module(u)) for u in g]) for g in groups
     ]
-    return Layout(module(units[0]), stages, nn.Sequential(model.pre_logits, model.head))
+    tail = [model.features[i] for i in waiting]
+    if not getattr(model, "fc_layers", 0):
+        return Layout(module(units[0]), stages, nn.Sequential(*tail, model.pre_logits, model.head))
+    fine = [(f"pre_logits.{i}", m) for i, m in enumerate(model.pre_logits)]
+    fine[0] = (fine[0][0], nn.Sequential(*tail, fine[0][1]))
+    stages.append(Stage("pre_logits", fine))
+    return Layout(module(units[0]), stages, model.head)
 
 
 def convnext_layout(model: ConvNeXt) -> Layout:

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _literal(text: str) -> Any:
+    """A ``--model-opt`` value: a Python literal, ``true``/``false`` (as presets write
+    switches), or else the text itself."""
+    if text in ("true", "false"):
+        return text == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -184,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = load_dataset(
         args.dataset, args.data_root, train_subset=args.train_subset,
         test_subset=args.test_subset, seed=args.seed, cache_dir=args.cache_dir,
-    )
+    ).with_transform(args.augment, args.norm_mean, args.norm_std)
     set_seed(args.seed, deterministic=args.deterministic)
     model = _create_model(args.model, data.num_classes, checked.model_opts, data.image_size)
     stack = split(model, args.granularity, args.blocks, input_size=data.image_size,
@@ -211,8 +215,11 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
     from .trainer import Diverged
 
     accelerator, plane = trainer.accelerator, checked.plane
+    data = trainer.data  # the augmentation and normalisation used, defaults resolved
+    values = flags.recorded_values(args) | {
+        "augment": data.augment, "norm_mean": list(data.mean), "norm_std": list(data.std)}
     record = build_record(
-        flags.recorded_values(args), run_id=run_id, plugins=args.plugin,
+        values, run_id=run_id, plugins=args.plugin,
         rule_paper=RULES.get(args.rule).meta["paper"], rule_options=checked.rule.describe(),
         model_options=checked.model_opts, train=config_dict(checked.config),
         sources=getattr(args, "config_sources", {}),

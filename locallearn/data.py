@@ -3,20 +3,22 @@
 Every data set becomes uint8 ``(N, 3, H, W)`` images and int64 labels. Raw bytes
 in memory cost ~180 MB for CIFAR, let augmentation run batched on the GPU, and
 put every random draw under one seeded generator, so runs are reproducible.
-``mean``/``std`` always come from the full training split (no published
-constants), so torchvision sets and image folders are normalised the same way.
+``mean``/``std`` come from the full training split (no published constants),
+so torchvision sets and image folders are normalised the same way, unless a
+run gives its own (:meth:`ImageData.with_transform`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import socket
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from locallearn.errors import ConfigError, DataError, unknown_name
 DATASETS: tuple[str, ...] = (
     "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder:PATH", "synthetic",
 )
-AUGMENTS: tuple[str, ...] = ("crop_flip", "crop", "none")
+AUGMENTS: tuple[str, ...] = ("crop_flip", "crop", "flip", "none")
 
 # name -> (torchvision class, display name, augmentation). Digits must not be
 # flipped; clothes are left-right symmetric, so Fashion-MNIST keeps the flip.
@@ -69,6 +71,33 @@ class ImageData:
         """``(C, H, W)`` of every image."""
         c, h, w = self.train_images.shape[1:]
         return int(c), int(h), int(w)
+
+    def with_transform(self, augment: str | None = None, mean: Sequence[float] | None = None,
+                       std: Sequence[float] | None = None) -> ImageData:
+        """This data set (the same tensors) with another augmentation or normalisation.
+
+        None keeps the data set's own: its augmentation, the statistics measured
+        on its training split.
+
+        Raises:
+            ConfigError: an unknown augmentation, or a mean or std that is not one
+                finite number per channel (std above 0).
+        """
+        if augment is not None and augment not in AUGMENTS:
+            raise unknown_name("augment", augment, AUGMENTS)
+        channels = self.image_size[0]
+        for what, values in (("mean", mean), ("std", std)):
+            if values is None:
+                continue
+            if len(values) != channels or not all(math.isfinite(v) for v in values) or (
+                    what == "std" and min(values) <= 0):
+                above = ", above 0" if what == "std" else ""
+                raise ConfigError(f"normalisation {what} needs {channels} finite numbers{above} "
+                                  f"(one per channel); got {tuple(values)}")
+        return replace(
+            self, augment=augment or self.augment,
+            mean=self.mean if mean is None else tuple(float(v) for v in mean),
+            std=self.std if std is None else tuple(float(v) for v in std))
 
 
 def _folder_split(path: Path, *names: str) -> Path | None:
@@ -441,8 +470,9 @@ class BatchTransform:
 
     ``crop_flip`` matches torchvision's ``RandomCrop(size, padding)`` (zero padding
     of the raw image) followed by ``RandomHorizontalFlip(0.5)``; ``crop`` omits the
-    flip. Random numbers come from ``generator`` (drawn on its device, CPU unless
-    given otherwise), or from torch's default generator when it is ``None``.
+    flip, ``flip`` the crop (what the seed paper's CIFAR code uses). Random numbers
+    come from ``generator`` (drawn on its device, CPU unless given otherwise), or
+    from torch's default generator when it is ``None``.
 
     Args:
         mean: per-channel mean in [0, 1] units.
@@ -469,13 +499,21 @@ class BatchTransform:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
         """Augment (if configured) and normalise uint8 ``(B, C, H, W)`` images to float32."""
-        if self.augment != "none":
+        if self.augment == "flip":
+            images = self._flip(images, generator)
+        elif self.augment != "none":
             images = self._crop_flip(images, generator)
         if images.device not in self._on_device:  # copy the stats to each device only once
             self._on_device[images.device] = (self.mean.to(images.device),
                                               self.std.to(images.device))
         mean, std = self._on_device[images.device]
         return images.float().div_(255).sub_(mean).div_(std)
+
+    @staticmethod
+    def _flip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        rng = generator.device if generator is not None else torch.device("cpu")
+        flip = torch.rand(images.shape[0], generator=generator, device=rng) < 0.5
+        return torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
 
     def _crop_flip(self, images: torch.Tensor, generator: torch.Generator | None
                    ) -> torch.Tensor:

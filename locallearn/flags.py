@@ -111,6 +111,20 @@ def block_names(text: str) -> list[str]:
     return names
 
 
+def per_channel(positive: bool = False) -> Callable[[str], tuple[float, float, float]]:
+    """argparse type: three comma-separated finite numbers (R,G,B), above 0 if ``positive``."""
+    noun = "3 comma-separated numbers (R,G,B)" + (" above 0" if positive else "")
+
+    def parse(text: str) -> tuple[float, float, float]:
+        values = _parsed(text, lambda t: tuple(float(v) for v in t.split(",")), noun)
+        if len(values) != 3 or not all(abs(v) < float("inf") for v in values) or (
+                positive and min(values) <= 0):
+            raise argparse.ArgumentTypeError(f"must be {noun}; got {text!r}")
+        return values
+
+    return parse
+
+
 def _datasets_help() -> str:
     from .data import DATASETS  # data loads torch: only when a parser is built
 
@@ -218,6 +232,12 @@ FLAGS: tuple[Flag, ...] = (
          type=positive_int, metavar="N", row=False),
     Flag("test-subset", IDENTITY, "test on a fixed, seeded, class-balanced subset of N images",
          type=positive_int, metavar="N", row=False),
+    Flag("augment", IDENTITY, "training augmentation (default: the data set's, crop_flip for "
+         "CIFAR)", choices=("crop_flip", "crop", "flip", "none")),
+    Flag("norm-mean", IDENTITY, "normalisation mean in [0, 1] units (default: measured on the "
+         "training split)", type=per_channel(), metavar="R,G,B"),
+    Flag("norm-std", IDENTITY, "normalisation std in [0, 1] units (default: measured on the "
+         "training split)", type=per_channel(positive=True), metavar="R,G,B"),
     _loop("epochs", default=10, type=positive_int, row=False),
     _loop("batch-size", default=128, type=positive_int),
     _loop("eval-batch-size", type=positive_int, row=False),

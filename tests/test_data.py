@@ -308,6 +308,45 @@ def test_flip_is_horizontal_only():
     assert torch.equal(out[~is_flipped], ramp[~is_flipped].float() / 255)
 
 
+def test_flip_alone_flips_without_shifting():
+    # A ramp across columns: a crop would shift it, a flip reverses it.
+    ramp = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8).expand(32, 3, 8, 8)
+    t = D.BatchTransform((0.0,) * 3, (1.0,) * 3, "flip")
+    out = t(ramp, torch.Generator().manual_seed(0))
+    is_flipped = out[:, 0, 0, 0] > out[:, 0, 0, 7]
+    assert 0 < is_flipped.sum() < 32
+    assert torch.equal(out[is_flipped], ramp[is_flipped].flip(-1).float() / 255)
+    assert torch.equal(out[~is_flipped], ramp[~is_flipped].float() / 255)
+    assert torch.equal(out, t(ramp, torch.Generator().manual_seed(0)))  # reproducible
+
+
+def test_with_transform_replaces_augmentation_and_statistics():
+    data = D.load_dataset("synthetic")
+    seed = data.with_transform("flip", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    assert (seed.augment, seed.mean, seed.std) == (
+        "flip", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    assert seed.train_images is data.train_images and data.augment == "none"  # data untouched
+    kept = data.with_transform()
+    assert (kept.augment, kept.mean, kept.std) == (data.augment, data.mean, data.std)
+    x = D.BatchTransform.for_data(seed, train=False)(seed.train_images[:4])
+    want = (seed.train_images[:4].float() / 255 - torch.tensor(seed.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(seed.std).view(1, 3, 1, 1)
+    assert torch.allclose(x, want, atol=1e-6, rtol=0)
+    assert D.BatchTransform.for_data(seed, train=True).augment == "flip"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(augment="flop"), "unknown augment 'flop'; did you mean flip"),
+    (dict(mean=(0.5, 0.5)), r"mean needs 3 finite numbers \(one per channel\); got \(0.5, 0.5\)"),
+    (dict(std=(0.2, 0.0, 0.2)), "std needs 3 finite numbers, above 0"),
+    (dict(std=(0.2, float("nan"), 0.2)), "std needs 3 finite numbers, above 0"),
+])
+def test_with_transform_refuses_bad_settings_in_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        D.load_dataset("synthetic").with_transform(**kwargs)
+    assert "\n" not in str(info.value)
+
+
 def test_normalised_synthetic_data_has_zero_mean_unit_std():
     data = D.load_dataset("synthetic")
     x = D.BatchTransform.for_data(data, train=False)(data.train_images)

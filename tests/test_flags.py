@@ -1,12 +1,16 @@
 """The one declaration of run.py's flags: the parser, the checkpoint identity and the roles."""
 
+import json
+
 import pytest
 
-from locallearn import flags
+from locallearn import cli, flags
+from locallearn.data import AUGMENTS, load_dataset
 from locallearn.errors import ConfigError
 
 IDENTITY_KEYS = {"model", "model_options", "rule", "rule_options", "dataset", "train_subset",
-                 "test_subset", "granularity", "num_blocks", "split_after", "train",
+                 "test_subset", "augment", "norm_mean", "norm_std", "granularity", "num_blocks",
+                 "split_after", "train",
                  # settings change results too (the plane's probe, the precision)
                  "plane_every", "probe_size", "probe_split", "plane_distance", "no_plane",
                  "mixed_precision", "deterministic"}
@@ -49,3 +53,58 @@ def test_recorded_values_leave_out_commands_and_unresolved_options():
 def test_parser_errors_are_config_errors():
     with pytest.raises(ConfigError, match="--epochs: must be a positive integer; got '0'"):
         flags.build_parser().parse_args(["--epochs", "0"])
+
+
+SEED_NORM = ["--augment", "flip", "--norm-mean", "0.4914,0.4822,0.4465",
+             "--norm-std", "0.2023,0.1994,0.2010"]
+
+
+def test_data_settings_parse_and_default_to_the_data_sets_own():
+    args = flags.build_parser().parse_args(SEED_NORM)
+    assert args.augment == "flip" and args.norm_mean == (0.4914, 0.4822, 0.4465)
+    assert args.norm_std == (0.2023, 0.1994, 0.2010)
+    plain = flags.build_parser().parse_args([])
+    assert plain.augment is plain.norm_mean is plain.norm_std is None
+    assert flags.BY_NAME["augment"].choices == AUGMENTS
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--norm-mean", "0.5,0.5"], "--norm-mean: must be 3 comma-separated numbers (R,G,B); "
+                                 "got '0.5,0.5'"),
+    (["--norm-mean", "0.5,x,0.5"], "--norm-mean: must be 3 comma-separated numbers"),
+    (["--norm-std", "0.2,0,0.2"], "--norm-std: must be 3 comma-separated numbers (R,G,B) "
+                                  "above 0; got '0.2,0,0.2'"),
+    (["--norm-std", "0.2,-1,0.2"], "above 0"),
+    (["--norm-std", "0.2,nan,0.2"], "above 0"),
+    (["--augment", "random_crop"], "--augment: invalid choice: 'random_crop'"),
+])
+def test_bad_data_settings_are_one_line_refusals(argv, message):
+    with pytest.raises(ConfigError) as info:
+        flags.build_parser().parse_args(argv)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_data_settings_reach_the_trainer_and_the_record(tmp_path):
+    argv = ["--dataset", "synthetic", "--model", "resnet32_cifar", "--epochs", "1",
+            "--train-subset", "32", "--test-subset", "16", "--batch-size", "16", "--no-plane",
+            "--no-progress", "--output", str(tmp_path), *SEED_NORM]
+    assert cli.main(argv) == 0
+    (path,) = tmp_path.glob("*.json")
+    config = json.loads(path.read_text())["config"]
+    assert config["augment"] == "flip"
+    assert config["norm_mean"] == [0.4914, 0.4822, 0.4465]
+    assert config["norm_std"] == [0.2023, 0.1994, 0.2010]
+    assert cli.main([*argv[:-6], "--output", str(tmp_path / "default")]) == 0
+    (path,) = (tmp_path / "default").glob("*.json")
+    config = json.loads(path.read_text())["config"]
+    # Not given: the data set's own augmentation and the statistics of its training split.
+    measured = load_dataset("synthetic")
+    assert config["augment"] == measured.augment == "none"
+    assert config["norm_mean"] == list(measured.mean) and config["norm_std"] == list(measured.std)
+
+
+def test_model_option_switches_read_as_presets_write_them():
+    # A preset's {"pool_first": true} reaches run.py as pool_first=true.
+    assert cli._literal("true") is True and cli._literal("false") is False
+    assert cli._literal("0.2") == 0.2 and cli._literal("True") is True
+    assert cli._literal("avg") == "avg"

@@ -4,7 +4,13 @@ Reference: keitaroskmt/E2E-info @ 88473c3, ``src/models/trainable_block.py``,
 ``TrainableBlock2d.get_avg_pool(out_channels, input_size, dim_in_decoder=2048)``
 (the rule of anokland/local-loss ``train.py``). The kernels and feature sizes
 below are what that function returns, run on CPU for each (channels, side) of
-ResNet-18's layer-wise blocks on 32x32 CIFAR images.
+ResNet-18's layer-wise blocks on 32x32 CIFAR images, and of VGG-11's conv
+layers as ``LayerWiseVGGSpec._make_layers`` (``src/models/layer_wise_model_spec.py``)
+sizes them: each conv at the side it runs at, before its max-pool. The file does
+not compile at that commit (line 151 repeats a keyword argument), so
+``get_avg_pool`` and ``ProjectionHead`` were taken out of its syntax tree and run
+as written. VGG-11's two fully connected layers are ``TrainableBlock1d``s whose
+head is ``ProjectionHead(in_features=512, ...)``: ``Linear(512, classes)``.
 """
 
 import pytest
@@ -49,6 +55,27 @@ def test_resnet18_cifar_blocks_get_the_seed_feature_sizes():
         assert head(h).shape == (2, 10)
         sizes.append(features)
     assert stack.names[0] == "stem" and sizes == [2048] * 9
+
+
+def test_vgg11_cifar_seed_blocks_get_the_seed_feature_sizes():
+    model = timm.create_model("vgg11_cifar", drop_conv=0.2, fc_layers=2, drop_rate=0.2,
+                              pool_first=True)
+    stack = split(model, "block").eval()
+    h = torch.randn(2, 3, 32, 32)
+    sizes = []
+    with torch.no_grad():
+        for block in stack.blocks:
+            h = block(h)
+            head = build_head("reduced_linear", h.shape, 10)
+            if h.ndim == 4:
+                kernel, pad, features = SEED[(h.shape[1], h.shape[2])]
+                seed_pool = nn.AvgPool2d(kernel, padding=pad) if kernel != (1, 1) \
+                    else nn.Identity()
+                torch.testing.assert_close(head.pool(h), seed_pool(h))
+            assert head(h).shape == (2, 10)
+            sizes.append(head.features)
+    # 8 conv layers at 2048 values each, then the two fully connected layers' 512
+    assert sizes == [2048] * 8 + [512, 512]
 
 
 def test_tokens_and_vectors():

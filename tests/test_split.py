@@ -249,3 +249,71 @@ def test_cifar_models_are_registered_in_timm():
     for name in ("resnet18_cifar", "vgg11_cifar"):
         with pytest.raises(ConfigError, match="no pretrained weights"):
             timm.create_model(name, pretrained=True)
+
+
+def test_resnet18_cifar_keeps_its_last_batch_norms_unless_asked():
+    # The seed's (kuangliu's) ResNet starts every batch norm at weight 1; timm zeroes the
+    # last one of each residual branch, which makes each block start as its shortcut.
+    def last_bns(model):
+        return [b.bn2.weight for layer in (model.layer1, model.layer2, model.layer3,
+                                           model.layer4) for b in layer]
+
+    assert all(torch.equal(w, torch.ones_like(w))
+               for w in last_bns(timm.create_model("resnet18_cifar")))
+    zeroed = last_bns(timm.create_model("resnet18_cifar", zero_init_last=True))
+    assert len(zeroed) == 8 and all(not w.any() for w in zeroed)
+
+
+def test_resnet18_cifar_stem_dropout():
+    model = timm.create_model("resnet18_cifar", drop_stem=0.2)
+    stack = split(model, "block")  # proven in train mode too: the dropout is where it runs
+    drops = [(n, m.p) for n, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    assert drops == [("maxpool", 0.2)]  # after the stem's ReLU, nowhere in the blocks
+    assert [type(m) for m in stack.blocks[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout]
+    with pytest.raises(ConfigError, match=r"drop_stem must be a dropout rate in \[0, 1\); got 1"):
+        timm.create_model("resnet18_cifar", drop_stem=1)
+
+
+SEED_VGG = dict(drop_conv=0.2, fc_layers=2, drop_rate=0.2, pool_first=True)
+
+
+def test_vgg11_cifar_with_the_seed_papers_options():
+    torch.manual_seed(0)
+    model = timm.create_model("vgg11_cifar", **SEED_VGG)
+    stack = split(model, "block")  # proven in eval and train mode
+    assert stack.names == ["stem", *(f"features.{a}-{b}" for a, b in (
+        (4, 8), (9, 13), (14, 17), (18, 22), (23, 26), (27, 31), (32, 35))),
+        "pre_logits.0", "pre_logits.1"]
+    kinds = [type(m) for m in model.features]
+    assert kinds.count(nn.Dropout) == kinds.count(nn.Conv2d) == 8
+    for i, block in enumerate(stack.blocks[:8]):  # a conv unit, led by its max-pool if any
+        body = [type(m) for m in block]
+        assert body[-4:] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout]
+        assert body[:-4] in ([], [nn.MaxPool2d]) and (body[:-4] == []) == (i in (0, 3, 5, 7))
+    fc = [[type(m) for m in b.modules() if not isinstance(m, nn.Sequential)]
+          for b in stack.blocks[8:]]
+    assert fc[1] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout]
+    assert fc[0][-4:] == fc[1] and nn.MaxPool2d in fc[0]  # the last pool, then flatten
+    assert isinstance(stack.head, nn.Linear) and stack.head.in_features == 512
+    stack.eval()
+    x = torch.randn(2, 3, 32, 32)
+    h, shapes = x, []
+    with torch.no_grad():
+        for block in stack.blocks:
+            h = block(h)
+            shapes.append(tuple(h.shape[1:]))
+        assert torch.equal(stack.head(h), model.eval()(x))
+    # Each conv unit's output is taken before its pool, as the seed's heads read it.
+    assert shapes == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 8, 8), (512, 4, 4),
+                      (512, 4, 4), (512, 2, 2), (512, 2, 2), (512,), (512,)]
+    assert len(split(model, "stage")) == 6  # stem, four runs of convs, the fc blocks
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(drop_conv=1.5), r"drop_conv must be a dropout rate in \[0, 1\); got 1.5"),
+    (dict(fc_layers=-1), "fc_layers must be a whole number >= 0; got -1"),
+    (dict(pool_first="yes"), "pool_first must be true or false; got 'yes'"),
+])
+def test_vgg11_cifar_refuses_bad_options(option, message):
+    with pytest.raises(ConfigError, match=message):
+        timm.create_model("vgg11_cifar", **option)

@@ -4,9 +4,22 @@ ResNet-18 (He et al., "Deep Residual Learning for Image Recognition", CVPR
 2016) with one 3x3 stride-1 conv and no max-pool as its stem, so a 32x32
 image keeps full resolution through ``layer1``. It is a plain
 ``timm.models.resnet.ResNet`` so every tool that knows timm's ResNet
-(including :func:`locallearn.blocks.split`) handles it. The seed paper
-(Sakamoto & Sato, TMLR 2024) trains it with ``vgg11_cifar``. No pretrained
-weights exist; ``pretrained=True`` is an error.
+(including :func:`locallearn.blocks.split`) handles it. No pretrained weights
+exist; ``pretrained=True`` is an error.
+
+The seed paper (Sakamoto & Sato, TMLR 2024; code keitaroskmt/E2E-info,
+``src/models/resnet.py`` and ``LayerWiseResNetSpec`` in
+``src/models/layer_wise_model_spec.py``) trains this network, kuangliu's
+CIFAR ResNet-18. Two things bring timm's ResNet to it:
+
+- ``zero_init_last`` defaults to False here: the seed's blocks start with
+  unit batch norms, where timm zeroes the last batch norm of every residual
+  branch (so each block starts as its shortcut, and pairs of blocks give the
+  same representation at epoch 0). ``zero_init_last=True`` gives timm's choice.
+- ``drop_stem``: dropout after the stem's ReLU (0 by default). The seed's
+  layer-wise stem is conv, batch norm, ReLU, Dropout(0.2); its residual blocks
+  have no dropout. The dropout sits in timm's ``maxpool`` slot, which this
+  stem does not use, so the stem is still ``conv1, bn1, act1, maxpool``.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-from .cifar import cifar_cfg, no_weights
+from .cifar import cifar_cfg, dropout_rate, no_weights
 
 __all__ = ["resnet18_cifar"]
 
@@ -27,14 +40,16 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _cifar_resnet(**kwargs: Any) -> ResNet:
-    """Build timm's ResNet, then swap the 7x7/2 stem and max-pool for one 3x3/1 conv."""
+def _cifar_resnet(drop_stem: float = 0.0, **kwargs: Any) -> ResNet:
+    """Build timm's ResNet, then swap the 7x7/2 stem and max-pool for one 3x3/1 conv
+    (and ``Dropout(drop_stem)`` where the max-pool was)."""
+    drop_stem = dropout_rate("drop_stem", drop_stem)
     model = ResNet(**kwargs)
     in_chans, width = model.conv1.in_channels, model.conv1.out_channels
     dd = {"device": model.conv1.weight.device, "dtype": model.conv1.weight.dtype}
     model.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False, **dd)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    model.maxpool = nn.Identity()
+    model.maxpool = nn.Dropout(drop_stem) if drop_stem else nn.Identity()
     # The stem no longer downsamples (x2 conv stride, x2 max-pool), so every tap is 4x finer,
     # except act1, which only lost the conv's x2.
     for info in model.feature_info:
@@ -44,9 +59,14 @@ def _cifar_resnet(**kwargs: Any) -> ResNet:
 
 @register_model
 def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32 inputs."""
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32 inputs.
+
+    Options (``--model-opt``) besides timm ResNet's: ``drop_stem`` (dropout after
+    the stem, 0.2 in the seed paper's layer-wise ResNet); ``zero_init_last``
+    defaults to False, as the seed's ResNet (True: timm's zeroed last batch norms).
+    """
     no_weights("resnet18_cifar", pretrained)
-    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), zero_init_last=False)
     return build_model_with_cfg(
         _cifar_resnet, "resnet18_cifar", pretrained, **dict(model_args, **kwargs)
     )

@@ -2,11 +2,12 @@
 
 VGG-11 with batch norm (Simonyan & Zisserman, "Very Deep Convolutional
 Networks for Large-Scale Image Recognition", ICLR 2015). The conv trunk is
-laid out exactly as timm's ``VGG.features``; the head is a small global-pool
-MLP instead of timm's 4096-wide 7x7 ``ConvMlp``, which is sized for 224x224
+laid out as timm's ``VGG.features``; the head is a small global-pool MLP
+instead of timm's 4096-wide 7x7 ``ConvMlp``, which is sized for 224x224
 inputs and would hold most of the parameters. The seed paper (Sakamoto &
-Sato, TMLR 2024) trains it with ``resnet18_cifar``. No pretrained weights
-exist; ``pretrained=True`` is an error.
+Sato, TMLR 2024) trains it with ``resnet18_cifar``; :class:`CifarVGG`'s
+options build the seed's layer-wise VGG. No pretrained weights exist;
+``pretrained=True`` is an error.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..errors import ConfigError
-from .cifar import cifar_cfg, no_weights
+from .cifar import cifar_cfg, dropout_rate, no_weights
 
 __all__ = ["CifarVGG", "vgg11_cifar"]
 
@@ -32,13 +33,32 @@ default_cfgs = generate_default_cfgs(
 class CifarVGG(nn.Module):
     """VGG with batch norm for small images and a small global-pool MLP head.
 
+    By default the pooled conv features go through one hidden layer (linear,
+    ReLU, dropout) inside the head. The options for the seed paper's
+    layer-wise VGG (Sakamoto & Sato, TMLR 2024; keitaroskmt/E2E-info,
+    ``LayerWiseVGGSpec`` in ``src/models/layer_wise_model_spec.py``, whose
+    trainable layers are ``TrainableBlock2d``/``1d`` of
+    ``src/models/trainable_block.py``) are ``drop_conv=0.2``: dropout after
+    every conv unit's ReLU; ``fc_layers=2, drop_rate=0.2``: two hidden layers
+    of linear, BatchNorm1d, ReLU, dropout, each a block of its own in
+    :func:`locallearn.split` (so each gets its own auxiliary head); and
+    ``pool_first=True``: each max-pool starts the unit after it, so a unit's
+    output (what its head and the information plane see) is the conv output
+    before the pool, as in the seed, where the pool is an untrained layer
+    between two trained ones.
+
     Args:
         cfg: conv widths and ``"M"`` for 2x2 max-pools, as in timm's VGG configs.
         num_classes: classifier outputs; 0 leaves the head an identity.
         in_chans: input channels.
-        hidden: width of the MLP between the pooled features and the classifier.
-        drop_rate: dropout before the classifier.
+        hidden: width of the hidden fully connected layers.
+        drop_rate: dropout after each hidden fully connected layer.
         global_pool: pooling type of timm's ``SelectAdaptivePool2d``.
+        drop_conv: dropout after every conv unit's ReLU.
+        fc_layers: hidden fully connected layers as blocks of their own (linear,
+            BatchNorm1d, ReLU, dropout); 0: one hidden layer without batch norm in the head.
+        pool_first: split each max-pool into the unit after it (the last into the
+            first fully connected block, or the head) instead of the unit before it.
     """
 
     def __init__(
@@ -49,19 +69,30 @@ class CifarVGG(nn.Module):
         hidden: int = 512,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        drop_conv: float = 0.0,
+        fc_layers: int = 0,
+        pool_first: bool = False,
     ):
         super().__init__()
         if not global_pool:
             raise ConfigError("CifarVGG needs a global pool type, e.g. 'avg' or 'max'")
+        if isinstance(fc_layers, bool) or not isinstance(fc_layers, int) or fc_layers < 0:
+            raise ConfigError(f"model option fc_layers must be a whole number >= 0; "
+                              f"got {fc_layers!r}")
+        if not isinstance(pool_first, bool):
+            raise ConfigError(f"model option pool_first must be true or false; got {pool_first!r}")
+        drop_rate = dropout_rate("drop_rate", drop_rate)
+        drop_conv = dropout_rate("drop_conv", drop_conv)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
+        self.fc_layers, self.pool_first = fc_layers, pool_first
         self.feature_info: list[dict[str, Any]] = []
         layers: list[nn.Module] = []
         chs, stride = in_chans, 1
         for v in cfg:
             if v == "M":
-                # Same taps as timm's VGG: the activation before each pool.
+                # Same taps as timm's VGG: the unit's output before each pool.
                 tap = f"features.{len(layers) - 1}"
                 self.feature_info.append(dict(num_chs=chs, reduction=stride, module=tap))
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -69,6 +100,8 @@ class CifarVGG(nn.Module):
             else:
                 layers += [nn.Conv2d(chs, int(v), 3, padding=1), nn.BatchNorm2d(int(v))]
                 layers.append(nn.ReLU(inplace=True))
+                if drop_conv:
+                    layers.append(nn.Dropout(drop_conv))
                 chs = int(v)
         self.features = nn.Sequential(*layers)
         tap = f"features.{len(layers) - 1}"
@@ -76,12 +109,17 @@ class CifarVGG(nn.Module):
         self.num_features = chs
         self.head_hidden_size = hidden
         pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.pre_logits = nn.Sequential(
-            pool,
-            nn.Linear(chs * pool.feat_mult(), hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(drop_rate),
-        )
+        width = chs * pool.feat_mult()
+        if fc_layers:
+            units = []
+            for i in range(fc_layers):
+                unit = [nn.Linear(width if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden),
+                        nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
+                units.append(nn.Sequential(pool, *unit) if i == 0 else nn.Sequential(*unit))
+            self.pre_logits = nn.Sequential(*units)
+        else:
+            self.pre_logits = nn.Sequential(
+                pool, nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(drop_rate))
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
 
@@ -91,7 +129,7 @@ class CifarVGG(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
@@ -106,7 +144,7 @@ class CifarVGG(nn.Module):
         """Replace the classifier with a fresh one of ``num_classes`` outputs (0: identity)."""
         self.num_classes = num_classes
         if num_classes > 0:
-            device = self.pre_logits[1].weight.device
+            device = self.features[0].weight.device
             self.head = nn.Linear(self.head_hidden_size, num_classes, device=device)
         else:
             self.head = nn.Identity()
@@ -116,7 +154,7 @@ class CifarVGG(nn.Module):
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, MLP and classifier; ``pre_logits=True`` stops before the classifier."""
+        """Pool, hidden layers and classifier; ``pre_logits=True`` stops before the classifier."""
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
@@ -129,7 +167,11 @@ _VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 @register_model
 def vgg11_cifar(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
-    """VGG-11 with batch norm and a 512-wide global-pool MLP head, for 32x32 inputs."""
+    """VGG-11 with batch norm and a 512-wide global-pool MLP head, for 32x32 inputs.
+
+    The seed paper's layer-wise VGG-11: ``--model-opt drop_conv=0.2 --model-opt
+    fc_layers=2 --model-opt drop_rate=0.2 --model-opt pool_first=true``.
+    """
     no_weights("vgg11_cifar", pretrained)
     return build_model_with_cfg(
         CifarVGG,
