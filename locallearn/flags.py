@@ -111,14 +111,18 @@ def block_names(text: str) -> list[str]:
     return names
 
 
-def per_channel(positive: bool = False) -> Callable[[str], tuple[float, float, float]]:
-    """argparse type: three comma-separated finite numbers (R,G,B), above 0 if ``positive``."""
-    noun = "3 comma-separated numbers (R,G,B)" + (" above 0" if positive else "")
+def per_channel(positive: bool = False) -> Callable[[str], list[float]]:
+    """argparse type: one finite number per image channel (``R,G,B``), above 0 if ``positive``.
 
-    def parse(text: str) -> tuple[float, float, float]:
-        values = _parsed(text, lambda t: tuple(float(v) for v in t.split(",")), noun)
-        if len(values) != 3 or not all(abs(v) < float("inf") for v in values) or (
-                positive and min(values) <= 0):
+    The count is checked against the data set's channels once it is loaded. A
+    list, as JSON gives it back: a checkpoint's stored identity compares equal.
+    """
+    noun = "comma-separated finite numbers, one per channel (R,G,B)" + (
+        ", above 0" if positive else "")
+
+    def parse(text: str) -> list[float]:
+        values = _parsed(text, lambda t: [float(v) for v in t.split(",")], noun)
+        if not all(abs(v) < float("inf") for v in values) or (positive and min(values) <= 0):
             raise argparse.ArgumentTypeError(f"must be {noun}; got {text!r}")
         return values
 

@@ -61,19 +61,20 @@ SEED_NORM = ["--augment", "flip", "--norm-mean", "0.4914,0.4822,0.4465",
 
 def test_data_settings_parse_and_default_to_the_data_sets_own():
     args = flags.build_parser().parse_args(SEED_NORM)
-    assert args.augment == "flip" and args.norm_mean == (0.4914, 0.4822, 0.4465)
-    assert args.norm_std == (0.2023, 0.1994, 0.2010)
+    # lists, as a checkpoint's stored identity gives them back
+    assert args.augment == "flip" and args.norm_mean == [0.4914, 0.4822, 0.4465]
+    assert args.norm_std == [0.2023, 0.1994, 0.2010]
     plain = flags.build_parser().parse_args([])
     assert plain.augment is plain.norm_mean is plain.norm_std is None
     assert flags.BY_NAME["augment"].choices == AUGMENTS
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--norm-mean", "0.5,0.5"], "--norm-mean: must be 3 comma-separated numbers (R,G,B); "
-                                 "got '0.5,0.5'"),
-    (["--norm-mean", "0.5,x,0.5"], "--norm-mean: must be 3 comma-separated numbers"),
-    (["--norm-std", "0.2,0,0.2"], "--norm-std: must be 3 comma-separated numbers (R,G,B) "
-                                  "above 0; got '0.2,0,0.2'"),
+    (["--norm-mean", "0.5,x,0.5"], "--norm-mean: must be comma-separated finite numbers, one "
+                                   "per channel (R,G,B); got '0.5,x,0.5'"),
+    (["--norm-mean", "0.5,inf,0.5"], "--norm-mean: must be comma-separated finite numbers"),
+    (["--norm-std", "0.2,0,0.2"], "--norm-std: must be comma-separated finite numbers, one per "
+                                  "channel (R,G,B), above 0; got '0.2,0,0.2'"),
     (["--norm-std", "0.2,-1,0.2"], "above 0"),
     (["--norm-std", "0.2,nan,0.2"], "above 0"),
     (["--augment", "random_crop"], "--augment: invalid choice: 'random_crop'"),
@@ -82,6 +83,16 @@ def test_bad_data_settings_are_one_line_refusals(argv, message):
     with pytest.raises(ConfigError) as info:
         flags.build_parser().parse_args(argv)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_mean_of_the_wrong_length_is_refused_once_the_data_is_known(tmp_path, capsys):
+    argv = ["--dataset", "synthetic", "--model", "resnet32_cifar", "--epochs", "1",
+            "--train-subset", "32", "--test-subset", "16", "--no-plane", "--no-progress",
+            "--output", str(tmp_path), "--norm-mean", "0.5,0.5"]
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert "normalisation mean needs 3 finite numbers" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
 
 
 def test_data_settings_reach_the_trainer_and_the_record(tmp_path):
