@@ -215,9 +215,8 @@ class ReducedLinear(nn.Module):
 class ConvPoolLinear(nn.Module):
     """``depth`` 3x3 conv-BN-ReLU layers, average pooling to ``side`` x ``side``, a linear layer.
 
-    The shape of three heads of the literature: the layer-wise ``conv`` head
-    (one conv, global pooling), DGL's CNN auxiliary network (two convs, 2x2
-    pooling) and InfoPro's ``1c2f`` net (one conv, strided below 64 channels,
+    The shape of two heads of the literature: the layer-wise ``conv`` head
+    (one conv, global pooling) and InfoPro's ``1c2f`` net (one conv, strided below 64 channels,
     global pooling, an MLP).
 
     Args:
@@ -250,27 +249,79 @@ class ConvPoolLinear(nn.Module):
         return self.fc(z)  # PoolLinear pools globally
 
 
-class MlpSr(nn.Module):
-    """DGL's MLP-SR auxiliary network: spatial reduction, then 1x1 conv-BN-ReLU layers, linear.
+def conv_bn_relu(channels: int, width: int, kernel: int, depth: int) -> list[nn.Module]:
+    """``depth`` conv-BN-ReLU layers (convs without bias, padded to keep the size)."""
+    layers: list[nn.Module] = []
+    for k in range(depth):
+        layers += [nn.Conv2d(channels if k == 0 else width, width, kernel, padding=kernel // 2,
+                             bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    return layers
 
-    Averages the map down to ``side`` x ``side`` first, so the auxiliary
-    network costs little however large the block output is.
+
+class CnnAux(nn.Module):
+    """DGL's CNN auxiliary network: 3x3 conv-BN-ReLU layers, 2x2 average pool, BatchNorm, linear.
+
+    Belilovsky, Eickenberg & Oyallon, "Decoupled Greedy Learning of CNNs"
+    (ICML 2020). Built as their code builds it (eugenium/DGL,
+    ``auxiliary_nets_study/models.py``, ``auxillary_classifier2`` with
+    ``cnn=True``): the convs keep the block's channels and have no bias, the
+    pooled map is batch-normalised before the linear layer, and every layer
+    keeps PyTorch's default initialisation.
+
+    Args:
+        channels: the map's channels.
+        out: outputs of the linear layer.
+        depth: conv-BN-ReLU layers (2 in the paper).
+        side: side of the pooled map (2 in the paper).
     """
 
-    def __init__(self, channels: int, out: int, depth: int = 3, side: int = 2, hidden: int = 0):
+    def __init__(self, channels: int, out: int, depth: int = 2, side: int = 2):
         super().__init__()
-        hidden = hidden or channels
-        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(side)]
-        width = channels
-        for _ in range(depth):
-            layers += [nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
-                       nn.ReLU(inplace=True)]
-            width = hidden
-        self.mlp = nn.Sequential(*layers)
-        self.fc = nn.Linear(width * side * side, out)
+        self.convs = nn.Sequential(*conv_bn_relu(channels, channels, 3, depth))
+        self.pool = nn.AdaptiveAvgPool2d(side)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels * side * side, out)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.mlp(h).flatten(1))
+        return self.fc(self.bn(self.pool(self.convs(h))).flatten(1))
+
+
+class MlpSr(nn.Module):
+    """DGL's MLP-SR auxiliary network: spatial reduction, 1x1 convs, 2x2 pool, an MLP.
+
+    Belilovsky, Eickenberg & Oyallon 2020 (ICML), as their code builds it
+    (eugenium/DGL, ``auxiliary_nets_study/models.py``, ``auxillary_classifier2``
+    with ``n_lin=3, mlp_layers=3``): average pool to ``ceil(H/4) x ceil(W/4)``,
+    ``depth`` 1x1 conv-BN-ReLU layers (no bias), average pool to ``side x
+    side``, ``depth`` Linear-BN-ReLU layers of ``width * side**2`` features, a
+    linear layer. Cheap at any resolution: the convs run on a map 16 times
+    smaller than the block's.
+
+    Args:
+        shape: the block output's shape ``(B, C, H, W)``.
+        out: outputs of the last linear layer.
+        depth: 1x1 conv layers, and as many hidden linear layers (3 and 3 in the paper).
+        side: side of the map the MLP reads (2 in the paper).
+        width: channels of the 1x1 convs (0: the block's, as in the paper).
+    """
+
+    def __init__(self, shape: Sequence[int], out: int, depth: int = 3, side: int = 2,
+                 width: int = 0):
+        super().__init__()
+        _, channels, height, breadth = shape
+        width = width or channels
+        self.reduce = nn.AdaptiveAvgPool2d((-(-height // 4), -(-breadth // 4)))
+        self.convs = nn.Sequential(*conv_bn_relu(channels, width, 1, depth))
+        self.pool = nn.AdaptiveAvgPool2d(side)
+        features = width * side * side
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(features, features), nn.BatchNorm1d(features),
+                       nn.ReLU(inplace=True)]
+        self.mlp = nn.Sequential(*layers, nn.Linear(features, out))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pool(self.convs(self.reduce(h))).flatten(1))
 
 
 class Decoder(nn.Module):
@@ -319,10 +370,14 @@ def he_normal(module: nn.Module) -> nn.Module:
 
 
 class SpatialStd(nn.Module):
-    """A 3x3 conv, then each channel's standard deviation over space (Nøkland & Eidnes 2019).
+    """predsim's similarity branch on maps: a 3x3 conv, then each channel's std over space.
 
-    A 1x1 map has no spread over space (the standard deviation of one value is
-    undefined), so there the conv's channel values themselves are compared.
+    Nøkland & Eidnes, "Training Neural Networks with Local Error Signals"
+    (ICML 2019). As their code (anokland/local-loss, ``train.py``:
+    ``conv_loss`` of ``LocalLossBlockConv``, then ``similarity_matrix``): the
+    conv keeps the channels and has no bias; the standard deviation (unbiased)
+    is taken where the map has more than 3 channels and more than one row,
+    and elsewhere the conv's output is compared as it is, flattened.
     """
 
     def __init__(self, channels: int):
@@ -330,15 +385,42 @@ class SpatialStd(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.conv(h).flatten(2)
-        return z.std(dim=2) if z.shape[2] > 1 else z.squeeze(2)
+        z = self.conv(h)
+        if z.shape[1] > 3 and z.shape[2] > 1:
+            return z.flatten(2).std(dim=2)
+        return z.flatten(1)
 
 
-class Pooled(nn.Module):
-    """No parameters: the globally pooled block output (:func:`pool`)."""
+class SimLinear(nn.Module):
+    """predsim's similarity branch on vectors: a square linear layer without bias.
+
+    Nøkland & Eidnes 2019 (ICML); their code (anokland/local-loss,
+    ``train.py``, ``LocalLossBlockLinear.linear_loss``) maps a layer's output
+    through it before the similarity matrix. Token sequences, which the
+    reference does not have, are averaged over tokens first (:func:`pool`).
+    """
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.fc = nn.Linear(features, features, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return pool(h)
+        return self.fc(pool(h))
+
+
+def zero_last_linear(head: nn.Module) -> nn.Module:
+    """Zero the weight (not the bias) of the last ``nn.Linear`` registered in ``head``.
+
+    The prediction layer of Nøkland & Eidnes' local-loss code
+    (``decoder_y``) starts from zero weights, so a block's local
+    cross-entropy starts from the bias alone. A head without a linear layer is
+    left as it is.
+    """
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        with torch.no_grad():
+            linears[-1].weight.zero_()
+    return head
 
 
 @register_head("linear", role="classifier",
@@ -373,17 +455,19 @@ def conv(shape, out, hidden: int = 0):
 @register_head("cnn", role="classifier", needs="map",
                paper="Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs",
                summary="DGL's CNN auxiliary net: depth (2) 3x3 conv-BN-ReLU layers, "
-                       "average pool to pool x pool (2), linear")
+                       "average pool to pool x pool (2), BatchNorm, linear")
 def cnn(shape, out, depth: int = 0, pool: int = 0):
-    return ConvPoolLinear(shape[1], out, depth=depth or 2, side=pool or 2)
+    return CnnAux(shape[1], out, depth=depth or 2, side=pool or 2)
 
 
 @register_head("mlp_sr", role="classifier", needs="map",
                paper="Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs",
-               summary="DGL's MLP-SR auxiliary net: average pool to pool x pool (2), "
-                       "depth (3) 1x1 conv-BN-ReLU layers, linear")
+               summary="DGL's MLP-SR auxiliary net: average pool to a quarter of the side, "
+                       "depth (3) 1x1 conv-BN-ReLU layers (hidden channels, else the "
+                       "block's), average pool to pool x pool (2), depth Linear-BN-ReLU "
+                       "layers, linear")
 def mlp_sr(shape, out, depth: int = 0, pool: int = 0, hidden: int = 0):
-    return MlpSr(shape[1], out, depth=depth or 3, side=pool or 2, hidden=hidden)
+    return MlpSr(shape, out, depth=depth or 3, side=pool or 2, width=hidden)
 
 
 @register_head("infopro", role="classifier", needs="map",
@@ -414,12 +498,15 @@ def decoder(shape, out, width: int = 0):
 
 @register_head("spatial_std", role="similarity", needs="map",
                paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals",
-               summary="predsim's similarity branch: 3x3 conv, each channel's std over space")
+               summary="predsim's similarity branch on maps: 3x3 conv, each channel's std "
+                       "over space")
 def spatial_std(shape, out):
     return SpatialStd(shape[1])
 
 
-@register_head("pooled", role="similarity",
-               summary="the globally pooled block output (predsim's branch on tokens or vectors)")
-def pooled(shape, out):
-    return Pooled()
+@register_head("sim_linear", role="similarity",
+               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals",
+               summary="predsim's similarity branch on vectors: square linear layer without "
+                       "bias (tokens: averaged first)")
+def sim_linear(shape, out):
+    return SimLinear(channels_of(shape))

@@ -17,7 +17,8 @@ itself), ``out`` (``classes`` or ``proj_dim``: the classifier head's
 output size), ``logits`` (its head's output is the prediction at this depth),
 ``views`` (stacked augmented views it needs), ``similarity`` (it also needs a
 similarity head), ``train_only`` (skipped at evaluation), ``input`` (it reads
-the network input). The options a loss takes are its factory's parameters.
+the network input), ``zero_init`` (its classifier head's last linear layer
+starts from zero weights). The options a loss takes are its factory's parameters.
 """
 
 from __future__ import annotations
@@ -39,14 +40,17 @@ from .step import Scored, Step, zero_loss
 def similarity_matrix(z: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the row-centred samples of ``z`` (flattened to ``(B, D)``).
 
-    Each sample is centred over its features and scaled to unit length, so the
-    entries are Pearson correlations between samples, as in Nøkland & Eidnes
-    (2019)'s similarity-matching loss.
+    Each sample is centred over its features and divided by ``1e-8`` plus its
+    length, and the products are clamped to [-1, 1]: Pearson correlations
+    between samples, computed as Nøkland & Eidnes' code computes them
+    (anokland/local-loss, ``train.py``, ``similarity_matrix``; the standard
+    deviation over space it takes of feature maps is the similarity head's
+    job here, :class:`~locallearn.heads.SpatialStd`).
     """
     z = z.flatten(1).float()
     z = z - z.mean(dim=1, keepdim=True)
-    z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    return z @ z.t()
+    z = z / (1e-8 + z.norm(dim=1, keepdim=True))
+    return (z @ z.t()).clamp(-1, 1)
 
 
 def predsim_loss(
@@ -57,7 +61,8 @@ def predsim_loss(
 
     Nøkland & Eidnes, "Training Neural Networks with Local Error Signals"
     (ICML 2019): ``(1 - beta) * CE(logits, y) + beta * MSE(S(features), S(onehot(y)))``,
-    where ``S`` is :func:`similarity_matrix`.
+    where ``S`` is :func:`similarity_matrix`, as their code combines the two
+    (anokland/local-loss, ``train.py``, ``loss_sup == 'predsim'``).
 
     Args:
         logits: ``(B, num_classes)`` predictions of the auxiliary classifier.
@@ -71,7 +76,8 @@ def predsim_loss(
     return (1 - beta) * F.cross_entropy(logits, labels) + beta * sim
 
 
-def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
+                base_temperature: float | None = None) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, the ``L_out`` form).
 
     Khosla, Teterwak, Wang, Sarna, Tian, Isola, Maschinot, Liu & Krishnan,
@@ -80,11 +86,15 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1)
     positives ``p`` (other samples of its label), the softmax running over all
     samples but ``i``; anchors without a positive are left out. Two augmented
     views of each image, stacked, give every anchor at least one positive.
+    With ``base_temperature``, the mean is scaled by ``t / base_temperature``,
+    as the authors' code (HobbitLong/SupContrast, ``losses.py``) and the seed
+    paper's (keitaroskmt/E2E-info, ``src/models/layer_wise_loss.py``) do.
 
     Args:
         z: ``(N, D)`` projections (normalised here).
         labels: ``(N,)`` their labels.
         temperature: the softmax temperature ``t``.
+        base_temperature: divides ``t`` in the scale of the loss (None: no scaling).
     """
     z = F.normalize(z.flatten(1).float(), dim=1)
     n = len(z)
@@ -97,7 +107,8 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1)
     if not has.any():
         return z.sum() * 0.0
     mean_log = log_prob.masked_fill(~pos, 0.0).sum(1)[has] / count[has]
-    return -mean_log.mean()
+    scale = 1.0 if base_temperature is None else temperature / base_temperature
+    return -scale * mean_log.mean()
 
 
 def contrast_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -155,7 +166,7 @@ def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float) -> torch.Ten
 
 LOSSES = Registry("loss", required=("summary",))
 _NEEDS = {"head": None, "out": "classes", "logits": False, "views": 1, "similarity": False,
-          "train_only": False, "input": False}
+          "train_only": False, "input": False, "zero_init": False}
 
 
 def register_loss(name: str, **meta: Any):
@@ -219,10 +230,11 @@ def cross_entropy():
     return lambda inp: F.cross_entropy(inp.out, inp.labels)
 
 
-@register_loss("predsim", head="classifier", logits=True, similarity=True,
+@register_loss("predsim", head="classifier", logits=True, similarity=True, zero_init=True,
                paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals "
                      "(ICML)",
-               summary="(1 - beta) cross-entropy + beta similarity matching of a second branch")
+               summary="(1 - beta) cross-entropy + beta similarity matching of a second "
+                       "branch; the classifier's last linear layer starts at zero")
 def predsim(beta: float = 0.99):
     return lambda inp: predsim_loss(inp.out, inp.similarity, inp.labels,
                                     inp.step.num_classes, beta)
@@ -230,9 +242,12 @@ def predsim(beta: float = 0.99):
 
 @register_loss("supcon", head="classifier", out="proj_dim", views=2,
                paper="Khosla et al. 2020, Supervised Contrastive Learning (NeurIPS)",
-               summary="supervised contrastive loss of the head's projections, two views")
-def supcon(temperature: float = 0.1):
-    return lambda inp: supcon_loss(inp.out, inp.labels, temperature)
+               summary="supervised contrastive loss of the head's projections, two views, "
+                       "scaled by temperature / base_temperature")
+def supcon(temperature: float = 0.1, base_temperature: float = 0.07):
+    if base_temperature <= 0:
+        raise ConfigError(f"supcon base_temperature must be > 0; got {base_temperature}")
+    return lambda inp: supcon_loss(inp.out, inp.labels, temperature, base_temperature)
 
 
 @register_loss("contrast", head="classifier", out="proj_dim",

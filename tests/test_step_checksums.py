@@ -72,6 +72,11 @@ CHANGED_ON_PURPOSE: dict[str, str] = {
         "averages over every anchor, the infopro head is its 1c2f net (twice the channels "
         "below 64), the decoder's first conv has a bias, both start He-normal"
     )),
+    "dgl": "issue 13: DGL's CNN aux batch-normalises its pooled map, as eugenium/DGL does",
+    "dgl-mlp_sr": "issue 13: MLP-SR is eugenium/DGL's (quarter-side pool, 1x1 convs, an MLP)",
+    "layerwise-predsim": ("issue 13: predsim's classifier starts at zero weights and its "
+                          "similarity matrix is clamped, as anokland/local-loss does"),
+    "layerwise-supcon": "issue 13: supcon is scaled by temperature / base_temperature (the seed's)",
 }
 
 

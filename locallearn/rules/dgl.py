@@ -15,12 +15,14 @@ class DGLConfig(LocalConfig):
 
     Attributes:
         aux: the auxiliary network, any registered classifier head: ``cnn``
-            (default: 3x3 conv-BN-ReLU layers, 2x2 average pooling, linear),
-            ``mlp_sr``, or ``linear`` (pool + linear, the only one for token
-            outputs such as ViT's).
-        aux_depth: conv layers of the ``cnn`` aux net (default 2) or 1x1 layers
-            of ``mlp_sr`` (0 picks each one's default).
-        aux_pool: side of the pooled map the aux net's linear layer reads (0: 2).
+            (default: the paper's CNN aux, 3x3 conv-BN-ReLU layers, 2x2 average
+            pooling, BatchNorm, linear), ``mlp_sr`` (the paper's MLP-SR aux),
+            or ``linear`` (pool + linear, the only one for token outputs such
+            as ViT's).
+        aux_depth: conv layers of the ``cnn`` aux net (default 2), or 1x1 conv
+            layers and hidden linear layers of ``mlp_sr`` (3 each); 0 picks
+            each one's default.
+        aux_pool: side of the pooled map the aux net's linear layer or MLP reads (0: 2).
         loss: the local loss (``ce`` in the paper).
         lr_scales: per-part learning-rate multipliers, one per part; empty: all 1.
     """
@@ -46,11 +48,12 @@ class DGL(LocalRule):
     """Decoupled greedy learning (Belilovsky, Eickenberg & Oyallon, ICML 2020).
 
     Each block of the stack is a part with an auxiliary network of its own
-    (by default the paper's CNN auxiliary: conv-BN-ReLU layers, 2x2 average
-    pooling, linear); its input is detached and it updates on every batch
-    with its own optimizer, so parts could run on different devices with
-    only a forward dependency. The last block trains with the model's own
-    head as its objective, as the network's final module does in the paper.
+    (by default the paper's CNN auxiliary as its code, eugenium/DGL, builds
+    it: conv-BN-ReLU layers, 2x2 average pooling, BatchNorm, linear); its
+    input is detached and it updates on every batch with its own optimizer,
+    so parts could run on different devices with only a forward dependency.
+    The last block trains with the model's own head as its objective, where
+    the reference network ends in an MLP auxiliary of its own.
     """
 
     Config = DGLConfig

@@ -22,7 +22,7 @@ import torch
 
 from ..config import call_options, config_dict
 from ..errors import ConfigError
-from ..heads import HEADS, build_head
+from ..heads import HEADS, build_head, zero_last_linear
 from ..losses import LOSSES
 from ..objectives import Objective, Term, classifier
 from .base import LocalPart, Rule, block_outputs
@@ -152,10 +152,12 @@ class LocalRule(Rule):
             heads["aux"] = build_head(self.head, shape, out, where, self.head_option,
                                       hidden=cfg.aux_hidden, depth=cfg.aux_depth,
                                       pool=cfg.aux_pool, features=cfg.aux_features)
+            if meta["zero_init"]:
+                zero_last_linear(heads["aux"])
             sim = None
             if meta["similarity"]:
                 sim = "sim"
-                heads[sim] = build_head("spatial_std" if len(shape) == 4 else "pooled",
+                heads[sim] = build_head("spatial_std" if len(shape) == 4 else "sim_linear",
                                         shape, None, where)
             options = {"beta": cfg.beta, "temperature": cfg.temperature, **self.loss_options}
             terms.append(Term(self.loss, weight["loss"], "aux", sim, options))
