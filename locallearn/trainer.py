@@ -151,7 +151,8 @@ class Trainer:
 
         A batch of one image in training mode breaks BatchNorm wherever a map is
         1x1, and only after a whole epoch has run, so it is refused up front. Only
-        parts that train count: a frozen part runs in eval mode.
+        parts that train count, and frozen parts where the rule runs them in
+        training mode (:attr:`Rule.frozen_train_mode`).
         """
         n, size = len(self.data.train_labels), self.config.batch_size
         if n - self.dropped_images < 1:
@@ -161,6 +162,8 @@ class Trainer:
         if size > 1:
             return
         trained = sorted({i for parts in self.schedule for i in parts})
+        if self.rule.frozen_train_mode:
+            trained = list(range(trained[-1] + 1))
         named = [m for i in trained for m in self.parts[i].named_modules(
             prefix=self.parts[i].part_name)]
         norm = next(((name, m) for name, m in named if isinstance(m, _BatchNorm)), None)
@@ -315,7 +318,7 @@ class Trainer:
         for i in trained:
             self.activate(i)
         for i, model in enumerate(self.models):
-            model.train(i in trained)
+            model.train(i in trained or self.rule.frozen_train_mode)
         loader, start = self.train_loader, 0
         if self.rule.cache_inputs and trained[0] > 0:
             loader, start = self._cached_inputs(trained[0])
@@ -375,6 +378,8 @@ class Trainer:
         counts = acc.reduce(torch.stack([
             hits, torch.tensor(scored, device=acc.device), torch.tensor(seen, device=acc.device),
         ]), "sum").tolist()
+        if self.rule.frozen_train_mode and acc.num_processes > 1:
+            self._share_frozen_buffers(trained[0])
         for i in trained:
             if not any(i in later for later in self.schedule[epoch + 1:]):
                 self.deactivate(i)
@@ -401,6 +406,17 @@ class Trainer:
                 if key in metric_sums.get(i, {}) else None
                 for i, part in enumerate(self.parts)} for key in keys}
         return entry
+
+    def _share_frozen_buffers(self, first: int) -> None:
+        """Give every process process 0's buffers of the frozen parts before ``first``.
+
+        Frozen parts are not wrapped by DDP; run in training mode, each process's
+        BatchNorm statistics would follow its own shard. DDP keeps a wrapped
+        part's buffers as process 0 has them, and so does this, once per epoch.
+        """
+        for part in self.parts[:first]:
+            for buffer in part.buffers():
+                torch.distributed.broadcast(buffer, 0)
 
     @torch.no_grad()
     def _cached_inputs(self, first: int):

@@ -52,3 +52,11 @@ def test_infopro_heads_recomputed_in_backward_work_under_ddp(tmp_path):
     rank0, rank1 = _run("infopro", 16, tmp_path / "two", 2)
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["train_loss"] == rank1["train_loss"]
+
+
+def test_frozen_blocks_in_training_mode_keep_process_0s_statistics(tmp_path):
+    # sequential, frozen_mode=train: in phase 2 the frozen first part is no DDP module,
+    # and each rank's BatchNorm statistics follow its own shard until they are shared.
+    rank0, rank1 = _run("sequential", 16, tmp_path / "two", 2)
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert torch.equal(rank0["first_part_buffers"], rank1["first_part_buffers"])

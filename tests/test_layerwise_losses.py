@@ -11,7 +11,8 @@ from locallearn.trainer import TrainConfig, Trainer
 
 
 @pytest.mark.parametrize("options", [
-    {}, {"loss": "predsim"}, {"loss": "supcon"}, {"head": "mlp"}, {"head": "conv"},
+    {}, {"loss": "predsim"}, {"loss": "supcon"}, {"head": "linear"}, {"head": "mlp"},
+    {"head": "conv"},
     {"nhsic_lambda": 0.1}, {"nhsic_lambda": 0.1, "nhsic_target": "block_input"},
     {"aux_hidden": 8},
 ])
@@ -20,8 +21,9 @@ def test_local_loss_goes_down_on_a_fixed_batch(options):
     data = random_data(16, 16)
     stack = split(timm.create_model("resnet18_cifar", num_classes=10), "stage", 2,
                   input_size=(3, 16, 16))
+    # A constant rate: the default cosine over this one-batch epoch is 0 after the first step.
     trainer = Trainer(stack, create_rule("layerwise", **options), data,
-                      TrainConfig(progress=False, batch_size=16, lr=0.05))
+                      TrainConfig(progress=False, batch_size=16, lr=0.05, schedule="constant"))
     x, y = data.train_images, data.train_labels
     totals = []
     for _ in range(6):

@@ -153,6 +153,10 @@ class Rule:
     #: e.g. ``{"optimizer": "adamw", "lr": 1e-3}``. They apply where neither the command
     #: line nor a preset sets the flag; the record's ``config_sources`` names which did.
     training_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Run the frozen parts in training mode (BatchNorm normalises by the batch
+    #: and updates its running statistics, dropout is active), still without
+    #: autograd or optimizer state; False: in eval mode.
+    frozen_train_mode: bool = False
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -215,8 +219,9 @@ class Rule:
     def trained_parts(self, epoch: int, epochs: int, num_parts: int) -> list[int]:
         """Indices of the parts that train in ``epoch`` (0-based); all of them by default.
 
-        Parts before the first trained one run without autograd; parts after
-        the last trained one are skipped during training.
+        Parts before the first trained one run without autograd (in eval mode
+        unless :attr:`frozen_train_mode`); parts after the last trained one are
+        skipped during training.
         """
         return list(range(num_parts))
 

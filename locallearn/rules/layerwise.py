@@ -13,14 +13,16 @@ class LayerwiseConfig(LocalConfig):
     """Options of ``layerwise`` (and ``sequential``); see :class:`~.local.LocalConfig` too.
 
     Attributes:
-        head: the auxiliary head, any registered classifier head (``linear``:
-            global average pool + linear; ``mlp``, ``conv``, ``cnn``, ``mlp_sr``,
-            ``infopro``, or a plugin's).
+        head: the auxiliary head, any registered classifier head
+            (``reduced_linear``, the seed paper's: average pool to at most
+            ``aux_features`` values keeping the spatial layout, then linear;
+            ``linear``: global average pool + linear; ``mlp``, ``conv``,
+            ``cnn``, ``mlp_sr``, ``infopro``, or a plugin's).
         loss: the local loss, any registered loss that scores a classifier head
             (``ce``, ``predsim``, ``supcon``, ``contrast``, ``nhsic``, or a plugin's).
     """
 
-    head: str = "linear"
+    head: str = "reduced_linear"
     loss: str = "ce"
 
 
@@ -38,18 +40,22 @@ class Layerwise(LocalRule):
     """Layer-wise training as in Sakamoto & Sato (TMLR 2024), all blocks at once.
 
     Every block of the stack is a part with its own auxiliary head and local
-    loss (global average pool + linear and cross-entropy by default); each
-    part's input is detached, so no gradient crosses a block boundary, and
-    all parts update on every batch. The model's own head is a last part
-    trained on the detached output of the final block. Grouping blocks with
-    ``--blocks K`` gives K parts. Local losses: cross-entropy; ``predsim``
-    (Nøkland & Eidnes, "Training Neural Networks with Local Error Signals",
-    ICML 2019); ``supcon`` (Khosla et al., "Supervised Contrastive Learning",
-    NeurIPS 2020) on two augmented views; each optionally minus
-    ``nhsic_lambda`` times nHSIC of the head's output with the network's or
-    the block's input (the seed paper's augmenting term). Any registered head
-    or loss can take their place.
+    loss. The default head is the seed's (keitaroskmt/E2E-info,
+    ``src/models/trainable_block.py``, from Nøkland & Eidnes' local-loss
+    code): the block output average-pooled to at most 2048 values with its
+    spatial layout kept, then a linear layer (``reduced_linear``); the default
+    loss is cross-entropy (``head=linear`` gives global average pooling +
+    linear instead). Each part's input is detached, so no gradient crosses a
+    block boundary, and all parts update on every batch. The model's own
+    head is a last part trained on the detached output of the final block.
+    Grouping blocks with ``--blocks K`` gives K parts. Local losses:
+    cross-entropy; ``predsim`` (Nøkland & Eidnes, "Training Neural Networks
+    with Local Error Signals", ICML 2019); ``supcon`` (Khosla et al.,
+    "Supervised Contrastive Learning", NeurIPS 2020) on two augmented views;
+    each optionally minus ``nhsic_lambda`` times nHSIC of the head's output
+    with the network's or the block's input (the seed paper's augmenting
+    term). Any registered head or loss can take their place.
     """
 
     Config = LayerwiseConfig
-    shown = ("aux_hidden",)
+    shown = ("head", "aux_hidden")
