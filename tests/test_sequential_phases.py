@@ -113,17 +113,17 @@ def test_options_in_the_record_and_refused_combination():
     assert options["frozen_mode"] == "train" and options["head_phase"] is True
     defaults = create_rule("sequential").describe()
     assert defaults["frozen_mode"] == "eval" and defaults["head_phase"] is False
-    assert defaults["head"] == create_rule("layerwise").describe()["head"] == "reduced_linear"
+    assert defaults["head"] == create_rule("layerwise").describe()["head"] == "linear"
     with pytest.raises(ConfigError, match="must be one of eval, train; got 'all'"):
         create_rule("sequential", frozen_mode="all")
     with pytest.raises(ConfigError, match="cache_features .* frozen_mode=train cannot apply"):
         create_rule("sequential", frozen_mode="train", cache_features=True)
 
 
-def test_layerwise_default_head_is_the_seeds_and_linear_stays_by_name(data, stack):
+def test_the_seeds_head_by_name_and_linear_by_default(data, stack):
     example = torch.zeros(2, *data.image_size)
     for rule in ("layerwise", "sequential"):
-        parts = create_rule(rule).parts(stack, 10, example)
+        parts = create_rule(rule, head="reduced_linear").parts(stack, 10, example)
         assert all(isinstance(p.objective.heads["aux"], ReducedLinear) for p in parts[:-1])
-    parts = create_rule("layerwise", head="linear").parts(stack, 10, example)
-    assert not any(isinstance(p.objective.heads["aux"], ReducedLinear) for p in parts[:-1])
+        parts = create_rule(rule).parts(stack, 10, example)
+        assert not any(isinstance(p.objective.heads["aux"], ReducedLinear) for p in parts[:-1])
