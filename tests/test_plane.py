@@ -78,7 +78,8 @@ def test_entries_carry_the_chance_adjusted_forms(fitted):
             expected = (e[f"nhsic_{side}"] - chance) / (top - chance)
             assert e[f"nhsic_{side}_adj"] == pytest.approx(expected, rel=1e-12, abs=1e-12)
             assert e[f"nhsic_{side}_adj"] <= 1 + 1e-12
-    assert any(e["nhsic_y_adj"] > 0.1 for e in plane.entries if e["epoch"] == 2)  # it learnt
+    # Not every value sits at chance: the synthetic labels are in the input from the start.
+    assert max(e["nhsic_y_adj"] for e in plane.entries) > 0.1
     # and the same as the function of the measures, on the block's own features
     again = _prepared(trainer)
     entry = again.measure(trainer.stack, 2)[-1]
