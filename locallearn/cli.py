@@ -384,11 +384,13 @@ def _print_registries(kinds: list[str]) -> None:
     for kind in kinds:
         if len(kinds) > 1:
             print(f"{kind}:")
-        for entry in registries[kind]:
+        entries = list(registries[kind])
+        width = max((len(e.name) for e in entries), default=0)  # plugins' long names too
+        for entry in entries:
             paper = f"  [{entry.meta['paper']}]" if entry.meta.get("paper") else ""
-            print(f"{entry.name:15s} {entry.meta.get('summary', '')}{paper}")
+            print(f"{entry.name:{width}s}  {entry.meta.get('summary', '')}{paper}")
             if kind == "rules" and entry.factory.training_defaults:
-                print(f"{'':15s} defaults: {' '.join(rule_flags(entry.name))}")
+                print(f"{'':{width}s}  defaults: {' '.join(rule_flags(entry.name))}")
 
 
 def main(argv: list[str] | None = None) -> int:

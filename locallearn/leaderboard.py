@@ -387,8 +387,29 @@ def depth_text(accs: list[float]) -> str:
 def _params(row: Row) -> str:
     b, a = row.value("params_backbone"), row.value("params_auxiliary")
     # auxiliary = parts - backbone: below 0 when a rule leaves the model's head unused.
-    aux = "0" if not a or a < 0 else f"{a / 1e6:.2f}M"
+    aux = "0" if not a or a < 0 else _count(a)
     return f"{_fmt(b, '.2f', 1e-6)}M + {aux}"
+
+
+def _count(n: float) -> str:
+    """A parameter count in millions, or thousands below 10k (a small head is not 0.00M)."""
+    return f"{n / 1e6:.2f}M" if n >= 1e4 else f"{n / 1e3:.1f}k"
+
+
+def _presets_line(table: Table) -> str:
+    """Which preset made which rows: one name when it made all of them, else per row."""
+    used: dict[str, list[str]] = {}
+    for row in table.rows:
+        for name in sorted({str((r.get("config") or {}).get("preset") or "") for r in row.records}):
+            used.setdefault(name, []).append(row.label)
+    if not used or set(used) == {""}:
+        return ""
+    link = " ([presets.md](presets.md))."
+    if len(used) == 1:
+        return f"Preset: `{next(iter(used))}`{link}"
+    named = [f"`{name}` made {', '.join(rows)}" if name else f"no preset: {', '.join(rows)}"
+             for name, rows in sorted(used.items(), key=lambda kv: kv[0] == "")]
+    return "Presets: " + "; ".join(named) + link
 
 
 def _cells(table: Table, row: Row) -> list[str]:
@@ -422,12 +443,9 @@ def render_markdown(tables: list[Table], apart: list[dict[str, Any]], source: st
     if intro:
         lines += [intro.rstrip(), ""]
     for table in tables:
-        presets = sorted({str((r.get("config") or {}).get("preset")) for row in table.rows
-                          for r in row.records if (r.get("config") or {}).get("preset")})
         lines += [f"## {_cell(table.title)}", ""]
-        if presets:
-            lines += ["Preset: " + ", ".join(f"`{p}`" for p in presets) +
-                      " ([presets.md](presets.md)).", ""]
+        if presets := _presets_line(table):
+            lines += [presets, ""]
         lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(map(_cell, _cells(table, row))) + " |" for row in table.rows]
         lines.append("")

@@ -9,7 +9,7 @@ import io
 import pytest
 from conftest import ROOT
 
-from locallearn.leaderboard import build_tables, collect, depth_text, write_all
+from locallearn.leaderboard import build_tables, collect, depth_text, render_markdown, write_all
 from locallearn.records import write_json
 
 NAMES = ["stem", "layer1", "layer2"]
@@ -117,7 +117,7 @@ def test_table_columns_ratio_to_e2e_depths_and_plane(results, tmp_path):
     cells = [c.strip() for c in layerwise.strip("|").split("|")]
     assert cells[2] == "42.00 ± 2.83"
     assert cells[3] == "32.0 37.0 42.0"  # mean accuracy at each depth with a head
-    assert cells[4] == "11.18M + 0.01M"
+    assert cells[4] == "11.18M + 5.1k"
     assert cells[5] == "405" and cells[6] == "11.0"
     assert cells[7] == "1.0" and cells[8] == "0.33"  # 1 MiB saved vs e2e's 3 MiB
     assert cells[10] == "1.225" and cells[11] == "0.640"  # last block, epoch 2, mean of seeds
@@ -153,3 +153,18 @@ def test_command_line(results, tmp_path, capsys):
     assert (tmp_path / "d" / "leaderboard.md").is_file()
     assert board.main(["--results", str(tmp_path / "none"), "--docs", str(tmp_path / "d")]) == 2
     assert "no folder" in capsys.readouterr().err
+
+
+def test_parameter_counts_below_10k_show_in_thousands():
+    from locallearn.leaderboard import _count
+
+    assert _count(5130) == "5.1k" and _count(10_250) == "0.01M" and _count(2_500_000) == "2.50M"
+
+
+def test_a_preset_is_named_for_the_rows_it_made():
+    e2e, layerwise = make_record("e2e", 0, 0.5), make_record("layerwise", 0, 0.4)
+    layerwise["config"]["preset"] = None
+    text = render_markdown(build_tables([("a.json", e2e), ("b.json", layerwise)]), [], "x", {})
+    assert "Presets: `cpu-smoke` made e2e; no preset: layerwise" in text
+    text = render_markdown(build_tables([("a.json", e2e)]), [], "x", {})
+    assert "Preset: `cpu-smoke` ([presets.md](presets.md))." in text

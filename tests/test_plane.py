@@ -271,3 +271,17 @@ def test_plane_script_reports_bad_input_without_a_traceback(records, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("plane.py: error: ") and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_compare_titles_name_only_what_every_run_shares(records):
+    e2e = json.loads(records["e2e"].read_text())
+    other = dict(e2e, model="vgg11_cifar")
+    fig = plots.compare_figure([e2e, other])
+    title = fig._suptitle.get_text()
+    assert "resnet18_cifar" not in title and "vgg11_cifar" not in title
+    assert e2e["dataset"] in title and f"m = {e2e['plane_config']['m']}" in title
+    panels = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert any("resnet18_cifar" in t for t in panels) and any("vgg11_cifar" in t for t in panels)
+    other_m = json.loads(records["other_m"].read_text()) | {"file": str(records["other_m"])}
+    e2e["file"] = str(records["e2e"])
+    assert "plane settings differ" in plots.compare_figure([e2e, other_m])._suptitle.get_text()

@@ -256,6 +256,19 @@ def _labels(records: Sequence[dict[str, Any]]) -> list[str]:
     return labels
 
 
+def _shared(records: Sequence[dict[str, Any]], keys: Sequence[str] = ("model", "dataset")
+            ) -> str:
+    """A title of what every run has in common (the panels' labels name what differs)."""
+    parts = []
+    for key in keys:
+        values = {str(r.get(key, "?")) for r in records}
+        if len(values) == 1:
+            parts.append(values.pop())
+    settings = {_setting(r) for r in records}
+    parts.append(settings.pop() if len(settings) == 1 else "plane settings differ between runs")
+    return " · ".join(filter(None, parts))
+
+
 def _trajectories(record: dict[str, Any], form: str) -> dict[int, list[tuple[int, float, float]]]:
     kx, ky = FORMS[form][:2]
     out: dict[int, list[tuple[int, float, float]]] = {}
@@ -356,8 +369,7 @@ def compare_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figu
         ax.set_visible(False)
     _markers_legend(axes.flat[0], records)
     _depth_colorbar(fig, axes, records)
-    fig.suptitle(f"{records[0].get('model', '?')} · {records[0].get('dataset', '?')} · "
-                 f"{_setting(records[0])}")
+    fig.suptitle(_shared(records))
     return fig
 
 
@@ -387,7 +399,7 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
         else:
             ax.set_xlabel("relative depth (0 = first block, 1 = last)")
     ax_y.legend(loc="best")
-    fig.suptitle(f"last epoch, by depth · {_setting(records[0])}")
+    fig.suptitle(" · ".join(filter(None, ["last epoch, by depth", _shared(records, ())])))
     return fig
 
 
