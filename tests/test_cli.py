@@ -47,7 +47,7 @@ def test_main_job_on_the_cifar10_copy(tmp_path, cifar10_path):
     # A smaller version of the README's main job: real data, real CLI, one epoch.
     out = run_cli("--rule", "layerwise", "--model", "resnet18", "--dataset",
                   f"imagefolder:{cifar10_path}", "--train-subset", "2000", "--test-subset", "1000",
-                  "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--output", tmp_path,
+                  "--epochs", "1", "--batch-size", "32", "--output", tmp_path,
                   "--no-progress", "--cache-dir", tmp_path / "cache")
     assert out.returncode == 0, out.stderr
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -111,6 +111,10 @@ def test_list_rules_names_every_rule():
     out = run_cli("--list-rules")
     assert out.returncode == 0
     assert "e2e" in out.stdout and "layerwise" in out.stdout and "Sakamoto" in out.stdout
+    # the summaries start in one column, after the longest name and two spaces
+    lines = out.stdout.splitlines()
+    width = max(len(line.split()[0]) for line in lines if not line.startswith(" "))
+    assert all(line[width:width + 2] == "  " and line[width + 2] != " " for line in lines)
 
 
 def test_divergence_writes_a_diverged_record_and_exits_non_zero(tmp_path):

@@ -14,18 +14,15 @@ class LayerwiseConfig(LocalConfig):
 
     Attributes:
         head: the auxiliary head, any registered classifier head
-            (``linear``: global average pool + linear, the default;
-            ``reduced_linear``, the seed paper's: average pool to at most
-            ``aux_features`` values keeping the spatial layout, then linear,
-            which the paper presets use; ``mlp``, ``conv``, ``cnn``,
-            ``mlp_sr``, ``infopro``, or a plugin's).
+            (``reduced_linear``, the seed paper's and the default: average pool
+            to at most ``aux_features`` values keeping the spatial layout, then
+            linear; ``linear``: global average pool + linear; ``mlp``, ``conv``,
+            ``cnn``, ``mlp_sr``, ``infopro``, or a plugin's).
         loss: the local loss, any registered loss that scores a classifier head
             (``ce``, ``predsim``, ``supcon``, ``contrast``, ``nhsic``, or a plugin's).
     """
 
-    # The seed's reduced_linear is not the default yet: under the command line's
-    # default SGD it leaves the README's main job at chance (issue 13's note).
-    head: str = "linear"
+    head: str = "reduced_linear"
     loss: str = "ce"
 
 
@@ -43,11 +40,11 @@ class Layerwise(LocalRule):
     """Layer-wise training as in Sakamoto & Sato (TMLR 2024), all blocks at once.
 
     Every block of the stack is a part with its own auxiliary head and local
-    loss: global average pooling + linear and cross-entropy by default. The
-    seed's own head (keitaroskmt/E2E-info, ``src/models/trainable_block.py``,
-    from Nøkland & Eidnes' local-loss code) is ``head=reduced_linear``: the
-    block output average-pooled to at most 2048 values with its spatial
-    layout kept, then a linear layer; the paper presets use it. Each part's
+    loss. By default the seed's head (keitaroskmt/E2E-info,
+    ``src/models/trainable_block.py``, from Nøkland & Eidnes' local-loss code,
+    ``head=reduced_linear``): the block output average-pooled to at most 2048
+    values with its spatial layout kept, then a linear layer, trained by
+    cross-entropy; ``head=linear`` is global average pooling + linear. Each part's
     input is detached, so no gradient crosses a block boundary, and all
     parts update on every batch. The model's own
     head is a last part trained on the detached output of the final block.
@@ -58,7 +55,14 @@ class Layerwise(LocalRule):
     each optionally minus ``nhsic_lambda`` times nHSIC of the head's output
     with the network's or the block's input (the seed paper's augmenting
     term). Any registered head or loss can take their place.
+
+    Training defaults (``training_defaults``; the command line and presets override
+    them): Adam (AdamW without weight decay) at lr 5e-4, the seed's optimizer
+    (``conf/main_lw.yaml`` and ``conf/optimizer/adam.yaml``). Its head needs it: a
+    2048-feature linear layer on unnormalised pooled maps diverges under SGD at
+    lr 0.05 (the README's main job on 2,000 images stayed at chance; docs/rules.md).
     """
 
     Config = LayerwiseConfig
+    training_defaults = {"optimizer": "adamw", "lr": 5e-4, "weight-decay": 0.0}
     shown = ("head", "aux_hidden")
