@@ -184,7 +184,10 @@ class Flag:
 
     def add_to(self, parser: argparse.ArgumentParser, defaults: bool = True) -> None:
         """Add this flag to ``parser`` (without a default, if not ``defaults``)."""
-        kw: dict[str, Any] = {"help": self.help() if callable(self.help) else self.help}
+        text = self.help() if callable(self.help) else self.help
+        if self.kind == "value" and self.default is not None and "default" not in (text or ""):
+            text = f"{text} (default: {_shown(self.default)})"
+        kw: dict[str, Any] = {"help": text}
         if self.kind == "switch":
             kw["action"] = "store_true"
         elif self.kind in ("list", "options"):
@@ -196,6 +199,10 @@ class Flag:
         if not defaults:  # a flag not given stays out of the namespace
             kw["default"] = argparse.SUPPRESS
         parser.add_argument(f"--{self.name}", **kw)
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _loop(name: str, **kw: Any) -> Flag:
@@ -222,7 +229,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("model", IDENTITY, "timm model name", "resnet18_cifar", row=False),
     Flag("model-opt", IDENTITY, "keyword for timm.create_model, e.g. img_size=32; repeatable",
          metavar="KEY=VALUE", kind="options", identity_key="model_options", recorded=False),
-    Flag("granularity", IDENTITY, "split at stages (default) or at every block", "stage",
+    Flag("granularity", IDENTITY, "split at stages or at every block", "stage",
          choices=("stage", "block")),
     Flag("blocks", IDENTITY, "group the fine blocks into K parts balanced by activation memory",
          type=positive_int, metavar="K", identity_key="num_blocks"),
@@ -242,15 +249,19 @@ FLAGS: tuple[Flag, ...] = (
          "training split)", type=per_channel(), metavar="R,G,B"),
     Flag("norm-std", IDENTITY, "normalisation std in [0, 1] units (default: measured on the "
          "training split)", type=per_channel(positive=True), metavar="R,G,B"),
-    _loop("epochs", default=10, type=positive_int, row=False),
-    _loop("batch-size", default=128, type=positive_int),
-    _loop("eval-batch-size", type=positive_int, row=False),
-    _loop("lr", default=0.1, type=bounded(0, low_open=True)),
-    _loop("optimizer", default="sgd", choices=("sgd", "adamw")),
-    _loop("momentum", default=0.9, type=bounded(0, 1)),
-    _loop("nesterov", kind="switch"),
-    _loop("weight-decay", default=5e-4, type=bounded(0)),
-    _loop("schedule", default="cosine", choices=("cosine", "multistep", "constant")),
+    _loop("epochs", help="training epochs", default=10, type=positive_int, row=False),
+    _loop("batch-size", help="training batch size (per process)", default=128, type=positive_int),
+    _loop("eval-batch-size", help="evaluation batch size (default: twice --batch-size)",
+          type=positive_int, row=False),
+    _loop("lr", help="peak learning rate", default=0.1, type=bounded(0, low_open=True)),
+    _loop("optimizer", help="sgd (with --momentum, --nesterov) or adamw", default="sgd",
+          choices=("sgd", "adamw")),
+    _loop("momentum", help="SGD momentum", default=0.9, type=bounded(0, 1)),
+    _loop("nesterov", help="Nesterov momentum (SGD)", kind="switch"),
+    _loop("weight-decay", help="weight decay (decoupled under adamw)", default=5e-4,
+          type=bounded(0)),
+    _loop("schedule", help="learning-rate schedule (cosine per batch, multistep per epoch)",
+          default="cosine", choices=("cosine", "multistep", "constant")),
     _loop("milestones", help="multistep: fractions of the epochs, e.g. 0.5,0.75",
           default=(0.5, 0.75), type=fractions),
     _loop("gamma", help="multistep decay factor", default=0.1, type=bounded(0, low_open=True)),
@@ -261,13 +272,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("probe-split", SETTING, "where the probe set comes from (un-augmented)", "train",
          choices=("train", "test"), row=False),
     Flag("plane-distance", SETTING, "information plane: the Gaussian kernel of the squared "
-         "distance (default, as the HSIC-bottleneck code) or of the distance (as the seed "
-         "paper's code)", "sqeuclidean", choices=("sqeuclidean", "euclidean"), row=False),
+         "distance (sqeuclidean, as the HSIC-bottleneck code) or of the distance (euclidean, "
+         "as the seed paper's code)", "sqeuclidean", choices=("sqeuclidean", "euclidean"),
+         row=False),
     Flag("no-plane", SETTING, "skip the information plane", kind="switch", row=False),
     _loop("max-loss", help="stop as diverged when a part's mean loss exceeds X (0: off)",
           default=0.0, type=bounded(0), metavar="X"),
-    Flag("mixed-precision", SETTING, None, "no", choices=("no", "fp16", "bf16")),
-    _loop("seed", default=0, type=seed, row=False,
+    Flag("mixed-precision", SETTING, "autocast precision, through Accelerate", "no",
+         choices=("no", "fp16", "bf16")),
+    _loop("seed", help="seeds the weights, the subsets and the batches", default=0, type=seed,
+          row=False,
           presettable=False),  # a preset's seeds give it
     Flag("deterministic", SETTING,
          "torch.use_deterministic_algorithms (same results on GPUs too; slower)", kind="switch"),
@@ -296,6 +310,9 @@ def build_parser(defaults: bool = True) -> Parser:
     parser = Parser(
         prog="run.py",
         description="Train a timm backbone by a local-learning rule and write a JSON run record.",
+        epilog="Where a flag is not given, its value comes from the --preset, else from the "
+               "rule's own training defaults (--list-rules shows them), else from the default "
+               "shown here; the record's config_sources says which.",
     )
     for flag in FLAGS:
         flag.add_to(parser, defaults)

@@ -8,12 +8,14 @@ from locallearn import list_rules
 from locallearn.rules.base import RULES
 
 
-def test_readme_python_example_runs(capsys):
+def test_readme_python_example_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its record goes to runs/ here
     text = (ROOT / "README.md").read_text()
     (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "stem" in printed and "0." in printed
+    assert "complete" in printed and (tmp_path / "runs" / "from_python.json").is_file()
 
 
 def test_every_rule_has_a_section_in_rules_md_with_its_paper():

@@ -119,3 +119,15 @@ def test_model_option_switches_read_as_presets_write_them():
     assert cli._literal("true") is True and cli._literal("false") is False
     assert cli._literal("0.2") == 0.2 and cli._literal("True") is True
     assert cli._literal("avg") == "avg"
+
+
+def test_help_describes_every_flag_and_shows_every_default():
+    from locallearn.flags import FLAGS, build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "None" not in text
+    for flag in FLAGS:
+        if flag.kind == "value" and flag.default is not None:
+            shown = ",".join(map(str, flag.default)) if isinstance(flag.default, (list, tuple)) \
+                else str(flag.default)
+            assert f"default: {shown})" in text or f"default {shown})" in text, flag.name
