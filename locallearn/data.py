@@ -373,7 +373,7 @@ def _decode_images(paths: list[str], split_dir: Path) -> np.ndarray:
         # Past Image.MAX_IMAGE_PIXELS PIL only warns; past twice that it raises. Refuse both.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for i, p in enumerate(tqdm(paths, desc=f"decoding {split_dir.name}", unit="img",
-                                   disable=None, leave=False)):
+                                   disable=None, leave=True)):  # shows how long it took
             try:
                 with Image.open(p) as im:  # closes the file on every error too
                     # Sizes are in the header: a mismatch fails before any pixel is decoded.

@@ -30,7 +30,7 @@ def _trainer(rule, data, observers=(), **config):
     torch.manual_seed(0)
     net = timm.create_model("resnet18_cifar", num_classes=data.num_classes)
     stack = split(net, "stage", input_size=data.image_size)
-    cfg = TrainConfig(progress=False, **{"batch_size": 32, "lr": 0.05, **config})
+    cfg = TrainConfig(**{"progress": False, "batch_size": 32, "lr": 0.05, **config})
     return Trainer(stack, create_rule(rule), data, cfg, observers=observers)
 
 
@@ -285,3 +285,15 @@ def test_compare_titles_name_only_what_every_run_shares(records):
     other_m = json.loads(records["other_m"].read_text()) | {"file": str(records["other_m"])}
     e2e["file"] = str(records["e2e"])
     assert "plane settings differ" in plots.compare_figure([e2e, other_m])._suptitle.get_text()
+
+
+def test_each_measurement_reports_its_time_when_progress_is_on(synthetic, capsys):
+    plane = InformationPlane(probe_size=M)
+    _trainer("e2e", synthetic, (plane,), epochs=1, progress=True).fit()
+    out = capsys.readouterr().out
+    assert f"information plane: {M} probe images (train split) prepared in" in out
+    for epoch in (0, 1):
+        assert f"information plane, epoch {epoch}: 5 blocks measured in" in out
+    quiet = InformationPlane(probe_size=M)
+    _trainer("e2e", synthetic, (quiet,), epochs=1).fit()
+    assert "information plane" not in capsys.readouterr().out

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..data import BatchTransform, ImageData, balanced_subset
 from ..errors import ConfigError, unknown_name
@@ -141,6 +142,7 @@ class InformationPlane(Observer):
         self.entries: list[dict[str, Any]] = []
         self.seconds: list[float] = []  # wall time of each measurement
         self.m: int | None = None
+        self.progress = False  # a bar per measurement and its time (set from the trainer)
         self._probe: _Probe | None = None
         self._reference: dict[str, float] = {}
 
@@ -164,7 +166,12 @@ class InformationPlane(Observer):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.accelerator.is_main_process:
+            self.progress = trainer.config.progress
+            start = time.perf_counter()
             self.prepare(trainer.data, trainer.eval_transform, trainer.accelerator.device)
+            if self.progress:
+                tqdm.write(f"information plane: {self.m} probe images ({self.split} split) "
+                           f"prepared in {time.perf_counter() - start:.1f} s")
             if getattr(trainer, "start_epoch", 0) == 0:  # a resumed run has its epoch 0
                 self.record(trainer.stack, 0)
         trainer.accelerator.wait_for_everyone()  # the others wait rather than race ahead
@@ -219,6 +226,9 @@ class InformationPlane(Observer):
         entries = self.measure(stack, epoch)
         self.seconds.append(time.perf_counter() - start)
         self.entries.extend(entries)
+        if self.progress:
+            tqdm.write(f"information plane, epoch {epoch}: {len(entries)} blocks measured in "
+                       f"{self.seconds[-1]:.1f} s")
         return entries
 
     def measure(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
@@ -236,10 +246,14 @@ class InformationPlane(Observer):
             with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
                 dims = self._dims(stack, probe)
                 entries = []
+                bar = tqdm(total=len(dims), desc=f"information plane, epoch {epoch}",
+                           unit="block", leave=False, disable=None if self.progress else True)
                 for group in self._groups(dims):
                     feats = self._features(stack, probe, group)
                     for k in group:  # pop: each block's features go as soon as it is measured
                         entries.append(self._entry(stack, probe, epoch, k, feats.pop(k)))
+                        bar.update()
+                bar.close()
         finally:
             for module, mode in modes:
                 module.train(mode)
