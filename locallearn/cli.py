@@ -232,8 +232,10 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
         checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints,
                                     checked.identity, run_id)
         trainer.observers += (checkpointer,)  # saved after the record shows the epoch
-        if args.resume and checkpointer.resume(trainer) and accelerator.is_main_process:
-            print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
+        if args.resume and checkpointer.resume(trainer):
+            writer.resumed(trainer.start_epoch)  # after the checkpoint restored earlier resumes
+            if accelerator.is_main_process:
+                print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
     try:
         result = trainer.fit()
     except Diverged as err:
@@ -305,6 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load_plugins(first.plugin)
     rule = rule_flags(first.rule)
     args = build_parser().parse_args(rule + preset + argv)
+    args.defaults = vars(build_parser().parse_args(rule))  # what the rule runs with; names
     sources: dict[str, str] = {}
     for layer, source in ((rule, f"rule {args.rule}"), (preset, f"preset {args.preset}"),
                           (argv, "command line")):  # lowest first: a later layer wins

@@ -287,7 +287,9 @@ FLAGS: tuple[Flag, ...] = (
          "torch.use_deterministic_algorithms (same results on GPUs too; slower)", kind="switch"),
     Flag("output", OUTPUT, "folder for the run record", "runs",
          presettable=False),  # the grid runner gives it
-    Flag("name", OUTPUT, "record file name (default: rule__model__dataset__seedN.json)",
+    Flag("name", OUTPUT, "record file name (default: rule__model__dataset__seedN.json, with a "
+         "NAME-VALUE tag before the seed for each identity flag or option that is not its "
+         "default; docs/records.md)",
          presettable=False),  # the grid runner gives it
     Flag("overwrite", OUTPUT, "replace the record of another, finished run at the same "
          "--output/--name", kind="switch", recorded=False, presettable=False),

@@ -15,6 +15,7 @@ belong to one run, named by its id (``run_id``, kept in both). A run refuses
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import uuid
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import flags
 from .checkpoint import LOCK, complete, lock_folder, read_meta
+from .config import parse_assignments
 from .errors import OutputError
 from .records import Lock, record_name
 
@@ -30,12 +33,67 @@ from .records import Lock, record_name
 # the 255 bytes most file systems allow.
 MAX_NAME_BYTES = 200
 UNFINISHED = ("running", "interrupted")  # "running" here: killed, as no lock is held
+IN_NAME = ("rule", "model", "dataset", "seed")  # the default name's fixed parts
+# Past this, a default name's tags become one hash (well within MAX_NAME_BYTES).
+MAX_DEFAULT_NAME = 120
 
 
 def record_path(args: argparse.Namespace) -> Path:
-    """Where the run's record goes: ``--output``/``--name`` (or the default name)."""
-    name = args.name or record_name(args.rule, args.model, args.dataset, args.seed)
-    return Path(args.output) / name
+    """Where the run's record goes: ``--output``/``--name`` (or :func:`default_name`)."""
+    return Path(args.output) / (args.name or default_name(args))
+
+
+def default_name(args: argparse.Namespace) -> str:
+    """``rule__model__dataset[__TAG...]__seedN.json``, a tag for each identity setting that
+    is not its default (:func:`identity_tags`), so runs that train differently get different
+    names; one ``cfg-HASH`` tag stands for them when they would make the name long."""
+    tags = identity_tags(args)
+    name = record_name(args.rule, args.model, args.dataset, args.seed, tags)
+    if len(name) > MAX_DEFAULT_NAME:
+        digest = hashlib.sha256(json.dumps(tags).encode()).hexdigest()[:8]
+        name = record_name(args.rule, args.model, args.dataset, args.seed, [f"cfg-{digest}"])
+    return name
+
+
+def identity_tags(args: argparse.Namespace) -> list[str]:
+    """``NAME-VALUE`` for each identity flag (besides rule, model, data set and seed) whose
+    value is not what the rule would run with, in ``run.py --help`` order; a rule option
+    or model option given appears as ``KEY-VALUE``, a switch as its name alone.
+
+    The defaults are the flags' own, or the rule's ``training_defaults``
+    (``args.defaults``, set by :func:`locallearn.cli.parse_args`).
+    """
+    defaults = getattr(args, "defaults", None) or vars(flags.build_parser().parse_args([]))
+    tags: list[str] = []
+    for flag in flags.FLAGS:
+        if flag.role != flags.IDENTITY or flag.dest in IN_NAME:
+            continue
+        if flag.dest == "rule_opt":
+            tags += [_tag(k, v) for k, v in _rule_options(args).items()]
+        elif flag.dest == "model_opt":
+            tags += [_tag(k, v) for k, v in parse_assignments(args.model_opt).items()]
+        elif getattr(args, flag.dest) != defaults.get(flag.dest):
+            tags.append(_tag(flag.name, getattr(args, flag.dest)))
+    return tags
+
+
+def _rule_options(args: argparse.Namespace) -> dict[str, object]:
+    """The rule's resolved options that differ from its defaults."""
+    from .rules import create_rule
+
+    given = parse_assignments(args.rule_opt)
+    if not given:
+        return {}
+    ours, default = create_rule(args.rule, **given).describe(), create_rule(args.rule).describe()
+    return {k: v for k, v in ours.items() if k not in default or default[k] != v}
+
+
+def _tag(name: str, value: object) -> str:
+    if value is True:
+        return name
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"{name}-{value}"
 
 
 def _lock_of(record: Path) -> Path:

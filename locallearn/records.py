@@ -26,6 +26,8 @@ except ImportError:  # Windows: no advisory locks; runs are not kept apart there
     fcntl = None
 
 RECORD_VERSION = 1
+# What a record's ``status`` may say (docs/records.md explains each).
+STATUSES = ("running", "complete", "diverged", "interrupted")
 
 
 def versions() -> dict[str, str | None]:
@@ -148,9 +150,10 @@ class Lock:
             Lock(path, what).release(remove=False)
 
 
-def record_name(rule: str, model: str, dataset: str, seed: int) -> str:
-    """A file name that says what ran: ``layerwise__resnet18__cifar10__seed0.json``."""
-    parts = [rule, model, dataset.split(":")[0], f"seed{seed}"]
+def record_name(rule: str, model: str, dataset: str, seed: int, tags: list[str] = ()) -> str:
+    """A file name that says what ran: ``layerwise__resnet18__cifar10__seed0.json``, with
+    ``tags`` before the seed (``layerwise__resnet18__cifar10__loss-predsim__seed0.json``)."""
+    parts = [rule, model, dataset.split(":")[0], *tags, f"seed{seed}"]
     return "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", p) for p in parts) + ".json"
 
 
@@ -285,7 +288,7 @@ def build_record(
             for p in parts
         ],
         "params": {"backbone": backbone, "auxiliary": auxiliary},
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": _now(),
         "history": history,
         "test_acc": None,
         "block_acc": None,
@@ -306,11 +309,17 @@ def measurements(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 class RecordWriter(Observer):
     """Writes the run record at fit start and after every epoch (status ``running``).
 
     Put it after the observers whose results it records (the information plane),
-    so each epoch's record holds that epoch's results.
+    so each epoch's record holds that epoch's results. Its state (when the run
+    started, when it was resumed) goes into checkpoints, so a resumed run's
+    record keeps its first start and lists every resume.
 
     Args:
         record: the record, from :func:`build_record`; updated in place.
@@ -326,6 +335,8 @@ class RecordWriter(Observer):
 
     def write(self, status: str, **fields: Any) -> None:
         """Set ``status`` and ``fields``, refresh the measurements and plane, write the file."""
+        if status not in STATUSES:
+            raise ValueError(f"record status {status!r} is not one of {STATUSES}")
         record = self.record
         record.update(status=status, **fields, **measurements(record["history"]))
         if self.plane is not None:
@@ -333,6 +344,19 @@ class RecordWriter(Observer):
             record["plane"] = self.plane.entries
         if self.main_process:
             record["path"] = str(write_json(self.path, record))
+
+    def resumed(self, after_epoch: int) -> None:
+        """Note that the run continues from its checkpoint of epoch ``after_epoch``."""
+        self.record.setdefault("resumed", []).append({"after_epoch": after_epoch, "at": _now()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the first start and the resumes so far."""
+        return {"started": self.record["started"], "resumed": self.record.get("resumed", [])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.record["started"] = state["started"]
+        if state["resumed"]:
+            self.record["resumed"] = list(state["resumed"])
 
     def on_fit_start(self, trainer) -> None:
         self.write("running")

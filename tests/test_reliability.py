@@ -62,6 +62,9 @@ def test_killed_and_resumed_run_gives_the_same_record(tmp_path, uninterrupted):
     assert "resuming after epoch" in out.stdout
     resumed, whole = record_of(runs), record_of(uninterrupted / "runs")
     assert resumed["status"] == "complete"
+    events = resumed.pop("resumed")  # the record says it was resumed, and after which epoch
+    assert len(events) == 1 and 1 <= events[0]["after_epoch"] < 4, events
+    assert "resumed" not in whole
     assert results(resumed) == results(whole)
 
 
