@@ -91,6 +91,12 @@ def _check(args: argparse.Namespace) -> Checked:
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir DIR")
     check_paths(args)
+    if args.log_with:
+        from .trackers import check_tracker
+
+        check_tracker(args.log_with)
+    if args.project_dir and not args.log_with:
+        raise ConfigError("--project-dir is the tracker's folder; give --log-with NAME too")
     plane = None if args.no_plane else InformationPlane(
         probe_size=args.probe_size, every=args.plane_every, split=args.probe_split,
         seed=0, distance=args.plane_distance,
@@ -184,7 +190,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .trainer import Trainer
 
     # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_gpu())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not _has_gpu(),
+                              log_with=args.log_with,
+                              project_dir=(args.project_dir or args.output) if args.log_with
+                              else None)
     data = load_dataset(
         args.dataset, args.data_root, train_subset=args.train_subset,
         test_subset=args.test_subset, seed=args.seed, cache_dir=args.cache_dir,
@@ -232,24 +241,37 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
         checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints,
                                     checked.identity, run_id)
         trainer.observers += (checkpointer,)  # saved after the record shows the epoch
-        if args.resume and checkpointer.resume(trainer):
-            writer.resumed(trainer.start_epoch)  # after the checkpoint restored earlier resumes
-            if accelerator.is_main_process:
-                print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
+    if args.log_with:  # last: it logs what the record shows, and keeps no state
+        from .trackers import TrackerLog
+
+        trainer.observers += (TrackerLog(record, record_path(args).stem),)
+    if args.checkpoint_dir and args.resume and checkpointer.resume(trainer):
+        writer.resumed(trainer.start_epoch)  # after the checkpoint restored earlier resumes
+        if accelerator.is_main_process:
+            print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
     try:
         result = trainer.fit()
     except Diverged as err:
         writer.write("diverged", error=str(err))
+        _finish_trackers(accelerator)
         accelerator.wait_for_everyone()
         raise
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
         writer.write("interrupted")
+        _finish_trackers(accelerator)
         raise
     writer.write("complete", test_acc=result["test_acc"], block_acc=result["block_acc"],
                  seconds=result["seconds"])
     accelerator.wait_for_everyone()
     accelerator.end_training()  # under several processes: tear the process group down
     return record
+
+
+def _finish_trackers(accelerator) -> None:
+    """Flush and close the trackers of a run that stopped early (``end_training`` does it
+    for a finished one)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def _preset_flags(argv: list[str]) -> list[str]:

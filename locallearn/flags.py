@@ -300,6 +300,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("keep-checkpoints", OUTPUT, "how many checkpoints to keep (default 2)", 2,
          type=positive_int, metavar="N"),
     Flag("no-progress", OUTPUT, "no progress bars", kind="switch"),
+    Flag("log-with", OUTPUT, "also log every epoch to this experiment tracker, through "
+         "Accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, "
+         "trackio (its package must be installed)", metavar="NAME"),
+    Flag("project-dir", OUTPUT, "the tracker's folder (TensorBoard: its event files go to "
+         "DIR/<record name>/; default: --output)", metavar="DIR"),
     Flag("check", COMMAND, "check the arguments (names, options, data path) and exit without "
          "training", kind="switch", recorded=False, presettable=False),
 )

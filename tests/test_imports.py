@@ -30,7 +30,7 @@ FLOORS: list[tuple[str, ...]] = [
     # the loop and its observers
     ("trainer", "analysis", "analysis.plane"),
     # records and the command line
-    ("records", "flags", "bench", "plugins"),
+    ("records", "flags", "bench", "plugins", "trackers"),
     ("checkpoint", "presets", "analysis.plots"),  # checkpoint writes with records.write_json
     ("outputs",),  # a run's record and checkpoints, checked and taken
     ("leaderboard", "cli"),  # leaderboard draws with analysis.plots
