@@ -135,6 +135,14 @@ def _datasets_help() -> str:
     return "one of: " + ", ".join(DATASETS)
 
 
+def _trackers_help() -> str:
+    from accelerate.utils import LoggerType  # only when a parser is built
+
+    names = ", ".join(t.value for t in LoggerType if t.value != "all")
+    return (f"also log every epoch to this experiment tracker through Accelerate: {names} "
+            "(its package must be installed)")
+
+
 @dataclass(frozen=True)
 class Flag:
     """One flag of ``run.py``.
@@ -300,9 +308,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("keep-checkpoints", OUTPUT, "how many checkpoints to keep (default 2)", 2,
          type=positive_int, metavar="N"),
     Flag("no-progress", OUTPUT, "no progress bars", kind="switch"),
-    Flag("log-with", OUTPUT, "also log every epoch to this experiment tracker, through "
-         "Accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, "
-         "trackio (its package must be installed)", metavar="NAME"),
+    Flag("log-with", OUTPUT, _trackers_help, metavar="NAME"),
     Flag("project-dir", OUTPUT, "the tracker's folder (TensorBoard: its event files go to "
          "DIR/<record name>/; default: --output)", metavar="DIR"),
     Flag("check", COMMAND, "check the arguments (names, options, data path) and exit without "

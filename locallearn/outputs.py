@@ -120,7 +120,8 @@ def check_folder(path: str | Path, flag: str) -> None:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Every path the run will write: the record's folder and name, the checkpoint folder.
+    """Every path the run will write: the record's folder and name, the checkpoint folder,
+    the tracker's folder.
 
     Raises:
         OutputError: a bad ``--name``, or a folder that cannot be written.
@@ -138,6 +139,8 @@ def check_paths(args: argparse.Namespace) -> None:
                           "give another --name")
     if args.checkpoint_dir:
         check_folder(args.checkpoint_dir, "--checkpoint-dir")
+    if args.project_dir:
+        check_folder(args.project_dir, "--project-dir")
 
 
 def _read(path: Path) -> dict[str, Any] | None:

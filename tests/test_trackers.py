@@ -54,6 +54,12 @@ def test_bad_or_missing_trackers_are_one_line_errors(tmp_path, capsys):
         "run.py: error: unknown --log-with tracker 'tensorbord'; did you mean tensorboard?")
     assert main([*TINY, "--output", str(tmp_path), "--project-dir", str(tmp_path)]) == 2
     assert "give --log-with NAME too" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main([*TINY, "--output", str(tmp_path / "runs"), "--log-with", "tensorboard",
+                 "--project-dir", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "--project-dir" in err and "is a file; give a folder" in err
+    (tmp_path / "file").unlink()
     missing = []
     for name in tracker_names():
         try:
@@ -67,3 +73,12 @@ def test_bad_or_missing_trackers_are_one_line_errors(tmp_path, capsys):
     assert err == [f"run.py: error: --log-with {missing[0]} needs the {missing[0]} package, "
                    f"which is not installed: pip install {missing[0]}"]
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_docs_name_every_tracker_accelerate_supports():
+    from conftest import ROOT
+
+    from locallearn.trackers import tracker_names
+
+    text = (ROOT / "docs" / "records.md").read_text().split("## Trackers")[1]
+    assert [n for n in tracker_names() if f"`{n}`" not in text] == []
