@@ -40,3 +40,16 @@ def test_a_long_list_of_tags_becomes_one_short_hash():
     long = name("--rule", "layerwise", *many)
     assert len(long) <= MAX_DEFAULT_NAME and "__cfg-" in long
     assert name("--rule", "layerwise", *many, "--lr", "0.02") != long  # still told apart
+
+
+def test_the_readme_names_the_main_jobs_record_as_run_py_does():
+    import re
+    import shlex
+
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    job = next(line for line in text.splitlines() if "benchmarks/run.py --rule layerwise" in line)
+    argv = shlex.split(job.split("benchmarks/run.py", 1)[1])
+    shown = re.search(r"`runs/([^`]+\.json)`", text).group(1)
+    assert name(*argv) == shown
