@@ -22,13 +22,14 @@ FLOORS: list[tuple[str, ...]] = [
     ("errors",),
     ("version", "registry", "config", "measure", "hsic", "optim", "recompute", "step",
      "observers"),
-    ("losses", "heads", "models", "models.*", "data"),
+    ("losses", "heads", "models", "models.*", "data", "transport"),
     ("adapters", "objectives"),  # adapters lay out the models' families for blocks
     ("blocks",),
     # rules
     ("rules", "rules.*"),
     # the loop and its observers
     ("trainer", "analysis", "analysis.plane"),
+    ("pipeline",),  # the pipelined executor reuses the loop's config and Diverged
     # records and the command line
     ("records", "flags", "bench", "plugins", "trackers"),
     ("checkpoint", "presets", "analysis.plots"),  # checkpoint writes with records.write_json

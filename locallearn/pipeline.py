@@ -1,0 +1,379 @@
+"""The pipelined executor: a rule's parts split into stages, one stage per process.
+
+Once no gradient crosses a part boundary, part k can learn from batch t while
+part k+1 learns from batch t-1 (Belilovsky et al., "Decoupled Greedy Learning
+of CNNs", ICML 2020). With P processes (``torchrun --nproc_per_node P``) the
+parts are grouped into P contiguous stages balanced by measured step time;
+each process keeps only its stage's parts, objectives and optimizers. Stage 0
+reads the data; every stage runs its parts on a batch (forward, backward and
+step per part, as the serial loop does), then sends the detached output and
+the batch's step context to the next stage (:mod:`locallearn.transport`),
+with a bounded number of messages in flight, and goes on to the next batch.
+
+Pipelining changes timing, not arithmetic: stage k's forward of batch t uses
+its weights after t updates, exactly as in the serial loop, so the final
+weights are the serial run's. The executor is orthogonal to the rule
+(DESIGN principle 10): it needs only that every part trains in every epoch
+and that the prediction at a depth is that part's own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import BatchTransform, ImageData, dropped_images, make_loaders
+from .errors import ConfigError
+from .measure import SavedTensorMeter
+from .observers import Observer
+from .optim import lr_factor, make_optimizer
+from .rules.base import LocalPart, Rule
+from .step import Step
+from .trainer import Diverged, TrainConfig
+from .transport import BATCH, END, Sender, pack_step, receive, unpack_step
+
+#: Messages a stage may have sent that its successor has not received yet.
+IN_FLIGHT = 2
+
+
+def check_rule(rule: Rule, epochs: int, processes: int, num_parts: int | None = None) -> None:
+    """Refuse what the pipelined executor cannot run, in one line each.
+
+    Args:
+        rule: the rule.
+        epochs: the run's epochs (the schedule is asked for each).
+        processes: the number of processes (one stage each).
+        num_parts: the rule's part count, once known.
+
+    Raises:
+        ConfigError: one process; a schedule that does not train every part in
+            every epoch (sequential); a rule that combines the parts' outputs into
+            its prediction (forward-forward); fewer parts than stages (e2e).
+    """
+    if processes < 2:
+        raise ConfigError("--parallel parts runs one stage per process: start run.py with "
+                          "torchrun --nproc_per_node P (P >= 2); this is 1 process")
+    n = num_parts if num_parts is not None else max(2, processes)
+    for epoch in range(epochs):
+        if list(rule.trained_parts(epoch, epochs, n)) != list(range(n)):
+            raise ConfigError(f"rule {rule.name!r} does not train all its parts at once (its "
+                              "schedule trains some parts in some epochs), so its stages cannot "
+                              "overlap; --parallel parts takes layerwise, dgl, infopro or a "
+                              "rule whose parts all train in every epoch")
+    if type(rule).predictions is not Rule.predictions:
+        raise ConfigError(f"rule {rule.name!r} combines every part's output into its "
+                          "prediction, which --parallel parts cannot do yet")
+    if num_parts is not None and num_parts < processes:
+        raise ConfigError(f"rule {rule.name!r} has {num_parts} part{'s' * (num_parts != 1)}, "
+                          f"fewer than the {processes} stages (one per process); use fewer "
+                          "processes, or a rule with more parts (layerwise, dgl, infopro; "
+                          "--blocks K)")
+
+
+def balance(costs: list[float], stages: int) -> list[int]:
+    """The first part of each of ``stages`` contiguous groups of ``costs``, so that the
+    largest group's sum is as small as possible (exact dynamic programme)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[s][i]: the least largest sum cutting the first i parts into s groups.
+    best = [[math.inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                worst = max(best[s - 1][j], prefix[i] - prefix[j])
+                if worst < best[s][i]:
+                    best[s][i], cut[s][i] = worst, j
+    starts, i = [], n
+    for s in range(stages, 0, -1):
+        i = cut[s][i]
+        starts.append(i)
+    return starts[::-1]
+
+
+class PipelineTrainer:
+    """Trains a BlockStack by a rule, one stage of its parts per process.
+
+    Same arguments and results as :class:`~locallearn.trainer.Trainer`
+    (``fit()`` returns the run record's results; ``history``, ``parts`` and
+    ``stack`` are there for the record). Every process builds the whole
+    network on the host, so initial weights are the serial run's without
+    sending any; then it keeps its stage's parts on its device and moves the
+    others' tensors to the ``meta`` device (freed; shapes kept for the
+    record's parameter counts).
+    """
+
+    def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
+                 accelerator: Accelerator, observers: tuple[Observer, ...] = ()):
+        self.stack, self.rule, self.data, self.config = stack, rule, data, config
+        self.accelerator = acc = accelerator
+        self.observers = observers
+        self.rank, self.stages_count = acc.process_index, acc.num_processes
+        self.train_transform = BatchTransform(data.mean, data.std, data.augment)
+        self.eval_transform = BatchTransform(data.mean, data.std, "none")
+        example = self.eval_transform(data.train_images[:2])
+        self.parts: list[LocalPart] = rule.parts(stack, data.num_classes, example)
+        check_rule(rule, config.epochs, self.stages_count, len(self.parts))
+        self.dropped_images = dropped_images(len(data.train_labels), config.batch_size)
+        if len(data.train_labels) - self.dropped_images < 1:
+            raise ConfigError("the training set gives no training batch")
+        self.costs = self._measure_costs()
+        starts = balance(self.costs, self.stages_count)
+        ends = [*starts[1:], len(self.parts)]
+        self.stages = [list(range(a, b)) for a, b in zip(starts, ends, strict=True)]
+        self.mine = self.stages[self.rank]
+        for i, part in enumerate(self.parts):
+            part.to(acc.device if i in self.mine else "meta")
+        self.first, self.last = self.rank == 0, self.rank == self.stages_count - 1
+        self.train_loader, self.test_loader = make_loaders(
+            data, config.batch_size, config.seed, config.eval_batch_size or None)
+        steps = len(self.train_loader)
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.schedulers: dict[int, torch.optim.lr_scheduler.LRScheduler] = {}
+        for i in self.mine:
+            if any(p.requires_grad for p in self.parts[i].parameters()):
+                opt = make_optimizer(self.parts[i].parameters(), config, self.parts[i].lr_scale)
+                self.optimizers[i] = opt
+                # Every part trains in every epoch: one schedule over the run (restarting
+                # it per part's own epochs gives the same clock).
+                self.schedulers[i] = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda s: lr_factor(config, s, steps, config.epochs))
+        # gloo sends from host memory, NCCL from the GPU.
+        self.wire = acc.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.sender = None if self.last else Sender(self.rank + 1, self.wire, IN_FLIGHT)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+
+    def _measure_costs(self, repeats: int = 3) -> list[float]:
+        """Seconds of each part's forward and backward on a training batch, measured on
+        process 0 and shared, so every process cuts the same stages.
+
+        Run in eval mode (BatchNorm statistics do not move), with the random state
+        restored and gradients dropped after: training starts as the serial run does.
+        """
+        costs = [0.0] * len(self.parts)
+        if self.rank == 0:
+            size = min(self.config.batch_size, 32, len(self.data.train_labels))
+            images = self.data.train_images[:size]
+            labels = self.data.train_labels[:size]
+            with torch.random.fork_rng(devices=[]):
+                h, step = self.rule.make_step(images, labels, self.eval_transform,
+                                              self.data.num_classes, None, True)
+                for i, part in enumerate(self.parts):
+                    was = part.training
+                    part.eval()
+                    times = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        out, scored = part(h.detach(), step)
+                        if scored.loss.requires_grad:
+                            scored.loss.backward()
+                        times.append(time.perf_counter() - t0)
+                    for p in part.parameters():
+                        p.grad = None
+                    part.train(was)
+                    h = out.detach()
+                    costs[i] = sorted(times)[len(times) // 2]
+        shared = [costs]
+        dist.broadcast_object_list(shared, 0)
+        return shared[0]
+
+    def autocast(self):
+        """Mixed precision (bf16) for every part alike."""
+        if self.accelerator.mixed_precision == "no":
+            return nullcontext()
+        return self.accelerator.autocast()
+
+    def stage_names(self) -> list[list[str]]:
+        """The part names of each stage."""
+        return [[self.parts[i].part_name for i in stage] for stage in self.stages]
+
+    def _run_mine(self, h: torch.Tensor, step: Step, train: bool):
+        """This stage's parts on one batch; trained parts step at once, as the serial loop."""
+        losses, metrics, logits = {}, {}, {}
+        with self.autocast():
+            for i in self.mine:
+                h, (loss, logits[i], metrics[i]) = self.parts[i](h.detach(), step)
+                opt = self.optimizers.get(i)
+                if train and opt is not None and loss.requires_grad:
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    self.schedulers[i].step()
+                losses[i] = loss.detach()
+        return h, losses, logits, metrics
+
+    def _batches(self, loader, transform, generator, train: bool):
+        """The (input, step) pairs this stage works on: read from the data on stage 0,
+        received from the previous stage elsewhere, until the end of the pass."""
+        device = self.accelerator.device
+        if self.first:
+            for images, y in loader:
+                yield self.rule.make_step(images.to(device), y.to(device), transform,
+                                          self.data.num_classes, generator, train)
+            return
+        while True:
+            kind, tensors, ints = receive(self.rank - 1, self.wire)
+            if kind == END:
+                return
+            h, step = unpack_step([t if t is None else t.to(device) for t in tensors], ints)
+            yield h, step
+
+    def _pass_on(self, h: torch.Tensor, step: Step) -> None:
+        if self.sender is not None:
+            tensors, ints = pack_step(h.detach(), step)
+            self.sender.send(BATCH, [t if t is None else t.to(self.wire) for t in tensors], ints)
+
+    def _end_pass(self) -> None:
+        if self.sender is not None:
+            self.sender.send(END, [], [])
+            self.sender.flush()
+
+    def fit(self) -> dict[str, Any]:
+        """Train for ``config.epochs`` epochs; returns the results for the run record."""
+        cfg = self.config
+        for obs in self.observers:
+            obs.on_fit_start(self)
+        t_fit = time.perf_counter()
+        for epoch in range(self.start_epoch, cfg.epochs):
+            entry = self._train_epoch(epoch)
+            t0 = time.perf_counter()
+            entry["test_acc"], entry["block_acc"] = self.evaluate()
+            entry["eval_seconds"] = round(time.perf_counter() - t0, 3)
+            self.history.append(entry)
+            for obs in self.observers:
+                obs.on_epoch_end(self, entry)
+            if self.accelerator.is_main_process and cfg.progress:
+                blocks = " ".join(f"{a:.3f}" for a in entry["block_acc"] if a is not None)
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs} [stages {self.stage_names()}]: "
+                           f"loss {entry['train_loss']:.4f} test acc {entry['test_acc']:.4f} "
+                           f"| per depth {blocks}")
+        last = self.history[-1]
+        result = {"test_acc": last["test_acc"], "block_acc": last["block_acc"],
+                  "history": self.history, "seconds": round(time.perf_counter() - t_fit, 3)}
+        for obs in self.observers:
+            obs.on_fit_end(self, result)
+        return result
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg = self.config
+        for i in self.mine:
+            self.parts[i].train()
+        self.train_loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
+        # As the serial loop on one process (process index 0): one data replica.
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101)
+        sums: dict[int, torch.Tensor] = {}
+        metric_sums: dict[int, dict[str, torch.Tensor]] = {}
+        hits, scored, seen, steps, saved_peak = 0, 0, 0, 0, 0
+        bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", leave=False, dynamic_ncols=True,
+                   disable=None if cfg.progress and self.first else True)
+        dist.barrier()  # every stage's clock starts together
+        t0 = time.perf_counter()
+        for h, step in self._batches(self.train_loader, self.train_transform, gen, True):
+            if steps == 0:  # activation memory of this stage: peak bytes saved for backward
+                with SavedTensorMeter(*(self.parts[i] for i in self.mine)) as meter:
+                    out, losses, logits, metrics = self._run_mine(h, step, True)
+                saved_peak = meter.peak
+            else:
+                out, losses, logits, metrics = self._run_mine(h, step, True)
+            self._pass_on(out, step)
+            for i, loss in losses.items():
+                sums[i] = sums[i] + loss if i in sums else loss
+            for i, values in metrics.items():
+                kept = metric_sums.setdefault(i, {})
+                for key, value in values.items():
+                    kept[key] = kept[key] + value if key in kept else value
+            final = logits[self.mine[-1]]
+            if self.last and final is not None:
+                hits += int((final.argmax(1) == step.labels).sum())
+                scored += len(step.labels)
+            seen += len(step.labels)
+            steps += 1
+            bar.update()
+        self._end_pass()
+        seconds = time.perf_counter() - t0
+        bar.close()
+        mine = {"loss": {i: (s / max(steps, 1)).item() for i, s in sums.items()},
+                "metrics": {i: {k: (v / max(steps, 1)).item() for k, v in values.items()}
+                            for i, values in metric_sums.items()},
+                "hits": hits, "scored": scored, "seen": seen, "seconds": seconds,
+                "saved": saved_peak}
+        stages = [None] * self.stages_count
+        dist.all_gather_object(stages, mine)
+        loss = {i: v for s in stages for i, v in s["loss"].items()}
+        self._check_divergence(loss, epoch)
+        final = stages[-1]
+        seconds = max(s["seconds"] for s in stages)  # the pipeline is as slow as its last stage
+        names = [p.part_name for p in self.parts]
+        entry = {
+            "epoch": epoch + 1,
+            "trained_parts": names,
+            "train_loss": loss[len(self.parts) - 1],
+            "part_loss": {names[i]: loss[i] for i in range(len(self.parts))},
+            "train_acc": final["hits"] / final["scored"] if final["scored"] else None,
+            "dropped_images": self.dropped_images,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(final["seen"] / max(seconds, 1e-9), 1),
+            # Per process: the largest stage's peak, the figure one device must hold.
+            "saved_bytes_peak": max(s["saved"] for s in stages),
+            "stages": self.stage_names(),
+        }
+        metrics = {i: m for s in stages for i, m in s["metrics"].items()}
+        keys = sorted({key for values in metrics.values() for key in values})
+        if keys:
+            entry["rule_metrics"] = {key: {names[i]: metrics.get(i, {}).get(key)
+                                           for i in range(len(names))} for key in keys}
+        return entry
+
+    def _check_divergence(self, loss: dict[int, float], epoch: int) -> None:
+        """Stop on a non-finite mean loss, or one above ``config.max_loss``, at the epoch's
+        end (every stage sees every part's loss, so all stop together)."""
+        for i, mean in sorted(loss.items()):
+            name, where = self.parts[i].part_name, f"by the end of epoch {epoch + 1}"
+            if not math.isfinite(mean):
+                raise Diverged(f"rule {self.rule.name!r} diverged: part {name!r} has a "
+                               f"non-finite loss {where}")
+            if self.config.max_loss > 0 and mean > self.config.max_loss:
+                raise Diverged(f"rule {self.rule.name!r} diverged: part {name!r} has a mean "
+                               f"loss of {mean:.4g}, above --max-loss "
+                               f"{self.config.max_loss:g}, {where}")
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, list[float | None]]:
+        """Test accuracy of the final prediction and at each depth: every stage scores its
+        own parts' logits, and the counts are gathered."""
+        for i in self.mine:
+            self.parts[i].eval()
+        hits: dict[int, int] = {}
+        total = 0
+        for h, step in self._batches(self.test_loader, self.eval_transform, None, False):
+            out, _, logits, _ = self._run_mine(h, step, False)
+            self._pass_on(out, step)
+            for i, z in logits.items():
+                if z is not None:
+                    hits[i] = hits.get(i, 0) + int((z.argmax(1) == step.labels).sum())
+            total += len(step.labels)
+        self._end_pass()
+        gathered = [None] * self.stages_count
+        dist.all_gather_object(gathered, {"hits": hits, "total": total})
+        acc = {i: n / max(g["total"], 1) for g in gathered for i, n in g["hits"].items()}
+        last = len(self.parts) - 1
+        if last not in acc:
+            raise RuntimeError(f"rule {self.rule.name!r}: the last part gives no logits")
+        block_acc: list[float | None] = [None] * len(self.stack.blocks)
+        for i, part in enumerate(self.parts):
+            if part.block_ids and i in acc:
+                block_acc[part.block_ids[-1]] = acc[i]
+        return acc[last], block_acc
