@@ -113,6 +113,10 @@ def _check(args: argparse.Namespace) -> Checked:
         "rule_options": rule.describe(), "model_options": model_opts,
         "train": config_dict(config) | {"progress": None},
     })
+    if args.parallel == "parts":
+        from .pipeline import check_args
+
+        check_args(args, rule)
     if _main_process():  # the others would see the main process's own files
         check_record(args, resumed_run(args, identity))
     return Checked(rule, model_opts, plane, config, identity)
@@ -187,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .blocks import split
     from .data import load_dataset
     from .outputs import claim
+    from .pipeline import PipelineTrainer
     from .trainer import Trainer
 
     # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
@@ -203,7 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stack = split(model, args.granularity, args.blocks, input_size=data.image_size,
                   split_after=args.split_after)
     observers = (checked.plane,) if checked.plane is not None else ()
-    trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers)
+    executor = PipelineTrainer if args.parallel == "parts" else Trainer
+    trainer = executor(stack, checked.rule, data, checked.config, accelerator, observers)
     # The files are taken (and checked again, now under their locks) just before the
     # first is written, so a run that fails to start leaves nothing behind.
     taken = claim(args, checked.identity) if accelerator.is_main_process else None

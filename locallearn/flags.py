@@ -311,6 +311,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("log-with", OUTPUT, _trackers_help, metavar="NAME"),
     Flag("project-dir", OUTPUT, "the tracker's folder (TensorBoard: its event files go to "
          "DIR/<record name>/; default: --output)", metavar="DIR"),
+    # How the run executes, not what it trains: the weights are the serial run's.
+    Flag("parallel", OUTPUT, "none: every part in this process; parts: the rule's parts cut "
+         "into one pipelined stage per process (torchrun --nproc_per_node P; docs/parallel.md)",
+         "none", choices=("none", "parts"), row=False),
     Flag("check", COMMAND, "check the arguments (names, options, data path) and exit without "
          "training", kind="switch", recorded=False, presettable=False),
 )

@@ -19,7 +19,9 @@ and that the prediction at a depth is that part's own.
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -61,9 +63,17 @@ def check_rule(rule: Rule, epochs: int, processes: int, num_parts: int | None = 
     if processes < 2:
         raise ConfigError("--parallel parts runs one stage per process: start run.py with "
                           "torchrun --nproc_per_node P (P >= 2); this is 1 process")
-    n = num_parts if num_parts is not None else max(2, processes)
+    # Before the split, the schedule is asked about a nominal part count; a schedule
+    # that refuses that count is asked again with the real one.
+    n = num_parts if num_parts is not None else max(3, processes)
     for epoch in range(epochs):
-        if list(rule.trained_parts(epoch, epochs, n)) != list(range(n)):
+        try:
+            trained = list(rule.trained_parts(epoch, epochs, n))
+        except ConfigError:
+            if num_parts is None:
+                break
+            raise
+        if trained != list(range(n)):
             raise ConfigError(f"rule {rule.name!r} does not train all its parts at once (its "
                               "schedule trains some parts in some epochs), so its stages cannot "
                               "overlap; --parallel parts takes layerwise, dgl, infopro or a "
@@ -76,6 +86,24 @@ def check_rule(rule: Rule, epochs: int, processes: int, num_parts: int | None = 
                           f"fewer than the {processes} stages (one per process); use fewer "
                           "processes, or a rule with more parts (layerwise, dgl, infopro; "
                           "--blocks K)")
+
+
+def check_args(args: argparse.Namespace, rule: Rule) -> None:
+    """Refuse, before anything is built, what ``--parallel parts`` cannot run yet.
+
+    The part count is only known once the model is split; :class:`PipelineTrainer`
+    checks it then, still before anything is written.
+    """
+    check_rule(rule, args.epochs, int(os.environ.get("WORLD_SIZE", "1")))
+    if not args.no_plane:
+        raise ConfigError("--parallel parts does not measure the information plane yet "
+                          "(the probe would have to flow through the stages); add --no-plane")
+    if args.checkpoint_dir:
+        raise ConfigError("--parallel parts does not save checkpoints yet (each stage would "
+                          "save its own parts); drop --checkpoint-dir")
+    if args.mixed_precision == "fp16":
+        raise ConfigError("--parallel parts does not scale fp16 gradients per stage yet; "
+                          "use --mixed-precision bf16 or no")
 
 
 def balance(costs: list[float], stages: int) -> list[int]:

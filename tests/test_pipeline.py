@@ -69,3 +69,55 @@ def test_pipelined_stages_give_the_serial_weights(serial, tmp_path, stages):
         assert last["part_loss"] == pytest.approx(serial_last["part_loss"], rel=1e-6)
         assert last["train_acc"] == serial_last["train_acc"]
         assert len(last["stages"]) == stages
+
+
+REFUSED = [  # (processes, arguments, what the one line says)
+    (1, ["--rule", "layerwise", "--no-plane"], "start run.py with torchrun --nproc_per_node P"),
+    (2, ["--rule", "sequential", "--no-plane"], "rule 'sequential' does not train all its parts"),
+    (2, ["--rule", "forward_forward", "--no-plane"], "combines every part's output"),
+    (2, ["--rule", "layerwise"], "information plane yet"),
+    (2, ["--rule", "layerwise", "--no-plane", "--checkpoint-dir", "ckpt"], "checkpoints yet"),
+    (2, ["--rule", "layerwise", "--no-plane", "--mixed-precision", "fp16"], "fp16"),
+]
+
+
+@pytest.mark.parametrize("processes, args, message", REFUSED,
+                         ids=[" ".join(a) for _, a, _ in REFUSED])
+def test_what_cannot_be_pipelined_is_one_line_exit_2_and_nothing_written(
+        tmp_path, capsys, monkeypatch, processes, args, message):
+    from locallearn.cli import main
+
+    # The checks read torchrun's WORLD_SIZE before any process group exists.
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    monkeypatch.chdir(tmp_path)
+    status = main(["--dataset", "synthetic", "--parallel", "parts", *args,
+                   "--output", str(tmp_path / "runs")])
+    out = capsys.readouterr()
+    assert status == 2 and out.out == "" and "Traceback" not in out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.py: error: ")
+    assert message in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rule_with_fewer_parts_than_stages_is_refused():
+    from locallearn.errors import ConfigError
+    from locallearn.pipeline import check_rule
+    from locallearn.rules import create_rule
+
+    with pytest.raises(ConfigError, match="rule 'e2e' has 1 part, fewer than the 2 stages"):
+        check_rule(create_rule("e2e"), 1, 2, num_parts=1)
+    check_rule(create_rule("layerwise"), 3, 2, num_parts=3)  # enough parts: accepted
+
+
+@pytest.mark.parametrize("costs, stages, starts", [
+    ([1, 1, 1, 1], 2, [0, 2]),
+    ([5, 1, 1, 1], 2, [0, 1]),
+    ([1, 1, 1, 5], 2, [0, 3]),
+    ([3, 1, 1, 1, 3], 3, [0, 1, 4]),
+    ([1, 2], 2, [0, 1]),
+])
+def test_stages_are_contiguous_nonempty_and_minimise_the_slowest(costs, stages, starts):
+    from locallearn.pipeline import balance
+
+    assert balance(costs, stages) == starts
