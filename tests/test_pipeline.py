@@ -5,6 +5,7 @@ of batch t uses its weights after t updates in both executors, on the same
 batch, so every part's final parameters and buffers equal the serial run's.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -121,3 +122,30 @@ def test_stages_are_contiguous_nonempty_and_minimise_the_slowest(costs, stages, 
     from locallearn.pipeline import balance
 
     assert balance(costs, stages) == starts
+
+
+def test_a_pipelined_run_writes_a_normal_record(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", "--rule", "layerwise",
+           "--model", "resnet32_cifar", "--blocks", "2", "--dataset", "synthetic",
+           "--train-subset", "64", "--test-subset", "40", "--epochs", "1", "--batch-size", "16",
+           "--no-plane", "--no-progress", "--output", str(tmp_path / "runs")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = (tmp_path / "runs").glob("*.json")  # one record, by the first process
+    record = json.loads(path.read_text())
+    assert record["status"] == "complete" and record["config"]["parallel"] == "parts"
+    assert record["hardware"]["num_processes"] == 2
+    names = [p["name"] for p in record["parts"]]
+    assert len(names) == 3 and all(p["params"] > 0 for p in record["parts"])
+    (entry,) = record["history"]
+    # Both stages' parts are in the record: losses of every part, accuracy at every depth.
+    assert sorted(entry["part_loss"]) == sorted(names)
+    assert sum(entry["stages"], []) == names
+    assert len(record["block_acc"]) == 2 and all(0 <= a <= 1 for a in record["block_acc"])
+    assert record["test_acc"] == entry["test_acc"] and 0 <= record["test_acc"] <= 1
+    assert done.stdout.count("accuracy at each depth") == 1  # the summary: first process only
