@@ -3,7 +3,9 @@
     python tests/pipeline_worker.py serial MODEL[,MODEL] OUT_DIR
     torchrun --nproc_per_node K tests/pipeline_worker.py parts MODEL[,MODEL] OUT_DIR
 
-MODEL is ``vit`` (a tiny ViT) or ``cnn`` (resnet32_cifar in 3 blocks). Each process
+MODEL is ``vit`` (a tiny ViT) or ``cnn`` (resnet32_cifar in 3 blocks), trained by
+``layerwise``, or ``MODEL:RULE`` for another rule (``cnn:infopro``: its decoder reads
+the network input from the step context, which crosses the stages). Each process
 saves, for each model, the parameters and buffers of the parts it trained, by part index:
 one launch trains several models, as starting Python costs more here than training.
 """
@@ -30,13 +32,14 @@ def build(model: str, data):
     return split(net, "stage", 3, input_size=data.image_size)
 
 
-def train(mode: str, model: str, accelerator: Accelerator) -> dict:
+def train(mode: str, spec: str, accelerator: Accelerator) -> dict:
+    model, _, rule = spec.partition(":")
     data = load_dataset("synthetic", train_subset=64, test_subset=40, seed=0)
     stack = build(model, data)
     # Two epochs: the data order is reseeded and the test set evaluated in between.
     config = TrainConfig(epochs=2, batch_size=16, lr=0.05, schedule="cosine", progress=False)
     kind = Trainer if mode == "serial" else PipelineTrainer
-    trainer = kind(stack, create_rule("layerwise"), data, config, accelerator)
+    trainer = kind(stack, create_rule(rule or "layerwise"), data, config, accelerator)
     result = trainer.fit()
     mine = trainer.mine if mode == "parts" else range(len(trainer.parts))
     state = {i: torch.cat([t.detach().double().flatten() for t in

@@ -16,7 +16,9 @@ import torch
 from conftest import ROOT
 
 WORKER = str(ROOT / "tests" / "pipeline_worker.py")
-MODELS = "vit,cnn"  # layer norm, and batch norm (whose buffers must match too)
+# Layer norm; batch norm (whose buffers must match too); InfoPro, whose decoder rebuilds
+# the network input from the step context, which must cross the stages whole.
+MODELS = "vit,cnn,cnn:infopro"
 
 
 def _free_port() -> int:
@@ -39,9 +41,19 @@ def _run(mode, processes, out):
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory):
-    (single,) = _run("serial", 1, tmp_path_factory.mktemp("serial") / "out")
-    return single
+def serial():
+    """The serial runs, in this process (one Python start less), on one thread as the
+    stages are: the thread count can change a kernel's order of summation."""
+    from accelerate import Accelerator
+    from pipeline_worker import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {spec: train("serial", spec, Accelerator(cpu=True))
+                for spec in MODELS.split(",")}
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("stages", [2, 3])
@@ -149,3 +161,73 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path):
     assert len(record["block_acc"]) == 2 and all(0 <= a <= 1 for a in record["block_acc"])
     assert record["test_acc"] == entry["test_acc"] and 0 <= record["test_acc"] <= 1
     assert done.stdout.count("accuracy at each depth") == 1  # the summary: first process only
+
+
+class _Wire:
+    """torch.distributed's point-to-point calls on one in-memory queue, for one process."""
+
+    def __init__(self):
+        self.queue, self.waited = [], 0
+
+    def _work(self):
+        wire = self
+
+        class Work:
+            def wait(self):
+                wire.waited += 1
+
+        return Work()
+
+    def isend(self, tensor, dst):
+        self.queue.append(tensor.clone())
+        return self._work()
+
+    def irecv(self, tensor, src):
+        tensor.copy_(self.queue.pop(0))
+        return self._work()
+
+    def recv(self, tensor, src):
+        tensor.copy_(self.queue.pop(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_output_and_its_step_context_cross_the_wire_whole(monkeypatch, dtype):
+    from locallearn import transport
+    from locallearn.step import Step
+
+    wire = _Wire()
+    for name in ("isend", "irecv", "recv"):
+        monkeypatch.setattr(transport.dist, name, getattr(wire, name))
+    h = torch.randn(4, 3, 2, 5).to(dtype).transpose(1, 2)  # not contiguous
+    labels, x = torch.tensor([3, 1, 0, 2]), torch.randn(8, 3, 2, 2)
+    mean, std = torch.rand(1, 3, 1, 1), torch.rand(1, 3, 1, 1)
+    cpu = torch.device("cpu")
+    sender = transport.Sender(1, cpu, in_flight=2)
+    for step in (Step(labels, x, True, 2, 10, mean, std), Step(labels, x[:4], False, 1, 10)):
+        sender.send(transport.BATCH, *transport.pack_step(h, step))
+        kind, tensors, ints = transport.receive(0, cpu)
+        got_h, got = transport.unpack_step(tensors, ints)
+        assert kind == transport.BATCH and got_h.dtype == dtype and torch.equal(got_h, h)
+        assert torch.equal(got.labels, step.labels)
+        assert torch.equal(got.network_input, step.network_input)
+        assert (got.train, got.views, got.num_classes) == (step.train, step.views,
+                                                         step.num_classes)
+        for a, b in ((got.mean, step.mean), (got.std, step.std)):
+            assert (a is None and b is None) or torch.equal(a, b)
+    sender.send(transport.END, [], [])
+    assert transport.receive(0, cpu) == (transport.END, [], [])
+
+
+def test_a_sender_waits_for_its_oldest_message_beyond_the_bound(monkeypatch):
+    from locallearn import transport
+
+    wire = _Wire()
+    monkeypatch.setattr(transport.dist, "isend", wire.isend)
+    sender = transport.Sender(1, torch.device("cpu"), in_flight=2)
+    for _ in range(2):
+        sender.send(transport.BATCH, [torch.ones(3)], [])
+    assert len(sender.pending) == 2 and wire.waited == 0  # within the bound: no wait
+    sender.send(transport.BATCH, [torch.ones(3)], [])
+    assert len(sender.pending) == 2 and wire.waited == 2  # the oldest (header + tensor) done
+    sender.flush()
+    assert not sender.pending and wire.waited == 6
