@@ -78,7 +78,9 @@ def _local(args) -> dict:
     out = {"images_per_s": result["history"][-1]["images_per_s"],
            "parts": [p.part_name for p in trainer.parts]}
     if args.worker == "parts":
-        out["stages"] = trainer.stage_names()
+        last = result["history"][-1]
+        out.update(stages=trainer.stage_names(), waited=last["stage_wait_seconds"],
+                   seconds=last["seconds"])
     accelerator.end_training()
     return out
 
@@ -205,6 +207,9 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     for name, value in medians.items():
         print(f"{name:60s} {value:8.1f} images/s   (a) / this: {a / value:5.2f}x")
+    parts = info["parts"]
+    print(f"(a), first round: each stage waited {parts['waited']} s of the measured "
+          f"epoch's {parts['seconds']} s (fill and drain, imbalance, sends)")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ class PipelineTrainer:
         self.sender = None if self.last else Sender(self.rank + 1, self.wire, IN_FLIGHT)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.waited = 0.0  # seconds this stage waited for messages, this epoch
 
     def _measure_costs(self, repeats: int = 3) -> list[float]:
         """Seconds of each part's forward and backward on a training batch, measured on
@@ -252,7 +253,9 @@ class PipelineTrainer:
                                           self.data.num_classes, generator, train)
             return
         while True:
+            t0 = time.perf_counter()
             kind, tensors, ints = receive(self.rank - 1, self.wire)
+            self.waited += time.perf_counter() - t0
             if kind == END:
                 return
             h, step = unpack_step([t if t is None else t.to(device) for t in tensors], ints)
@@ -308,6 +311,9 @@ class PipelineTrainer:
                    unit="batch", leave=False, dynamic_ncols=True,
                    disable=None if cfg.progress and self.first else True)
         dist.barrier()  # every stage's clock starts together
+        self.waited = 0.0
+        if self.sender is not None:
+            self.sender.waited = 0.0
         t0 = time.perf_counter()
         for h, step in self._batches(self.train_loader, self.train_transform, gen, True):
             if steps == 0:  # activation memory of this stage: peak bytes saved for backward
@@ -337,7 +343,8 @@ class PipelineTrainer:
                 "metrics": {i: {k: (v / max(steps, 1)).item() for k, v in values.items()}
                             for i, values in metric_sums.items()},
                 "hits": hits, "scored": scored, "seen": seen, "seconds": seconds,
-                "saved": saved_peak}
+                "saved": saved_peak,
+                "waited": self.waited + (self.sender.waited if self.sender else 0.0)}
         stages = [None] * self.stages_count
         dist.all_gather_object(stages, mine)
         loss = {i: v for s in stages for i, v in s["loss"].items()}
@@ -357,6 +364,9 @@ class PipelineTrainer:
             # Per process: the largest stage's peak, the figure one device must hold.
             "saved_bytes_peak": max(s["saved"] for s in stages),
             "stages": self.stage_names(),
+            # Per stage: seconds blocked on the previous stage's messages or on delivering
+            # its own (fill and drain, imbalance, the wire), out of the epoch's seconds.
+            "stage_wait_seconds": [round(s["waited"], 3) for s in stages],
         }
         metrics = {i: m for s in stages for i, m in s["metrics"].items()}
         keys = sorted({key for values in metrics.values() for key in values})

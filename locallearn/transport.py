@@ -13,6 +13,7 @@ principle 11).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
@@ -68,6 +69,8 @@ class Sender:
             raise ValueError(f"in_flight must be >= 1; got {in_flight}")
         self.dst, self.device, self.in_flight = dst, device, in_flight
         self.pending: deque[tuple[list, list[Tensor]]] = deque()
+        self.waited = 0.0  # seconds spent waiting for deliveries
+
 
     def send(self, kind: int, tensors: list[Tensor | None], ints: list[int]) -> None:
         """Start sending a message; returns once at most ``in_flight`` are outstanding."""
@@ -81,8 +84,10 @@ class Sender:
 
     def _finish_oldest(self) -> None:
         works, _ = self.pending.popleft()
+        t0 = time.perf_counter()
         for work in works:
             work.wait()
+        self.waited += time.perf_counter() - t0
 
     def flush(self) -> None:
         """Wait until every message sent has been delivered."""

@@ -81,7 +81,7 @@ def test_pipelined_stages_give_the_serial_weights(serial, tmp_path, stages):
         last, serial_last = ranks[0][model]["history"][-1], expected["history"][-1]
         assert last["part_loss"] == pytest.approx(serial_last["part_loss"], rel=1e-6)
         assert last["train_acc"] == serial_last["train_acc"]
-        assert len(last["stages"]) == stages
+        assert len(last["stages"]) == len(last["stage_wait_seconds"]) == stages
 
 
 REFUSED = [  # (processes, arguments, what the one line says)
