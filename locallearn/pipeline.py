@@ -24,12 +24,13 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from .data import BatchTransform, ImageData, dropped_images, make_loaders
@@ -143,8 +144,12 @@ class PipelineTrainer:
     """
 
     def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
-                 accelerator: Accelerator, observers: tuple[Observer, ...] = ()):
+                 accelerator: Accelerator, observers: tuple[Observer, ...] = (),
+                 balance_by: Literal["time", "memory"] = "time"):
+        if balance_by not in ("time", "memory"):
+            raise ConfigError(f"unknown stage balance {balance_by!r}; valid: time, memory")
         self.stack, self.rule, self.data, self.config = stack, rule, data, config
+        self.balance_by = balance_by
         self.accelerator = acc = accelerator
         self.observers = observers
         self.rank, self.stages_count = acc.process_index, acc.num_processes
@@ -154,8 +159,7 @@ class PipelineTrainer:
         self.parts: list[LocalPart] = rule.parts(stack, data.num_classes, example)
         check_rule(rule, config.epochs, self.stages_count, len(self.parts))
         self.dropped_images = dropped_images(len(data.train_labels), config.batch_size)
-        if len(data.train_labels) - self.dropped_images < 1:
-            raise ConfigError("the training set gives no training batch")
+        self._check_batches()
         self.costs = self._measure_costs()
         starts = balance(self.costs, self.stages_count)
         ends = [*starts[1:], len(self.parts)]
@@ -184,13 +188,33 @@ class PipelineTrainer:
         self.start_epoch = 0
         self.waited = 0.0  # seconds this stage waited for messages, this epoch
 
-    def _measure_costs(self, repeats: int = 3) -> list[float]:
-        """Seconds of each part's forward and backward on a training batch, measured on
-        process 0 and shared, so every process cuts the same stages.
+    def _check_batches(self) -> None:
+        """Refuse what the serial loop refuses: no training batch, or batches of one image
+        under BatchNorm (every part trains here)."""
+        n = len(self.data.train_labels)
+        if n - self.dropped_images < 1:
+            raise ConfigError(f"a training set of {n} image gives no training batch: a last "
+                              "batch of one image is dropped, as BatchNorm needs at least 2 "
+                              "images per training batch; train on at least 2 images")
+        norm = next((m for part in self.parts for m in part.modules()
+                     if isinstance(m, _BatchNorm)), None)
+        if self.config.batch_size == 1 and norm is not None:
+            raise ConfigError(f"--batch-size 1 cannot train {type(norm).__name__}: BatchNorm "
+                              "needs at least 2 images per training batch; use --batch-size 2 "
+                              "or more")
 
-        Run in eval mode (BatchNorm statistics do not move), with the random state
-        restored and gradients dropped after: training starts as the serial run does.
+    def _measure_costs(self, repeats: int = 3) -> list[float]:
+        """Each part's cost on a training batch, measured on process 0 and shared, so
+        every process cuts the same stages: the seconds of its forward and backward
+        (median of ``repeats``; ``balance_by="time"``), or its peak bytes saved for
+        backward (``"memory"``: what ``--blocks`` balances; deterministic).
+
+        Run on the host before the parts move to their devices, in eval mode
+        (BatchNorm statistics do not move), with the random state restored and
+        gradients dropped after: training starts as the serial run does.
         """
+        if self.balance_by == "memory":
+            repeats = 1
         costs = [0.0] * len(self.parts)
         if self.rank == 0:
             size = min(self.config.batch_size, 32, len(self.data.train_labels))
@@ -204,11 +228,15 @@ class PipelineTrainer:
                     part.eval()
                     times = []
                     for _ in range(repeats):
+                        # The meter's hooks cost time: only where memory is measured.
+                        meter = SavedTensorMeter(part) if self.balance_by == "memory" else None
                         t0 = time.perf_counter()
-                        out, scored = part(h.detach(), step)
-                        if scored.loss.requires_grad:
-                            scored.loss.backward()
-                        times.append(time.perf_counter() - t0)
+                        with meter or nullcontext():
+                            out, scored = part(h.detach(), step)
+                            if scored.loss.requires_grad:
+                                scored.loss.backward()
+                        seconds = time.perf_counter() - t0
+                        times.append(seconds if meter is None else meter.peak)
                     for p in part.parameters():
                         p.grad = None
                     part.train(was)

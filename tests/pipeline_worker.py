@@ -1,7 +1,7 @@
 """Worker for tests/test_pipeline.py: train a few steps serially or pipelined, save the weights.
 
     python tests/pipeline_worker.py serial MODEL[,MODEL] OUT_DIR
-    torchrun --nproc_per_node K tests/pipeline_worker.py parts MODEL[,MODEL] OUT_DIR
+    torchrun --nproc_per_node K tests/pipeline_worker.py parts-time|parts-memory MODEL[,MODEL] OUT
 
 MODEL is ``vit`` (a tiny ViT) or ``cnn`` (resnet32_cifar in 3 blocks), trained by
 ``layerwise``, or ``MODEL:RULE`` for another rule (``cnn:infopro``: its decoder reads
@@ -38,10 +38,14 @@ def train(mode: str, spec: str, accelerator: Accelerator) -> dict:
     stack = build(model, data)
     # Two epochs: the data order is reseeded and the test set evaluated in between.
     config = TrainConfig(epochs=2, batch_size=16, lr=0.05, schedule="cosine", progress=False)
-    kind = Trainer if mode == "serial" else PipelineTrainer
-    trainer = kind(stack, create_rule(rule or "layerwise"), data, config, accelerator)
+    rule = create_rule(rule or "layerwise")
+    if mode == "serial":
+        trainer = Trainer(stack, rule, data, config, accelerator)
+    else:  # parts-time or parts-memory: how the stages are balanced
+        trainer = PipelineTrainer(stack, rule, data, config, accelerator,
+                                  balance_by=mode.removeprefix("parts-"))
     result = trainer.fit()
-    mine = trainer.mine if mode == "parts" else range(len(trainer.parts))
+    mine = range(len(trainer.parts)) if mode == "serial" else trainer.mine
     state = {i: torch.cat([t.detach().double().flatten() for t in
                            [*trainer.parts[i].parameters(), *trainer.parts[i].buffers()]
                            if t.is_floating_point()])

@@ -56,9 +56,9 @@ def serial():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_pipelined_stages_give_the_serial_weights(serial, tmp_path, stages):
-    ranks = _run("parts", stages, tmp_path / "parts")
+@pytest.mark.parametrize("stages, balance_by", [(2, "time"), (3, "memory")])
+def test_pipelined_stages_give_the_serial_weights(serial, tmp_path, stages, balance_by):
+    ranks = _run(f"parts-{balance_by}", stages, tmp_path / "parts")
     for model in MODELS.split(","):
         expected = serial[model]
         got = {}
