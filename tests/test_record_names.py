@@ -15,7 +15,8 @@ def test_the_plain_run_keeps_its_name_and_defaults_given_again_add_nothing():
     assert name("--rule", "layerwise", "--model", "resnet18", "--dataset", "imagefolder:x") == plain
     # the rule's own option values, the flags' defaults, the rule's training_defaults
     assert name("--rule", "layerwise", "--model", "resnet18", "--dataset", "imagefolder:x",
-                "--rule-opt", "head=reduced_linear", "--epochs", "10", "--granularity", "stage") == plain
+                "--rule-opt", "head=reduced_linear", "--epochs", "10",
+                "--granularity", "stage") == plain
     assert name("--rule", "forward_forward", "--lr", "0.001") == \
         "forward_forward__ff_mlp__cifar10__seed0.json"
 
