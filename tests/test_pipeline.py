@@ -161,6 +161,12 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path):
     assert len(record["block_acc"]) == 2 and all(0 <= a <= 1 for a in record["block_acc"])
     assert record["test_acc"] == entry["test_acc"] and 0 <= record["test_acc"] <= 1
     assert done.stdout.count("accuracy at each depth") == 1  # the summary: first process only
+    # docs/records.md documents every field, and the pipelined ones are there
+    from test_record_format import documented, undocumented
+
+    assert undocumented(record, "record") == []
+    assert {n for n, row in documented("history[]").items() if row["when"] == "parallel"} \
+        <= entry.keys()
 
 
 class _Wire:
