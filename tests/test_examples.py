@@ -26,8 +26,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LAUNCHERS = ("python benchmarks/run.py", "accelerate launch", "torchrun")
 LONG = re.compile(r"#\s*(GPU-scale|long)\b.*\d+(\.\d+)?\s*(s|min|minutes|h|hours)\b")
 # The docs' plugin files, by the name their commands use: (page, python block).
-PLUGINS = {"my_rules.py": ("adding_a_rule.md", 0), "my_losses.py": ("adding_a_loss.md", 0),
-           "my_heads.py": ("adding_a_loss.md", 1)}
+PLUGINS = {"my_rules.py": ("adding_a_rule.md", 0), "my_sparse.py": ("adding_a_rule.md", 1),
+           "my_losses.py": ("adding_a_loss.md", 0), "my_heads.py": ("adding_a_loss.md", 1)}
 
 
 def blocks(text: str) -> list[list[str]]:

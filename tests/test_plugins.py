@@ -139,3 +139,28 @@ def test_missing_plugin_module(tmp_path):
     out = run("--plugin", "no_such_module_xyz", "--output", tmp_path / "runs")
     assert out.returncode == 2
     assert "plugin module 'no_such_module_xyz' not found" in out.stderr
+
+
+def test_the_auxiliary_head_tutorial_builds_its_parts_from_the_helpers(tmp_path):
+    import timm
+
+    from locallearn import create_rule, split
+    from locallearn.plugins import load_plugin
+    from locallearn.rules.base import RULES
+
+    plugin = tmp_path / "my_sparse.py"
+    plugin.write_text(tutorial_code(block=1))
+    try:
+        assert load_plugin(str(plugin)) == ["sparse_heads"]
+        model = timm.create_model("resnet32_cifar", num_classes=10)
+        stack = split(model, "block", input_size=(3, 16, 16))
+        import torch
+
+        parts = create_rule("sparse_heads", stride=4).parts(stack, 10, torch.zeros(2, 3, 16, 16))
+        n = len(stack.blocks)  # 1 stem + 15 residual blocks: 4 parts of 4, then the head
+        assert [p.block_ids for p in parts[:-1]] == [list(range(k, min(k + 4, n)))
+                                                     for k in range(0, n, 4)]
+        assert all(list(p.objective.heads) == ["aux"] for p in parts[:-1])
+        assert parts[-1].part_name == "head" and list(parts[-1].objective.heads) == ["head"]
+    finally:
+        RULES.unregister("sparse_heads")
