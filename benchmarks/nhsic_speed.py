@@ -17,6 +17,8 @@ eigendecompositions.
 
     python benchmarks/nhsic_speed.py                    # m = 256, d = 16384; probe m = 1000
     python benchmarks/nhsic_speed.py --probe-size 0     # skip the ResNet probe
+    python benchmarks/nhsic_speed.py --skip-compare --model vit_tiny_patch16_224 \
+        --model-opt img_size=32 --model-opt patch_size=4  # the probe of another backbone
 """
 
 from __future__ import annotations
@@ -78,10 +80,12 @@ def compare(m: int, d: int, repeats: int, warmup: int) -> None:
           f"(values differ by {rel:.1e}, relative: float32 rounding in the naive version)")
 
 
-def probe_resnet(m: int, model: str) -> None:
+def probe_resnet(m: int, model: str, options: dict | None = None, granularity: str = "block"
+                 ) -> None:
     data = random_data(m, 32)
     torch.manual_seed(0)
-    stack = split(timm.create_model(model, num_classes=10), "block", input_size=(3, 32, 32))
+    net = timm.create_model(model, num_classes=10, **(options or {}))
+    stack = split(net, granularity, input_size=(3, 32, 32))
     plane = InformationPlane(probe_size=m)
     t0 = time.perf_counter()
     plane.prepare(data, BatchTransform(data.mean, data.std), torch.device("cpu"))
@@ -90,7 +94,7 @@ def probe_resnet(m: int, model: str) -> None:
     entries = plane.measure(stack, 0)
     seconds = time.perf_counter() - t0
     dims = sum(e["dim"] for e in entries)
-    print(f"{model}, block granularity: {len(entries)} blocks, {dims} features per sample, "
+    print(f"{model}, {granularity} granularity: {len(entries)} blocks, {dims} features per sample, "
           f"probe m = {m}, CPU, {torch.get_num_threads()} threads")
     print(f"prepare (probe set, X and Y decomposed once)  {prepared:7.2f} s")
     print(f"measure all blocks (one plane point each)     {seconds:7.2f} s")
@@ -104,10 +108,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--probe-size", type=int, default=1000, help="0 skips the ResNet probe")
     p.add_argument("--model", default="resnet18_cifar")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="timm.create_model keyword, e.g. img_size=32 for a ViT; repeatable")
+    p.add_argument("--granularity", default="block", choices=("stage", "block"))
+    p.add_argument("--skip-compare", action="store_true", help="time only the probe")
     args = p.parse_args()
-    compare(args.m, args.d, args.repeats, args.warmup)
+    options = {}
+    for item in args.model_opt:
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.isdigit() else value
+    if not args.skip_compare:
+        compare(args.m, args.d, args.repeats, args.warmup)
     if args.probe_size:
-        probe_resnet(args.probe_size, args.model)
+        probe_resnet(args.probe_size, args.model, options, args.granularity)
 
 
 if __name__ == "__main__":
