@@ -29,7 +29,7 @@ def test_synthetic_run_under_accelerate_launch_writes_a_record(tmp_path):
                 "block_acc", "status"):
         assert key in record
     assert record["status"] == "complete" and record["rule"] == "layerwise"
-    assert record["config"]["rule_options"] == {"head": "linear", "aux_hidden": 8}
+    assert record["config"]["rule_options"] == {"head": "reduced_linear", "aux_hidden": 8}
     assert record["versions"]["torch"] and record["versions"]["timm"]
     assert len(record["history"]) == 2
     assert all(a is not None for a in record["block_acc"])  # every block has an aux head

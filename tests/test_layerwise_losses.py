@@ -21,9 +21,12 @@ def test_local_loss_goes_down_on_a_fixed_batch(options):
     data = random_data(16, 16)
     stack = split(timm.create_model("resnet18_cifar", num_classes=10), "stage", 2,
                   input_size=(3, 16, 16))
-    # A constant rate: the default cosine over this one-batch epoch is 0 after the first step.
-    trainer = Trainer(stack, create_rule("layerwise", **options), data,
-                      TrainConfig(progress=False, batch_size=16, lr=0.05, schedule="constant"))
+    # The rule's own training defaults (the seed's Adam), at a constant rate: the default
+    # cosine over this one-batch epoch is 0 after the first step.
+    rule = create_rule("layerwise", **options)
+    defaults = {k.replace("-", "_"): v for k, v in rule.training_defaults.items()}
+    trainer = Trainer(stack, rule, data,
+                      TrainConfig(progress=False, batch_size=16, schedule="constant", **defaults))
     x, y = data.train_images, data.train_labels
     totals = []
     for _ in range(6):

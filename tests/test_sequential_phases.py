@@ -113,7 +113,7 @@ def test_options_in_the_record_and_refused_combination():
     assert options["frozen_mode"] == "train" and options["head_phase"] is True
     defaults = create_rule("sequential").describe()
     assert defaults["frozen_mode"] == "eval" and defaults["head_phase"] is False
-    assert defaults["head"] == create_rule("layerwise").describe()["head"] == "linear"
+    assert defaults["head"] == create_rule("layerwise").describe()["head"] == "reduced_linear"
     with pytest.raises(ConfigError, match="must be one of eval, train; got 'all'"):
         create_rule("sequential", frozen_mode="all")
     with pytest.raises(ConfigError, match="cache_features .* frozen_mode=train cannot apply"):
