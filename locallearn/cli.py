@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import os
 import signal
 import sys
@@ -74,8 +73,9 @@ def _check(args: argparse.Namespace) -> Checked:
     import timm
 
     from .analysis import InformationPlane
-    from .data import check_dataset
+    from .data import check_subset, check_transform, dataset_info
     from .outputs import check_paths, check_record, resumed_run
+    from .preflight import check_setup
     from .rules import create_rule
     from .trainer import TrainConfig
 
@@ -84,7 +84,10 @@ def _check(args: argparse.Namespace) -> Checked:
         raise unknown_name("model", args.model, timm.list_models())
     model_opts = parse_assignments(args.model_opt, "--model-opt")
     model_opts = {k: _literal(v) for k, v in model_opts.items()}
-    check_dataset(args.dataset, args.data_root)
+    info = dataset_info(args.dataset, args.data_root)  # there, or downloadable
+    check_subset("train", args.train_subset, info.train_size, info.name)
+    check_subset("test", args.test_subset, info.test_size, info.name)
+    check_transform(args.augment, args.norm_mean, args.norm_std, info.image_size[0])
     if args.blocks and args.split_after:
         raise ConfigError("--blocks K and --split-after NAMES both cut the stack into parts; "
                           "give one")
@@ -119,66 +122,12 @@ def _check(args: argparse.Namespace) -> Checked:
         check_args(args, rule)
     if _main_process():  # the others would see the main process's own files
         check_record(args, resumed_run(args, identity))
+    # Last, as the dearest check: the model, its stack and the rule's parts on a probe batch.
+    check_setup(rule, args.model, model_opts, info, granularity=args.granularity,
+                num_blocks=args.blocks, split_after=args.split_after, epochs=args.epochs,
+                batch_size=args.batch_size, train_size=args.train_subset or info.train_size,
+                mean=args.norm_mean, std=args.norm_std, seed=args.seed)
     return Checked(rule, model_opts, plane, config, identity)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub's host answers a TCP connection within ``timeout``."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _hub_offline(offline: bool):
-    """Hugging Face Hub downloads switched off (only the local cache is read) inside."""
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = before or offline
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
-
-
-def _create_model(name: str, num_classes: int, options: dict[str, Any], image_size):
-    """``timm.create_model``, and a forward pass on two blank images of the data's size,
-    so options or data that break the model are named as the cause, in one line."""
-    import timm
-    import torch
-
-    given = " ".join(f"{k}={v!r}" for k, v in options.items())
-    offline = bool(options.get("pretrained")) and not _hub_reachable()
-    try:
-        with _hub_offline(offline):  # the cache only: no minute of retries
-            model = timm.create_model(name, num_classes=num_classes, **options)
-    except Exception as err:  # noqa: BLE001 - timm and the hub raise many kinds
-        first = " ".join(str(err).split())[:160] or type(err).__name__
-        if offline:
-            raise ConfigError(f"model {name!r}: the Hugging Face Hub is unreachable and its "
-                              "pretrained weights are not cached; download them where there "
-                              "is a network (timm caches them) or drop pretrained=True") from None
-        if not options:
-            raise
-        raise ConfigError(f"model {name!r} rejected --model-opt {given}: {first}") from None
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(2, *image_size))
-    except Exception as err:  # noqa: BLE001 - whatever the options or the data broke
-        first = " ".join(str(err).split())[:160] or type(err).__name__
-        cause = f" with --model-opt {given}" if options else ""
-        raise ConfigError(f"model {name!r}{cause} fails on the data's "
-                          f"{'x'.join(map(str, image_size))} images: {first}") from None
-    return model
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,6 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .data import load_dataset
     from .outputs import claim
     from .pipeline import PipelineTrainer
+    from .preflight import create_model
     from .trainer import Trainer
 
     # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
@@ -204,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test_subset=args.test_subset, seed=args.seed, cache_dir=args.cache_dir,
     ).with_transform(args.augment, args.norm_mean, args.norm_std)
     set_seed(args.seed, deterministic=args.deterministic)
-    model = _create_model(args.model, data.num_classes, checked.model_opts, data.image_size)
+    model = create_model(args.model, data.num_classes, checked.model_opts, data.image_size)
     stack = split(model, args.granularity, args.blocks, input_size=data.image_size,
                   split_after=args.split_after)
     observers = (checked.plane,) if checked.plane is not None else ()

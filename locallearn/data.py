@@ -43,9 +43,33 @@ _TORCHVISION = {
     "mnist": ("MNIST", "MNIST", "crop"),
     "fashion_mnist": ("FashionMNIST", "Fashion-MNIST", "crop_flip"),
 }
+# name -> (classes, image side, training images, test images): what a run needs to know
+# before loading the set (for the model and the probe batch); they are fixed by the format.
+_TORCHVISION_SHAPE = {
+    "cifar10": (10, 32, 50_000, 10_000),
+    "cifar100": (100, 32, 50_000, 10_000),
+    "mnist": (10, 28, 60_000, 10_000),
+    "fashion_mnist": (10, 28, 60_000, 10_000),
+}
+_SYNTHETIC = {"classes": 10, "side": 16, "train": 256, "test": 128}
 _FOLDER_LAYOUT = "PATH/train/<class>/<image> and PATH/test/<class>/<image> (or val/)"
 _CACHE_VERSION = "1"
 _DOWNLOAD_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a run needs to know of a data set before loading it (see :func:`dataset_info`).
+
+    Attributes:
+        image_size: ``(C, H, W)`` of every image, as loaded (always 3 channels).
+    """
+
+    name: str
+    num_classes: int
+    image_size: tuple[int, int, int]
+    train_size: int
+    test_size: int
 
 
 @dataclass
@@ -83,21 +107,38 @@ class ImageData:
             ConfigError: an unknown augmentation, or a mean or std that is not one
                 finite number per channel (std above 0).
         """
-        if augment is not None and augment not in AUGMENTS:
-            raise unknown_name("augment", augment, AUGMENTS)
-        channels = self.image_size[0]
-        for what, values in (("mean", mean), ("std", std)):
-            if values is None:
-                continue
-            if len(values) != channels or not all(math.isfinite(v) for v in values) or (
-                    what == "std" and min(values) <= 0):
-                above = ", above 0" if what == "std" else ""
-                raise ConfigError(f"normalisation {what} needs {channels} finite numbers{above} "
-                                  f"(one per channel); got {tuple(values)}")
+        check_transform(augment, mean, std, self.image_size[0])
         return replace(
             self, augment=augment or self.augment,
             mean=self.mean if mean is None else tuple(float(v) for v in mean),
             std=self.std if std is None else tuple(float(v) for v in std))
+
+
+def check_transform(augment: str | None, mean: Sequence[float] | None,
+                    std: Sequence[float] | None, channels: int) -> None:
+    """Refuse an unknown augmentation, or a mean or std that is not one finite number per
+    channel (std above 0); None stands for the data set's own.
+
+    Raises:
+        ConfigError: naming the value and what it needs.
+    """
+    if augment is not None and augment not in AUGMENTS:
+        raise unknown_name("augment", augment, AUGMENTS)
+    for what, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        if len(values) != channels or not all(math.isfinite(v) for v in values) or (
+                what == "std" and min(values) <= 0):
+            above = ", above 0" if what == "std" else ""
+            raise ConfigError(f"normalisation {what} needs {channels} finite numbers{above} "
+                              f"(one per channel); got {tuple(values)}")
+
+
+def check_subset(split: str, n: int | None, total: int, name: str) -> None:
+    """Refuse a ``split`` subset of ``n`` images that the split's ``total`` cannot give."""
+    if n is not None and not 1 <= n <= total:
+        raise ConfigError(f"{split}_subset={n} must be between 1 and the {total} "
+                          f"{split} images of {name}")
 
 
 def _folder_split(path: Path, *names: str) -> Path | None:
@@ -122,6 +163,82 @@ def check_dataset(spec: str, root: str | Path = "data") -> None:
         raise unknown_name("dataset", spec, DATASETS)
     if Path(root).is_file():
         raise DataError(f"data root {str(root)!r} is a file, not a directory")
+
+
+def dataset_info(spec: str, root: str | Path = "data", download: bool = True) -> DataInfo:
+    """Check a data set is there (or can be downloaded) and say what it holds, without
+    loading it: :func:`check_dataset`, then for a torchvision set its files (no checksum)
+    or else a connection to its download host, for an image folder its listing and the
+    first image's header.
+
+    Raises:
+        ConfigError: the name is unknown.
+        DataError: the data is neither there nor downloadable (naming the folder and how
+            to supply it), or an image folder is unusable (see :func:`check_dataset`).
+    """
+    check_dataset(spec, root)
+    if spec.startswith("imagefolder:"):
+        path = _folder_path(spec)
+        classes, train_files, test_files = _list_folder(path)
+        first = train_files[0][0]
+        try:
+            with Image.open(first) as im:  # the header only: no pixel is decoded
+                width, height = im.size
+        except (OSError, ValueError, SyntaxError) as err:
+            raise DataError(f"cannot read image {first!r}: {err}") from err
+        return DataInfo(f"imagefolder:{path.resolve()}", len(classes), (3, height, width),
+                        len(train_files), len(test_files))
+    name = _canonical_name(spec)
+    if name == "synthetic":
+        side = _SYNTHETIC["side"]
+        return DataInfo(name, _SYNTHETIC["classes"], (3, side, side), _SYNTHETIC["train"],
+                        _SYNTHETIC["test"])
+    _check_torchvision_files(name, Path(root), download)
+    classes, side, train_size, test_size = _TORCHVISION_SHAPE[name]
+    return DataInfo(name, classes, (3, side, side), train_size, test_size)
+
+
+def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
+    """Refuse a torchvision set whose files are not in ``root`` and that cannot be downloaded
+    (downloading is off, or no download host answers)."""
+    import torchvision.datasets  # slow import, only needed here
+
+    cls_name, display, _ = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    if hasattr(cls, "base_folder"):  # CIFAR: the unpacked batches
+        folder = root / cls.base_folder
+        names = [f for f, _ in cls.train_list + cls.test_list]
+        urls = [cls.url]
+    else:  # MNIST and its kin: the unpacked raw files
+        folder = root / cls.__name__ / "raw"
+        names = [os.path.splitext(os.path.basename(f))[0] for f, _ in cls.resources]
+        urls = list(cls.mirrors)
+    missing = [f for f in names if not (folder / f).is_file()]
+    if not missing:
+        return
+    if download and _download_reachable(urls):
+        return  # torchvision downloads it when the run loads it
+    why = ("no download host answers" if download else "downloading is off")
+    lacks = (folder / missing[0]).relative_to(root)
+    raise DataError(f"{display} is not in {str(root)!r} ({lacks} is missing) and {why}; on a "
+                    f"machine with internet run torchvision.datasets.{cls_name}({str(root)!r}, "
+                    "download=True) and copy that folder here, point --data-root at a copy, or "
+                    "pass --dataset imagefolder:PATH for an image-folder copy")
+
+
+def _download_reachable(urls: Sequence[str], timeout: float = 3.0) -> bool:
+    """Whether any of ``urls``' hosts accepts a TCP connection within ``timeout`` seconds."""
+    from urllib.parse import urlparse
+
+    for url in urls:
+        parsed = urlparse(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        except (OSError, UnicodeError):  # no route, no name, refused, timed out
+            continue
+        return True
+    return False
 
 
 def _folder_path(spec: str) -> Path:
@@ -182,9 +299,7 @@ def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | No
         if n is None:
             continue
         images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-        if not 1 <= n <= len(labels):
-            raise ConfigError(f"{split}_subset={n} must be between 1 and the {len(labels)} "
-                              f"{split} images of {data.name}")
+        check_subset(split, n, len(labels), data.name)
         keep = balanced_subset(labels, n, seed)
         setattr(data, f"{split}_images", images[keep])
         setattr(data, f"{split}_labels", labels[keep])
@@ -402,17 +517,18 @@ def _synthetic() -> ImageData:
     noise is large enough that single pixels do not give the class away.
     """
     g = torch.Generator().manual_seed(20240917)
-    patterns = torch.rand(10, 3, 16, 16, generator=g) * 160 + 48
+    k, side = _SYNTHETIC["classes"], _SYNTHETIC["side"]
+    patterns = torch.rand(k, 3, side, side, generator=g) * 160 + 48
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.arange(n) % 10
+        labels = torch.arange(n) % k
         labels = labels[torch.randperm(n, generator=g)]
-        noisy = patterns[labels] + 48 * torch.randn(n, 3, 16, 16, generator=g)
+        noisy = patterns[labels] + 48 * torch.randn(n, 3, side, side, generator=g)
         return noisy.round().clamp(0, 255).to(torch.uint8), labels
 
-    (xtr, ytr), (xte, yte) = split(256), split(128)
+    (xtr, ytr), (xte, yte) = split(_SYNTHETIC["train"]), split(_SYNTHETIC["test"])
     mean, std = channel_stats(xtr)
-    return ImageData("synthetic", xtr, ytr, xte, yte, [f"class{i}" for i in range(10)],
+    return ImageData("synthetic", xtr, ytr, xte, yte, [f"class{i}" for i in range(k)],
                      mean, std, "none")
 
 

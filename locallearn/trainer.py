@@ -67,6 +67,53 @@ class Diverged(LocallearnError):
     """A local loss became non-finite."""
 
 
+def check_plan(rule: Rule, parts: list[LocalPart], epochs: int, batch_size: int,
+               train_size: int) -> list[list[int]]:
+    """Check that ``rule``'s ``parts`` can train for ``epochs`` and return the schedule.
+
+    The schedule (:meth:`Rule.trained_parts` of every epoch) must name existing
+    parts in order; no parameter may belong to two parts; the training set must
+    give a batch; and a batch of one image is refused where a part that trains
+    (or a frozen one the rule runs in training mode) has BatchNorm: in training
+    mode that breaks wherever a map is 1x1, and only after a whole epoch has run.
+
+    Raises:
+        ConfigError: the rule's schedule refuses ``epochs``, or the batches cannot train.
+        RuntimeError: the rule is broken (a bad schedule, a shared parameter).
+    """
+    owner: dict[int, str] = {}
+    for part in parts:
+        for p in part.parameters():
+            if id(p) in owner:
+                raise RuntimeError(
+                    f"rule {rule.name!r}: parts {owner[id(p)]!r} and {part.part_name!r} "
+                    "share a parameter; each parameter must belong to one part"
+                )
+            owner[id(p)] = part.part_name
+    n = len(parts)
+    schedule = [rule.trained_parts(e, epochs, n) for e in range(epochs)]
+    for epoch, trained in enumerate(schedule):
+        if not trained or list(trained) != sorted(set(trained)) or trained[-1] >= n:
+            raise RuntimeError(f"rule {rule.name!r}: bad trained parts {trained} "
+                               f"in epoch {epoch + 1} of {n} parts")
+    if train_size - dropped_images(train_size, batch_size) < 1:
+        raise ConfigError(f"a training set of {train_size} image gives no training batch: a "
+                          "last batch of one image is dropped, as BatchNorm needs at least 2 "
+                          "images per training batch; train on at least 2 images")
+    if batch_size > 1:
+        return schedule
+    trained = sorted({i for epoch_parts in schedule for i in epoch_parts})
+    if rule.frozen_train_mode:
+        trained = list(range(trained[-1] + 1))
+    named = [m for i in trained for m in parts[i].named_modules(prefix=parts[i].part_name)]
+    norm = next(((name, m) for name, m in named if isinstance(m, _BatchNorm)), None)
+    if norm is not None:
+        raise ConfigError(f"--batch-size 1 cannot train {type(norm[1]).__name__} "
+                          f"{norm[0]!r}: BatchNorm needs at least 2 images per training "
+                          "batch; use --batch-size 2 or more")
+    return schedule
+
+
 class Trainer:
     """Trains a BlockStack by a rule.
 
@@ -100,16 +147,11 @@ class Trainer:
         self.eval_transform = BatchTransform(data.mean, data.std, "none")
         example = self.eval_transform(data.train_images[:2])
         self.parts: list[LocalPart] = rule.parts(stack, data.num_classes, example)
-        self._check_parts()
+        self.schedule = check_plan(rule, self.parts, config.epochs, config.batch_size,
+                                   len(data.train_labels))
         n = len(self.parts)
-        self.schedule = [rule.trained_parts(e, config.epochs, n) for e in range(config.epochs)]
-        for epoch, trained in enumerate(self.schedule):
-            if not trained or list(trained) != sorted(set(trained)) or trained[-1] >= n:
-                raise RuntimeError(f"rule {rule.name!r}: bad trained parts {trained} "
-                                   f"in epoch {epoch + 1} of {n} parts")
         # Training images each epoch leaves out: a last batch of one image (see make_loaders).
         self.dropped_images = dropped_images(len(data.train_labels), config.batch_size)
-        self._check_batches()
         stack.to(acc.device)
         for part in self.parts:
             part.to(acc.device)
@@ -134,43 +176,6 @@ class Trainer:
         """Seconds of fitting so far, earlier processes of a resumed run included."""
         now = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
         return self.elapsed + now
-
-    def _check_parts(self) -> None:
-        owner: dict[int, str] = {}
-        for part in self.parts:
-            for p in part.parameters():
-                if id(p) in owner:
-                    raise RuntimeError(
-                        f"rule {self.rule.name!r}: parts {owner[id(p)]!r} and {part.part_name!r} "
-                        "share a parameter; each parameter must belong to one part"
-                    )
-                owner[id(p)] = part.part_name
-
-    def _check_batches(self) -> None:
-        """Refuse a training set that gives no batch, and batches of one image under BatchNorm.
-
-        A batch of one image in training mode breaks BatchNorm wherever a map is
-        1x1, and only after a whole epoch has run, so it is refused up front. Only
-        parts that train count, and frozen parts where the rule runs them in
-        training mode (:attr:`Rule.frozen_train_mode`).
-        """
-        n, size = len(self.data.train_labels), self.config.batch_size
-        if n - self.dropped_images < 1:
-            raise ConfigError(f"a training set of {n} image gives no training batch: a last "
-                              "batch of one image is dropped, as BatchNorm needs at least 2 "
-                              "images per training batch; train on at least 2 images")
-        if size > 1:
-            return
-        trained = sorted({i for parts in self.schedule for i in parts})
-        if self.rule.frozen_train_mode:
-            trained = list(range(trained[-1] + 1))
-        named = [m for i in trained for m in self.parts[i].named_modules(
-            prefix=self.parts[i].part_name)]
-        norm = next(((name, m) for name, m in named if isinstance(m, _BatchNorm)), None)
-        if norm is not None:
-            raise ConfigError(f"--batch-size 1 cannot train {type(norm[1]).__name__} "
-                              f"{norm[0]!r}: BatchNorm needs at least 2 images per training "
-                              "batch; use --batch-size 2 or more")
 
     def activate(self, i: int) -> None:
         """Prepare part ``i`` and give it an optimizer and a schedule (before it first trains)."""

@@ -399,9 +399,9 @@ def test_model_options_that_break_the_model_are_blamed(tmp_path, capsys, option,
 
 
 def test_pretrained_weights_offline_are_one_line(tmp_path, capsys, monkeypatch):
-    from locallearn import cli
+    from locallearn import preflight
 
-    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(preflight, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     from huggingface_hub import constants
 

@@ -31,7 +31,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("trainer", "analysis", "analysis.plane"),
     ("pipeline",),  # the pipelined executor reuses the loop's config and Diverged
     # records and the command line
-    ("records", "flags", "bench", "plugins", "trackers"),
+    ("records", "flags", "bench", "plugins", "trackers", "preflight"),  # preflight probes parts
     ("checkpoint", "presets", "analysis.plots"),  # checkpoint writes with records.write_json
     ("outputs",),  # a run's record and checkpoints, checked and taken
     ("leaderboard", "cli"),  # leaderboard draws with analysis.plots

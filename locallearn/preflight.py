@@ -1,0 +1,179 @@
+"""What a run checks before it loads data or writes a file: the model it will train, the
+block stack and the rule's parts, tried once on a probe batch.
+
+A setup that would fail seconds into training — a schedule that needs more
+epochs, a head that cannot read a block's output, a plugin rule that refuses
+an option only when it builds its parts, a loss that breaks on the model's
+outputs — fails here instead, in one line, in the time it takes to build the
+model and push two images through it. The probe runs on a throwaway model
+(on the CPU, under a forked random state), so the run that follows is the
+same as without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import split
+from .data import BatchTransform, DataInfo
+from .errors import ConfigError, LocallearnError
+from .rules.base import Rule
+from .trainer import check_plan
+
+#: Images in the probe batch: the fewest for which train-mode BatchNorm is defined.
+PROBE_IMAGES = 2
+
+
+def check_setup(rule: Rule, model: str, model_options: dict[str, Any], info: DataInfo, *,
+                granularity: str, num_blocks: int | None, split_after: Sequence[str] | None,
+                epochs: int, batch_size: int, train_size: int,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                seed: int = 0) -> None:
+    """Build the model and its stack, let ``rule`` build its parts, and run them once.
+
+    Args:
+        rule: the rule the run trains by.
+        model: the timm model name; ``model_options`` go to ``timm.create_model``.
+        info: the data set's classes and image size (:func:`~locallearn.data.dataset_info`).
+        granularity, num_blocks, split_after: how the model is split (see
+            :func:`~locallearn.blocks.split`).
+        epochs, batch_size, train_size: what the rule's schedule and the batches are
+            checked against (:func:`~locallearn.trainer.check_plan`).
+        mean, std: the normalisation (None: a neutral one; the probe's images are random).
+        seed: seeds the throwaway model's initialisation.
+
+    Raises:
+        LocallearnError: one line naming what fails: the model, the split, the rule's
+            parts or schedule, or (as a :class:`ConfigError`) any other error the rule's
+            parts raise on the probe batch, with the rule, the model and its first line.
+    """
+    with torch.random.fork_rng(devices=[]):  # the run's own random state is left alone
+        torch.manual_seed(seed)
+        net = create_model(model, info.num_classes, model_options, info.image_size)
+        stack = split(net, granularity, num_blocks, input_size=info.image_size,
+                      split_after=split_after)
+        probe_rule(rule, stack, info, epochs=epochs, batch_size=batch_size,
+                   train_size=train_size, mean=mean, std=std, model=model)
+
+
+def probe_rule(rule: Rule, stack: nn.Module, info: DataInfo, *, epochs: int, batch_size: int,
+               train_size: int, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, model: str = "") -> None:
+    """Let ``rule`` build its parts on ``stack`` and run one training and one evaluation pass
+    of :data:`PROBE_IMAGES` random images (backward included, no optimizer step).
+
+    Raises:
+        LocallearnError: as the rule raised it, or a one-line :class:`ConfigError` for any
+            other error, naming the rule, the model and the error's first line.
+    """
+    channels = info.image_size[0]
+    transform = BatchTransform(mean or (0.5,) * channels, std or (0.25,) * channels)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (PROBE_IMAGES, *info.image_size), generator=g,
+                           dtype=torch.uint8)
+    labels = torch.arange(PROBE_IMAGES) % info.num_classes
+    try:
+        parts = rule.parts(stack, info.num_classes, transform(images))
+        check_plan(rule, parts, epochs, batch_size, train_size)
+        _train_pass(rule, parts, images, labels, transform, info.num_classes)
+        _eval_pass(rule, parts, images, labels, transform, info.num_classes)
+    except LocallearnError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a rule (a plugin's too) may raise anything
+        first = " ".join(str(err).split("\n", 1)[0].split())[:200]
+        on = f" on model {model!r}" if model else ""
+        size = "x".join(map(str, info.image_size))
+        raise ConfigError(f"rule {rule.name!r}{on} fails on a probe batch of {PROBE_IMAGES} "
+                          f"{size} images: {type(err).__name__}: {first}") from err
+
+
+def _train_pass(rule: Rule, parts, images, labels, transform, num_classes: int) -> None:
+    """Every part trains, as the trainer runs them: on its predecessor's detached output,
+    its loss backpropagated at once."""
+    x, step = rule.make_step(images, labels, transform, num_classes, None, train=True)
+    for part in parts:
+        part.train()
+        x, scored = part(x.detach(), step)
+        if scored.loss.requires_grad:
+            scored.loss.backward()
+
+
+@torch.no_grad()
+def _eval_pass(rule: Rule, parts, images, labels, transform, num_classes: int) -> None:
+    """Every part in eval mode, then the rule's predictions, as the trainer evaluates."""
+    x, step = rule.make_step(images, labels, transform, num_classes, None, train=False)
+    logits = []
+    for part in parts:
+        part.eval()
+        x, scored = part(x, step)
+        logits.append(scored.logits)
+    predictions = rule.predictions(logits)
+    if not predictions or predictions[-1] is None:
+        raise RuntimeError("the last part gives no logits, so the network predicts nothing")
+    for z in predictions:
+        if z is not None and tuple(z.shape) != (len(labels), num_classes):
+            raise RuntimeError(f"a prediction has shape {tuple(z.shape)}; expected "
+                               f"({len(labels)}, {num_classes}): one score per class")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub's host answers a TCP connection within ``timeout``."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """Hugging Face Hub downloads switched off (only the local cache is read) inside."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def create_model(name: str, num_classes: int, options: dict[str, Any], image_size):
+    """``timm.create_model``, and a forward pass on two blank images of the data's size,
+    so options or data that break the model are named as the cause, in one line."""
+    import timm
+
+    given = " ".join(f"{k}={v!r}" for k, v in options.items())
+    offline = bool(options.get("pretrained")) and not _hub_reachable()
+    try:
+        with _hub_offline(offline):  # the cache only: no minute of retries
+            model = timm.create_model(name, num_classes=num_classes, **options)
+    except Exception as err:  # noqa: BLE001 - timm and the hub raise many kinds
+        first = " ".join(str(err).split())[:160] or type(err).__name__
+        if offline:
+            raise ConfigError(f"model {name!r}: the Hugging Face Hub is unreachable and its "
+                              "pretrained weights are not cached; download them where there "
+                              "is a network (timm caches them) or drop pretrained=True") from None
+        if not options:
+            raise
+        raise ConfigError(f"model {name!r} rejected --model-opt {given}: {first}") from None
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *image_size))
+    except Exception as err:  # noqa: BLE001 - whatever the options or the data broke
+        first = " ".join(str(err).split())[:160] or type(err).__name__
+        cause = f" with --model-opt {given}" if options else ""
+        raise ConfigError(f"model {name!r}{cause} fails on the data's "
+                          f"{'x'.join(map(str, image_size))} images: {first}") from None
+    return model
