@@ -69,7 +69,9 @@ def _main_process() -> bool:
 
 
 def _check(args: argparse.Namespace) -> Checked:
-    """Validate everything cheap to validate, paths and the files other runs own included."""
+    """Validate everything a run can check before training: names, options, the data (there
+    or downloadable), paths and the files other runs own, and last the setup itself on a
+    probe batch (:func:`~locallearn.preflight.check_setup`)."""
     import timm
 
     from .analysis import InformationPlane

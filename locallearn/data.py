@@ -176,8 +176,7 @@ def dataset_info(spec: str, root: str | Path = "data", download: bool = True) ->
         DataError: the data is neither there nor downloadable (naming the folder and how
             to supply it), or an image folder is unusable (see :func:`check_dataset`).
     """
-    check_dataset(spec, root)
-    if spec.startswith("imagefolder:"):
+    if spec.startswith("imagefolder:"):  # check_dataset's checks, listing the folder once
         path = _folder_path(spec)
         classes, train_files, test_files = _list_folder(path)
         first = train_files[0][0]
@@ -188,6 +187,7 @@ def dataset_info(spec: str, root: str | Path = "data", download: bool = True) ->
             raise DataError(f"cannot read image {first!r}: {err}") from err
         return DataInfo(f"imagefolder:{path.resolve()}", len(classes), (3, height, width),
                         len(train_files), len(test_files))
+    check_dataset(spec, root)
     name = _canonical_name(spec)
     if name == "synthetic":
         side = _SYNTHETIC["side"]
