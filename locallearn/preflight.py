@@ -52,7 +52,7 @@ def check_setup(rule: Rule, model: str, model_options: dict[str, Any], info: Dat
             parts or schedule, or (as a :class:`ConfigError`) any other error the rule's
             parts raise on the probe batch, with the rule, the model and its first line.
     """
-    with torch.random.fork_rng(devices=[]):  # the run's own random state is left alone
+    with torch.random.fork_rng(devices=[]), _one_thread():  # the run's random state is kept
         torch.manual_seed(seed)
         net = create_model(model, info.num_classes, model_options, info.image_size)
         stack = split(net, granularity, num_blocks, input_size=info.image_size,
@@ -119,6 +119,19 @@ def _eval_pass(rule: Rule, parts, images, labels, transform, num_classes: int) -
         if z is not None and tuple(z.shape) != (len(labels), num_classes):
             raise RuntimeError(f"a prediction has shape {tuple(z.shape)}; expected "
                                f"({len(labels)}, {num_classes}): one score per class")
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread inside: two probe images gain little from more, and several
+    processes probing at once (torchrun on a CPU host, a shared machine) would otherwise
+    oversubscribe the cores, which made a check several times slower in our measurements."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
