@@ -207,7 +207,7 @@ def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
     cls = getattr(torchvision.datasets, cls_name)
     if hasattr(cls, "base_folder"):  # CIFAR: the unpacked batches
         folder = root / cls.base_folder
-        names = [f for f, _ in cls.train_list + cls.test_list]
+        names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         urls = [cls.url]
     else:  # MNIST and its kin: the unpacked raw files
         folder = root / cls.__name__ / "raw"

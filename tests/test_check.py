@@ -121,7 +121,7 @@ def test_cifar10_files_present_need_no_network(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_download_reachable", no_probe)
     batches = tmp_path / "cifar-10-batches-py"
     batches.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         (batches / name).touch()
     info = data.dataset_info("cifar10", tmp_path)
     assert (info.num_classes, info.image_size) == (10, (3, 32, 32))
