@@ -96,6 +96,9 @@ def _check(args: argparse.Namespace) -> Checked:
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir DIR")
     check_paths(args)
+    if args.mixed_precision == "fp16" and not _has_gpu():  # Accelerate would ignore it
+        raise ConfigError("--mixed-precision fp16 needs a GPU (its gradient scaling is the "
+                          "GPU's); on a CPU use bf16 or no")
     if args.log_with:
         from .trackers import check_tracker
 

@@ -158,3 +158,13 @@ def test_a_run_refused_early_writes_nothing_and_loads_no_data(tmp_path, capsys, 
     (line,) = out.err.strip().splitlines()
     assert "rule 'sequential' trains" in line
     assert not (tmp_path / "runs").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_fp16_without_a_gpu_is_refused_not_ignored(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on a GPU")
+    line = refused(capsys, [*SMALL, "--mixed-precision", "fp16"])
+    assert "--mixed-precision fp16 needs a GPU" in line and "bf16 or no" in line
+    assert main([*SMALL, "--mixed-precision", "bf16", "--check"]) == 0
