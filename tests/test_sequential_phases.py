@@ -120,10 +120,10 @@ def test_options_in_the_record_and_refused_combination():
         create_rule("sequential", frozen_mode="train", cache_features=True)
 
 
-def test_the_seeds_head_by_name_and_linear_by_default(data, stack):
+def test_the_seeds_head_by_default_and_linear_by_name(data, stack):
     example = torch.zeros(2, *data.image_size)
     for rule in ("layerwise", "sequential"):
-        parts = create_rule(rule, head="reduced_linear").parts(stack, 10, example)
-        assert all(isinstance(p.objective.heads["aux"], ReducedLinear) for p in parts[:-1])
         parts = create_rule(rule).parts(stack, 10, example)
+        assert all(isinstance(p.objective.heads["aux"], ReducedLinear) for p in parts[:-1])
+        parts = create_rule(rule, head="linear").parts(stack, 10, example)
         assert not any(isinstance(p.objective.heads["aux"], ReducedLinear) for p in parts[:-1])

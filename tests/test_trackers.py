@@ -43,7 +43,7 @@ def test_tensorboard_gets_the_records_numbers(tmp_path, capsys):
         for key in ("nhsic_x", "nhsic_y", "cka_y"):
             assert logged[f"plane/{key}/{row['name']}"][row["epoch"]] == pytest.approx(row[key])
     hparams = next(project.rglob("hparams.yml")).read_text()  # the run's resolved settings
-    assert "rule: layerwise" in hparams and "rule_options/head: linear" in hparams
+    assert "rule: layerwise" in hparams and "rule_options/head: reduced_linear" in hparams
 
 
 def test_bad_or_missing_trackers_are_one_line_errors(tmp_path, capsys):
