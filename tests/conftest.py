@@ -13,3 +13,22 @@ def cifar10_path() -> Path:
     if not path or not Path(path, "train").is_dir():
         pytest.skip("set LOCALLEARN_CIFAR10 to an extracted CIFAR-10 JPEG copy (see .ci/run)")
     return Path(path)
+
+
+# The edit-test loop's subset, `python -m pytest -m "not slow"`, leaves out the modules
+# that train through the command line, in several processes or on the CIFAR-10 copy (each
+# test takes seconds to minutes), and any test that reads that copy.
+SLOW_MODULES = {
+    "test_bf16", "test_check", "test_cli", "test_cli_fuzz", "test_distributed", "test_docs",
+    "test_examples", "test_greedy_rules", "test_hostile", "test_hostile_data",
+    "test_hostile_reports", "test_infopro", "test_layerwise_losses", "test_local_losses_cli",
+    "test_memory", "test_pipeline", "test_plane", "test_plugins", "test_presets",
+    "test_record_format", "test_reliability", "test_rules", "test_sequential_phases",
+    "test_step", "test_step_checksums", "test_trackers", "test_training_defaults",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or "cifar10_path" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)

@@ -42,5 +42,5 @@ def test_readme_shows_the_main_job_and_the_test_command():
     text = (ROOT / "README.md").read_text()
     assert "accelerate launch benchmarks/run.py --rule layerwise" in text
     ci = (ROOT / ".ci" / "run").read_text()
-    test_command = "pip install -e '.[test]' && python -m pytest"
+    test_command = "pip install -e '.[test]' && python -m pytest -n auto"
     assert test_command in text and test_command in ci
