@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import timm
@@ -171,6 +175,79 @@ def test_suite_runs_the_grid_and_resumes(tmp_path, capsys):
     assert suite.main(argv) == 0  # everything done: nothing runs
     out = capsys.readouterr().out
     assert "tiny: 0 run(s)" in out and "1 already done" in out
+
+
+def test_suite_runs_two_at_once_with_labelled_lines(tmp_path, capsys):
+    suite = suite_module()
+    path = tmp_path / "pair.json"
+    path.write_text(json.dumps({
+        "about": "one step of e2e, two seeds", "args": {
+            "model": "resnet18", "dataset": "synthetic", "train-subset": 32, "test-subset": 20,
+            "batch-size": 32, "epochs": 1, "no-plane": True},
+        "runs": [{"rule": "e2e"}], "seeds": [0, 1],
+    }))
+    argv = ["--preset", str(path), "--output", str(tmp_path / "results"), "--jobs", "2"]
+    assert suite.main(argv) == 0
+    out = capsys.readouterr().out
+    for seed in (0, 1):
+        record = tmp_path / "results" / "pair" / f"e2e__resnet18__synthetic__seed{seed}.json"
+        record = json.loads(record.read_text())
+        assert record["status"] == "complete" and record["seed"] == seed
+        assert f"e2e seed {seed} | epoch 1/1" in out
+    assert "\r" not in out and "batch/s" not in out  # no child's progress bar
+    # Both started before either's output was read: they ran at the same time.
+    assert out.index("e2e seed 1: python") < out.index("e2e seed 0 | ")
+    child = [line for line in out.splitlines() if "epoch 1/1" in line]
+    assert len(child) == 2 and all(line.startswith("e2e seed ") for line in child)
+    assert "pair: 2 run(s)" in out and "0 failed" in out
+
+
+def test_ctrl_c_stops_every_running_child_and_they_record_it(tmp_path):
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps({
+        "about": "long enough to interrupt", "args": {
+            "model": "resnet18", "dataset": "synthetic", "train-subset": 32, "test-subset": 20,
+            "batch-size": 32, "epochs": 1000, "no-plane": True},
+        "runs": [{"rule": "e2e"}], "seeds": [0, 1, 2],
+    }))
+    argv = [sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--preset", str(path),
+            "--output", str(tmp_path / "results"), "--jobs", "2"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                       signal.SIG_DFL))
+    records = [tmp_path / "results" / "long" / f"e2e__resnet18__synthetic__seed{s}.json"
+               for s in (0, 1, 2)]
+    deadline = time.monotonic() + 240
+    while not (records[0].exists() and records[1].exists()):  # both are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "suite.py: interrupted; run it again to resume" in err
+    assert [json.loads(r.read_text())["status"] for r in records[:2]] == ["interrupted"] * 2
+    assert not records[2].exists()  # the third never started
+
+
+def test_suite_jobs_set_the_childrens_threads(monkeypatch):
+    suite = suite_module()
+    item = {"argv": ["--rule", "e2e"]}
+    assert suite._command(item, 1) == (["--rule", "e2e"], None)  # today's command, as it was
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(suite.os, "cpu_count", lambda: 16)
+    argv, env = suite._command(item, 6)
+    assert argv == ["--rule", "e2e"] and env["OMP_NUM_THREADS"] == "2"
+    assert suite._command(item, 32)[1]["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert suite._command(item, 6)[1]["OMP_NUM_THREADS"] == "3"
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2", "two"])
+def test_suite_refuses_a_bad_jobs_count(jobs, capsys):
+    assert suite_module().main(["--preset", "cpu-smoke", "--jobs", jobs]) == 2
+    captured = capsys.readouterr()
+    assert not captured.out and captured.err.count("\n") == 1
+    assert f"--jobs: must be a positive integer; got '{jobs}'" in captured.err
 
 
 @pytest.mark.parametrize("name, blocks, params", [("resnet32_cifar", 5, 466_906),
