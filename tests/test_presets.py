@@ -19,7 +19,7 @@ from locallearn import cli
 from locallearn.errors import ConfigError
 from locallearn.presets import list_presets, load_preset
 
-PRESETS = ["cpu-smoke", "infopro-k", "paper-resnet18", "paper-vgg11"]
+PRESETS = ["cpu-smoke", "gpu-short", "infopro-k", "paper-resnet18", "paper-vgg11"]
 # One step of 32 images (the presets' models are for 32x32 images: VGG-11 pools 5 times).
 ONE_STEP = ["--epochs", "1", "--train-subset", "32", "--test-subset", "20", "--batch-size", "32",
             "--no-plane", "--no-progress"]
@@ -59,6 +59,25 @@ def test_the_presets_exist_and_load():
     k_runs, _ = load_preset("infopro-k").runs(locallearn.list_rules())
     assert {(r.rule, len(r.args.get("split-after", ())) + 1) for r in k_runs} == {("e2e", 1)} | {
         (rule, k) for rule in ("layerwise", "dgl", "infopro") for k in (2, 4, 8)}
+
+
+def test_gpu_short_has_every_rule_at_k4_and_the_seed_papers_pair():
+    preset = load_preset("gpu-short")
+    runs, _ = preset.runs(locallearn.list_rules())
+    assert set(locallearn.list_rules()) <= {r.rule for r in runs}
+    assert {r.run_id for r in runs if r.args.get("blocks") == 4} == {
+        f"{rule}-K4" for rule in ("layerwise", "sequential", "dgl", "infopro")}
+    assert preset.seeds == (0, 1) and "suite.py --preset gpu-short --jobs 6" in preset.about
+    paper = {k: v for k, v in load_preset("paper-resnet18").args.items() if k not in (
+        "epochs", "batch-size", "probe-size", "plane-every")}
+    for rule in ("e2e", "layerwise"):
+        args = cli.parse_args(preset.argv(next(r for r in runs if r.run_id == f"{rule}-paper")))
+        seed = cli.parse_args(["--preset", "paper-resnet18", "--rule", rule])
+        assert (args.epochs, args.batch_size, args.mixed_precision) == (10, 256, "bf16")
+        for key in paper:  # the seed paper's settings but the budget
+            dest = key.replace("-", "_")
+            assert getattr(args, dest) == getattr(seed, dest), key
+        assert args.model_opt == seed.model_opt and args.rule_opt[-1:] == seed.rule_opt[-1:]
 
 
 def first_runs():
@@ -107,7 +126,8 @@ def test_an_unknown_preset_is_one_line_naming_the_choices(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown preset 'cpu-smok'; did you mean cpu-smoke" in err
     assert cli.main(["--preset", "nothing-like-it"]) == 2
-    assert "choices: cpu-smoke, infopro-k, paper-resnet18, paper-vgg11" in capsys.readouterr().err
+    assert "choices: cpu-smoke, gpu-short, infopro-k, paper-resnet18, paper-vgg11" in \
+        capsys.readouterr().err
 
 
 BAD_FILES = [
