@@ -11,6 +11,7 @@ from accelerate import Accelerator
 
 from .blocks import split
 from .data import ImageData
+from .measure import step_peak_bytes
 from .rules import create_rule
 from .trainer import TrainConfig, Trainer
 
@@ -58,3 +59,40 @@ def timed(step: Callable[[], object], device: torch.device) -> float:
 def median_time(step: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median seconds of ``repeats`` calls of ``step``."""
     return statistics.median(timed(step, device) for _ in range(repeats))
+
+
+def state_bytes(trainer: Trainer) -> int:
+    """Bytes of the trainer's parameters, buffers and optimizer state, each storage once.
+
+    What a step starts from and leaves behind: weights (backbone and auxiliary
+    nets) and the optimizer state of the parts that have one. Counted from the
+    tensors, so it is the same on any device (optimizers fill their state in
+    their first step: count after one).
+    """
+    tensors = [t for part in trainer.parts for t in (*part.parameters(), *part.buffers())]
+    tensors += [v for opt in trainer.optimizers if opt is not None
+                for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def step_memory(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
+                trained: list[int] | None = None) -> tuple[int, int | None]:
+    """Peak bytes saved for backward in one step and, on CUDA, the step's peak allocation.
+
+    On CUDA one step runs first (optimizer state, cuDNN's choices), then
+    ``torch.cuda.max_memory_allocated`` over a second step is counted from what
+    was allocated just before it, so weights, optimizer state and anything
+    else already there are left out: see :func:`state_bytes` for this
+    trainer's share of them. Elsewhere the second number is None.
+    """
+    device = trainer.accelerator.device
+    if device.type != "cuda":
+        return step_peak_bytes(trainer, images, labels, trained), None
+    step_peak_bytes(trainer, images, labels, trained)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    saved = step_peak_bytes(trainer, images, labels, trained)
+    torch.cuda.synchronize(device)
+    return saved, torch.cuda.max_memory_allocated(device) - before
