@@ -92,8 +92,21 @@ def first_runs():
     return cases
 
 
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps one state per process and refuses a second mixed precision in it
+    (gpu-short trains in bf16, the others in fp32): clear it before and after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.mark.parametrize("name, run", first_runs(), ids=lambda v: getattr(v, "run_id", v))
-def test_a_preset_run_trains_a_step(name, run, tiny_folder, tmp_path):
+def test_a_preset_run_trains_a_step(name, run, tiny_folder, tmp_path, fresh_accelerate):
     argv = load_preset(name).argv(run) + ONE_STEP + [
         "--dataset", f"imagefolder:{tiny_folder}", "--cache-dir", str(tmp_path / "cache"),
         "--output", str(tmp_path)]
@@ -101,6 +114,8 @@ def test_a_preset_run_trains_a_step(name, run, tiny_folder, tmp_path):
     (path,) = tmp_path.glob("*.json")
     record = json.loads(path.read_text())
     assert record["status"] == "complete" and record["config"]["preset"] == name
+    assert record["config"]["mixed_precision"] == load_preset(name).args.get("mixed-precision",
+                                                                             "no")
     assert record["rule"] == run.rule and len(record["history"]) == 1
     assert record["memory"]["saved_bytes_peak"] > 0 and record["seconds_per_epoch"] > 0
     assert record["history"][0]["saved_bytes_peak"] == record["memory"]["saved_bytes_peak"]
