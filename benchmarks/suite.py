@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", action="store_true", help="run again even runs that are done")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
-                   help="run up to N runs at once (default 1), each line they print "
-                   "prefixed with its run; with N > 1 each gets OMP_NUM_THREADS = "
+                   help="run up to N runs at once (default 1); with N > 1 each line a run "
+                   "prints starts with its label, and each run gets OMP_NUM_THREADS = "
                    "max(1, cores // N) unless OMP_NUM_THREADS is set, so that runs on a CPU "
                    "do not oversubscribe its cores (on a CPU, N > 1 seldom pays)")
     return p
