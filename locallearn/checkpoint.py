@@ -147,6 +147,7 @@ def save(trainer, directory: str | Path, epoch: int, identity: dict[str, Any], k
         torch.save({
             "optimizers": {i: o.state_dict() for i, o in enumerate(trainer.optimizers) if o},
             "schedulers": {i: s.state_dict() for i, s in enumerate(trainer.schedulers) if s},
+            "scalers": {i: s.state_dict() for i, s in enumerate(trainer.scalers) if s},  # fp16
             "rng": _rng_state(),
         }, tmp / "state.pt")
         write_json(tmp / "meta.json", {
@@ -340,6 +341,8 @@ def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None
                 trainer.activate(i)
                 trainer.optimizers[i].load_state_dict(state["optimizers"][i])
                 trainer.schedulers[i].load_state_dict(state["schedulers"][i])
+                if trainer.scalers[i] is not None:
+                    trainer.scalers[i].load_state_dict(state["scalers"][i])
             else:
                 trainer.deactivate(i)
         _set_rng_state(state["rng"])

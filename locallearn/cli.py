@@ -115,7 +115,8 @@ def _check(args: argparse.Namespace) -> Checked:
         lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones,
         gamma=args.gamma, seed=args.seed, progress=not args.no_progress,
-        max_loss=args.max_loss,
+        max_loss=args.max_loss, channels_last=args.channels_last, compile=args.compile,
+        optimizer_impl=args.optimizer_impl,
     )
     identity = flags.run_identity(args, {
         "rule_options": rule.describe(), "model_options": model_opts,

@@ -218,6 +218,11 @@ def _loop(name: str, **kw: Any) -> Flag:
     return Flag(name, IDENTITY, identity_key=TRAIN, **kw)
 
 
+def _speed(name: str, **kw: Any) -> Flag:
+    """How fast the loop runs (a setting), held in the resolved TrainConfig."""
+    return Flag(name, SETTING, identity_key=TRAIN, **kw)
+
+
 FLAGS: tuple[Flag, ...] = (
     Flag("rule", IDENTITY, "training rule (see --list-rules)", "e2e",
          presettable=False),  # a preset's runs give the rule
@@ -286,8 +291,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("no-plane", SETTING, "skip the information plane", kind="switch", row=False),
     _loop("max-loss", help="stop as diverged when a part's mean loss exceeds X (0: off)",
           default=0.0, type=bounded(0), metavar="X"),
-    Flag("mixed-precision", SETTING, "autocast precision, through Accelerate", "no",
-         choices=("no", "fp16", "bf16")),
+    Flag("mixed-precision", SETTING, "autocast precision, through Accelerate (fp16: a "
+         "gradient scaler per part; needs a GPU)", "no", choices=("no", "fp16", "bf16")),
+    _speed("channels-last", help="channels-last memory format for 4-D weights and inputs "
+           "(faster convolutions on recent GPUs)", kind="switch"),
+    _speed("compile", help="torch.compile each trained part with its objective, in this "
+           "inductor mode (no: eager)", default="no",
+           choices=("no", "default", "reduce-overhead", "max-autotune")),
+    _speed("optimizer-impl", help="the optimizer's kernels: torch's default (foreach on GPUs), "
+           "foreach, fused (one kernel per step) or a per-parameter loop", default="auto",
+           choices=("auto", "foreach", "fused", "loop")),
     _loop("seed", help="seeds the weights, the subsets and the batches", default=0, type=seed,
           row=False,
           presettable=False),  # a preset's seeds give it

@@ -42,6 +42,9 @@ __all__ = [
 # commands, the table, the seed, what changes no trained number; see flags.Flag.row),
 # the loop's settings again as one dict ("train") and the --plugin list ("plugins").
 _NOT_SETTING = {f.dest for f in FLAGS if not f.in_row} | {"train", "plugins"}
+# A row flag's value in a record made before the flag existed: its default.
+_ROW_DEFAULTS = {f.dest: (False if f.kind == "switch" else f.default) for f in FLAGS
+                 if f.in_row and f.recorded}
 _DEPTHS_SHOWN = 8
 # The columns of leaderboard.csv that say which row a line is (its "options" text is
 # left out: it names what differs between a table's rows, so it changes as rows come).
@@ -327,7 +330,7 @@ def build_tables(runs: list[tuple[str, dict[str, Any]]]) -> list[Table]:
         key = (dataset_label(record["dataset"]), record["model"], int(c.get("epochs", 0)),
                c.get("train_subset"), c.get("test_subset"))
         table = tables.setdefault(key, Table(*key))
-        setting = {k: v for k, v in c.items() if k not in _NOT_SETTING}
+        setting = _ROW_DEFAULTS | {k: v for k, v in c.items() if k not in _NOT_SETTING}
         blocks = (record.get("stack") or {}).get("num_blocks")
         for row in table.rows:
             if row.setting == setting:

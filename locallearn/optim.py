@@ -8,21 +8,28 @@ from typing import Any
 
 import torch
 
+# The keyword that picks an optimizer's kernels (``auto``: torch's choice, foreach on GPUs).
+IMPLS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
+         "loop": {"foreach": False}}
+
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: Any, lr_scale: float = 1.0):
     """SGD (momentum, optional Nesterov) or AdamW with the loop's settings.
 
     Args:
         params: the parameters of one part.
-        config: a :class:`~locallearn.trainer.TrainConfig`.
+        config: a :class:`~locallearn.trainer.TrainConfig` (``optimizer_impl`` picks the
+            kernels: one per parameter, one per group of tensors, or one fused kernel).
         lr_scale: multiplies ``config.lr`` (per-part learning rates).
     """
     lr = config.lr * lr_scale
+    impl = IMPLS[config.optimizer_impl]
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, **impl)
     return torch.optim.SGD(
         params, lr=lr, momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay,
+        **impl,
     )
 
 

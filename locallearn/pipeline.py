@@ -105,6 +105,9 @@ def check_args(args: argparse.Namespace, rule: Rule) -> None:
     if args.mixed_precision == "fp16":
         raise ConfigError("--parallel parts does not scale fp16 gradients per stage yet; "
                           "use --mixed-precision bf16 or no")
+    for flag, value in (("channels-last", args.channels_last), ("compile", args.compile)):
+        if value not in (False, "no"):
+            raise ConfigError(f"--parallel parts does not support --{flag} yet; drop it")
 
 
 def balance(costs: list[float], stages: int) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,6 +45,10 @@ class TrainConfig:
             device sync).
         max_loss: a part whose mean loss in an epoch so far exceeds this has diverged
             (0: only non-finite losses count).
+        channels_last: 4-D weights and inputs in channels-last memory format.
+        compile: ``torch.compile`` mode for each trained part with its objective
+            ("no": eager); ``compile_backend`` is its backend.
+        optimizer_impl: the optimizer's kernels (see :func:`~locallearn.optim.make_optimizer`).
     """
 
     epochs: int = 1
@@ -61,6 +66,10 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 10
     max_loss: float = 0.0
+    channels_last: bool = False
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = "no"
+    compile_backend: str = "inductor"
+    optimizer_impl: Literal["auto", "foreach", "fused", "loop"] = "auto"
 
 
 class Diverged(LocallearnError):
@@ -129,6 +138,11 @@ class Trainer:
     optimizer when it first trains, and is unwrapped and loses its optimizer
     state after it last trains, so a frozen part holds no graph, no gradients
     and no optimizer state.
+
+    Under fp16 each trained part has a gradient scaler of its own: a step one
+    part skips for an overflow lowers only that part's scale, and the scale
+    of every part grows on its own steps (one shared scaler would be updated
+    K times per batch, and one part's overflow would shrink the others' scale).
     """
 
     def __init__(
@@ -152,9 +166,10 @@ class Trainer:
         n = len(self.parts)
         # Training images each epoch leaves out: a last batch of one image (see make_loaders).
         self.dropped_images = dropped_images(len(data.train_labels), config.batch_size)
-        stack.to(acc.device)
+        layout = torch.channels_last if config.channels_last else torch.preserve_format
+        stack.to(acc.device, memory_format=layout)
         for part in self.parts:
-            part.to(acc.device)
+            part.to(acc.device, memory_format=layout)
         train_loader, test_loader = make_loaders(
             data, config.batch_size, config.seed, config.eval_batch_size or None
         )
@@ -164,6 +179,8 @@ class Trainer:
         self.models: list[nn.Module] = list(self.parts)  # prepared while a part trains
         self.optimizers: list[torch.optim.Optimizer | None] = [None] * n
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler | None] = [None] * n
+        self.scalers: list[torch.amp.GradScaler | None] = [None] * n  # fp16 only
+        self.compiled: dict[int, nn.Module] = {}  # the trained parts under --compile
         self.history: list[dict[str, Any]] = []
         self._features: tuple[int, Any] | None = None  # (first part, loader) of cached inputs
         for i in self.schedule[0]:  # ready for train_step before fit
@@ -183,7 +200,14 @@ class Trainer:
         if self.optimizers[i] is not None or not any(p.requires_grad for p in part.parameters()):
             return
         self.models[i] = acc.prepare(part)
+        if cfg.compile != "no":
+            self.compiled[i] = torch.compile(self.models[i], mode=cfg.compile,
+                                             backend=cfg.compile_backend)
         optimizer = acc.prepare(make_optimizer(part.parameters(), cfg, part.lr_scale))
+        if self.fp16:  # the part's own scaler, not Accelerate's shared one
+            optimizer.scaler = None
+            kwargs = acc.scaler_handler.to_kwargs() if acc.scaler_handler else {}
+            self.scalers[i] = torch.amp.GradScaler(acc.device.type, **kwargs)
         epochs = [e for e, trained in enumerate(self.schedule) if i in trained]
         steps = len(self.train_loader)
         if self.rule.restart_schedule:  # the schedule runs over this part's own epochs
@@ -205,13 +229,29 @@ class Trainer:
             if obj in kept:
                 kept.remove(obj)
         self.models[i] = acc.unwrap_model(self.models[i])
-        self.optimizers[i] = self.schedulers[i] = None
+        self.optimizers[i] = self.schedulers[i] = self.scalers[i] = None
+        self.compiled.pop(i, None)
+
+    @property
+    def fp16(self) -> bool:
+        """Whether the loop autocasts to float16 and scales each part's gradients."""
+        return self.accelerator.mixed_precision == "fp16"
 
     def autocast(self):
         """Mixed precision for every part alike, prepared or not."""
-        if self.accelerator.mixed_precision == "no":
+        acc = self.accelerator
+        if acc.mixed_precision == "no":
             return nullcontext()
-        return self.accelerator.autocast()
+        if self.fp16 and acc.scaler is None:  # Accelerate autocasts fp16 only where it scales
+            return torch.autocast(acc.device.type, dtype=torch.float16)
+        return acc.autocast()
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory format of the weights (channels-last for a 4-D input under
+        ``channels_last``)."""
+        if self.config.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def train_step(
         self, x: torch.Tensor, step: Step, trained: list[int], start: int = 0
@@ -239,13 +279,23 @@ class Trainer:
                     with torch.no_grad():
                         h = self.parts[i].run_blocks(h)
                     continue
-                h, (loss, logits, metrics[i]) = self.models[i](h.detach(), step)
-                optimizer = self.optimizers[i]
+                model = self.compiled.get(i, self.models[i])
+                h, (loss, logits, metrics[i]) = model(h.detach(), step)
+                optimizer, scaler = self.optimizers[i], self.scalers[i]
                 if optimizer is not None and loss.requires_grad:
-                    self.accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    self.schedulers[i].step()
+                    if scaler is None:
+                        self.accelerator.backward(loss)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        self.schedulers[i].step()
+                    else:  # skips the step where this part's gradients overflowed
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                        with warnings.catch_warnings():  # the clock ticks on skipped steps too
+                            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                            self.schedulers[i].step()
                 losses[i] = loss.detach()
         return losses, logits, metrics
 
@@ -253,8 +303,9 @@ class Trainer:
                   generator: torch.Generator | None = None, train: bool = True
                   ) -> tuple[torch.Tensor, Step]:
         """The rule's first input and step context for a batch of uint8 images."""
-        return self.rule.make_step(images, labels, transform, self.data.num_classes,
-                                   generator, train)
+        x, step = self.rule.make_step(images, labels, transform, self.data.num_classes,
+                                      generator, train)
+        return self.layout(x), step
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float | None]]:
@@ -351,6 +402,7 @@ class Trainer:
                 x, context = self.make_step(images, y, self.train_transform, gen)
             else:  # cached inputs of part `start`, with the (un-augmented) images they came from
                 x, images, y = batch
+                x = self.layout(x)
                 _, context = self.make_step(images, y, self.eval_transform)
             if step == 0:  # activation memory: peak bytes saved for backward in one step
                 with SavedTensorMeter(*self.parts) as meter:

@@ -91,6 +91,8 @@ REFUSED = [  # (processes, arguments, what the one line says)
     (2, ["--rule", "layerwise"], "information plane yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--checkpoint-dir", "ckpt"], "checkpoints yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--mixed-precision", "fp16"], "fp16"),
+    (2, ["--rule", "layerwise", "--no-plane", "--channels-last"], "--channels-last yet"),
+    (2, ["--rule", "layerwise", "--no-plane", "--compile", "default"], "--compile yet"),
 ]
 
 
