@@ -49,11 +49,11 @@ _DEPTHS_SHOWN = 8
 # The columns of leaderboard.csv that say which row a line is (its "options" text is
 # left out: it names what differs between a table's rows, so it changes as rows come).
 _ROW_KEY = ("dataset", "model", "epochs", "train_subset", "test_subset", "rule", "blocks",
-            "rule_options")
+            "rule_options", "hardware")
 
 INTRO = """\
-One table per (dataset, backbone, budget); a row per setting, averaged over its
-seeds. Columns: **test acc %**: mean ± sample standard deviation over the
+One table per (dataset, backbone, budget); a row per setting and machine,
+averaged over its seeds. Columns: **test acc %**: mean ± sample standard deviation over the
 seeds; **acc % by depth**: the accuracy of the prediction at each depth that
 has one (auxiliary heads, shallow to deep; e2e has only the last); **params**:
 the backbone's and the auxiliary parts' (heads, decoders); **img/s** and
@@ -331,6 +331,7 @@ def build_tables(runs: list[tuple[str, dict[str, Any]]]) -> list[Table]:
                c.get("train_subset"), c.get("test_subset"))
         table = tables.setdefault(key, Table(*key))
         setting = _ROW_DEFAULTS | {k: v for k, v in c.items() if k not in _NOT_SETTING}
+        setting["hardware"] = _hardware(record)  # never average speeds over machines
         blocks = (record.get("stack") or {}).get("num_blocks")
         for row in table.rows:
             if row.setting == setting:
@@ -347,7 +348,8 @@ def build_tables(runs: list[tuple[str, dict[str, Any]]]) -> list[Table]:
 
 def _label(table: Table) -> None:
     varying = sorted(
-        k for k in {k for r in table.rows for k in r.setting} - {"rule", "blocks", "rule_options"}
+        k for k in {k for r in table.rows for k in r.setting}
+        - {"rule", "blocks", "rule_options", "hardware"}  # its own column says the hardware
         if len({json.dumps(r.setting.get(k), sort_keys=True) for r in table.rows}) > 1
     )
     for row in table.rows:

@@ -168,3 +168,17 @@ def test_a_preset_is_named_for_the_rows_it_made():
     assert "Presets: `cpu-smoke` made e2e; no preset: layerwise" in text
     text = render_markdown(build_tables([("a.json", e2e)]), [], "x", {})
     assert "Preset: `cpu-smoke` ([presets.md](presets.md))." in text
+
+
+def test_runs_on_other_hardware_are_other_rows_and_old_records_read_new_flags_as_default():
+    cpu = make_record("e2e", 0, 0.50)
+    gpu = make_record("e2e", 1, 0.60)
+    gpu["hardware"] = {"device": "cuda:0", "device_name": "NVIDIA H200", "num_processes": 1}
+    old = make_record("e2e", 2, 0.40)  # from before --channels-last existed
+    new = make_record("e2e", 3, 0.44)
+    new["config"] |= {"channels_last": False, "compile": "no", "optimizer_impl": "auto"}
+    (table,) = build_tables([("cpu", cpu), ("gpu", gpu), ("old", old), ("new", new)])
+    rows = sorted(table.rows, key=lambda r: r.hardware())
+    assert [r.hardware() for r in rows] == ["NVIDIA H200 (cuda:0) x1", "x86_64 (cpu) x1"]
+    assert rows[0].seeds == [1] and rows[1].seeds == [0, 2, 3]
+    assert all(r.options == "" for r in rows)  # the hardware column tells them apart
