@@ -126,6 +126,9 @@ def _check(args: argparse.Namespace) -> Checked:
         from .pipeline import check_args
 
         check_args(args, rule)
+    elif args.stage_balance != "time":
+        raise ConfigError("--stage-balance cuts the stages of --parallel parts; add "
+                          "--parallel parts or drop it")
     if _main_process():  # the others would see the main process's own files
         check_record(args, resumed_run(args, identity))
     # Last, as the dearest check: the model, its stack and the rule's parts on a probe batch.
@@ -164,8 +167,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stack = split(model, args.granularity, args.blocks, input_size=data.image_size,
                   split_after=args.split_after)
     observers = (checked.plane,) if checked.plane is not None else ()
-    executor = PipelineTrainer if args.parallel == "parts" else Trainer
-    trainer = executor(stack, checked.rule, data, checked.config, accelerator, observers)
+    if args.parallel == "parts":
+        trainer = PipelineTrainer(stack, checked.rule, data, checked.config, accelerator,
+                                  observers, balance_by=args.stage_balance)
+    else:
+        trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers)
     # The files are taken (and checked again, now under their locks) just before the
     # first is written, so a run that fails to start leaves nothing behind.
     taken = claim(args, checked.identity) if accelerator.is_main_process else None

@@ -325,9 +325,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("project-dir", OUTPUT, "the tracker's folder (TensorBoard: its event files go to "
          "DIR/<record name>/; default: --output)", metavar="DIR"),
     # How the run executes, not what it trains: the weights are the serial run's.
+    # Rows of their own on the leaderboard: they change the speed and memory columns.
     Flag("parallel", OUTPUT, "none: every part in this process; parts: the rule's parts cut "
          "into one pipelined stage per process (torchrun --nproc_per_node P; docs/parallel.md)",
-         "none", choices=("none", "parts"), row=False),
+         "none", choices=("none", "parts"), row=True),
+    Flag("stage-balance", OUTPUT, "--parallel parts: cut the stages by each part's measured "
+         "step time, or by its activation memory (what --blocks balances)", "time",
+         choices=("time", "memory"), row=True),
     Flag("check", COMMAND, "check the arguments (names, options, data path) and exit without "
          "training", kind="switch", recorded=False, presettable=False),
 )

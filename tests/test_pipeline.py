@@ -115,6 +115,16 @@ def test_what_cannot_be_pipelined_is_one_line_exit_2_and_nothing_written(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stage_balance_without_stages_is_refused(tmp_path, capsys):
+    from locallearn.cli import main
+
+    status = main(["--dataset", "synthetic", "--stage-balance", "memory", "--no-plane",
+                   "--output", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "add --parallel parts" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_rule_with_fewer_parts_than_stages_is_refused():
     from locallearn.errors import ConfigError
     from locallearn.pipeline import check_rule
@@ -144,7 +154,8 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path):
            str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", "--rule", "layerwise",
            "--model", "resnet32_cifar", "--blocks", "2", "--dataset", "synthetic",
            "--train-subset", "64", "--test-subset", "40", "--epochs", "1", "--batch-size", "16",
-           "--no-plane", "--no-progress", "--output", str(tmp_path / "runs")]
+           "--no-plane", "--no-progress", "--output", str(tmp_path / "runs"),
+           "--stage-balance", "memory"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -153,6 +164,7 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path):
     (path,) = (tmp_path / "runs").glob("*.json")  # one record, by the first process
     record = json.loads(path.read_text())
     assert record["status"] == "complete" and record["config"]["parallel"] == "parts"
+    assert record["config"]["stage_balance"] == "memory"
     assert record["hardware"]["num_processes"] == 2
     names = [p["name"] for p in record["parts"]]
     assert len(names) == 3 and all(p["params"] > 0 for p in record["parts"])
