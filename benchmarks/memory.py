@@ -117,6 +117,12 @@ def main() -> None:
             label = f"infopro K={k}" + ("" if recompute else " kept")
             rows[label] = measure(trainer, x, y)
             infopro[k, recompute] = trainer
+    recomputed = {}  # --recompute-blocks: each fine block keeps only its input
+    for rule, k in (("layerwise", args.blocks), ("infopro", INFOPRO_K[-1])):
+        torch.manual_seed(0)
+        trainer = trainer_for(rule, args.model, data, args.batch_size, k, recompute_blocks=True)
+        rows[f"{rule} K={k} recompute"] = measure(trainer, x, y)
+        recomputed[rule] = trainer
     cuda = device.type == "cuda"
     print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
           f"K = {args.blocks} (infopro as labelled), on {device.type}; MiB and ratios to e2e:")
@@ -156,6 +162,13 @@ def main() -> None:
     print(f"step time, infopro (K = {INFOPRO_K[0]}) with heads recomputed / without = "
           f"{times[True] * 1e3:.1f} ms / {times[False] * 1e3:.1f} ms = "
           f"{times[True] / times[False]:.3f}")
+
+    # The price of --recompute-blocks: one more forward of every trained block per step.
+    plain, again = trainers["layerwise"], recomputed["layerwise"]
+    times = [median_time(lambda t=t: t.train_step(images, step, list(range(len(t.parts)))),
+                         args.repeats, device) for t in (again, plain)]
+    print(f"step time, layerwise (K = {args.blocks}) with blocks recomputed / without = "
+          f"{times[0] * 1e3:.1f} ms / {times[1] * 1e3:.1f} ms = {times[0] / times[1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def _check(args: argparse.Namespace) -> Checked:
         weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones,
         gamma=args.gamma, seed=args.seed, progress=not args.no_progress,
         max_loss=args.max_loss, channels_last=args.channels_last, compile=args.compile,
-        optimizer_impl=args.optimizer_impl,
+        optimizer_impl=args.optimizer_impl, recompute_blocks=args.recompute_blocks,
     )
     identity = flags.run_identity(args, {
         "rule_options": rule.describe(), "model_options": model_opts,

@@ -219,7 +219,7 @@ def _loop(name: str, **kw: Any) -> Flag:
 
 
 def _speed(name: str, **kw: Any) -> Flag:
-    """How fast the loop runs (a setting), held in the resolved TrainConfig."""
+    """How the loop runs (speed, memory; a setting), held in the resolved TrainConfig."""
     return Flag(name, SETTING, identity_key=TRAIN, **kw)
 
 
@@ -298,6 +298,9 @@ FLAGS: tuple[Flag, ...] = (
     _speed("compile", help="torch.compile each trained part with its objective, in this "
            "inductor mode (no: eager)", default="no",
            choices=("no", "default", "reduce-overhead", "max-autotune")),
+    _speed("recompute-blocks", help="keep only each block's input for backward and run the "
+           "block again there: less activation memory for one more forward of each part",
+           kind="switch"),
     _speed("optimizer-impl", help="the optimizer's kernels: torch's default (foreach on GPUs), "
            "foreach, fused (one kernel per step) or a per-parameter loop", default="auto",
            choices=("auto", "foreach", "fused", "loop")),

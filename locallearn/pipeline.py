@@ -170,6 +170,7 @@ class PipelineTrainer:
         self.mine = self.stages[self.rank]
         for i, part in enumerate(self.parts):
             part.to(acc.device if i in self.mine else "meta")
+            part.recompute_blocks = config.recompute_blocks
         self.first, self.last = self.rank == 0, self.rank == self.stages_count - 1
         self.train_loader, self.test_loader = make_loaders(
             data, config.batch_size, config.seed, config.eval_batch_size or None)

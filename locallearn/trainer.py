@@ -49,6 +49,8 @@ class TrainConfig:
         compile: ``torch.compile`` mode for each trained part with its objective
             ("no": eager); ``compile_backend`` is its backend.
         optimizer_impl: the optimizer's kernels (see :func:`~locallearn.optim.make_optimizer`).
+        recompute_blocks: trained parts keep only each block's input for backward and run
+            the block again there (less memory, one more forward).
     """
 
     epochs: int = 1
@@ -70,6 +72,7 @@ class TrainConfig:
     compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = "no"
     compile_backend: str = "inductor"
     optimizer_impl: Literal["auto", "foreach", "fused", "loop"] = "auto"
+    recompute_blocks: bool = False
 
 
 class Diverged(LocallearnError):
@@ -170,6 +173,7 @@ class Trainer:
         stack.to(acc.device, memory_format=layout)
         for part in self.parts:
             part.to(acc.device, memory_format=layout)
+            part.recompute_blocks = config.recompute_blocks
         train_loader, test_loader = make_loaders(
             data, config.batch_size, config.seed, config.eval_batch_size or None
         )

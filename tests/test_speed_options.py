@@ -21,6 +21,7 @@ from accelerate.utils import GradScalerKwargs
 from locallearn import create_rule, split
 from locallearn.checkpoint import Checkpointer
 from locallearn.data import load_dataset
+from locallearn.measure import SavedTensorMeter
 from locallearn.trainer import TrainConfig, Trainer
 
 BATCH, SIDE = 8, 8
@@ -191,3 +192,38 @@ def test_compile_runs_each_trained_part_compiled_with_the_same_losses(tiny):
     assert entry["saved_bytes_peak"] > 0
     compiled.deactivate(compiled.schedule[0][0])
     assert compiled.schedule[0][0] not in compiled.compiled
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet32_cifar"])
+def test_recomputed_blocks_take_the_same_steps_and_save_less(tiny, model):
+    # timm's resnet18 with stochastic depth: the recomputation must draw the same masks and
+    # update batch-norm statistics once. resnet32_cifar keeps its 8 x 8 maps at full size:
+    # a part of 8 blocks then keeps 8 inputs instead of every block's activations.
+    def trainer(recompute: bool) -> Trainer:
+        torch.manual_seed(0)
+        kwargs = {"drop_path_rate": 0.2} if model == "resnet18" else {"widths": (8, 16, 16)}
+        net = timm.create_model(model, num_classes=tiny.num_classes, **kwargs)
+        stack = split(net, "block", 2, input_size=tiny.image_size)
+        cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=0.05, progress=False,
+                          recompute_blocks=recompute)
+        return Trainer(stack, create_rule("layerwise"), tiny, cfg)
+
+    runs = {}
+    for recompute in (False, True):
+        t = trainer(recompute)
+        assert all(part.recompute_blocks == recompute for part in t.parts)
+        x, step = _batch(t, tiny)
+        torch.manual_seed(1)  # the same stochastic-depth masks in both runs
+        with SavedTensorMeter(*t.parts) as meter:
+            t.train_step(x, step, t.schedule[0])
+        t.train_step(x, step, t.schedule[0])
+        runs[recompute] = (t, meter.peak)
+    (plain, plain_peak), (again, peak) = runs[False], runs[True]
+    for a, b in zip(_params(plain), _params(again), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(plain.stack.buffers(), again.stack.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # running statistics
+    if model == "resnet32_cifar":
+        assert peak < 0.5 * plain_peak, (peak, plain_peak)
+    else:
+        assert peak <= plain_peak

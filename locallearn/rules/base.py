@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import build_config, config_dict
 from ..errors import ConfigError
+from ..recompute import run_recomputed
 from ..registry import Registry
 from ..step import Scored, Step
 
@@ -117,9 +118,14 @@ class LocalPart(nn.Module):
         self.block_ids = list(block_ids)
         self.objective = objective
         self.lr_scale = lr_scale
+        #: Keep only each block's input for backward and run the block again there (set
+        #: by the loop's ``recompute_blocks``; see :func:`~locallearn.recompute.run_recomputed`).
+        self.recompute_blocks = False
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The part's blocks alone, without the objective (a frozen part's forward)."""
+        if self.recompute_blocks and torch.is_grad_enabled():
+            return run_recomputed(self.blocks, x)
         for block in self.blocks:
             x = block(x)
         return x
