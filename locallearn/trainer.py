@@ -294,7 +294,9 @@ class Trainer:
                         self.schedulers[i].step()
                     else:  # skips the step where this part's gradients overflowed
                         scaler.scale(loss).backward()
-                        scaler.step(optimizer)
+                        # The bare optimizer: a fused one then unscales and checks for
+                        # overflow on the device, without waiting for it.
+                        scaler.step(optimizer.optimizer)
                         scaler.update()
                         optimizer.zero_grad(set_to_none=True)
                         with warnings.catch_warnings():  # the clock ticks on skipped steps too
