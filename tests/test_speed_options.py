@@ -97,8 +97,9 @@ def test_fp16_gives_every_part_its_own_scaler_and_runs_in_half(fp16, tiny):
     assert [s.get_scale() for s in scalers] == [INIT_SCALE] * len(trained)
 
 
-def test_an_overflow_in_one_part_skips_only_that_parts_step(fp16, tiny):
-    trainer = _trainer(tiny, fp16)
+@pytest.mark.parametrize("impl", ["auto", "fused"])  # fused: the check runs in the kernel
+def test_an_overflow_in_one_part_skips_only_that_parts_step(fp16, tiny, impl):
+    trainer = _trainer(tiny, fp16, optimizer_impl=impl)
     trained = trainer.schedule[0]
     first, rest = trainer.parts[trained[0]], [trainer.parts[i] for i in trained[1:]]
     before = {part.part_name: [p.detach().clone() for p in part.parameters()]
