@@ -36,7 +36,7 @@ After the tables come the ratios the speed and memory targets are stated in.
     python benchmarks/gpu.py                        # a GPU: resnet18_cifar, batch 256
     python benchmarks/gpu.py --compile default      # + torch.compile in `all`
     python benchmarks/gpu.py --batch-size 16 --repeats 3 --warmup 1
-                                                    # a CPU: minutes (2 cores: 4 to 9)
+                                                    # a CPU: minutes (2 cores: 3 to 10)
 
 Bad input (an unknown option set, precision or rule, fp16 without a GPU, a
 non-positive number) is one line on stderr and exit status 2.
