@@ -30,12 +30,14 @@ def random_data(n: int, size: int, num_classes: int = 10, seed: int = 0) -> Imag
 
 def trainer_for(
     rule: str, model: str, data: ImageData, batch_size: int, blocks: int | None,
-    accelerator: Accelerator | None = None, rule_options: dict | None = None, **config,
+    accelerator: Accelerator | None = None, rule_options: dict | None = None,
+    model_options: dict | None = None, **config,
 ) -> Trainer:
-    """A trainer of ``rule`` (and its ``rule_options``) on timm ``model`` in ``blocks`` parts."""
+    """A trainer of ``rule`` (and its ``rule_options``) on timm ``model`` (built with
+    ``model_options``) in ``blocks`` parts."""
     import timm
 
-    net = timm.create_model(model, num_classes=data.num_classes)
+    net = timm.create_model(model, num_classes=data.num_classes, **(model_options or {}))
     stack = split(net, "stage", blocks, input_size=data.image_size)
     cfg = TrainConfig(**{"batch_size": batch_size, "progress": False, **config})
     return Trainer(stack, create_rule(rule, **(rule_options or {})), data, cfg, accelerator)

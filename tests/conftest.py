@@ -24,7 +24,7 @@ SLOW_MODULES = {
     "test_hostile_reports", "test_infopro", "test_layerwise_losses", "test_local_losses_cli",
     "test_memory", "test_pipeline", "test_plane", "test_plugins", "test_presets",
     "test_record_format", "test_reliability", "test_rules", "test_sequential_phases",
-    "test_speed_options",
+    "test_gpu_bench", "test_speed_options",
     "test_step", "test_step_checksums", "test_trackers", "test_training_defaults",
 }
 
