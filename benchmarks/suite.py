@@ -69,6 +69,7 @@ def plan(args: argparse.Namespace, extra: list[str]) -> tuple[object, list[dict]
     """The preset, one item per run x seed (argv, record path, status), and skip messages."""
     from locallearn import cli
     from locallearn.errors import ConfigError, LocallearnError
+    from locallearn.outputs import flag_tags
     from locallearn.plugins import load_plugins
     from locallearn.presets import load_preset
     from locallearn.records import read_record, record_name
@@ -93,7 +94,10 @@ def plan(args: argparse.Namespace, extra: list[str]) -> tuple[object, list[dict]
             argv = [*preset.argv(run, ref), "--seed", str(seed), *overrides, *extra]
             try:
                 parsed = cli.parse_args(argv)
-                name = record_name(run.run_id, parsed.model, parsed.dataset, seed)
+                # Flags after -- name the records: a grid run again with other ones writes
+                # records of its own instead of skipping the first grid's as done.
+                name = record_name(run.run_id, parsed.model, parsed.dataset, seed,
+                                   flag_tags(extra))
                 # The grid owns its folder: it decides what to run again (see DONE, --redo).
                 argv += ["--output", str(folder), "--name", name, "--overwrite"]
                 parsed = cli.parse_args(argv)

@@ -88,6 +88,14 @@ def _rule_options(args: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in ours.items() if k not in default or default[k] != v}
 
 
+def flag_tags(argv: list[str]) -> list[str]:
+    """``NAME-VALUE`` for each identity or setting flag that ``argv`` gives, in ``run.py
+    --help`` order: what a grid's extra flags change in every run of it."""
+    given = vars(flags.build_parser(defaults=False).parse_args(argv))
+    return [_tag(f.name, given[f.dest]) for f in flags.FLAGS
+            if f.dest in given and f.role in (flags.IDENTITY, flags.SETTING)]
+
+
 def _tag(name: str, value: object) -> str:
     if value is True:
         return name

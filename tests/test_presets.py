@@ -189,6 +189,12 @@ def test_suite_dry_run_and_bad_preset(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "layerwise-K4__resnet32_cifar__imagefolder__seed0.json" in out
     assert "10 of 10 runs to go" in out
+    # Flags after -- tag every record's name: such a grid never skips the first as done.
+    assert suite.main([str(a) for a in argv] + ["--", "--channels-last", "--optimizer-impl",
+                                                "fused", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert ("layerwise-K4__resnet32_cifar__imagefolder__channels-last__optimizer-impl-fused__"
+            "seed0.json") in out
     assert suite.main(["--preset", "cpu-smok"]) == 2
     assert "unknown preset 'cpu-smok'" in capsys.readouterr().err
 
