@@ -301,8 +301,9 @@ FLAGS: tuple[Flag, ...] = (
     _speed("recompute-blocks", help="keep only each block's input for backward and run the "
            "block again there: less activation memory for one more forward of each part",
            kind="switch"),
-    _speed("optimizer-impl", help="the optimizer's kernels: torch's default (foreach on GPUs), "
-           "foreach, fused (one kernel per step) or a per-parameter loop", default="auto",
+    _speed("optimizer-impl", help="the optimizer's kernels: auto (torch's choice, foreach on "
+           "GPUs), foreach, fused (one kernel per step) or loop (one parameter at a time)",
+           default="auto",
            choices=("auto", "foreach", "fused", "loop")),
     _loop("seed", help="seeds the weights, the subsets and the batches", default=0, type=seed,
           row=False,
