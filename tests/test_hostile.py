@@ -81,7 +81,7 @@ def test_a_new_run_refuses_a_folder_of_another_runs_checkpoints(done, tmp_path, 
 
 
 def test_pruning_only_removes_the_runs_own_checkpoints(tmp_path):
-    trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[],
+    trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[], scalers=[],
                               schedulers=[], history=[], observers=[], fit_seconds=lambda: 1.0)
     for epoch in (7, 8):
         checkpoint.save(trainer, tmp_path, epoch, {}, 1, "other")
@@ -110,7 +110,7 @@ def test_a_folder_or_record_in_use_is_refused(done, tmp_path, capsys):
 
 
 def test_an_interrupted_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
-    trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[],
+    trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[], scalers=[],
                               schedulers=[], history=[{"epoch": 1}], observers=[],
                               fit_seconds=lambda: 1.0)
 
