@@ -15,6 +15,15 @@ def cifar10_path() -> Path:
     return Path(path)
 
 
+@pytest.fixture(scope="session")
+def image_cache(tmp_path_factory) -> Path:
+    """Where runs on the CIFAR-10 copy cache its decoded images: ``$LOCALLEARN_CACHE``
+    (``.ci/run`` sets it: every test and worker then decodes the copy at most once), else
+    one folder for the session."""
+    path = os.environ.get("LOCALLEARN_CACHE")
+    return Path(path) if path else tmp_path_factory.mktemp("image-cache")
+
+
 # The edit-test loop's subset, `python -m pytest -m "not slow"`, leaves out the modules
 # that train through the command line, in several processes or on the CIFAR-10 copy (each
 # test takes seconds to minutes), and any test that reads that copy.

@@ -3,7 +3,7 @@
 Each case is a run of ``benchmarks/run.py`` on the shared CIFAR-10 copy: 2
 epochs on 3,000 balanced training images, tested on 1,000 test images.
 Chance is 0.1; on 1,000 images its standard error is about 0.01, so 0.14 is
-four standard errors above it. The JPEGs are decoded once for the module.
+four standard errors above it. The JPEGs are decoded once (conftest's ``image_cache``).
 """
 
 import json
@@ -22,16 +22,11 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("decoded")
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_learns_on_the_cifar10_copy(case, tmp_path, cifar10_path, cache_dir):
+def test_learns_on_the_cifar10_copy(case, tmp_path, cifar10_path, image_cache):
     out = run_cli(*CASES[case], "--dataset", f"imagefolder:{cifar10_path}", "--train-subset",
                   "3000", "--test-subset", "1000", "--epochs", "2", "--no-plane",
-                  "--no-progress", "--output", tmp_path, "--cache-dir", cache_dir)
+                  "--no-progress", "--output", tmp_path, "--cache-dir", image_cache)
     assert out.returncode == 0, out.stderr
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["status"] == "complete"
