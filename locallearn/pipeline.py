@@ -96,9 +96,6 @@ def check_args(args: argparse.Namespace, rule: Rule) -> None:
     checks it then, still before anything is written.
     """
     check_rule(rule, args.epochs, int(os.environ.get("WORLD_SIZE", "1")))
-    if not args.no_plane:
-        raise ConfigError("--parallel parts does not measure the information plane yet "
-                          "(the probe would have to flow through the stages); add --no-plane")
     if args.checkpoint_dir:
         raise ConfigError("--parallel parts does not save checkpoints yet (each stage would "
                           "save its own parts); drop --checkpoint-dir")
@@ -188,9 +185,54 @@ class PipelineTrainer:
         # gloo sends from host memory, NCCL from the GPU.
         self.wire = acc.device if dist.get_backend() == "nccl" else torch.device("cpu")
         self.sender = None if self.last else Sender(self.rank + 1, self.wire, IN_FLIGHT)
+        self.plane_blocks = self._plane_blocks()
+        if self.plane_blocks is None and any(hasattr(o, "measure_range") for o in observers):
+            raise ConfigError(f"rule {rule.name!r}: its parts do not hold every block once, "
+                              "so the stages cannot measure the information plane; add "
+                              "--no-plane")
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.waited = 0.0  # seconds this stage waited for messages, this epoch
+
+    #: The information plane asks this trainer to run the probe through its stages.
+    measures_plane_in_stages = True
+
+    def _plane_blocks(self) -> list[range] | None:
+        """The blocks each stage measures on the information plane: its parts' blocks (a
+        stage that holds only the model's head measures none); None unless the parts
+        hold every block once, in order."""
+        ranges = []
+        for stage in self.stages:
+            owned = sorted(k for i in stage for k in self.parts[i].block_ids)
+            ranges.append(range(owned[0], owned[-1] + 1) if owned else range(0))
+        if sorted(k for r in ranges for k in r) != list(range(len(self.stack.blocks))):
+            return None
+        return ranges
+
+    def measure_plane(self, plane, epoch: int) -> list[dict[str, Any]]:
+        """The information plane's entries of every block, measured across the stages.
+
+        Each stage runs the probe set through its own blocks
+        (:meth:`~locallearn.analysis.plane.InformationPlane.measure_range`): stage 0 from
+        the images, a later stage from the previous stage's output, which it receives
+        whole (``m`` samples, float32) and, once measured, sends on. The entries are
+        gathered on every process, in block order: the serial run's numbers (the plane
+        keeps them on the first process, as in a serial run).
+        """
+        blocks = self.plane_blocks[self.rank]
+        entries: list[dict[str, Any]] = []
+        if len(blocks):
+            inputs = None
+            if blocks[0] > 0:
+                _, (inputs,), _ = receive(self.rank - 1, self.wire)
+                inputs = inputs.cpu()
+            entries, out = plane.measure_range(self.stack, epoch, blocks, inputs)
+            if not self.last and len(self.plane_blocks[self.rank + 1]):
+                self.sender.send(BATCH, [out.to(self.wire)], [])
+                self.sender.flush()
+        gathered: list[Any] = [None] * self.stages_count
+        dist.all_gather_object(gathered, entries)
+        return sorted((e for stage in gathered for e in stage), key=lambda e: e["block"])
 
     def _check_batches(self) -> None:
         """Refuse what the serial loop refuses: no training batch, or batches of one image

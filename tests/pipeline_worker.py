@@ -8,6 +8,7 @@ MODEL is ``vit`` (a tiny ViT) or ``cnn`` (resnet32_cifar in 3 blocks), trained b
 the network input from the step context, which crosses the stages). Each process
 saves, for each model, the parameters and buffers of the parts it trained, by part index:
 one launch trains several models, as starting Python costs more here than training.
+Every run measures the information plane too (each stage its own blocks).
 """
 
 import sys
@@ -18,6 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from locallearn import TrainConfig, Trainer, create_rule, load_dataset, split
+from locallearn.analysis import InformationPlane
 from locallearn.pipeline import PipelineTrainer
 
 
@@ -39,10 +41,12 @@ def train(mode: str, spec: str, accelerator: Accelerator) -> dict:
     # Two epochs: the data order is reseeded and the test set evaluated in between.
     config = TrainConfig(epochs=2, batch_size=16, lr=0.05, schedule="cosine", progress=False)
     rule = create_rule(rule or "layerwise")
+    # The plane on 24 probe images in batches of 10: measured at epochs 0, 1 and 2.
+    plane = InformationPlane(probe_size=24, batch_size=10)
     if mode == "serial":
-        trainer = Trainer(stack, rule, data, config, accelerator)
+        trainer = Trainer(stack, rule, data, config, accelerator, (plane,))
     else:  # parts-time or parts-memory: how the stages are balanced
-        trainer = PipelineTrainer(stack, rule, data, config, accelerator,
+        trainer = PipelineTrainer(stack, rule, data, config, accelerator, (plane,),
                                   balance_by=mode.removeprefix("parts-"))
     result = trainer.fit()
     mine = range(len(trainer.parts)) if mode == "serial" else trainer.mine
@@ -51,7 +55,8 @@ def train(mode: str, spec: str, accelerator: Accelerator) -> dict:
                            if t.is_floating_point()])
              for i in mine}
     return {"parts": state, "test_acc": result["test_acc"], "block_acc": result["block_acc"],
-            "history": result["history"], "num_parts": len(trainer.parts)}
+            "history": result["history"], "num_parts": len(trainer.parts),
+            "plane": plane.entries}
 
 
 def main(mode: str, models: str, out: Path) -> None:

@@ -82,13 +82,22 @@ def test_pipelined_stages_give_the_serial_weights(serial, tmp_path, stages, bala
         assert last["part_loss"] == pytest.approx(serial_last["part_loss"], rel=1e-6)
         assert last["train_acc"] == serial_last["train_acc"]
         assert len(last["stages"]) == len(last["stage_wait_seconds"]) == stages
+        # The information plane, each stage measuring its own blocks on the probe that
+        # flowed through the stages before it: the serial run's entries, kept (as in a
+        # serial run) by the first process, which writes the record.
+        plane, got = expected["plane"], ranks[0][model]["plane"]
+        assert len(plane) == 3 * len(expected["block_acc"])  # epochs 0, 1, 2
+        assert [(e["epoch"], e["block"]) for e in got] == [(e["epoch"], e["block"])
+                                                           for e in plane]
+        for got_entry, entry in zip(got, plane, strict=True):
+            assert got_entry == pytest.approx(entry, rel=1e-6, abs=1e-9)
+        assert all(r[model]["plane"] == [] for r in ranks[1:])
 
 
 REFUSED = [  # (processes, arguments, what the one line says)
     (1, ["--rule", "layerwise", "--no-plane"], "start run.py with torchrun --nproc_per_node P"),
     (2, ["--rule", "sequential", "--no-plane"], "rule 'sequential' does not train all its parts"),
     (2, ["--rule", "forward_forward", "--no-plane"], "combines every part's output"),
-    (2, ["--rule", "layerwise"], "information plane yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--checkpoint-dir", "ckpt"], "checkpoints yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--mixed-precision", "fp16"], "fp16"),
     (2, ["--rule", "layerwise", "--no-plane", "--channels-last"], "--channels-last yet"),
@@ -154,7 +163,7 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path):
            str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", "--rule", "layerwise",
            "--model", "resnet32_cifar", "--blocks", "2", "--dataset", "synthetic",
            "--train-subset", "64", "--test-subset", "40", "--epochs", "1", "--batch-size", "16",
-           "--no-plane", "--no-progress", "--output", str(tmp_path / "runs"),
+           "--probe-size", "32", "--no-progress", "--output", str(tmp_path / "runs"),
            "--stage-balance", "memory"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -175,6 +184,10 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path):
     assert len(record["block_acc"]) == 2 and all(0 <= a <= 1 for a in record["block_acc"])
     assert record["test_acc"] == entry["test_acc"] and 0 <= record["test_acc"] <= 1
     assert done.stdout.count("accuracy at each depth") == 1  # the summary: first process only
+    # The information plane, measured across the stages: epochs 0 and 1, every block.
+    assert [(e["epoch"], e["block"]) for e in record["plane"]] == [(0, 0), (0, 1), (1, 0),
+                                                                  (1, 1)]
+    assert record["plane_config"]["m"] == 32 and len(record["plane_config"]["seconds"]) == 2
     # docs/records.md documents every field, and the pipelined ones are there
     from test_record_format import documented, undocumented
 

@@ -22,6 +22,7 @@ needs 1.2 GB and takes one pass; a ViT-B/16 at 224 pixels takes several.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -165,15 +166,16 @@ class InformationPlane(Observer):
         }
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if trainer.accelerator.is_main_process:
-            self.progress = trainer.config.progress
+        staged = getattr(trainer, "measures_plane_in_stages", False)
+        if trainer.accelerator.is_main_process or staged:
+            self.progress = trainer.config.progress and trainer.accelerator.is_main_process
             start = time.perf_counter()
             self.prepare(trainer.data, trainer.eval_transform, trainer.accelerator.device)
             if self.progress:
                 tqdm.write(f"information plane: {self.m} probe images ({self.split} split) "
                            f"prepared in {time.perf_counter() - start:.1f} s")
-            if getattr(trainer, "start_epoch", 0) == 0:  # a resumed run has its epoch 0
-                self.record(trainer.stack, 0)
+        if getattr(trainer, "start_epoch", 0) == 0:  # a resumed run has its epoch 0
+            self._record(trainer, 0)
         trainer.accelerator.wait_for_everyone()  # the others wait rather than race ahead
 
     def state_dict(self) -> dict[str, Any]:
@@ -188,9 +190,20 @@ class InformationPlane(Observer):
         epoch = entry["epoch"]
         if epoch % self.every and epoch != trainer.config.epochs:
             return
-        if trainer.accelerator.is_main_process:
-            self.record(trainer.stack, epoch)
+        self._record(trainer, epoch)
         trainer.accelerator.wait_for_everyone()
+
+    def _record(self, trainer: Trainer, epoch: int) -> None:
+        """Measure on the main process, or, for a trainer whose blocks are spread over
+        stages (the pipelined executor), on every stage: the trainer runs the probe
+        through its stages and calls :meth:`measure_range` on each."""
+        if getattr(trainer, "measures_plane_in_stages", False):
+            start = time.perf_counter()
+            entries = trainer.measure_plane(self, epoch)
+            if trainer.accelerator.is_main_process:
+                self._recorded(entries, epoch, start)
+        elif trainer.accelerator.is_main_process:
+            self.record(trainer.stack, epoch)
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         self._probe = None  # the m x m matrices are not needed any more
@@ -224,12 +237,15 @@ class InformationPlane(Observer):
         """Measure ``stack`` and append the entries, labelled with ``epoch``."""
         start = time.perf_counter()
         entries = self.measure(stack, epoch)
+        self._recorded(entries, epoch, start)
+        return entries
+
+    def _recorded(self, entries: list[dict[str, Any]], epoch: int, start: float) -> None:
         self.seconds.append(time.perf_counter() - start)
         self.entries.extend(entries)
         if self.progress:
             tqdm.write(f"information plane, epoch {epoch}: {len(entries)} blocks measured in "
                        f"{self.seconds[-1]:.1f} s")
-        return entries
 
     def measure(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
         """One entry per block of ``stack`` (a BlockStack) for the prepared probe set.
@@ -237,19 +253,42 @@ class InformationPlane(Observer):
         Runs in eval mode without autograd or autocast; every module's training
         flag is restored and every hook removed afterwards.
         """
+        return self.measure_range(stack, epoch, range(len(stack.blocks)))[0]
+
+    def measure_range(self, stack: nn.Module, epoch: int, blocks: range,
+                      inputs: Tensor | None = None) -> tuple[list[dict[str, Any]], Tensor]:
+        """The entries of the consecutive ``blocks`` of ``stack``, and the probe's output of
+        the last of them: what a pipeline stage measures and hands to the next stage.
+
+        Args:
+            stack: the BlockStack; only ``blocks`` are run (the others may be elsewhere).
+            epoch: the label of the entries.
+            blocks: consecutive block indices.
+            inputs: the probe set's ``(m, ...)`` float32 input to ``blocks[0]`` (the
+                previous stage's output); None for the normalised probe images, which
+                only the first block takes.
+
+        Returns:
+            The entries, and the last block's ``(m, ...)`` float32 output, on the CPU.
+        """
         probe = self._probe
         if probe is None:
             raise RuntimeError("call prepare() (or attach the observer to a Trainer) first")
+        if not len(blocks) or (inputs is None and blocks[0] != 0):
+            raise ValueError(f"blocks {blocks} need their input; only block 0 reads the images")
         modes = [(module, module.training) for module in stack.modules()]
         stack.eval()
         try:
             with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
-                dims = self._dims(stack, probe)
-                entries = []
+                shapes = self._shapes(stack, probe, blocks, inputs)
+                dims = {k: math.prod(shape) for k, shape in shapes.items()}
+                entries, out = [], None
                 bar = tqdm(total=len(dims), desc=f"information plane, epoch {epoch}",
                            unit="block", leave=False, disable=None if self.progress else True)
                 for group in self._groups(dims):
-                    feats = self._features(stack, probe, group)
+                    feats = self._features(stack, probe, group, blocks[0], inputs)
+                    if group[-1] == blocks[-1]:
+                        out = feats[group[-1]].reshape(-1, *shapes[group[-1]])
                     for k in group:  # pop: each block's features go as soon as it is measured
                         entries.append(self._entry(stack, probe, epoch, k, feats.pop(k)))
                         bar.update()
@@ -257,22 +296,29 @@ class InformationPlane(Observer):
         finally:
             for module, mode in modes:
                 module.train(mode)
-        return entries
+        return entries, out
 
-    def _dims(self, stack: nn.Module, probe: _Probe) -> list[int]:
-        """Flattened output size of every block, from a one-sample forward."""
-        h = probe.transform(probe.images[:1].to(probe.device))
-        dims = []
-        for block in stack.blocks:
-            h = block(h)
-            dims.append(h[0].numel())
-        return dims
+    def _input(self, probe: _Probe, inputs: Tensor | None, start: int, stop: int) -> Tensor:
+        """Probe samples ``start:stop`` as the first measured block takes them."""
+        if inputs is None:
+            return probe.transform(probe.images[start:stop].to(probe.device))
+        return inputs[start:stop].to(probe.device)
 
-    def _groups(self, dims: list[int]) -> list[list[int]]:
+    def _shapes(self, stack: nn.Module, probe: _Probe, blocks: range,
+                inputs: Tensor | None) -> dict[int, tuple[int, ...]]:
+        """Each block's output shape for one sample, from a one-sample forward."""
+        h = self._input(probe, inputs, 0, 1)
+        shapes = {}
+        for k in blocks:
+            h = stack.blocks[k](h)
+            shapes[k] = tuple(h.shape[1:])
+        return shapes
+
+    def _groups(self, dims: dict[int, int]) -> list[list[int]]:
         """Consecutive blocks whose float32 features fit the memory budget together."""
         groups: list[list[int]] = []
         used = 0
-        for k, d in enumerate(dims):
+        for k, d in dims.items():
             size = 4 * d * self.m
             if groups and used + size <= self.memory_budget:
                 groups[-1].append(k)
@@ -282,8 +328,10 @@ class InformationPlane(Observer):
                 used = size
         return groups
 
-    def _features(self, stack: nn.Module, probe: _Probe, group: list[int]) -> dict[int, Tensor]:
-        """Run the probe set through the blocks up to the group's last; hooks copy outputs out.
+    def _features(self, stack: nn.Module, probe: _Probe, group: list[int], first: int,
+                  inputs: Tensor | None) -> dict[int, Tensor]:
+        """Run the probe set through the blocks from ``first`` up to the group's last;
+        hooks copy the group's outputs out.
 
         Returns:
             Block index -> its ``(m, d)`` float32 features, on the CPU.
@@ -293,7 +341,7 @@ class InformationPlane(Observer):
         offset = 0  # where the current batch goes; the hooks read it when they fire
 
         def hook_for(k: int):
-            def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            def hook(module: nn.Module, args: Any, output: Tensor) -> None:
                 rows = output.reshape(len(output), -1).float().cpu()
                 if k not in feats:
                     feats[k] = torch.empty(m, rows.shape[1], dtype=torch.float32)
@@ -304,8 +352,8 @@ class InformationPlane(Observer):
         handles = [stack.blocks[k].register_forward_hook(hook_for(k)) for k in group]
         try:
             for offset in range(0, m, self.batch_size):
-                h = probe.transform(probe.images[offset:offset + self.batch_size].to(probe.device))
-                for block in stack.blocks[: group[-1] + 1]:
+                h = self._input(probe, inputs, offset, offset + self.batch_size)
+                for block in stack.blocks[first: group[-1] + 1]:
                     h = block(h)
         finally:
             for handle in handles:
