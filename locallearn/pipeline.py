@@ -99,9 +99,6 @@ def check_args(args: argparse.Namespace, rule: Rule) -> None:
     if not args.no_plane:
         raise ConfigError("--parallel parts does not measure the information plane yet "
                           "(the probe would have to flow through the stages); add --no-plane")
-    if args.checkpoint_dir:
-        raise ConfigError("--parallel parts does not save checkpoints yet (each stage would "
-                          "save its own parts); drop --checkpoint-dir")
     if args.mixed_precision == "fp16":
         raise ConfigError("--parallel parts does not scale fp16 gradients per stage yet; "
                           "use --mixed-precision bf16 or no")
