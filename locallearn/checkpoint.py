@@ -12,6 +12,15 @@ A checkpoint is a folder ``epoch0003/`` holding
   that change results), the seconds of fitting so far, the history so far
   and the observers' results.
 
+A pipelined run (``--parallel parts``, one stage of parts per process) writes
+the same folder, but each stage writes its own files: ``stage{r}.safetensors``
+(its parts' parameters and buffers, ``part{i}.<name>``) and ``stage{r}.pt``
+(its parts' optimizer and scheduler states by part index, and its process's
+RNG states); ``meta.json`` adds ``stages``, the part indices of each stage. A
+pipelined checkpoint resumes only a pipelined run of as many processes, cut
+the same way; a serial one only a serial run. Every process must see the one
+folder (one machine, or a shared file system).
+
 It is written under a temporary name and renamed when complete, so a kill
 while saving leaves the previous checkpoint intact (an interrupt removes the
 half-written folder). A checkpoint folder belongs to one run: each checkpoint
@@ -36,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .errors import LocallearnError
@@ -74,7 +84,7 @@ class Checkpointer(Observer):
 
     def on_epoch_end(self, trainer, entry: dict[str, Any]) -> None:
         acc = trainer.accelerator
-        if acc.is_main_process:
+        if acc.is_main_process or pipelined(trainer):  # a pipeline's every stage saves
             save(trainer, self.directory, entry["epoch"], self.identity, self.keep,
                  self.run_id)
         acc.wait_for_everyone()
@@ -91,18 +101,44 @@ class Checkpointer(Observer):
             CheckpointError: the newest checkpoint is damaged or from another run.
         """
         found = complete(self.directory)
-        if found:
-            trainer.start_epoch = load(trainer, found[-1], self.identity, self.run_id)
+        newest = found[-1] if found else None
+        if pipelined(trainer):  # every stage reads the checkpoint process 0 found
+            newest = _from_main(newest)
+        if newest is not None:
+            trainer.start_epoch = load(trainer, newest, self.identity, self.run_id)
         return trainer.start_epoch
 
 
+def pipelined(trainer) -> bool:
+    """Whether ``trainer`` runs one stage of parts per process (``--parallel parts``)."""
+    return getattr(trainer, "stages", None) is not None
+
+
+def _from_main(value: Any) -> Any:
+    """Process 0's ``value``, on every process."""
+    shared = [value]
+    dist.broadcast_object_list(shared, 0)
+    return shared[0]
+
+
+def _files(trainer) -> tuple[str, str]:
+    """The weights file and the state file this process writes and reads."""
+    if pipelined(trainer):
+        return f"stage{trainer.rank}.safetensors", f"stage{trainer.rank}.pt"
+    return "model.safetensors", "state.pt"
+
+
 def _tensors(trainer) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer, each stored once even when several modules share it."""
+    """Every parameter and buffer, each stored once even when several modules share it
+    (on a pipeline's stage: those of its own parts)."""
     named: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for prefix, module in [("stack", trainer.stack)] + [
-        (f"part{i}", p) for i, p in enumerate(trainer.parts)
-    ]:
+    if pipelined(trainer):
+        modules = [(f"part{i}", trainer.parts[i]) for i in trainer.mine]
+    else:
+        modules = [("stack", trainer.stack)] + [
+            (f"part{i}", p) for i, p in enumerate(trainer.parts)]
+    for prefix, module in modules:
         for name, t in module.state_dict(keep_vars=True).items():
             if id(t) not in seen:
                 seen.add(id(t))
@@ -131,39 +167,78 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
+def _meta(trainer, epoch: int, identity: dict[str, Any], run_id: str) -> dict[str, Any]:
+    meta = {
+        "format": FORMAT, "run_id": run_id, "epoch": epoch, "identity": identity,
+        "seconds": trainer.fit_seconds(), "history": trainer.history,
+        "observers": [o.state_dict() if hasattr(o, "state_dict") else None
+                      for o in trainer.observers],
+    }
+    if pipelined(trainer):
+        meta["stages"] = trainer.stages
+    return meta
+
+
+def _write_state(trainer, folder: Path, epoch: int) -> None:
+    """This process's weights file and state file, into ``folder``."""
+    weights, state = _files(trainer)
+    save_file({k: v.contiguous() for k, v in _tensors(trainer).items()}, str(folder / weights))
+    os.chmod(folder / weights, file_mode())  # safetensors writes it 0600
+    if pipelined(trainer):
+        # As the serial loop drops a part's optimizer after its last epoch: none after the run's.
+        later = epoch < len(trainer.schedule)
+        torch.save({
+            "optimizers": {i: o.state_dict() for i, o in trainer.optimizers.items() if later},
+            "schedulers": {i: s.state_dict() for i, s in trainer.schedulers.items() if later},
+            "rng": _rng_state(),
+        }, folder / state)
+        return
+    torch.save({
+        "optimizers": {i: o.state_dict() for i, o in enumerate(trainer.optimizers) if o},
+        "schedulers": {i: s.state_dict() for i, s in enumerate(trainer.schedulers) if s},
+        "scalers": {i: s.state_dict() for i, s in enumerate(trainer.scalers) if s},  # fp16
+        "rng": _rng_state(),
+    }, folder / state)
+
+
 def save(trainer, directory: str | Path, epoch: int, identity: dict[str, Any], keep: int,
          run_id: str) -> Path:
     """Write the state after ``epoch`` (1-based) into ``directory``; keep the newest ``keep``
-    of run ``run_id``'s checkpoints (other runs' are never touched)."""
+    of run ``run_id``'s checkpoints (other runs' are never touched).
+
+    A pipelined trainer's every process calls it: process 0 makes the temporary
+    folder, each stage writes its own files into it, then process 0 writes
+    ``meta.json``, renames the folder into place and prunes; it returns on every
+    process once the checkpoint is in place.
+    """
     directory = Path(directory)
     final = directory / f"{PREFIX}{epoch:04d}"
+    staged = pipelined(trainer)
+    main = not staged or trainer.rank == 0
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in _tensors(trainer).items()},
-                  str(tmp / "model.safetensors"))
-        os.chmod(tmp / "model.safetensors", file_mode())  # safetensors writes it 0600
-        torch.save({
-            "optimizers": {i: o.state_dict() for i, o in enumerate(trainer.optimizers) if o},
-            "schedulers": {i: s.state_dict() for i, s in enumerate(trainer.schedulers) if s},
-            "scalers": {i: s.state_dict() for i, s in enumerate(trainer.scalers) if s},  # fp16
-            "rng": _rng_state(),
-        }, tmp / "state.pt")
-        write_json(tmp / "meta.json", {
-            "format": FORMAT, "run_id": run_id, "epoch": epoch, "identity": identity,
-            "seconds": trainer.fit_seconds(), "history": trainer.history,
-            "observers": [o.state_dict() if hasattr(o, "state_dict") else None
-                          for o in trainer.observers],
-        })
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if staged:
+            tmp = Path(_from_main(str(tmp)))  # made before any stage writes into it
+        _write_state(trainer, tmp, epoch)
+        if staged:
+            dist.barrier()  # every stage's files are written
+        if main:
+            write_json(tmp / "meta.json", _meta(trainer, epoch, identity, run_id))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
     except BaseException:  # an interrupt or a full disk: leave no half-written folder
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:  # (a stage that fails alone leaves it to the next run that takes the folder)
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    own = [p for p in complete(directory) if run_of(p) == run_id]
-    for old in own[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        own = [p for p in complete(directory) if run_of(p) == run_id]
+        for old in own[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if staged:
+        dist.barrier()
     return final
 
 
@@ -215,13 +290,14 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = None
-              ) -> dict[str, Any]:
+def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = None,
+              stages: int = 0) -> dict[str, Any]:
     """The validated ``meta.json`` of the checkpoint at ``path``.
 
     It must be well formed, consistent with itself (its folder's epoch, the
     history's length and epochs, the run's epochs) and of this run: the same
-    identity, and the same run id when ``run_id`` is given.
+    identity, the same run id when ``run_id`` is given, and the same executor:
+    serial (``stages`` 0) or pipelined in ``stages`` processes.
 
     Raises:
         CheckpointError: unreadable, damaged, another format, or another run's.
@@ -251,6 +327,7 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
         if not ok(meta.get(key)):
             raise CheckpointError(f"{where} is damaged: meta.json has a bad or missing "
                                   f"{key!r} ({_short(meta.get(key), 40)})")
+    _check_executor(meta, stages, where)
     differs = differences(identity, meta["identity"])
     if differs:
         shown = "; ".join(f"{k} is {_short(t)} there, {_short(o)} here" for k, t, o in differs[:4])
@@ -273,17 +350,66 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
     return meta
 
 
+def _check_executor(meta: dict[str, Any], stages: int, where: str) -> None:
+    """A serial checkpoint resumes a serial run; a pipelined one, a run of as many stages."""
+    cut = meta.get("stages")
+    if cut is None:
+        if stages:
+            raise CheckpointError(f"{where} was saved by a serial run; resume it without "
+                                  "--parallel parts")
+        return
+    if not (isinstance(cut, list) and cut and all(isinstance(s, list) and s for s in cut)
+            and [i for s in cut for i in s] == list(range(sum(map(len, cut))))):
+        raise CheckpointError(f"{where} is damaged: meta.json has a bad 'stages' "
+                              f"({_short(cut, 40)})")
+    if not stages:
+        raise CheckpointError(f"{where} was saved by a pipelined run of {len(cut)} stages; "
+                              "resume it with --parallel parts under torchrun "
+                              f"--nproc_per_node {len(cut)}")
+    if len(cut) != stages:
+        raise CheckpointError(f"{where} was saved by a pipelined run of {len(cut)} stages, one "
+                              f"per process; this run has {stages}: resume it under torchrun "
+                              f"--nproc_per_node {len(cut)}")
+
+
+def saved_stages(directory: str | Path, identity: dict[str, Any], stages: int
+                 ) -> list[list[int]] | None:
+    """The stage cut of the newest checkpoint in ``directory`` (None if there is none), as
+    process 0 reads it, on every process of a pipelined run of ``stages`` processes: a
+    resumed run cuts its parts as the run it continues did.
+
+    Raises:
+        CheckpointError: on every process, when the newest checkpoint is damaged, another
+            run's, or not of a pipelined run of ``stages`` processes.
+    """
+    answer: tuple[str, Any] = ("cut", None)
+    if dist.get_rank() == 0:
+        found = complete(directory)
+        try:
+            if found:
+                answer = ("cut", read_meta(found[-1], identity, stages=stages)["stages"])
+        except CheckpointError as err:
+            answer = ("error", str(err))
+    kind, value = _from_main(answer)
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
 def _check_state(trainer, state: Any, epoch: int, where: str) -> None:
     """``state.pt`` must hold the optimizers of exactly the parts still training after
-    ``epoch``, each having taken that many epochs' steps."""
+    ``epoch`` (on a pipeline's stage: of its own parts), each having taken that many
+    epochs' steps."""
+    name = _files(trainer)[1]
     if not (isinstance(state, dict) and {"optimizers", "schedulers", "rng"} <= state.keys()
             and isinstance(state["optimizers"], dict) and isinstance(state["schedulers"], dict)
             and isinstance(state["rng"], dict)):
-        raise CheckpointError(f"{where} is damaged: state.pt lacks the optimizer, scheduler "
+        raise CheckpointError(f"{where} is damaged: {name} lacks the optimizer, scheduler "
                               "or RNG states")
     done, later = trainer.schedule[:epoch], trainer.schedule[epoch:]
-    expected = {i for i, part in enumerate(trainer.parts)
-                if any(p.requires_grad for p in part.parameters())
+    held = trainer.mine if pipelined(trainer) else range(len(trainer.parts))
+    expected = {i for i in held
+                if any(p.requires_grad for p in trainer.parts[i].parameters())
                 and any(i in s for s in done) and any(i in s for s in later)}
     if set(state["optimizers"]) != expected or set(state["schedulers"]) != expected:
         raise CheckpointError(f"{where} is damaged: its optimizer states are of parts "
@@ -317,34 +443,71 @@ def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None
     """Restore ``trainer`` from the checkpoint at ``path``; returns the epoch it ends.
 
     Everything is validated (:func:`read_meta`, the saved state against the
-    epoch) before anything is restored.
+    epoch) before anything is restored. A pipelined trainer's every process
+    calls it, each restoring its own stage; if any fails, all raise its error.
 
     Raises:
         CheckpointError: a damaged file, another format, or another run's checkpoint.
     """
-    path = Path(path)
+    if not pipelined(trainer):
+        return _load(trainer, Path(path), identity, run_id)
+    try:
+        epoch, error = _load(trainer, Path(path), identity, run_id), None
+    except CheckpointError as err:
+        epoch, error = 0, str(err)
+    errors: list[str | None] = [None] * trainer.stages_count
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise CheckpointError(first)
+    return epoch
+
+
+def _restore_optimizers(trainer, state: dict[str, Any]) -> None:
+    """The saved parts' optimizers and schedules (and fp16 scalers); the serial loop's parts
+    are made active or frozen as they were when saved."""
+    if pipelined(trainer):  # every part trains in every epoch: none to activate or freeze
+        for i in state["optimizers"]:
+            trainer.optimizers[i].load_state_dict(state["optimizers"][i])
+            trainer.schedulers[i].load_state_dict(state["schedulers"][i])
+        return
+    for i in range(len(trainer.parts)):
+        if i in state["optimizers"]:  # the parts that were training when it was saved
+            trainer.activate(i)
+            trainer.optimizers[i].load_state_dict(state["optimizers"][i])
+            trainer.schedulers[i].load_state_dict(state["schedulers"][i])
+            if trainer.scalers[i] is not None:
+                trainer.scalers[i].load_state_dict(state["scalers"][i])
+        else:
+            trainer.deactivate(i)
+
+
+def _load(trainer, path: Path, identity: dict[str, Any], run_id: str | None) -> int:
     where = f"checkpoint {str(path)!r}"
-    meta = read_meta(path, identity, run_id)
+    staged = pipelined(trainer)
+    meta = read_meta(path, identity, run_id, len(trainer.stages) if staged else 0)
     epoch = meta["epoch"]
-    weights = _read(path / "model.safetensors", lambda f: load_file(str(f)), where)
-    state = _read(path / "state.pt", lambda f: torch.load(f, weights_only=True), where)
+    weights_file, state_file = _files(trainer)
+    if staged:
+        if meta["stages"] != trainer.stages:
+            raise CheckpointError(f"{where} cuts the parts into stages {meta['stages']}, this "
+                                  f"run into {trainer.stages}")
+        for name in (weights_file, state_file):
+            if not (path / name).is_file():
+                raise CheckpointError(f"{where} has no {name}: every process must see the one "
+                                      "checkpoint folder (one machine, or a shared file system)")
+    weights = _read(path / weights_file, lambda f: load_file(str(f)), where)
+    state = _read(path / state_file, lambda f: torch.load(f, weights_only=True), where)
     own = _tensors(trainer)
     if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
-        raise CheckpointError(f"{where} holds other weights than this model's")
+        raise CheckpointError(f"{where} holds other weights than this "
+                              f"{'stage' if staged else 'model'}'s")
     _check_state(trainer, state, epoch, where)
     try:
         with torch.no_grad():
             for name, t in own.items():
                 t.copy_(weights[name])
-        for i in range(len(trainer.parts)):  # the parts that were training when it was saved
-            if i in state["optimizers"]:
-                trainer.activate(i)
-                trainer.optimizers[i].load_state_dict(state["optimizers"][i])
-                trainer.schedulers[i].load_state_dict(state["schedulers"][i])
-                if trainer.scalers[i] is not None:
-                    trainer.scalers[i].load_state_dict(state["scalers"][i])
-            else:
-                trainer.deactivate(i)
+        _restore_optimizers(trainer, state)
         _set_rng_state(state["rng"])
         for obs, obs_state in zip(trainer.observers, meta["observers"], strict=False):
             if obs_state is not None and hasattr(obs, "load_state_dict"):

@@ -168,8 +168,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   split_after=args.split_after)
     observers = (checked.plane,) if checked.plane is not None else ()
     if args.parallel == "parts":
+        cut = None  # a resumed run cuts its stages as the run it continues did
+        if args.resume:
+            from .checkpoint import saved_stages
+
+            cut = saved_stages(args.checkpoint_dir, checked.identity, accelerator.num_processes)
         trainer = PipelineTrainer(stack, checked.rule, data, checked.config, accelerator,
-                                  observers, balance_by=args.stage_balance)
+                                  observers, balance_by=args.stage_balance, stages=cut)
     else:
         trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers)
     # The files are taken (and checked again, now under their locks) just before the

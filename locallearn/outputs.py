@@ -180,7 +180,10 @@ def resumed_run(args: argparse.Namespace, identity: dict[str, Any], probe: bool 
             f"checkpoint folder {str(folder)!r} holds another run's checkpoints "
             f"({', '.join(p.name for p in found[-3:])}); pass --resume to continue that run, "
             "or choose an empty --checkpoint-dir")
-    return read_meta(found[-1], identity)["run_id"]
+    # A pipelined run resumes a pipelined checkpoint of as many processes, a serial run a
+    # serial one (torchrun's WORLD_SIZE: read before any process group exists).
+    stages = int(os.environ.get("WORLD_SIZE", "1")) if args.parallel == "parts" else 0
+    return read_meta(found[-1], identity, stages=stages)["run_id"]
 
 
 def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = True) -> None:

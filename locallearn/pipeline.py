@@ -96,9 +96,6 @@ def check_args(args: argparse.Namespace, rule: Rule) -> None:
     checks it then, still before anything is written.
     """
     check_rule(rule, args.epochs, int(os.environ.get("WORLD_SIZE", "1")))
-    if args.checkpoint_dir:
-        raise ConfigError("--parallel parts does not save checkpoints yet (each stage would "
-                          "save its own parts); drop --checkpoint-dir")
     if args.mixed_precision == "fp16":
         raise ConfigError("--parallel parts does not scale fp16 gradients per stage yet; "
                           "use --mixed-precision bf16 or no")
@@ -131,21 +128,42 @@ def balance(costs: list[float], stages: int) -> list[int]:
     return starts[::-1]
 
 
+def check_cut(stages: list[list[int]], num_parts: int, processes: int) -> None:
+    """Refuse a given stage cut that is not ``processes`` contiguous, non-empty groups of
+    the ``num_parts`` parts, in order.
+
+    Raises:
+        ConfigError: naming the cut, the part count and the process count.
+    """
+    ok = (len(stages) == processes and all(stages)
+          and [i for stage in stages for i in stage] == list(range(num_parts)))
+    if not ok:
+        raise ConfigError(f"stage cut {stages} does not split {num_parts} parts into "
+                          f"{processes} contiguous stages, one per process")
+
+
 class PipelineTrainer:
     """Trains a BlockStack by a rule, one stage of its parts per process.
 
     Same arguments and results as :class:`~locallearn.trainer.Trainer`
     (``fit()`` returns the run record's results; ``history``, ``parts`` and
-    ``stack`` are there for the record). Every process builds the whole
+    ``stack`` are there for the record; ``start_epoch``, ``elapsed`` and
+    ``fit_seconds()`` for a checkpoint and its resume). Every process builds the whole
     network on the host, so initial weights are the serial run's without
     sending any; then it keeps its stage's parts on its device and moves the
     others' tensors to the ``meta`` device (freed; shapes kept for the
     record's parameter counts).
+
+    Args:
+        stages: the part indices of each stage, to use instead of a measured cut: a
+            resumed run's, from its checkpoint (a new measurement could cut otherwise).
+            Every process must pass the same.
     """
 
     def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
                  accelerator: Accelerator, observers: tuple[Observer, ...] = (),
-                 balance_by: Literal["time", "memory"] = "time"):
+                 balance_by: Literal["time", "memory"] = "time",
+                 stages: list[list[int]] | None = None):
         if balance_by not in ("time", "memory"):
             raise ConfigError(f"unknown stage balance {balance_by!r}; valid: time, memory")
         self.stack, self.rule, self.data, self.config = stack, rule, data, config
@@ -160,10 +178,17 @@ class PipelineTrainer:
         check_rule(rule, config.epochs, self.stages_count, len(self.parts))
         self.dropped_images = dropped_images(len(data.train_labels), config.batch_size)
         self._check_batches()
-        self.costs = self._measure_costs()
-        starts = balance(self.costs, self.stages_count)
-        ends = [*starts[1:], len(self.parts)]
-        self.stages = [list(range(a, b)) for a, b in zip(starts, ends, strict=True)]
+        if stages is None:
+            self.costs: list[float] | None = self._measure_costs()
+            starts = balance(self.costs, self.stages_count)
+            ends = [*starts[1:], len(self.parts)]
+            stages = [list(range(a, b)) for a, b in zip(starts, ends, strict=True)]
+        else:
+            self.costs = None  # not measured: the cut is given
+            check_cut(stages, len(self.parts), self.stages_count)
+        self.stages = [list(s) for s in stages]
+        # Which parts train when, as the serial Trainer says it: all, in every epoch.
+        self.schedule = [list(range(len(self.parts)))] * config.epochs
         self.mine = self.stages[self.rank]
         for i, part in enumerate(self.parts):
             part.to(acc.device if i in self.mine else "meta")
@@ -192,6 +217,8 @@ class PipelineTrainer:
                               "--no-plane")
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.elapsed = 0.0  # seconds fit() ran before this process (a resumed run)
+        self._fit_start: float | None = None
         self.waited = 0.0  # seconds this stage waited for messages, this epoch
 
     #: The information plane asks this trainer to run the probe through its stages.
@@ -233,6 +260,11 @@ class PipelineTrainer:
         gathered: list[Any] = [None] * self.stages_count
         dist.all_gather_object(gathered, entries)
         return sorted((e for stage in gathered for e in stage), key=lambda e: e["block"])
+
+    def fit_seconds(self) -> float:
+        """Seconds of fitting so far, earlier processes of a resumed run included."""
+        now = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self.elapsed + now
 
     def _check_batches(self) -> None:
         """Refuse what the serial loop refuses: no training batch, or batches of one image
@@ -350,7 +382,7 @@ class PipelineTrainer:
         cfg = self.config
         for obs in self.observers:
             obs.on_fit_start(self)
-        t_fit = time.perf_counter()
+        self._fit_start = time.perf_counter()
         for epoch in range(self.start_epoch, cfg.epochs):
             entry = self._train_epoch(epoch)
             t0 = time.perf_counter()
@@ -366,7 +398,7 @@ class PipelineTrainer:
                            f"| per depth {blocks}")
         last = self.history[-1]
         result = {"test_acc": last["test_acc"], "block_acc": last["block_acc"],
-                  "history": self.history, "seconds": round(time.perf_counter() - t_fit, 3)}
+                  "history": self.history, "seconds": round(self.fit_seconds(), 3)}
         for obs in self.observers:
             obs.on_fit_end(self, result)
         return result

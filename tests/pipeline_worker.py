@@ -2,6 +2,7 @@
 
     python tests/pipeline_worker.py serial MODEL[,MODEL] OUT_DIR
     torchrun --nproc_per_node K tests/pipeline_worker.py parts-time|parts-memory MODEL[,MODEL] OUT
+        [RESUMED]
 
 MODEL is ``vit`` (a tiny ViT) or ``cnn`` (resnet32_cifar in 3 blocks), trained by
 ``layerwise``, or ``MODEL:RULE`` for another rule (``cnn:infopro``: its decoder reads
@@ -9,8 +10,16 @@ the network input from the step context, which crosses the stages). Each process
 saves, for each model, the parameters and buffers of the parts it trained, by part index:
 one launch trains several models, as starting Python costs more here than training.
 Every run measures the information plane too (each stage its own blocks).
+
+The pipelined run of the model named RESUMED saves a checkpoint after each epoch
+(``OUT/ckpt-MODEL``); then, in the same processes, a fresh trainer resumes from the
+epoch-1 checkpoint alone (copied to ``OUT/resumed-MODEL``) as ``run.py --resume``
+does (the saved stage cut, :meth:`Checkpointer.resume`), trains epoch 2, and its
+weights are saved too (``"resumed"``); last, every process tries a copy of that
+checkpoint whose stage-1 weights are cut short (``"damaged"``: the error it got).
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,9 +27,12 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from locallearn import TrainConfig, Trainer, create_rule, load_dataset, split
+from locallearn import TrainConfig, Trainer, checkpoint, create_rule, load_dataset, split
 from locallearn.analysis import InformationPlane
 from locallearn.pipeline import PipelineTrainer
+
+IDENTITY = {"test": "pipeline_worker"}  # what the checkpoints must match
+RUN_ID = "pipeline-worker"
 
 
 def build(model: str, data):
@@ -34,38 +46,80 @@ def build(model: str, data):
     return split(net, "stage", 3, input_size=data.image_size)
 
 
-def train(mode: str, spec: str, accelerator: Accelerator) -> dict:
+def setup(spec: str):
+    """The stack, rule, data and loop settings of ``spec`` (``MODEL[:RULE]``), built afresh."""
     model, _, rule = spec.partition(":")
     data = load_dataset("synthetic", train_subset=64, test_subset=40, seed=0)
-    stack = build(model, data)
     # Two epochs: the data order is reseeded and the test set evaluated in between.
     config = TrainConfig(epochs=2, batch_size=16, lr=0.05, schedule="cosine", progress=False)
-    rule = create_rule(rule or "layerwise")
+    return build(model, data), create_rule(rule or "layerwise"), data, config
+
+
+def weights(trainer, parts) -> dict[int, torch.Tensor]:
+    """The float parameters and buffers of ``parts``, each part's as one float64 vector."""
+    return {i: torch.cat([t.detach().double().flatten() for t in
+                          [*trainer.parts[i].parameters(), *trainer.parts[i].buffers()]
+                          if t.is_floating_point()])
+            for i in parts}
+
+
+def train(mode: str, spec: str, accelerator: Accelerator, checkpoints: Path | None = None
+          ) -> dict:
+    stack, rule, data, config = setup(spec)
     # The plane on 24 probe images in batches of 10: measured at epochs 0, 1 and 2.
     plane = InformationPlane(probe_size=24, batch_size=10)
     if mode == "serial":
         trainer = Trainer(stack, rule, data, config, accelerator, (plane,))
     else:  # parts-time or parts-memory: how the stages are balanced
-        trainer = PipelineTrainer(stack, rule, data, config, accelerator, (plane,),
+        saver = (checkpoint.Checkpointer(checkpoints, 2, IDENTITY, RUN_ID),) if checkpoints \
+            else ()
+        trainer = PipelineTrainer(stack, rule, data, config, accelerator, (plane, *saver),
                                   balance_by=mode.removeprefix("parts-"))
     result = trainer.fit()
     mine = range(len(trainer.parts)) if mode == "serial" else trainer.mine
-    state = {i: torch.cat([t.detach().double().flatten() for t in
-                           [*trainer.parts[i].parameters(), *trainer.parts[i].buffers()]
-                           if t.is_floating_point()])
-             for i in mine}
-    return {"parts": state, "test_acc": result["test_acc"], "block_acc": result["block_acc"],
-            "history": result["history"], "num_parts": len(trainer.parts),
-            "plane": plane.entries}
+    out = {"parts": weights(trainer, mine), "test_acc": result["test_acc"],
+           "block_acc": result["block_acc"], "history": result["history"],
+           "num_parts": len(trainer.parts), "plane": plane.entries}
+    if checkpoints:
+        out |= resume(spec, accelerator, checkpoints)
+    return out
 
 
-def main(mode: str, models: str, out: Path) -> None:
+def resume(spec: str, accelerator: Accelerator, checkpoints: Path) -> dict:
+    """Resume ``spec``'s run after epoch 1 in a fresh trainer, as ``run.py --resume`` does."""
+    folder = checkpoints.parent / f"resumed-{spec}"
+    damaged = checkpoints.parent / f"damaged-{spec}"
+    if accelerator.is_main_process:  # epoch 1's checkpoint alone, so it is the newest there
+        shutil.copytree(checkpoints / "epoch0001", folder / "epoch0001")
+        shutil.copytree(checkpoints / "epoch0001", damaged / "epoch0001")
+        stage1 = damaged / "epoch0001" / "stage1.safetensors"
+        stage1.write_bytes(stage1.read_bytes()[:100])
+    accelerator.wait_for_everyone()
+    stack, rule, data, config = setup(spec)
+    cut = checkpoint.saved_stages(folder, IDENTITY, accelerator.num_processes)
+    saver = checkpoint.Checkpointer(folder, 2, IDENTITY, RUN_ID)
+    trainer = PipelineTrainer(stack, rule, data, config, accelerator, (saver,), stages=cut)
+    start = saver.resume(trainer)
+    result = trainer.fit()
+    resumed = {"parts": weights(trainer, trainer.mine), "start_epoch": start,
+               "stages": trainer.stages, "history": list(result["history"])}
+    try:  # every process must refuse it, though only stage 1's file is damaged
+        checkpoint.load(trainer, damaged / "epoch0001", IDENTITY, RUN_ID)
+        error = None
+    except checkpoint.CheckpointError as err:
+        error = str(err)
+    return {"resumed": resumed, "damaged": error}
+
+
+def main(mode: str, models: str, out: Path, resumed: str | None = None) -> None:
     accelerator = Accelerator(cpu=True)
-    results = {model: train(mode, model, accelerator) for model in models.split(",")}
+    results = {model: train(mode, model, accelerator,
+                            out / f"ckpt-{model}" if model == resumed else None)
+               for model in models.split(",")}
     torch.save(results, out / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), *sys.argv[4:5])

@@ -2,11 +2,14 @@
 
 Pipelining changes when a stage works, not what it computes: stage k's forward
 of batch t uses its weights after t updates in both executors, on the same
-batch, so every part's final parameters and buffers equal the serial run's.
+batch, so every part's final parameters and buffers equal the serial run's. A
+pipelined run saves a checkpoint per stage, and one resumed from it ends with the
+same weights as the run that was never stopped.
 """
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +22,7 @@ WORKER = str(ROOT / "tests" / "pipeline_worker.py")
 # Layer norm; batch norm (whose buffers must match too); InfoPro, whose decoder rebuilds
 # the network input from the step context, which must cross the stages whole.
 MODELS = "vit,cnn,cnn:infopro"
+RESUMED = "cnn"  # checkpointed and resumed: batch norm's buffers, momentum, a cosine schedule
 
 
 def _free_port() -> int:
@@ -27,9 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode, processes, out):
+def _run(mode, processes, out, *extra):
     out.mkdir()
-    cmd = [sys.executable, WORKER, mode, MODELS, str(out)]
+    cmd = [sys.executable, WORKER, mode, MODELS, str(out), *extra]
     if processes > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
@@ -56,9 +60,26 @@ def serial():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def pipelined(tmp_path_factory):
+    """``launch(stages, balance_by)``: the pipelined workers' results and output folder,
+    each launch run once. The 2-stage one also checkpoints ``RESUMED``'s run and resumes
+    it (one torchrun start less than a launch of its own)."""
+    done = {}
+
+    def launch(stages, balance_by):
+        if (stages, balance_by) not in done:
+            out = tmp_path_factory.mktemp(f"parts-{stages}") / "run"
+            extra = [RESUMED] if stages == 2 else []
+            done[stages, balance_by] = _run(f"parts-{balance_by}", stages, out, *extra), out
+        return done[stages, balance_by]
+
+    return launch
+
+
 @pytest.mark.parametrize("stages, balance_by", [(2, "time"), (3, "memory")])
-def test_pipelined_stages_give_the_serial_weights(serial, tmp_path, stages, balance_by):
-    ranks = _run(f"parts-{balance_by}", stages, tmp_path / "parts")
+def test_pipelined_stages_give_the_serial_weights(serial, pipelined, stages, balance_by):
+    ranks, _ = pipelined(stages, balance_by)
     for model in MODELS.split(","):
         expected = serial[model]
         got = {}
@@ -94,11 +115,72 @@ def test_pipelined_stages_give_the_serial_weights(serial, tmp_path, stages, bala
         assert all(r[model]["plane"] == [] for r in ranks[1:])
 
 
+def test_a_pipelined_run_resumed_from_its_checkpoint_gives_the_same_weights(pipelined):
+    from safetensors.torch import load_file
+
+    ranks, out = pipelined(2, "time")
+    for rank in ranks:
+        run, resumed = rank[RESUMED]["parts"], rank[RESUMED]["resumed"]
+        assert resumed["start_epoch"] == 1 and len(resumed["history"]) == 2
+        assert sorted(resumed["parts"]) == sorted(run)
+        for i, weights in run.items():
+            # Zero tolerance: resuming restores bits (safetensors and torch.save copy them),
+            # and epoch 2 then runs the same operations in the same order on one thread; any
+            # difference is a piece of state (a buffer, a momentum, the schedule, the RNG)
+            # that was not restored.
+            assert torch.equal(resumed["parts"][i], weights), f"part {i}"
+        # Each process refused the damaged copy, though only stage 1's file is damaged.
+        assert "stage1.safetensors cannot be read safely" in rank[RESUMED]["damaged"]
+    history = ranks[0][RESUMED]["history"]
+    names = history[0]["trained_parts"]
+    for epoch in (1, 2):
+        folder = out / f"ckpt-{RESUMED}" / f"epoch{epoch:04d}"
+        meta = json.loads((folder / "meta.json").read_text())
+        cut = meta["stages"]
+        assert [[names[i] for i in stage] for stage in cut] == history[epoch - 1]["stages"]
+        assert cut == ranks[0][RESUMED]["resumed"]["stages"]  # the resumed run's cut: saved
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "meta.json", "stage0.pt", "stage0.safetensors", "stage1.pt", "stage1.safetensors"]
+        for r, parts in enumerate(cut):  # each stage wrote its own parts, and only those
+            held = {name.split(".")[0] for name in load_file(folder / f"stage{r}.safetensors")}
+            assert held == {f"part{i}" for i in parts}
+            state = torch.load(folder / f"stage{r}.pt", weights_only=True)
+            # Optimizers of the parts that train on; none after the run's last epoch.
+            assert sorted(state["optimizers"]) == (parts if epoch == 1 else [])
+
+
+def _meta(folder, **fields):
+    """A checkpoint's meta.json alone, enough for :func:`checkpoint.read_meta`."""
+    folder.mkdir()
+    meta = {"format": 2, "run_id": "r", "epoch": 1, "identity": {}, "seconds": 1.0,
+            "history": [{"epoch": 1}], "observers": []} | fields
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("saved, resuming, message", [
+    ([[0, 1], [2]], 0, "was saved by a pipelined run of 2 stages; resume it with --parallel "
+                       "parts under torchrun --nproc_per_node 2"),
+    ([[0, 1], [2]], 3, "was saved by a pipelined run of 2 stages, one per process; this run "
+                       "has 3: resume it under torchrun --nproc_per_node 2"),
+    (None, 2, "was saved by a serial run; resume it without --parallel parts"),
+    ([[0, 2], [1]], 2, "is damaged: meta.json has a bad 'stages'"),
+    ([[0, 1], []], 2, "is damaged: meta.json has a bad 'stages'"),
+], ids=["pipelined by serial", "other process count", "serial by pipelined",
+        "stages out of order", "empty stage"])
+def test_a_checkpoint_resumes_only_the_executor_that_saved_it(tmp_path, saved, resuming,
+                                                               message):
+    from locallearn.checkpoint import CheckpointError, read_meta
+
+    folder = _meta(tmp_path / "epoch0001", **({} if saved is None else {"stages": saved}))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        read_meta(folder, {}, stages=resuming)
+
+
 REFUSED = [  # (processes, arguments, what the one line says)
     (1, ["--rule", "layerwise", "--no-plane"], "start run.py with torchrun --nproc_per_node P"),
     (2, ["--rule", "sequential", "--no-plane"], "rule 'sequential' does not train all its parts"),
     (2, ["--rule", "forward_forward", "--no-plane"], "combines every part's output"),
-    (2, ["--rule", "layerwise", "--no-plane", "--checkpoint-dir", "ckpt"], "checkpoints yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--mixed-precision", "fp16"], "fp16"),
     (2, ["--rule", "layerwise", "--no-plane", "--channels-last"], "--channels-last yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--compile", "default"], "--compile yet"),
@@ -157,13 +239,14 @@ def test_stages_are_contiguous_nonempty_and_minimise_the_slowest(costs, stages, 
     assert balance(costs, stages) == starts
 
 
-def test_a_pipelined_run_writes_a_normal_record(tmp_path):
+def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
+    args = ["--rule", "layerwise", "--model", "resnet32_cifar", "--blocks", "2",
+            "--dataset", "synthetic", "--train-subset", "64", "--test-subset", "40",
+            "--epochs", "1", "--batch-size", "16", "--probe-size", "32", "--no-progress",
+            "--output", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", "--rule", "layerwise",
-           "--model", "resnet32_cifar", "--blocks", "2", "--dataset", "synthetic",
-           "--train-subset", "64", "--test-subset", "40", "--epochs", "1", "--batch-size", "16",
-           "--probe-size", "32", "--no-progress", "--output", str(tmp_path / "runs"),
+           str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", *args,
            "--stage-balance", "memory"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -194,6 +277,22 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path):
     assert undocumented(record, "record") == []
     assert {n for n, row in documented("history[]").items() if row["when"] == "parallel"} \
         <= entry.keys()
+    # Each stage saved its own parts; the checkpoint resumes a pipelined run of 2 processes
+    # only (refused before anything is built: one line, exit status 2).
+    (folder,) = (tmp_path / "ckpt").glob("epoch*")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "meta.json", "stage0.pt", "stage0.safetensors", "stage1.pt", "stage1.safetensors"]
+    from locallearn.cli import main
+
+    before = sorted(tmp_path.rglob("*"))
+    for processes, parallel, message in (
+            (1, [], "saved by a pipelined run of 2 stages; resume it with --parallel parts"),
+            (3, ["--parallel", "parts"], "this run has 3: resume it under torchrun")):
+        monkeypatch.setenv("WORLD_SIZE", str(processes))
+        assert main([*args, *parallel, "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 class _Wire:
