@@ -17,6 +17,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 from conftest import ROOT
@@ -89,31 +90,48 @@ def test_example_runs_as_written(page, command, tmp_path, cifar10_path, capsys, 
         (tmp_path / name).write_text(tutorial_code(doc, block))
     argv = command.split("benchmarks/run.py", 1)[1].split()
     script = str(ROOT / "benchmarks" / "run.py")
-    if not command.startswith("torchrun") and "--plugin" not in argv:
-        # python or a one-process accelerate launch: run.py's main, in this process (a
-        # plugin's registrations would outlive the test, so those get their own process)
+    if not command.startswith("torchrun"):
+        # python or a one-process accelerate launch: run.py's main, in this process; a
+        # plugin's registrations are undone after it (they would outlive the test)
         from locallearn.cli import main
 
         monkeypatch.chdir(tmp_path)
-        status = main(argv)
+        with plugins_undone():
+            status = main(argv)
         out = capsys.readouterr()
         assert status == 0, out.err[-3000:]
         check_outcome(command, out.out, tmp_path)
         return
-    if command.startswith("torchrun"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = shlex.split(command.split("benchmarks/run.py")[0])[1:]
-        cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--master_addr",
-               "127.0.0.1", "--master_port", str(port), script, *argv]
-    else:
-        cmd = [sys.executable, script, *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if command.startswith("torchrun") else None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = shlex.split(command.split("benchmarks/run.py")[0])[1:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--master_addr",
+           "127.0.0.1", "--master_port", str(port), script, *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     check_outcome(command, done.stdout, tmp_path)
+
+
+@contextmanager
+def plugins_undone():
+    """Restore the rule, head and loss registries and drop the plugin modules loaded
+    inside, so the next example (or test) sees only the built-in ones."""
+    from locallearn.plugins import REGISTRIES
+
+    kept = [dict(registry._entries) for registry in REGISTRIES]
+    modules = set(sys.modules)
+    try:
+        yield
+    finally:
+        for registry, entries in zip(REGISTRIES, kept, strict=True):
+            registry._entries.clear()
+            registry._entries.update(entries)
+        for name in set(sys.modules) - modules:
+            if name.startswith("locallearn_plugin_"):
+                del sys.modules[name]
 
 
 def check_outcome(command: str, stdout: str, folder) -> None:
