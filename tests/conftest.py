@@ -1,5 +1,8 @@
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +25,45 @@ def image_cache(tmp_path_factory) -> Path:
     one folder for the session."""
     path = os.environ.get("LOCALLEARN_CACHE")
     return Path(path) if path else tmp_path_factory.mktemp("image-cache")
+
+
+@contextmanager
+def plugins_undone():
+    """Restore the rule, head and loss registries and drop the plugin modules loaded
+    inside, so what runs next sees only the built-in ones."""
+    from locallearn.plugins import REGISTRIES
+
+    kept = [dict(registry._entries) for registry in REGISTRIES]
+    modules = set(sys.modules)
+    try:
+        yield
+    finally:
+        for registry, entries in zip(REGISTRIES, kept, strict=True):
+            registry._entries.clear()
+            registry._entries.update(entries)
+        for name in set(sys.modules) - modules:
+            if name.startswith("locallearn_plugin_"):
+                del sys.modules[name]
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """``run.py``'s ``main`` in this process, with its plugins undone after: a command-line
+    run without the seconds a new Python takes to import torch and timm. Returns what
+    ``subprocess.run`` would (``returncode``, ``stdout``, ``stderr``). Tests of the script's
+    own process (its exit status, signals, launchers) start it as a subprocess instead."""
+    from locallearn.cli import main
+
+    def run(*args, cwd: Path | None = None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        with plugins_undone():
+            status = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
+
+    return run
 
 
 # The edit-test loop's subset, `python -m pytest -m "not slow"`, leaves out the modules

@@ -1,4 +1,5 @@
-"""The command users run, exercised as a subprocess: records, summaries and bad input."""
+"""The command users run: records, summaries and bad input, through the script (a subprocess)
+or, where the process itself is not what is tested, its main in this process (run_main)."""
 
 import json
 import subprocess
@@ -101,17 +102,17 @@ def test_bad_input_through_the_script_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_missing_data_without_network_says_how_to_supply_it(tmp_path):
-    out = run_cli("--dataset", "cifar10", "--data-root", tmp_path / "none", "--output",
-                  tmp_path / "runs")
+def test_missing_data_without_network_says_how_to_supply_it(tmp_path, run_main):
+    out = run_main("--dataset", "cifar10", "--data-root", tmp_path / "none", "--output",
+                   tmp_path / "runs")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert "imagefolder:" in line
     assert not (tmp_path / "runs").exists()
 
 
-def test_list_rules_names_every_rule():
-    out = run_cli("--list-rules")
+def test_list_rules_names_every_rule(run_main):
+    out = run_main("--list-rules")
     assert out.returncode == 0
     assert "e2e" in out.stdout and "layerwise" in out.stdout and "Sakamoto" in out.stdout
     # the summaries start in one column, after the longest name and two spaces
@@ -120,10 +121,10 @@ def test_list_rules_names_every_rule():
     assert all(line[width:width + 2] == "  " and line[width + 2] != " " for line in lines)
 
 
-def test_divergence_writes_a_diverged_record_and_exits_non_zero(tmp_path):
-    out = run_cli("--rule", "layerwise", "--dataset", "synthetic", "--epochs", "2", "--lr",
-                  "1e12", "--momentum", "0", "--batch-size", "32", "--no-plane", "--no-progress",
-                  "--output", tmp_path)
+def test_divergence_writes_a_diverged_record_and_exits_non_zero(tmp_path, run_main):
+    out = run_main("--rule", "layerwise", "--dataset", "synthetic", "--epochs", "2", "--lr",
+                   "1e12", "--momentum", "0", "--batch-size", "32", "--no-plane", "--no-progress",
+                   "--output", tmp_path)
     assert out.returncode == 3 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert "rule 'layerwise' diverged: part" in line and "step" in line
@@ -132,9 +133,9 @@ def test_divergence_writes_a_diverged_record_and_exits_non_zero(tmp_path):
     assert record["error"] == line.removeprefix("run.py: error: ")
 
 
-def test_a_loss_above_the_bound_counts_as_divergence(tmp_path):
-    out = run_cli("--rule", "e2e", "--dataset", "synthetic", "--epochs", "1", "--max-loss",
-                  "0.5", "--batch-size", "32", "--no-plane", "--no-progress", "--output", tmp_path)
+def test_a_loss_above_the_bound_counts_as_divergence(tmp_path, run_main):
+    out = run_main("--rule", "e2e", "--dataset", "synthetic", "--epochs", "1", "--max-loss",
+                   "0.5", "--batch-size", "32", "--no-plane", "--no-progress", "--output", tmp_path)
     assert out.returncode == 3
     (line,) = out.stderr.strip().splitlines()
     assert "part 'e2e' has a mean loss of" in line and "above --max-loss 0.5" in line

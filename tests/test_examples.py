@@ -17,10 +17,9 @@ import shlex
 import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, plugins_undone
 from test_plugins import tutorial_code
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -113,25 +112,6 @@ def test_example_runs_as_written(page, command, tmp_path, cifar10_path, capsys, 
                           env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     check_outcome(command, done.stdout, tmp_path)
-
-
-@contextmanager
-def plugins_undone():
-    """Restore the rule, head and loss registries and drop the plugin modules loaded
-    inside, so the next example (or test) sees only the built-in ones."""
-    from locallearn.plugins import REGISTRIES
-
-    kept = [dict(registry._entries) for registry in REGISTRIES]
-    modules = set(sys.modules)
-    try:
-        yield
-    finally:
-        for registry, entries in zip(REGISTRIES, kept, strict=True):
-            registry._entries.clear()
-            registry._entries.update(entries)
-        for name in set(sys.modules) - modules:
-            if name.startswith("locallearn_plugin_"):
-                del sys.modules[name]
 
 
 def check_outcome(command: str, stdout: str, folder) -> None:

@@ -1,15 +1,14 @@
-"""Rules from outside the package: the docs' tutorial rule through --plugin, and bad plugins."""
+"""Rules from outside the package: the docs' tutorial rule through --plugin, and bad plugins.
+
+The runs call run.py's main in this process (conftest's ``run_main``), which undoes
+their plugins' registrations after each."""
 
 import json
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 from conftest import ROOT
-
-RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py")]
 
 
 def tutorial_code(page: str = "adding_a_rule.md", block: int = 0) -> str:
@@ -17,7 +16,8 @@ def tutorial_code(page: str = "adding_a_rule.md", block: int = 0) -> str:
     return re.findall(r"```python\n(.*?)```", text, re.S)[block]
 
 
-def test_loss_tutorial_runs_from_a_users_file(tmp_path):
+def test_loss_tutorial_runs_from_a_users_file(tmp_path, run_main):
+    run = run_main
     code = tutorial_code("adding_a_loss.md")
     assert len(code.strip().splitlines()) < 30  # the page promises a loss in under 30 lines
     plugin = tmp_path / "my_losses.py"
@@ -39,7 +39,8 @@ def test_loss_tutorial_runs_from_a_users_file(tmp_path):
     assert typo.returncode == 2 and "unknown option 'gama' for loss 'focal'" in typo.stderr
 
 
-def test_head_tutorial_composes_with_the_loss_under_sequential(tmp_path):
+def test_head_tutorial_composes_with_the_loss_under_sequential(tmp_path, run_main):
+    run = run_main
     (tmp_path / "my_losses.py").write_text(tutorial_code("adding_a_loss.md", 0))
     (tmp_path / "my_heads.py").write_text(tutorial_code("adding_a_loss.md", 1))
     out = run("--plugin", tmp_path / "my_heads.py", "--plugin", tmp_path / "my_losses.py",
@@ -53,12 +54,8 @@ def test_head_tutorial_composes_with_the_loss_under_sequential(tmp_path):
     assert record["params"]["auxiliary"] > 0 and len(record["history"]) == 2
 
 
-def run(*args, env=None, cwd=ROOT):
-    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env=env)
-
-
-def test_tutorial_rule_runs_through_the_cli(tmp_path):
+def test_tutorial_rule_runs_through_the_cli(tmp_path, run_main):
+    run = run_main
     plugin = tmp_path / "my_rules.py"
     plugin.write_text(tutorial_code())
     out = run("--plugin", plugin, "--rule", "random_features", "--rule-opt", "train_last=1",
@@ -75,12 +72,16 @@ def test_tutorial_rule_runs_through_the_cli(tmp_path):
     assert record["config_sources"]["batch_size"] == "command line"
 
 
-def test_plugin_as_a_module_and_in_list_rules(tmp_path):
+def test_plugin_as_a_module_and_in_list_rules(tmp_path, run_main, monkeypatch):
     (tmp_path / "mypkg").mkdir()
     (tmp_path / "mypkg" / "__init__.py").write_text("")
     (tmp_path / "mypkg" / "rules.py").write_text(tutorial_code())
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    out = run("--plugin", "mypkg.rules", "--list-rules", env=env)
+    monkeypatch.syspath_prepend(tmp_path)
+    try:
+        out = run_main("--plugin", "mypkg.rules", "--list-rules")
+    finally:  # an importable name stays imported: drop it with the path
+        for name in [n for n in sys.modules if n == "mypkg" or n.startswith("mypkg.")]:
+            del sys.modules[name]
     assert out.returncode == 0, out.stderr
     assert "random_features" in out.stdout and "e2e" in out.stdout
 
@@ -122,12 +123,12 @@ BAD_PLUGINS = {
 
 
 @pytest.mark.parametrize("case", BAD_PLUGINS)
-def test_bad_plugins_fail_in_one_line_with_status_2(tmp_path, case):
+def test_bad_plugins_fail_in_one_line_with_status_2(tmp_path, case, run_main):
     source, message = BAD_PLUGINS[case]
     path = tmp_path / f"{case}_rules.py"
     if source is not None:
         path.write_text(source)
-    out = run("--plugin", path, "--dataset", "synthetic", "--output", tmp_path / "runs")
+    out = run_main("--plugin", path, "--dataset", "synthetic", "--output", tmp_path / "runs")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
@@ -135,8 +136,8 @@ def test_bad_plugins_fail_in_one_line_with_status_2(tmp_path, case):
     assert not (tmp_path / "runs").exists()
 
 
-def test_missing_plugin_module(tmp_path):
-    out = run("--plugin", "no_such_module_xyz", "--output", tmp_path / "runs")
+def test_missing_plugin_module(tmp_path, run_main):
+    out = run_main("--plugin", "no_such_module_xyz", "--output", tmp_path / "runs")
     assert out.returncode == 2
     assert "plugin module 'no_such_module_xyz' not found" in out.stderr
 
