@@ -1,4 +1,5 @@
-"""Crash, resume, divergence and damaged files, through the real command line."""
+"""Crash, resume, divergence and damaged files, through the real command line (the
+killed run in a process of its own; the others through run.py's main in this process)."""
 
 import json
 import signal
@@ -10,8 +11,9 @@ import pytest
 from conftest import ROOT
 
 RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py")]
-BASE = ["--rule", "sequential", "--dataset", "synthetic", "--epochs", "4", "--blocks", "2",
-        "--batch-size", "32", "--probe-size", "64", "--no-progress"]
+BASE = ["--rule", "sequential", "--model", "resnet32_cifar", "--dataset", "synthetic",
+        "--epochs", "4", "--blocks", "2", "--batch-size", "32", "--probe-size", "64",
+        "--no-progress"]
 TIMING = {"seconds", "images_per_s", "eval_seconds", "started", "path", "plane_config",
           "seconds_per_epoch", "run_id"}  # run_id: each run has its own
 
@@ -40,9 +42,13 @@ def record_of(folder):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """The run that is never stopped, by run.py's main in this process (the killed run
+    is a process of its own)."""
+    from locallearn.cli import main
+
     folder = tmp_path_factory.mktemp("whole")
-    out = run(*BASE, "--output", folder / "runs", "--checkpoint-dir", folder / "ckpt")
-    assert out.returncode == 0, out.stderr
+    assert main([*BASE, "--output", str(folder / "runs"), "--checkpoint-dir",
+                 str(folder / "ckpt")]) == 0
     return folder
 
 
@@ -68,8 +74,8 @@ def test_killed_and_resumed_run_gives_the_same_record(tmp_path, uninterrupted):
     assert results(resumed) == results(whole)
 
 
-def test_same_seed_same_record(tmp_path, uninterrupted):
-    out = run(*BASE, "--output", tmp_path / "runs", "--checkpoint-dir", tmp_path / "ckpt")
+def test_same_seed_same_record(tmp_path, uninterrupted, run_main):
+    out = run_main(*BASE, "--output", tmp_path / "runs", "--checkpoint-dir", tmp_path / "ckpt")
     assert out.returncode == 0, out.stderr
     record = record_of(tmp_path / "runs")
     assert record["seed"] == 0 and record["deterministic"] is False
@@ -100,19 +106,19 @@ def _fails_cleanly(out, message):
     assert message in lines[0]
 
 
-def test_corrupted_checkpoint_is_a_clean_error(tmp_path, uninterrupted):
+def test_corrupted_checkpoint_is_a_clean_error(tmp_path, uninterrupted, run_main):
     ckpt = _copy_checkpoints(uninterrupted, tmp_path)
     weights = ckpt / "epoch0004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    out = run(*BASE, "--output", tmp_path / "runs", "--checkpoint-dir", ckpt, "--resume")
+    out = run_main(*BASE, "--output", tmp_path / "runs", "--checkpoint-dir", ckpt, "--resume")
     _fails_cleanly(out, "is damaged")
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path, uninterrupted):
+def test_checkpoint_of_another_model_is_refused(tmp_path, uninterrupted, run_main):
     ckpt = _copy_checkpoints(uninterrupted, tmp_path)
-    out = run(*BASE, "--model", "resnet18", "--output", tmp_path / "runs", "--checkpoint-dir",
-              ckpt, "--resume")
-    _fails_cleanly(out, "is from another run: model is 'resnet18_cifar' there, 'resnet18' here")
+    out = run_main(*BASE, "--model", "resnet18", "--output", tmp_path / "runs",
+                   "--checkpoint-dir", ckpt, "--resume")
+    _fails_cleanly(out, "is from another run: model is 'resnet32_cifar' there, 'resnet18' here")
 
 
 def test_truncated_or_foreign_records_are_clean_errors(tmp_path, uninterrupted):
@@ -128,6 +134,6 @@ def test_truncated_or_foreign_records_are_clean_errors(tmp_path, uninterrupted):
         assert not (tmp_path / "x.png").exists()
 
 
-def test_resume_needs_a_checkpoint_dir(tmp_path):
-    out = run(*BASE, "--resume", "--output", tmp_path)
+def test_resume_needs_a_checkpoint_dir(tmp_path, run_main):
+    out = run_main(*BASE, "--resume", "--output", tmp_path)
     _fails_cleanly(out, "--resume needs --checkpoint-dir")
