@@ -190,6 +190,7 @@ def _write_state(trainer, folder: Path, epoch: int) -> None:
         torch.save({
             "optimizers": {i: o.state_dict() for i, o in trainer.optimizers.items() if later},
             "schedulers": {i: s.state_dict() for i, s in trainer.schedulers.items() if later},
+            "scalers": {i: s.state_dict() for i, s in trainer.scalers.items() if later},
             "rng": _rng_state(),
         }, folder / state)
         return
@@ -470,6 +471,8 @@ def _restore_optimizers(trainer, state: dict[str, Any]) -> None:
         for i in state["optimizers"]:
             trainer.optimizers[i].load_state_dict(state["optimizers"][i])
             trainer.schedulers[i].load_state_dict(state["schedulers"][i])
+            if i in trainer.scalers:
+                trainer.scalers[i].load_state_dict(state["scalers"][i])
         return
     for i in range(len(trainer.parts)):
         if i in state["optimizers"]:  # the parts that were training when it was saved

@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -96,9 +97,6 @@ def check_args(args: argparse.Namespace, rule: Rule) -> None:
     checks it then, still before anything is written.
     """
     check_rule(rule, args.epochs, int(os.environ.get("WORLD_SIZE", "1")))
-    if args.mixed_precision == "fp16":
-        raise ConfigError("--parallel parts does not scale fp16 gradients per stage yet; "
-                          "use --mixed-precision bf16 or no")
     for flag, value in (("channels-last", args.channels_last), ("compile", args.compile)):
         if value not in (False, "no"):
             raise ConfigError(f"--parallel parts does not support --{flag} yet; drop it")
@@ -199,10 +197,15 @@ class PipelineTrainer:
         steps = len(self.train_loader)
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self.schedulers: dict[int, torch.optim.lr_scheduler.LRScheduler] = {}
+        # fp16: a gradient scaler per part, as the serial loop has (trainer.Trainer).
+        self.scalers: dict[int, torch.amp.GradScaler] = {}
         for i in self.mine:
             if any(p.requires_grad for p in self.parts[i].parameters()):
                 opt = make_optimizer(self.parts[i].parameters(), config, self.parts[i].lr_scale)
                 self.optimizers[i] = opt
+                if self.fp16:
+                    kwargs = acc.scaler_handler.to_kwargs() if acc.scaler_handler else {}
+                    self.scalers[i] = torch.amp.GradScaler(acc.device.type, **kwargs)
                 # Every part trains in every epoch: one schedule over the run (restarting
                 # it per part's own epochs gives the same clock).
                 self.schedulers[i] = torch.optim.lr_scheduler.LambdaLR(
@@ -324,11 +327,19 @@ class PipelineTrainer:
         dist.broadcast_object_list(shared, 0)
         return shared[0]
 
+    @property
+    def fp16(self) -> bool:
+        """Whether the parts autocast to float16 and scale their gradients, each its own."""
+        return self.accelerator.mixed_precision == "fp16"
+
     def autocast(self):
-        """Mixed precision (bf16) for every part alike."""
-        if self.accelerator.mixed_precision == "no":
+        """Mixed precision for every part alike."""
+        acc = self.accelerator
+        if acc.mixed_precision == "no":
             return nullcontext()
-        return self.accelerator.autocast()
+        if self.fp16 and acc.scaler is None:  # Accelerate autocasts fp16 only where it scales
+            return torch.autocast(acc.device.type, dtype=torch.float16)
+        return acc.autocast()
 
     def stage_names(self) -> list[list[str]]:
         """The part names of each stage."""
@@ -340,12 +351,19 @@ class PipelineTrainer:
         with self.autocast():
             for i in self.mine:
                 h, (loss, logits[i], metrics[i]) = self.parts[i](h.detach(), step)
-                opt = self.optimizers.get(i)
+                opt, scaler = self.optimizers.get(i), self.scalers.get(i)
                 if train and opt is not None and loss.requires_grad:
-                    loss.backward()
-                    opt.step()
+                    if scaler is None:
+                        loss.backward()
+                        opt.step()
+                    else:  # skips the step where this part's gradients overflowed
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
                     opt.zero_grad(set_to_none=True)
-                    self.schedulers[i].step()
+                    with warnings.catch_warnings():  # the clock ticks on skipped steps too
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                        self.schedulers[i].step()
                 losses[i] = loss.detach()
         return h, losses, logits, metrics
 

@@ -16,7 +16,8 @@ The pipelined run of the model named RESUMED saves a checkpoint after each epoch
 epoch-1 checkpoint alone (copied to ``OUT/resumed-MODEL``) as ``run.py --resume``
 does (the saved stage cut, :meth:`Checkpointer.resume`), trains epoch 2, and its
 weights are saved too (``"resumed"``); last, every process tries a copy of that
-checkpoint whose stage-1 weights are cut short (``"damaged"``: the error it got).
+checkpoint whose stage-1 weights are cut short (``"damaged"``: the error it got). That
+launch also trains the ViT under fp16 (results key ``vit:fp16``).
 """
 
 import shutil
@@ -26,11 +27,14 @@ from pathlib import Path
 import timm
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import GradScalerKwargs
 
 from locallearn import TrainConfig, Trainer, checkpoint, create_rule, load_dataset, split
 from locallearn.analysis import InformationPlane
 from locallearn.pipeline import PipelineTrainer
 
+FP16 = "vit:fp16"  # the results' key of the fp16 run
 IDENTITY = {"test": "pipeline_worker"}  # what the checkpoints must match
 RUN_ID = "pipeline-worker"
 
@@ -77,9 +81,12 @@ def train(mode: str, spec: str, accelerator: Accelerator, checkpoints: Path | No
                                   balance_by=mode.removeprefix("parts-"))
     result = trainer.fit()
     mine = range(len(trainer.parts)) if mode == "serial" else trainer.mine
+    scalers = dict(enumerate(trainer.scalers)) if mode == "serial" else trainer.scalers  # fp16
     out = {"parts": weights(trainer, mine), "test_acc": result["test_acc"],
            "block_acc": result["block_acc"], "history": result["history"],
-           "num_parts": len(trainer.parts), "plane": plane.entries}
+           "num_parts": len(trainer.parts), "plane": plane.entries,
+           "scales": {i: s.get_scale() for i, s in scalers.items() if s is not None},
+           "mine": list(mine)}
     if checkpoints:
         out |= resume(spec, accelerator, checkpoints)
     return out
@@ -111,11 +118,24 @@ def resume(spec: str, accelerator: Accelerator, checkpoints: Path) -> dict:
     return {"resumed": resumed, "damaged": error}
 
 
+def fresh_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """An Accelerator in ``mixed_precision`` (Accelerate keeps one setting per process; the
+    process group stays). fp16 on the CPU: the loops autocast it themselves, and every part's
+    scaler starts at 2**8, low enough that these tiny nets' first gradients do not overflow."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    handlers = [GradScalerKwargs(init_scale=2.0**8)] if mixed_precision == "fp16" else []
+    return Accelerator(cpu=True, mixed_precision=mixed_precision, kwargs_handlers=handlers)
+
+
 def main(mode: str, models: str, out: Path, resumed: str | None = None) -> None:
     accelerator = Accelerator(cpu=True)
     results = {model: train(mode, model, accelerator,
                             out / f"ckpt-{model}" if model == resumed else None)
                for model in models.split(",")}
+    if resumed:  # the 2-stage launch also trains the ViT under fp16, a scaler per part
+        results[FP16] = train(mode, "vit", fresh_accelerator("fp16"))
+        accelerator = fresh_accelerator()
     torch.save(results, out / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     accelerator.end_training()

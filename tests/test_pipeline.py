@@ -149,6 +149,37 @@ def test_a_pipelined_run_resumed_from_its_checkpoint_gives_the_same_weights(pipe
             assert sorted(state["optimizers"]) == (parts if epoch == 1 else [])
 
 
+def test_fp16_stages_scale_each_part_and_give_the_serial_weights(pipelined):
+    """fp16 (CPU autocast, through the Python API: run.py refuses fp16 without a GPU): each
+    stage gives each of its parts its own gradient scaler, as the serial loop does, and the
+    weights, losses and scales are the serial run's."""
+    from pipeline_worker import FP16, fresh_accelerator, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = train("serial", "vit", fresh_accelerator("fp16"))
+    finally:
+        fresh_accelerator()
+        torch.set_num_threads(threads)
+    ranks, _ = pipelined(2, "time")
+    got = {}
+    for rank in ranks:
+        got.update(rank[FP16]["parts"])
+    assert sorted(got) == sorted(expected["parts"])
+    for i, weights in expected["parts"].items():
+        # As the fp32 comparison: the same operations in the same order; fp16 rounds alike.
+        torch.testing.assert_close(got[i], weights, rtol=1e-6, atol=1e-7)
+    last, serial_last = ranks[0][FP16]["history"][-1], expected["history"][-1]
+    assert last["part_loss"] == pytest.approx(serial_last["part_loss"], rel=1e-6)
+    assert ranks[0][FP16]["block_acc"] == expected["block_acc"]
+    # Every part has a scaler of its own, on the stage that holds it (the serial loop drops
+    # its scalers with the optimizers after the last epoch, so only the stages' are left).
+    scales = [rank[FP16]["scales"] for rank in ranks]
+    assert sorted(i for s in scales for i in s) == list(range(expected["num_parts"]))
+    assert all(sorted(s) == rank[FP16]["mine"] for s, rank in zip(scales, ranks, strict=True))
+
+
 def _meta(folder, **fields):
     """A checkpoint's meta.json alone, enough for :func:`checkpoint.read_meta`."""
     folder.mkdir()
@@ -181,7 +212,6 @@ REFUSED = [  # (processes, arguments, what the one line says)
     (1, ["--rule", "layerwise", "--no-plane"], "start run.py with torchrun --nproc_per_node P"),
     (2, ["--rule", "sequential", "--no-plane"], "rule 'sequential' does not train all its parts"),
     (2, ["--rule", "forward_forward", "--no-plane"], "combines every part's output"),
-    (2, ["--rule", "layerwise", "--no-plane", "--mixed-precision", "fp16"], "fp16"),
     (2, ["--rule", "layerwise", "--no-plane", "--channels-last"], "--channels-last yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--compile", "default"], "--compile yet"),
 ]
