@@ -42,7 +42,7 @@ from .optim import lr_factor, make_optimizer
 from .rules.base import LocalPart, Rule
 from .step import Step
 from .trainer import Diverged, TrainConfig
-from .transport import BATCH, END, Sender, pack_step, receive, unpack_step
+from .transport import BATCH, END, STEP_TENSORS, Sender, pack_step, receive, unpack_step
 
 #: Messages a stage may have sent that its successor has not received yet.
 IN_FLIGHT = 2
@@ -59,8 +59,7 @@ def check_rule(rule: Rule, epochs: int, processes: int, num_parts: int | None = 
 
     Raises:
         ConfigError: one process; a schedule that does not train every part in
-            every epoch (sequential); a rule that combines the parts' outputs into
-            its prediction (forward-forward); fewer parts than stages (e2e).
+            every epoch (sequential); fewer parts than stages (e2e).
     """
     if processes < 2:
         raise ConfigError("--parallel parts runs one stage per process: start run.py with "
@@ -80,9 +79,6 @@ def check_rule(rule: Rule, epochs: int, processes: int, num_parts: int | None = 
                               "schedule trains some parts in some epochs), so its stages cannot "
                               "overlap; --parallel parts takes layerwise, dgl, infopro or a "
                               "rule whose parts all train in every epoch")
-    if type(rule).predictions is not Rule.predictions:
-        raise ConfigError(f"rule {rule.name!r} combines every part's output into its "
-                          "prediction, which --parallel parts cannot do yet")
     if num_parts is not None and num_parts < processes:
         raise ConfigError(f"rule {rule.name!r} has {num_parts} part{'s' * (num_parts != 1)}, "
                           f"fewer than the {processes} stages (one per process); use fewer "
@@ -264,6 +260,19 @@ class PipelineTrainer:
         dist.all_gather_object(gathered, entries)
         return sorted((e for stage in gathered for e in stage), key=lambda e: e["block"])
 
+    @property
+    def combines(self) -> bool:
+        """Whether the rule combines every part's logits into its predictions (forward-
+        forward sums goodness over layers): then each stage passes the logits of the parts
+        before it on with the batch, and the last stage combines them all."""
+        return type(self.rule).predictions is not Rule.predictions
+
+    def _logits_of(self, i: int, z: torch.Tensor | None) -> torch.Tensor:
+        if z is None:
+            raise RuntimeError(f"rule {self.rule.name!r} combines every part's logits, but "
+                               f"part {self.parts[i].part_name!r} gives none")
+        return z
+
     def fit_seconds(self) -> float:
         """Seconds of fitting so far, earlier processes of a resumed run included."""
         now = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
@@ -368,13 +377,16 @@ class PipelineTrainer:
         return h, losses, logits, metrics
 
     def _batches(self, loader, transform, generator, train: bool):
-        """The (input, step) pairs this stage works on: read from the data on stage 0,
-        received from the previous stage elsewhere, until the end of the pass."""
+        """The (input, step, carried) triples this stage works on: read from the data on
+        stage 0, received from the previous stage elsewhere, until the end of the pass.
+        ``carried`` is the earlier stages' logits of the batch, stacked, where the rule
+        combines them into its predictions (evaluation only; else None)."""
         device = self.accelerator.device
         if self.first:
             for images, y in loader:
-                yield self.rule.make_step(images.to(device), y.to(device), transform,
-                                          self.data.num_classes, generator, train)
+                h, step = self.rule.make_step(images.to(device), y.to(device), transform,
+                                              self.data.num_classes, generator, train)
+                yield h, step, None
             return
         while True:
             t0 = time.perf_counter()
@@ -382,12 +394,16 @@ class PipelineTrainer:
             self.waited += time.perf_counter() - t0
             if kind == END:
                 return
-            h, step = unpack_step([t if t is None else t.to(device) for t in tensors], ints)
-            yield h, step
+            tensors = [t if t is None else t.to(device) for t in tensors]
+            h, step = unpack_step(tensors[:STEP_TENSORS], ints)
+            yield h, step, tensors[STEP_TENSORS] if len(tensors) > STEP_TENSORS else None
 
-    def _pass_on(self, h: torch.Tensor, step: Step) -> None:
+    def _pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None
+                 ) -> None:
         if self.sender is not None:
             tensors, ints = pack_step(h.detach(), step)
+            if carried is not None:
+                tensors.append(carried)
             self.sender.send(BATCH, [t if t is None else t.to(self.wire) for t in tensors], ints)
 
     def _end_pass(self) -> None:
@@ -439,7 +455,7 @@ class PipelineTrainer:
         if self.sender is not None:
             self.sender.waited = 0.0
         t0 = time.perf_counter()
-        for h, step in self._batches(self.train_loader, self.train_transform, gen, True):
+        for h, step, _ in self._batches(self.train_loader, self.train_transform, gen, True):
             if steps == 0:  # activation memory of this stage: peak bytes saved for backward
                 with SavedTensorMeter(*(self.parts[i] for i in self.mine)) as meter:
                     out, losses, logits, metrics = self._run_mine(h, step, True)
@@ -520,9 +536,17 @@ class PipelineTrainer:
             self.parts[i].eval()
         hits: dict[int, int] = {}
         total = 0
-        for h, step in self._batches(self.test_loader, self.eval_transform, None, False):
+        for h, step, carried in self._batches(self.test_loader, self.eval_transform, None,
+                                              False):
             out, _, logits, _ = self._run_mine(h, step, False)
-            self._pass_on(out, step)
+            if self.combines:  # the last stage combines every part's logits
+                ours = torch.stack([self._logits_of(i, logits[i]) for i in self.mine])
+                carried = ours if carried is None else torch.cat([carried, ours])
+                if self.last:
+                    logits = dict(enumerate(self.rule.predictions(list(carried))))
+            self._pass_on(out, step, carried if self.combines else None)
+            if self.combines and not self.last:
+                logits = {}  # scored where they are combined
             for i, z in logits.items():
                 if z is not None:
                     hits[i] = hits.get(i, 0) + int((z.argmax(1) == step.labels).sum())

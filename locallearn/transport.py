@@ -118,6 +118,11 @@ def receive(src: int, device: torch.device) -> tuple[int, list[Tensor | None], l
     return kind, tensors, ints
 
 
+#: The tensors of a packed step context (the part's output first); a message may carry
+#: more after them.
+STEP_TENSORS = 5
+
+
 def pack_step(h: Tensor, step: Step) -> tuple[list[Tensor | None], list[int]]:
     """A part's output and its step context as message tensors and ints."""
     tensors = [h, step.labels, step.network_input, step.mean, step.std]

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node K tests/pipeline_worker.py parts-time|parts-memory MODEL[,MODEL] OUT
         [RESUMED]
 
-MODEL is ``vit`` (a tiny ViT) or ``cnn`` (resnet32_cifar in 3 blocks), trained by
+MODEL is ``vit`` (a tiny ViT), ``cnn`` (resnet32_cifar in 3 blocks) or ``mlp`` (a small
+ff_mlp), trained by
 ``layerwise``, or ``MODEL:RULE`` for another rule (``cnn:infopro``: its decoder reads
 the network input from the step context, which crosses the stages). Each process
 saves, for each model, the parameters and buffers of the parts it trained, by part index:
@@ -44,6 +45,10 @@ def build(model: str, data):
     if model == "vit":  # layer norm: nothing depends on the batch's other images' statistics
         net = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2,
                                 embed_dim=32, num_heads=2, num_classes=data.num_classes)
+        return split(net, input_size=data.image_size)
+    if model == "mlp":  # forward-forward's: its prediction sums every layer's goodness
+        net = timm.create_model("ff_mlp", num_classes=data.num_classes, img_size=16,
+                                widths=(32, 32, 32))
         return split(net, input_size=data.image_size)
     # A CNN: batch norm's statistics and running buffers must match too.
     net = timm.create_model("resnet32_cifar", num_classes=data.num_classes)

@@ -20,8 +20,9 @@ from conftest import ROOT
 
 WORKER = str(ROOT / "tests" / "pipeline_worker.py")
 # Layer norm; batch norm (whose buffers must match too); InfoPro, whose decoder rebuilds
-# the network input from the step context, which must cross the stages whole.
-MODELS = "vit,cnn,cnn:infopro"
+# the network input from the step context, which must cross the stages whole; forward-
+# forward, whose prediction sums the goodness of every layer, on every stage.
+MODELS = "vit,cnn,cnn:infopro,mlp:forward_forward"
 RESUMED = "cnn"  # checkpointed and resumed: batch norm's buffers, momentum, a cosine schedule
 
 
@@ -211,7 +212,8 @@ def test_a_checkpoint_resumes_only_the_executor_that_saved_it(tmp_path, saved, r
 REFUSED = [  # (processes, arguments, what the one line says)
     (1, ["--rule", "layerwise", "--no-plane"], "start run.py with torchrun --nproc_per_node P"),
     (2, ["--rule", "sequential", "--no-plane"], "rule 'sequential' does not train all its parts"),
-    (2, ["--rule", "forward_forward", "--no-plane"], "combines every part's output"),
+    (2, ["--rule", "forward_forward", "--rule-opt", "sequential=true", "--no-plane"],
+     "rule 'forward_forward' does not train all its parts"),
     (2, ["--rule", "layerwise", "--no-plane", "--channels-last"], "--channels-last yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--compile", "default"], "--compile yet"),
 ]
