@@ -328,8 +328,8 @@ class InformationPlane(Observer):
                 used = size
         return groups
 
-    def _features(self, stack: nn.Module, probe: _Probe, group: list[int], first: int,
-                  inputs: Tensor | None) -> dict[int, Tensor]:
+    def _features(self, stack: nn.Module, probe: _Probe, group: list[int], first: int = 0,
+                  inputs: Tensor | None = None) -> dict[int, Tensor]:
         """Run the probe set through the blocks from ``first`` up to the group's last;
         hooks copy the group's outputs out.
 
