@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,3 +52,23 @@ def lr_factor(config: Any, step: int, steps_per_epoch: int, epochs: int | None =
         epoch = step // max(1, steps_per_epoch)
         return config.gamma ** sum(epoch >= round(m * epochs) for m in config.milestones)
     return 1.0
+
+
+def scaled_step(loss: torch.Tensor, scaler: torch.amp.GradScaler,
+                optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One fp16 step of a part with its own gradient scaler: backward of the scaled loss,
+    the optimizer's step unless this part's gradients overflowed (then only its scale
+    halves), gradients dropped, and the schedule's clock ticked, skipped step or not.
+
+    Args:
+        optimizer: the bare optimizer (a fused one then unscales and checks for overflow
+            on the device, without waiting for it).
+    """
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # torch warns of a schedule ticked after a skipped step
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+        scheduler.step()

@@ -23,7 +23,6 @@ import argparse
 import math
 import os
 import time
-import warnings
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -38,7 +37,7 @@ from .data import BatchTransform, ImageData, dropped_images, make_loaders
 from .errors import ConfigError
 from .measure import SavedTensorMeter
 from .observers import Observer
-from .optim import lr_factor, make_optimizer
+from .optim import lr_factor, make_optimizer, scaled_step
 from .rules.base import LocalPart, Rule
 from .step import Step
 from .trainer import Diverged, TrainConfig
@@ -365,14 +364,10 @@ class PipelineTrainer:
                     if scaler is None:
                         loss.backward()
                         opt.step()
-                    else:  # skips the step where this part's gradients overflowed
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    with warnings.catch_warnings():  # the clock ticks on skipped steps too
-                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                        opt.zero_grad(set_to_none=True)
                         self.schedulers[i].step()
+                    else:  # skips the step where this part's gradients overflowed
+                        scaled_step(loss, scaler, opt, self.schedulers[i])
                 losses[i] = loss.detach()
         return h, losses, logits, metrics
 

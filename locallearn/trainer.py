@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,7 +28,7 @@ from .data import BatchTransform, ImageData, dropped_images, make_loaders
 from .errors import ConfigError, LocallearnError
 from .measure import SavedTensorMeter
 from .observers import Observer
-from .optim import lr_factor, make_optimizer
+from .optim import lr_factor, make_optimizer, scaled_step
 from .rules.base import LocalPart, Rule
 from .step import Step
 
@@ -293,15 +292,7 @@ class Trainer:
                         optimizer.zero_grad(set_to_none=True)
                         self.schedulers[i].step()
                     else:  # skips the step where this part's gradients overflowed
-                        scaler.scale(loss).backward()
-                        # The bare optimizer: a fused one then unscales and checks for
-                        # overflow on the device, without waiting for it.
-                        scaler.step(optimizer.optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                        with warnings.catch_warnings():  # the clock ticks on skipped steps too
-                            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
-                            self.schedulers[i].step()
+                        scaled_step(loss, scaler, optimizer.optimizer, self.schedulers[i])
                 losses[i] = loss.detach()
         return losses, logits, metrics
 

@@ -33,14 +33,14 @@ def plugins_undone():
     inside, so what runs next sees only the built-in ones."""
     from locallearn.plugins import REGISTRIES
 
-    kept = [dict(registry._entries) for registry in REGISTRIES]
+    kept = [set(registry.names()) for registry in REGISTRIES]
     modules = set(sys.modules)
     try:
         yield
-    finally:
-        for registry, entries in zip(REGISTRIES, kept, strict=True):
-            registry._entries.clear()
-            registry._entries.update(entries)
+    finally:  # a registered name cannot be registered again, so only new names are undone
+        for registry, names in zip(REGISTRIES, kept, strict=True):
+            for name in set(registry.names()) - names:
+                registry.unregister(name)
         for name in set(sys.modules) - modules:
             if name.startswith("locallearn_plugin_"):
                 del sys.modules[name]
