@@ -16,10 +16,12 @@ A pipelined run (``--parallel parts``, one stage of parts per process) writes
 the same folder, but each stage writes its own files: ``stage{r}.safetensors``
 (its parts' parameters and buffers, ``part{i}.<name>``) and ``stage{r}.pt``
 (its parts' optimizer and scheduler states by part index, and its process's
-RNG states); ``meta.json`` adds ``stages``, the part indices of each stage. A
-pipelined checkpoint resumes only a pipelined run of as many processes, cut
-the same way; a serial one only a serial run. Every process must see the one
-folder (one machine, or a shared file system).
+RNG states); ``meta.json`` adds ``stages``, the part indices of each stage, and
+``replicas``. With replicas (``--stages``), replica 0 of each stage writes its
+files, and its ``stage{r}.pt`` holds every replica's RNG states too
+(``replica_rng``). A pipelined checkpoint resumes only a pipelined run of as
+many stages and replicas, cut the same way; a serial one only a serial run.
+Every process must see the one folder (one machine, or a shared file system).
 
 It is written under a temporary name and renamed when complete, so a kill
 while saving leaves the previous checkpoint intact (an interrupt removes the
@@ -124,7 +126,7 @@ def _from_main(value: Any) -> Any:
 def _files(trainer) -> tuple[str, str]:
     """The weights file and the state file this process writes and reads."""
     if pipelined(trainer):
-        return f"stage{trainer.rank}.safetensors", f"stage{trainer.rank}.pt"
+        return f"stage{trainer.stage}.safetensors", f"stage{trainer.stage}.pt"
     return "model.safetensors", "state.pt"
 
 
@@ -175,13 +177,20 @@ def _meta(trainer, epoch: int, identity: dict[str, Any], run_id: str) -> dict[st
                       for o in trainer.observers],
     }
     if pipelined(trainer):
-        meta["stages"] = trainer.stages
+        meta["stages"], meta["replicas"] = trainer.stages, trainer.replicas
     return meta
 
 
 def _write_state(trainer, folder: Path, epoch: int) -> None:
-    """This process's weights file and state file, into ``folder``."""
+    """This process's weights file and state file, into ``folder`` (a pipeline's replicas
+    of a stage hold replica 0's weights: only it writes, with every replica's RNG)."""
     weights, state = _files(trainer)
+    rngs = None
+    if pipelined(trainer) and trainer.replicas > 1:
+        rngs = [None] * trainer.replicas
+        dist.all_gather_object(rngs, _rng_state(), group=trainer.group)
+        if trainer.replica > 0:
+            return
     save_file({k: v.contiguous() for k, v in _tensors(trainer).items()}, str(folder / weights))
     os.chmod(folder / weights, file_mode())  # safetensors writes it 0600
     if pipelined(trainer):
@@ -192,6 +201,7 @@ def _write_state(trainer, folder: Path, epoch: int) -> None:
             "schedulers": {i: s.state_dict() for i, s in trainer.schedulers.items() if later},
             "scalers": {i: s.state_dict() for i, s in trainer.scalers.items() if later},
             "rng": _rng_state(),
+            **({"replica_rng": rngs} if rngs else {}),
         }, folder / state)
         return
     torch.save({
@@ -292,13 +302,13 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = None,
-              stages: int = 0) -> dict[str, Any]:
+              stages: int = 0, replicas: int = 1) -> dict[str, Any]:
     """The validated ``meta.json`` of the checkpoint at ``path``.
 
     It must be well formed, consistent with itself (its folder's epoch, the
     history's length and epochs, the run's epochs) and of this run: the same
     identity, the same run id when ``run_id`` is given, and the same executor:
-    serial (``stages`` 0) or pipelined in ``stages`` processes.
+    serial (``stages`` 0) or pipelined in ``stages`` stages of ``replicas`` replicas.
 
     Raises:
         CheckpointError: unreadable, damaged, another format, or another run's.
@@ -328,7 +338,7 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
         if not ok(meta.get(key)):
             raise CheckpointError(f"{where} is damaged: meta.json has a bad or missing "
                                   f"{key!r} ({_short(meta.get(key), 40)})")
-    _check_executor(meta, stages, where)
+    _check_executor(meta, stages, replicas, where)
     differs = differences(identity, meta["identity"])
     if differs:
         shown = "; ".join(f"{k} is {_short(t)} there, {_short(o)} here" for k, t, o in differs[:4])
@@ -351,9 +361,10 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
     return meta
 
 
-def _check_executor(meta: dict[str, Any], stages: int, where: str) -> None:
-    """A serial checkpoint resumes a serial run; a pipelined one, a run of as many stages."""
-    cut = meta.get("stages")
+def _check_executor(meta: dict[str, Any], stages: int, replicas: int, where: str) -> None:
+    """A serial checkpoint resumes a serial run; a pipelined one, a run of as many stages
+    and replicas."""
+    cut, saved = meta.get("stages"), meta.get("replicas", 1)  # format 2 before replicas: 1
     if cut is None:
         if stages:
             raise CheckpointError(f"{where} was saved by a serial run; resume it without "
@@ -363,32 +374,42 @@ def _check_executor(meta: dict[str, Any], stages: int, where: str) -> None:
             and [i for s in cut for i in s] == list(range(sum(map(len, cut))))):
         raise CheckpointError(f"{where} is damaged: meta.json has a bad 'stages' "
                               f"({_short(cut, 40)})")
+    if not (isinstance(saved, int) and not isinstance(saved, bool) and saved >= 1):
+        raise CheckpointError(f"{where} is damaged: meta.json has a bad 'replicas' "
+                              f"({_short(saved, 40)})")
+    launch = f"under torchrun --nproc_per_node {len(cut) * saved}"
+    stages_flag = f"--stages {len(cut)} " if saved > 1 else ""
     if not stages:
-        raise CheckpointError(f"{where} was saved by a pipelined run of {len(cut)} stages; "
-                              "resume it with --parallel parts under torchrun "
-                              f"--nproc_per_node {len(cut)}")
-    if len(cut) != stages:
+        shape = f"{len(cut)} stages" + (f" x {saved} replicas" if saved > 1 else "")
+        raise CheckpointError(f"{where} was saved by a pipelined run of {shape}; resume it "
+                              f"with --parallel parts {stages_flag}{launch}")
+    if len(cut) != stages and saved == replicas == 1:
         raise CheckpointError(f"{where} was saved by a pipelined run of {len(cut)} stages, one "
-                              f"per process; this run has {stages}: resume it under torchrun "
-                              f"--nproc_per_node {len(cut)}")
+                              f"per process; this run has {stages}: resume it {launch}")
+    if (len(cut), saved) != (stages, replicas):
+        raise CheckpointError(f"{where} was saved by a pipelined run of {len(cut)} stages x "
+                              f"{saved} replicas; this run has {stages} x {replicas}: resume "
+                              f"it {'with ' + stages_flag if saved > 1 else 'without --stages '}"
+                              f"{launch}")
 
 
-def saved_stages(directory: str | Path, identity: dict[str, Any], stages: int
-                 ) -> list[list[int]] | None:
+def saved_stages(directory: str | Path, identity: dict[str, Any], stages: int,
+                 replicas: int = 1) -> list[list[int]] | None:
     """The stage cut of the newest checkpoint in ``directory`` (None if there is none), as
-    process 0 reads it, on every process of a pipelined run of ``stages`` processes: a
-    resumed run cuts its parts as the run it continues did.
+    process 0 reads it, on every process of a pipelined run of ``stages`` stages of
+    ``replicas`` replicas: a resumed run cuts its parts as the run it continues did.
 
     Raises:
         CheckpointError: on every process, when the newest checkpoint is damaged, another
-            run's, or not of a pipelined run of ``stages`` processes.
+            run's, or not of a pipelined run of as many stages and replicas.
     """
     answer: tuple[str, Any] = ("cut", None)
     if dist.get_rank() == 0:
         found = complete(directory)
         try:
             if found:
-                answer = ("cut", read_meta(found[-1], identity, stages=stages)["stages"])
+                answer = ("cut", read_meta(found[-1], identity, stages=stages,
+                                           replicas=replicas)["stages"])
         except CheckpointError as err:
             answer = ("error", str(err))
     kind, value = _from_main(answer)
@@ -407,6 +428,12 @@ def _check_state(trainer, state: Any, epoch: int, where: str) -> None:
             and isinstance(state["rng"], dict)):
         raise CheckpointError(f"{where} is damaged: {name} lacks the optimizer, scheduler "
                               "or RNG states")
+    replicas = trainer.replicas if pipelined(trainer) else 1
+    if replicas > 1 and not (isinstance(state.get("replica_rng"), list)
+                             and len(state["replica_rng"]) == replicas
+                             and all(isinstance(r, dict) for r in state["replica_rng"])):
+        raise CheckpointError(f"{where} is damaged: {name} lacks the RNG states of its "
+                              f"{replicas} replicas")
     done, later = trainer.schedule[:epoch], trainer.schedule[epoch:]
     held = trainer.mine if pipelined(trainer) else range(len(trainer.parts))
     expected = {i for i in held
@@ -456,7 +483,7 @@ def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None
         epoch, error = _load(trainer, Path(path), identity, run_id), None
     except CheckpointError as err:
         epoch, error = 0, str(err)
-    errors: list[str | None] = [None] * trainer.stages_count
+    errors: list[str | None] = [None] * trainer.accelerator.num_processes
     dist.all_gather_object(errors, error)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
@@ -488,7 +515,8 @@ def _restore_optimizers(trainer, state: dict[str, Any]) -> None:
 def _load(trainer, path: Path, identity: dict[str, Any], run_id: str | None) -> int:
     where = f"checkpoint {str(path)!r}"
     staged = pipelined(trainer)
-    meta = read_meta(path, identity, run_id, len(trainer.stages) if staged else 0)
+    meta = read_meta(path, identity, run_id, len(trainer.stages) if staged else 0,
+                     trainer.replicas if staged else 1)
     epoch = meta["epoch"]
     weights_file, state_file = _files(trainer)
     if staged:
@@ -511,7 +539,8 @@ def _load(trainer, path: Path, identity: dict[str, Any], run_id: str | None) -> 
             for name, t in own.items():
                 t.copy_(weights[name])
         _restore_optimizers(trainer, state)
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["replica_rng"][trainer.replica] if staged and trainer.replicas > 1
+                       else state["rng"])
         for obs, obs_state in zip(trainer.observers, meta["observers"], strict=False):
             if obs_state is not None and hasattr(obs, "load_state_dict"):
                 obs.load_state_dict(obs_state)

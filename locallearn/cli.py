@@ -126,9 +126,12 @@ def _check(args: argparse.Namespace) -> Checked:
         from .pipeline import check_args
 
         check_args(args, rule)
-    elif args.stage_balance != "time":
-        raise ConfigError("--stage-balance cuts the stages of --parallel parts; add "
-                          "--parallel parts or drop it")
+    else:
+        for flag, given in (("stage-balance", args.stage_balance != "time"),
+                            ("stages", args.stages is not None)):
+            if given:
+                raise ConfigError(f"--{flag} cuts the stages of --parallel parts; add "
+                                  "--parallel parts or drop it")
     if _main_process():  # the others would see the main process's own files
         check_record(args, resumed_run(args, identity))
     # Last, as the dearest check: the model, its stack and the rule's parts on a probe batch.
@@ -172,9 +175,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.resume:
             from .checkpoint import saved_stages
 
-            cut = saved_stages(args.checkpoint_dir, checked.identity, accelerator.num_processes)
+            stages = args.stages or accelerator.num_processes
+            cut = saved_stages(args.checkpoint_dir, checked.identity, stages,
+                               accelerator.num_processes // stages)
         trainer = PipelineTrainer(stack, checked.rule, data, checked.config, accelerator,
-                                  observers, balance_by=args.stage_balance, stages=cut)
+                                  observers, balance_by=args.stage_balance, stages=cut,
+                                  num_stages=args.stages)
     else:
         trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers)
     # The files are taken (and checked again, now under their locks) just before the

@@ -336,6 +336,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("stage-balance", OUTPUT, "--parallel parts: cut the stages by each part's measured "
          "step time, or by its activation memory (what --blocks balances)", "time",
          choices=("time", "memory"), row=True),
+    Flag("stages", OUTPUT, "--parallel parts: S stages, each with P / S data-parallel "
+         "replicas, on P processes (default: one stage per process)", type=positive_int,
+         metavar="S", row=True),
     Flag("check", COMMAND, "check the arguments (names, options, data path) and exit without "
          "training", kind="switch", recorded=False, presettable=False),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -56,7 +56,8 @@ def lr_factor(config: Any, step: int, steps_per_epoch: int, epochs: int | None =
 
 def scaled_step(loss: torch.Tensor, scaler: torch.amp.GradScaler,
                 optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+                scheduler: torch.optim.lr_scheduler.LRScheduler,
+                reduce: Callable[[], None] | None = None) -> None:
     """One fp16 step of a part with its own gradient scaler: backward of the scaled loss,
     the optimizer's step unless this part's gradients overflowed (then only its scale
     halves), gradients dropped, and the schedule's clock ticked, skipped step or not.
@@ -64,8 +65,12 @@ def scaled_step(loss: torch.Tensor, scaler: torch.amp.GradScaler,
     Args:
         optimizer: the bare optimizer (a fused one then unscales and checks for overflow
             on the device, without waiting for it).
+        reduce: called between backward and step (the pipeline's replicas average their
+            scaled gradients there, as DDP does inside backward).
     """
     scaler.scale(loss).backward()
+    if reduce is not None:
+        reduce()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -182,8 +182,10 @@ def resumed_run(args: argparse.Namespace, identity: dict[str, Any], probe: bool 
             "or choose an empty --checkpoint-dir")
     # A pipelined run resumes a pipelined checkpoint of as many processes, a serial run a
     # serial one (torchrun's WORLD_SIZE: read before any process group exists).
-    stages = int(os.environ.get("WORLD_SIZE", "1")) if args.parallel == "parts" else 0
-    return read_meta(found[-1], identity, stages=stages)["run_id"]
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    stages = (args.stages or processes) if args.parallel == "parts" else 0
+    replicas = processes // stages if stages else 1
+    return read_meta(found[-1], identity, stages=stages, replicas=replicas)["run_id"]
 
 
 def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = True) -> None:

@@ -3,12 +3,22 @@
 Once no gradient crosses a part boundary, part k can learn from batch t while
 part k+1 learns from batch t-1 (Belilovsky et al., "Decoupled Greedy Learning
 of CNNs", ICML 2020). With P processes (``torchrun --nproc_per_node P``) the
-parts are grouped into P contiguous stages balanced by measured step time;
-each process keeps only its stage's parts, objectives and optimizers. Stage 0
-reads the data; every stage runs its parts on a batch (forward, backward and
-step per part, as the serial loop does), then sends the detached output and
+parts are grouped into S contiguous stages balanced by measured step time
+(S = P by default; ``--stages S`` with P = S x R gives each stage R data-parallel
+replicas); each process keeps only its stage's parts, objectives and optimizers.
+Stage 0 reads the data; every stage runs its parts on a batch (forward, backward
+and step per part, as the serial loop does), then sends the detached output and
 the batch's step context to the next stage (:mod:`locallearn.transport`),
 with a bounded number of messages in flight, and goes on to the next batch.
+
+With replicas, process ``p`` is stage ``p % S`` of replica ``p // S``: replica r's
+stages are consecutive processes (on one machine when S fits there, so that
+activations take the short way) and form a pipeline of their own, reading
+replica r's shard of every batch as process r of a serial data-parallel run
+does (Accelerate's sharding). The replicas of a stage average their parts'
+gradients before every step, as DDP does, and take replica 0's buffers (batch
+norm's running statistics) before evaluating, as DDP gives its modules process
+0's; the weights are then the serial data-parallel run's on R processes.
 
 Pipelining changes timing, not arithmetic: stage k's forward of batch t uses
 its weights after t updates, exactly as in the serial loop, so the final
@@ -29,6 +39,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
@@ -47,25 +58,43 @@ from .transport import BATCH, END, STEP_TENSORS, Sender, pack_step, receive, unp
 IN_FLIGHT = 2
 
 
-def check_rule(rule: Rule, epochs: int, processes: int, num_parts: int | None = None) -> None:
+def replicas_of(processes: int, stages: int | None) -> int:
+    """The data-parallel replicas of each stage when ``processes`` run ``stages`` stages
+    (None: one stage per process).
+
+    Raises:
+        ConfigError: ``stages`` does not divide ``processes`` into stages x replicas of at
+            least 2 stages; the line names the valid stage counts.
+    """
+    if stages is None:
+        return 1
+    valid = [s for s in range(2, processes + 1) if processes % s == 0]
+    if stages not in valid:
+        raise ConfigError(f"--stages {stages} does not divide the {processes} process"
+                          f"{'es' * (processes != 1)} into stages x replicas (at least 2 "
+                          f"stages); valid: {', '.join(map(str, valid)) or 'none'}")
+    return processes // stages
+
+
+def check_rule(rule: Rule, epochs: int, stages: int, num_parts: int | None = None) -> None:
     """Refuse what the pipelined executor cannot run, in one line each.
 
     Args:
         rule: the rule.
         epochs: the run's epochs (the schedule is asked for each).
-        processes: the number of processes (one stage each).
+        stages: the number of stages (one per process unless they have replicas).
         num_parts: the rule's part count, once known.
 
     Raises:
         ConfigError: one process; a schedule that does not train every part in
             every epoch (sequential); fewer parts than stages (e2e).
     """
-    if processes < 2:
+    if stages < 2:
         raise ConfigError("--parallel parts runs one stage per process: start run.py with "
                           "torchrun --nproc_per_node P (P >= 2); this is 1 process")
     # Before the split, the schedule is asked about a nominal part count; a schedule
     # that refuses that count is asked again with the real one.
-    n = num_parts if num_parts is not None else max(3, processes)
+    n = num_parts if num_parts is not None else max(3, stages)
     for epoch in range(epochs):
         try:
             trained = list(rule.trained_parts(epoch, epochs, n))
@@ -78,11 +107,11 @@ def check_rule(rule: Rule, epochs: int, processes: int, num_parts: int | None = 
                               "schedule trains some parts in some epochs), so its stages cannot "
                               "overlap; --parallel parts takes layerwise, dgl, infopro or a "
                               "rule whose parts all train in every epoch")
-    if num_parts is not None and num_parts < processes:
+    if num_parts is not None and num_parts < stages:
         raise ConfigError(f"rule {rule.name!r} has {num_parts} part{'s' * (num_parts != 1)}, "
-                          f"fewer than the {processes} stages (one per process); use fewer "
-                          "processes, or a rule with more parts (layerwise, dgl, infopro; "
-                          "--blocks K)")
+                          f"fewer than the {stages} stages; use fewer stages (--stages, or "
+                          "fewer processes), or a rule with more parts (layerwise, dgl, "
+                          "infopro; --blocks K)")
 
 
 def check_args(args: argparse.Namespace, rule: Rule) -> None:
@@ -91,7 +120,10 @@ def check_args(args: argparse.Namespace, rule: Rule) -> None:
     The part count is only known once the model is split; :class:`PipelineTrainer`
     checks it then, still before anything is written.
     """
-    check_rule(rule, args.epochs, int(os.environ.get("WORLD_SIZE", "1")))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes >= 2:
+        replicas_of(processes, args.stages)
+    check_rule(rule, args.epochs, args.stages or processes)
     for flag, value in (("channels-last", args.channels_last), ("compile", args.compile)):
         if value not in (False, "no"):
             raise ConfigError(f"--parallel parts does not support --{flag} yet; drop it")
@@ -121,18 +153,18 @@ def balance(costs: list[float], stages: int) -> list[int]:
     return starts[::-1]
 
 
-def check_cut(stages: list[list[int]], num_parts: int, processes: int) -> None:
-    """Refuse a given stage cut that is not ``processes`` contiguous, non-empty groups of
+def check_cut(stages: list[list[int]], num_parts: int, count: int) -> None:
+    """Refuse a given stage cut that is not ``count`` contiguous, non-empty groups of
     the ``num_parts`` parts, in order.
 
     Raises:
-        ConfigError: naming the cut, the part count and the process count.
+        ConfigError: naming the cut, the part count and the stage count.
     """
-    ok = (len(stages) == processes and all(stages)
+    ok = (len(stages) == count and all(stages)
           and [i for stage in stages for i in stage] == list(range(num_parts)))
     if not ok:
         raise ConfigError(f"stage cut {stages} does not split {num_parts} parts into "
-                          f"{processes} contiguous stages, one per process")
+                          f"{count} contiguous stages")
 
 
 class PipelineTrainer:
@@ -151,19 +183,25 @@ class PipelineTrainer:
         stages: the part indices of each stage, to use instead of a measured cut: a
             resumed run's, from its checkpoint (a new measurement could cut otherwise).
             Every process must pass the same.
+        num_stages: S, the number of stages; the P processes must be S x R, and each
+            stage then has R data-parallel replicas (default: S = P, R = 1).
     """
 
     def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
                  accelerator: Accelerator, observers: tuple[Observer, ...] = (),
                  balance_by: Literal["time", "memory"] = "time",
-                 stages: list[list[int]] | None = None):
+                 stages: list[list[int]] | None = None, num_stages: int | None = None):
         if balance_by not in ("time", "memory"):
             raise ConfigError(f"unknown stage balance {balance_by!r}; valid: time, memory")
         self.stack, self.rule, self.data, self.config = stack, rule, data, config
         self.balance_by = balance_by
         self.accelerator = acc = accelerator
         self.observers = observers
-        self.rank, self.stages_count = acc.process_index, acc.num_processes
+        self.rank = acc.process_index  # this process; its neighbours are rank - 1 and rank + 1
+        self.replicas = replicas_of(acc.num_processes, num_stages) if acc.num_processes > 1 \
+            else 1
+        self.stages_count = acc.num_processes // self.replicas
+        self.stage, self.replica = self.rank % self.stages_count, self.rank // self.stages_count
         self.train_transform = BatchTransform(data.mean, data.std, data.augment)
         self.eval_transform = BatchTransform(data.mean, data.std, "none")
         example = self.eval_transform(data.train_images[:2])
@@ -182,13 +220,21 @@ class PipelineTrainer:
         self.stages = [list(s) for s in stages]
         # Which parts train when, as the serial Trainer says it: all, in every epoch.
         self.schedule = [list(range(len(self.parts)))] * config.epochs
-        self.mine = self.stages[self.rank]
+        self.mine = self.stages[self.stage]
         for i, part in enumerate(self.parts):
             part.to(acc.device if i in self.mine else "meta")
             part.recompute_blocks = config.recompute_blocks
-        self.first, self.last = self.rank == 0, self.rank == self.stages_count - 1
+        self.first, self.last = self.stage == 0, self.stage == self.stages_count - 1
+        self.group = self._replica_group()
         self.train_loader, self.test_loader = make_loaders(
             data, config.batch_size, config.seed, config.eval_batch_size or None)
+        self._order = self.train_loader.generator  # reseeded every epoch, as the serial loop's
+        if self.replicas > 1:  # replica r reads what process r of a serial run on R would
+            self.train_loader, self.test_loader = (prepare_data_loader(
+                loader, num_processes=self.replicas, process_index=self.replica,
+                put_on_device=False, rng_types=None, even_batches=even)
+                # Test batches are not padded to equal counts: no image is scored twice.
+                for loader, even in ((self.train_loader, True), (self.test_loader, False)))
         steps = len(self.train_loader)
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self.schedulers: dict[int, torch.optim.lr_scheduler.LRScheduler] = {}
@@ -222,6 +268,42 @@ class PipelineTrainer:
     #: The information plane asks this trainer to run the probe through its stages.
     measures_plane_in_stages = True
 
+    def _replica_group(self):
+        """The process group of this stage's replicas (None without replicas). Every
+        process makes every stage's group, in the same order, as torch.distributed asks."""
+        mine = None
+        if self.replicas > 1:
+            for stage in range(self.stages_count):
+                group = dist.new_group([r * self.stages_count + stage
+                                        for r in range(self.replicas)])
+                mine = group if stage == self.stage else mine
+        return mine
+
+    def _average_grads(self, i: int) -> None:
+        """Part ``i``'s gradients averaged over this stage's replicas, as DDP averages them
+        (each scaled by 1/R, then summed), in one message."""
+        if self.group is None:
+            return
+        grads = [p.grad for p in self.parts[i].parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(1.0 / self.replicas)
+        dist.all_reduce(flat, group=self.group)
+        at = 0
+        for g in grads:
+            g.copy_(flat[at:at + g.numel()].view_as(g))
+            at += g.numel()
+
+    def _share_buffers(self) -> None:
+        """Replica 0's buffers (batch norm's running statistics) on every replica of this
+        stage, as DDP gives its modules process 0's before they evaluate: in training the
+        replicas only update them, and only replica 0's are kept."""
+        if self.group is None:
+            return
+        for i in self.mine:
+            for buffer in self.parts[i].buffers():
+                dist.broadcast(buffer, self.stage, group=self.group)  # replica 0's rank
+
     def _plane_blocks(self) -> list[range] | None:
         """The blocks each stage measures on the information plane: its parts' blocks (a
         stage that holds only the model's head measures none); None unless the parts
@@ -244,18 +326,18 @@ class PipelineTrainer:
         gathered on every process, in block order: the serial run's numbers (the plane
         keeps them on the first process, as in a serial run).
         """
-        blocks = self.plane_blocks[self.rank]
+        blocks = self.plane_blocks[self.stage]
         entries: list[dict[str, Any]] = []
-        if len(blocks):
+        if len(blocks) and self.replica == 0:  # the replicas' weights are replica 0's
             inputs = None
             if blocks[0] > 0:
                 _, (inputs,), _ = receive(self.rank - 1, self.wire)
                 inputs = inputs.cpu()
             entries, out = plane.measure_range(self.stack, epoch, blocks, inputs)
-            if not self.last and len(self.plane_blocks[self.rank + 1]):
+            if not self.last and len(self.plane_blocks[self.stage + 1]):
                 self.sender.send(BATCH, [out.to(self.wire)], [])
                 self.sender.flush()
-        gathered: list[Any] = [None] * self.stages_count
+        gathered: list[Any] = [None] * self.accelerator.num_processes
         dist.all_gather_object(gathered, entries)
         return sorted((e for stage in gathered for e in stage), key=lambda e: e["block"])
 
@@ -363,11 +445,13 @@ class PipelineTrainer:
                 if train and opt is not None and loss.requires_grad:
                     if scaler is None:
                         loss.backward()
+                        self._average_grads(i)
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                         self.schedulers[i].step()
                     else:  # skips the step where this part's gradients overflowed
-                        scaled_step(loss, scaler, opt, self.schedulers[i])
+                        scaled_step(loss, scaler, opt, self.schedulers[i],
+                                    lambda i=i: self._average_grads(i))
                 losses[i] = loss.detach()
         return h, losses, logits, metrics
 
@@ -436,15 +520,16 @@ class PipelineTrainer:
         cfg = self.config
         for i in self.mine:
             self.parts[i].train()
-        self.train_loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
-        # As the serial loop on one process (process index 0): one data replica.
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101)
+        self._order.manual_seed(cfg.seed * 1_000_003 + epoch)
+        # As the serial loop's process r: replica r augments with its own generator.
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + self.replica)
         sums: dict[int, torch.Tensor] = {}
         metric_sums: dict[int, dict[str, torch.Tensor]] = {}
         hits, scored, seen, steps, saved_peak = 0, 0, 0, 0, 0
         bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", leave=False, dynamic_ncols=True,
-                   disable=None if cfg.progress and self.first else True)
+                   disable=None if cfg.progress and self.accelerator.is_main_process
+                   else True)
         dist.barrier()  # every stage's clock starts together
         self.waited = 0.0
         if self.sender is not None:
@@ -474,17 +559,24 @@ class PipelineTrainer:
         self._end_pass()
         seconds = time.perf_counter() - t0
         bar.close()
-        mine = {"loss": {i: (s / max(steps, 1)).item() for i, s in sums.items()},
-                "metrics": {i: {k: (v / max(steps, 1)).item() for k, v in values.items()}
+        self._share_buffers()
+        mine = {"stage": self.stage, "steps": max(steps, 1),
+                "loss": {i: s.item() for i, s in sums.items()},
+                "metrics": {i: {k: v.item() for k, v in values.items()}
                             for i, values in metric_sums.items()},
                 "hits": hits, "scored": scored, "seen": seen, "seconds": seconds,
                 "saved": saved_peak,
                 "waited": self.waited + (self.sender.waited if self.sender else 0.0)}
-        stages = [None] * self.stages_count
+        stages = [None] * self.accelerator.num_processes
         dist.all_gather_object(stages, mine)
-        loss = {i: v for s in stages for i, v in s["loss"].items()}
+        # Each part's mean loss and metrics over its replicas' steps (every replica takes as
+        # many), as the serial loop averages each process's over the processes.
+        steps = stages[0]["steps"] * self.replicas
+        loss = {i: sum(s["loss"][i] for s in stages if i in s["loss"]) / steps
+                for i in range(len(self.parts)) if any(i in s["loss"] for s in stages)}
         self._check_divergence(loss, epoch)
-        final = stages[-1]
+        final = {key: sum(s[key] for s in stages if s["stage"] == self.stages_count - 1)
+                 for key in ("hits", "scored", "seen")}  # summed over the last stage's replicas
         seconds = max(s["seconds"] for s in stages)  # the pipeline is as slow as its last stage
         names = [p.part_name for p in self.parts]
         entry = {
@@ -499,11 +591,18 @@ class PipelineTrainer:
             # Per process: the largest stage's peak, the figure one device must hold.
             "saved_bytes_peak": max(s["saved"] for s in stages),
             "stages": self.stage_names(),
-            # Per stage: seconds blocked on the previous stage's messages or on delivering
-            # its own (fill and drain, imbalance, the wire), out of the epoch's seconds.
+            "replicas": self.replicas,
+            # Per process (stage s of replica r is process r * S + s): seconds blocked on
+            # the previous stage's messages or on delivering its own (fill and drain,
+            # imbalance, the wire), out of the epoch's seconds.
             "stage_wait_seconds": [round(s["waited"], 3) for s in stages],
         }
-        metrics = {i: m for s in stages for i, m in s["metrics"].items()}
+        metrics: dict[int, dict[str, float]] = {}
+        for s in stages:
+            for i, values in s["metrics"].items():
+                kept = metrics.setdefault(i, {})
+                for key, value in values.items():
+                    kept[key] = kept.get(key, 0.0) + value / steps
         keys = sorted({key for values in metrics.values() for key in values})
         if keys:
             entry["rule_metrics"] = {key: {names[i]: metrics.get(i, {}).get(key)
@@ -547,9 +646,16 @@ class PipelineTrainer:
                     hits[i] = hits.get(i, 0) + int((z.argmax(1) == step.labels).sum())
             total += len(step.labels)
         self._end_pass()
-        gathered = [None] * self.stages_count
-        dist.all_gather_object(gathered, {"hits": hits, "total": total})
-        acc = {i: n / max(g["total"], 1) for g in gathered for i, n in g["hits"].items()}
+        gathered = [None] * self.accelerator.num_processes
+        dist.all_gather_object(gathered, {"stage": self.stage, "hits": hits, "total": total})
+        # Every stage of a replica sees the images its first stage read: the test set, once
+        # over the replicas.
+        total = sum(g["total"] for g in gathered if g["stage"] == 0)
+        counts: dict[int, int] = {}
+        for g in gathered:
+            for i, n in g["hits"].items():
+                counts[i] = counts.get(i, 0) + n
+        acc = {i: n / max(total, 1) for i, n in counts.items()}
         last = len(self.parts) - 1
         if last not in acc:
             raise RuntimeError(f"rule {self.rule.name!r}: the last part gives no logits")

@@ -1,24 +1,26 @@
 """Worker for tests/test_pipeline.py: train a few steps serially or pipelined, save the weights.
 
-    python tests/pipeline_worker.py serial MODEL[,MODEL] OUT_DIR
-    torchrun --nproc_per_node K tests/pipeline_worker.py parts-time|parts-memory MODEL[,MODEL] OUT
-        [RESUMED]
+    [torchrun --nproc_per_node R] tests/pipeline_worker.py serial MODEL[,MODEL] OUT_DIR
+    torchrun --nproc_per_node P tests/pipeline_worker.py parts-time|parts-memory[/S] \
+        MODEL[,MODEL] OUT [RESUMED]
 
 MODEL is ``vit`` (a tiny ViT), ``cnn`` (resnet32_cifar in 3 blocks) or ``mlp`` (a small
 ff_mlp), trained by
 ``layerwise``, or ``MODEL:RULE`` for another rule (``cnn:infopro``: its decoder reads
-the network input from the step context, which crosses the stages). Each process
+the network input from the step context, which crosses the stages); ``vit:fp16`` is
+the ViT under fp16. Each process
 saves, for each model, the parameters and buffers of the parts it trained, by part index:
 one launch trains several models, as starting Python costs more here than training.
-Every run measures the information plane too (each stage its own blocks).
+Every run measures the information plane too (each stage its own blocks). ``/S`` cuts
+S stages, each with P / S replicas; ``serial`` under torchrun is the serial loop's
+data parallelism (DDP) on R processes.
 
 The pipelined run of the model named RESUMED saves a checkpoint after each epoch
 (``OUT/ckpt-MODEL``); then, in the same processes, a fresh trainer resumes from the
 epoch-1 checkpoint alone (copied to ``OUT/resumed-MODEL``) as ``run.py --resume``
 does (the saved stage cut, :meth:`Checkpointer.resume`), trains epoch 2, and its
 weights are saved too (``"resumed"``); last, every process tries a copy of that
-checkpoint whose stage-1 weights are cut short (``"damaged"``: the error it got). That
-launch also trains the ViT under fp16 (results key ``vit:fp16``).
+checkpoint whose stage-1 weights are cut short (``"damaged"``: the error it got).
 """
 
 import shutil
@@ -74,6 +76,8 @@ def weights(trainer, parts) -> dict[int, torch.Tensor]:
 
 def train(mode: str, spec: str, accelerator: Accelerator, checkpoints: Path | None = None
           ) -> dict:
+    mode, _, stages = mode.partition("/")
+    stages = int(stages) if stages else None
     stack, rule, data, config = setup(spec)
     # The plane on 24 probe images in batches of 10: measured at epochs 0, 1 and 2.
     plane = InformationPlane(probe_size=24, batch_size=10)
@@ -83,7 +87,7 @@ def train(mode: str, spec: str, accelerator: Accelerator, checkpoints: Path | No
         saver = (checkpoint.Checkpointer(checkpoints, 2, IDENTITY, RUN_ID),) if checkpoints \
             else ()
         trainer = PipelineTrainer(stack, rule, data, config, accelerator, (plane, *saver),
-                                  balance_by=mode.removeprefix("parts-"))
+                                  balance_by=mode.removeprefix("parts-"), num_stages=stages)
     result = trainer.fit()
     mine = range(len(trainer.parts)) if mode == "serial" else trainer.mine
     scalers = dict(enumerate(trainer.scalers)) if mode == "serial" else trainer.scalers  # fp16
@@ -93,11 +97,12 @@ def train(mode: str, spec: str, accelerator: Accelerator, checkpoints: Path | No
            "scales": {i: s.get_scale() for i, s in scalers.items() if s is not None},
            "mine": list(mine)}
     if checkpoints:
-        out |= resume(spec, accelerator, checkpoints)
+        out |= resume(spec, accelerator, checkpoints, stages)
     return out
 
 
-def resume(spec: str, accelerator: Accelerator, checkpoints: Path) -> dict:
+def resume(spec: str, accelerator: Accelerator, checkpoints: Path, stages: int | None
+           ) -> dict:
     """Resume ``spec``'s run after epoch 1 in a fresh trainer, as ``run.py --resume`` does."""
     folder = checkpoints.parent / f"resumed-{spec}"
     damaged = checkpoints.parent / f"damaged-{spec}"
@@ -108,9 +113,11 @@ def resume(spec: str, accelerator: Accelerator, checkpoints: Path) -> dict:
         stage1.write_bytes(stage1.read_bytes()[:100])
     accelerator.wait_for_everyone()
     stack, rule, data, config = setup(spec)
-    cut = checkpoint.saved_stages(folder, IDENTITY, accelerator.num_processes)
+    count = stages or accelerator.num_processes
+    cut = checkpoint.saved_stages(folder, IDENTITY, count, accelerator.num_processes // count)
     saver = checkpoint.Checkpointer(folder, 2, IDENTITY, RUN_ID)
-    trainer = PipelineTrainer(stack, rule, data, config, accelerator, (saver,), stages=cut)
+    trainer = PipelineTrainer(stack, rule, data, config, accelerator, (saver,), stages=cut,
+                              num_stages=stages)
     start = saver.resume(trainer)
     result = trainer.fit()
     resumed = {"parts": weights(trainer, trainer.mine), "start_epoch": start,
@@ -135,12 +142,14 @@ def fresh_accelerator(mixed_precision: str = "no") -> Accelerator:
 
 def main(mode: str, models: str, out: Path, resumed: str | None = None) -> None:
     accelerator = Accelerator(cpu=True)
-    results = {model: train(mode, model, accelerator,
-                            out / f"ckpt-{model}" if model == resumed else None)
-               for model in models.split(",")}
-    if resumed:  # the 2-stage launch also trains the ViT under fp16, a scaler per part
-        results[FP16] = train(mode, "vit", fresh_accelerator("fp16"))
-        accelerator = fresh_accelerator()
+    results = {}
+    for model in models.split(","):
+        if model == FP16:  # a gradient scaler per part
+            results[model] = train(mode, "vit", fresh_accelerator("fp16"))
+            accelerator = fresh_accelerator()
+        else:
+            results[model] = train(mode, model, accelerator,
+                                   out / f"ckpt-{model}" if model == resumed else None)
     torch.save(results, out / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from pipeline_worker import FP16
 
 WORKER = str(ROOT / "tests" / "pipeline_worker.py")
 # Layer norm; batch norm (whose buffers must match too); InfoPro, whose decoder rebuilds
@@ -32,9 +33,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode, processes, out, *extra):
+def _run(mode, processes, out, *extra, models=MODELS):
     out.mkdir()
-    cmd = [sys.executable, WORKER, mode, MODELS, str(out), *extra]
+    cmd = [sys.executable, WORKER, mode, models, str(out), *extra]
     if processes > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
@@ -72,7 +73,9 @@ def pipelined(tmp_path_factory):
         if (stages, balance_by) not in done:
             out = tmp_path_factory.mktemp(f"parts-{stages}") / "run"
             extra = [RESUMED] if stages == 2 else []
-            done[stages, balance_by] = _run(f"parts-{balance_by}", stages, out, *extra), out
+            models = f"{MODELS},{FP16}" if stages == 2 else MODELS
+            done[stages, balance_by] = (
+                _run(f"parts-{balance_by}", stages, out, *extra, models=models), out)
         return done[stages, balance_by]
 
     return launch
@@ -181,6 +184,73 @@ def test_fp16_stages_scale_each_part_and_give_the_serial_weights(pipelined):
     assert all(sorted(s) == rank[FP16]["mine"] for s, rank in zip(scales, ranks, strict=True))
 
 
+# Batch norm (its buffers: replica 0's, as DDP keeps process 0's), forward-forward (the
+# last stage combines every part's logits, per replica) and fp16 (the replicas average
+# scaled gradients, as DDP does).
+REPLICATED = f"cnn,mlp:forward_forward,{FP16}"
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    """The serial loop's data parallelism (DDP) on 2 processes, and 2 stages x 2 replicas
+    of the pipelined executor on 4, which also checkpoints ``RESUMED``'s run and resumes it."""
+    root = tmp_path_factory.mktemp("replicas")
+    serial = _run("serial", 2, root / "ddp", models=REPLICATED)
+    pipelined = _run("parts-time/2", 4, root / "run", RESUMED, models=REPLICATED)
+    return serial, pipelined, root / "run"
+
+
+def test_stages_with_replicas_give_the_data_parallel_serial_weights(replicated, serial):
+    one_process = serial
+    serial, ranks, _ = replicated
+    for model in REPLICATED.split(","):
+        expected = serial[0][model]
+        for replica in (ranks[:2], ranks[2:]):  # process r * 2 + s is stage s of replica r
+            got = {}
+            for rank in replica:
+                got.update(rank[model]["parts"])
+            assert sorted(got) == list(range(expected["num_parts"]))
+            for i, weights in expected["parts"].items():
+                # As the one-replica comparison: the same operations on the same shards,
+                # and gradients averaged as DDP averages them (each times 1/2, summed).
+                torch.testing.assert_close(got[i], weights, rtol=1e-6, atol=1e-7)
+                assert not torch.equal(weights, torch.zeros_like(weights))
+        assert ranks[0][model]["test_acc"] == expected["test_acc"]
+        assert all(r[model]["block_acc"] == expected["block_acc"] for r in ranks)
+        last, serial_last = ranks[0][model]["history"][-1], expected["history"][-1]
+        assert last["part_loss"] == pytest.approx(serial_last["part_loss"], rel=1e-6)
+        assert last["train_acc"] == serial_last["train_acc"]
+        assert last["replicas"] == 2 and len(last["stages"]) == 2
+        assert len(last["stage_wait_seconds"]) == 4  # per process
+        # Replica 0's stages measure the plane, as the serial run's first process does.
+        assert len(ranks[0][model]["plane"]) == len(expected["plane"]) > 0
+        for got_entry, entry in zip(ranks[0][model]["plane"], expected["plane"], strict=True):
+            assert got_entry == pytest.approx(entry, rel=1e-6, abs=1e-9)
+    # The comparison tells replicas from none: 2 processes on half the batches each do not
+    # train the one-process run's weights.
+    alone = one_process["cnn"]["parts"][0]
+    assert not torch.allclose(serial[0]["cnn"]["parts"][0], alone, rtol=1e-3)
+
+
+def test_stages_with_replicas_resume_from_their_checkpoint(replicated):
+    _, ranks, out = replicated
+    for rank in ranks:
+        run, resumed = rank[RESUMED]["parts"], rank[RESUMED]["resumed"]
+        assert resumed["start_epoch"] == 1 and sorted(resumed["parts"]) == sorted(run)
+        for i, weights in run.items():  # zero tolerance, as for one replica
+            assert torch.equal(resumed["parts"][i], weights), f"part {i}"
+        assert "stage1.safetensors cannot be read safely" in rank[RESUMED]["damaged"]
+    folder = out / f"ckpt-{RESUMED}" / "epoch0001"
+    # Replica 0 of each stage writes its files, with both replicas' RNG states.
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "meta.json", "stage0.pt", "stage0.safetensors", "stage1.pt", "stage1.safetensors"]
+    assert json.loads((folder / "meta.json").read_text())["replicas"] == 2
+    for stage in (0, 1):
+        state = torch.load(folder / f"stage{stage}.pt", weights_only=True)
+        assert len(state["replica_rng"]) == 2
+        assert torch.equal(state["replica_rng"][0]["torch"], state["rng"]["torch"])
+
+
 def _meta(folder, **fields):
     """A checkpoint's meta.json alone, enough for :func:`checkpoint.read_meta`."""
     folder.mkdir()
@@ -209,6 +279,28 @@ def test_a_checkpoint_resumes_only_the_executor_that_saved_it(tmp_path, saved, r
         read_meta(folder, {}, stages=resuming)
 
 
+@pytest.mark.parametrize("replicas, resuming, message", [
+    (2, (0, 1), "was saved by a pipelined run of 2 stages x 2 replicas; resume it with "
+                "--parallel parts --stages 2 under torchrun --nproc_per_node 4"),
+    (2, (2, 1), "was saved by a pipelined run of 2 stages x 2 replicas; this run has 2 x 1: "
+                "resume it with --stages 2 under torchrun --nproc_per_node 4"),
+    (1, (2, 2), "was saved by a pipelined run of 2 stages x 1 replicas; this run has 2 x 2: "
+                "resume it without --stages under torchrun --nproc_per_node 2"),
+    (0, (2, 1), "is damaged: meta.json has a bad 'replicas' (0)"),
+    ("2", (2, 2), "is damaged: meta.json has a bad 'replicas' ('2')"),
+], ids=["replicated by serial", "replicated by one replica", "one replica by replicated",
+        "no replicas", "replicas as text"])
+def test_a_checkpoint_resumes_only_as_many_replicas(tmp_path, replicas, resuming, message):
+    from locallearn.checkpoint import CheckpointError, read_meta
+
+    folder = _meta(tmp_path / "epoch0001", stages=[[0, 1], [2]], replicas=replicas)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        read_meta(folder, {}, stages=resuming[0], replicas=resuming[1])
+    folder = _meta(tmp_path / "epoch0002", stages=[[0, 1], [2]], replicas=2, epoch=2,
+                   history=[{"epoch": 1}, {"epoch": 2}])
+    assert read_meta(folder, {}, stages=2, replicas=2)["replicas"] == 2  # the same: accepted
+
+
 REFUSED = [  # (processes, arguments, what the one line says)
     (1, ["--rule", "layerwise", "--no-plane"], "start run.py with torchrun --nproc_per_node P"),
     (2, ["--rule", "sequential", "--no-plane"], "rule 'sequential' does not train all its parts"),
@@ -216,6 +308,11 @@ REFUSED = [  # (processes, arguments, what the one line says)
      "rule 'forward_forward' does not train all its parts"),
     (2, ["--rule", "layerwise", "--no-plane", "--channels-last"], "--channels-last yet"),
     (2, ["--rule", "layerwise", "--no-plane", "--compile", "default"], "--compile yet"),
+    (4, ["--rule", "layerwise", "--no-plane", "--stages", "3"],
+     "--stages 3 does not divide the 4 processes into stages x replicas (at least 2 stages); "
+     "valid: 2, 4"),
+    (4, ["--rule", "layerwise", "--no-plane", "--stages", "1"], "--stages 1 does not divide"),
+    (2, ["--rule", "layerwise", "--no-plane", "--stages", "4"], "valid: 2"),
 ]
 
 
@@ -238,13 +335,15 @@ def test_what_cannot_be_pipelined_is_one_line_exit_2_and_nothing_written(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_stage_balance_without_stages_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("flag", [["--stage-balance", "memory"], ["--stages", "2"]])
+def test_a_stage_option_without_stages_is_refused(tmp_path, capsys, flag):
     from locallearn.cli import main
 
-    status = main(["--dataset", "synthetic", "--stage-balance", "memory", "--no-plane",
+    status = main(["--dataset", "synthetic", *flag, "--no-plane",
                    "--output", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(err) == 1 and "add --parallel parts" in err[0]
+    assert status == 2 and len(err) == 1 and f"{flag[0]} cuts the stages" in err[0]
+    assert "add --parallel parts" in err[0]
     assert not (tmp_path / "runs").exists()
 
 
@@ -319,7 +418,9 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
     before = sorted(tmp_path.rglob("*"))
     for processes, parallel, message in (
             (1, [], "saved by a pipelined run of 2 stages; resume it with --parallel parts"),
-            (3, ["--parallel", "parts"], "this run has 3: resume it under torchrun")):
+            (3, ["--parallel", "parts"], "this run has 3: resume it under torchrun"),
+            (4, ["--parallel", "parts", "--stages", "2"],
+             "this run has 2 x 2: resume it without --stages under torchrun --nproc_per_node 2")):
         monkeypatch.setenv("WORLD_SIZE", str(processes))
         assert main([*args, *parallel, "--resume"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
