@@ -2,7 +2,8 @@
 
 Four configurations train on the same random 32x32 images, interleaved over
 ``--repeats`` rounds (a, b, c, d, a, b, ...) so drifts in machine load hit
-all alike; the median images/s of each is printed, and ratios to (a):
+all alike; the median images/s of each is printed, and the median over rounds
+of (a)'s images/s over each one's in the same round, with every round's ratio:
 
     (a) the local rule (layerwise by default) under ``--parallel parts``:
         P processes x 1 thread, one stage each;
@@ -200,13 +201,18 @@ def main() -> None:
             speeds[name].append(out["images_per_s"])
             info.setdefault(worker, out)
     medians = {name: statistics.median(v) for name, v in speeds.items()}
-    a = next(iter(medians.values()))
+    first = next(iter(speeds.values()))
     print(f"{args.model}, {args.rule}, parts {info['serial']['parts']}, stages "
           f"{info['parts']['stages']}; batch {args.batch_size}, {args.images} images per epoch, "
           f"last of {args.epochs} epochs measured; median of {args.repeats} interleaved rounds; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
-    for name, value in medians.items():
-        print(f"{name:60s} {value:8.1f} images/s   (a) / this: {a / value:5.2f}x")
+    # Each round's (a) against the same round's others: runs minutes apart share the
+    # machine's state less than runs of one round, so the ratios are paired by round.
+    for name, values in speeds.items():
+        ratios = [a / v for a, v in zip(first, values, strict=True)]
+        print(f"{name:60s} {medians[name]:8.1f} images/s   (a) / this: "
+              f"{statistics.median(ratios):5.2f}x (rounds: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
     parts = info["parts"]
     print(f"(a), first round: each stage waited {parts['waited']} s of the measured "
           f"epoch's {parts['seconds']} s (fill and drain, imbalance, sends)")

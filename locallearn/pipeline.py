@@ -121,9 +121,9 @@ def check_args(args: argparse.Namespace, rule: Rule) -> None:
     checks it then, still before anything is written.
     """
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes >= 2:
+    if processes >= 2:  # (one process is refused by check_rule, whatever --stages says)
         replicas_of(processes, args.stages)
-    check_rule(rule, args.epochs, args.stages or processes)
+    check_rule(rule, args.epochs, (args.stages or processes) if processes >= 2 else 1)
     for flag, value in (("channels-last", args.channels_last), ("compile", args.compile)):
         if value not in (False, "no"):
             raise ConfigError(f"--parallel parts does not support --{flag} yet; drop it")

@@ -313,6 +313,8 @@ REFUSED = [  # (processes, arguments, what the one line says)
      "valid: 2, 4"),
     (4, ["--rule", "layerwise", "--no-plane", "--stages", "1"], "--stages 1 does not divide"),
     (2, ["--rule", "layerwise", "--no-plane", "--stages", "4"], "valid: 2"),
+    (1, ["--rule", "layerwise", "--no-plane", "--stages", "2"],
+     "start run.py with torchrun --nproc_per_node P"),
 ]
 
 
