@@ -76,12 +76,21 @@ def _local(args) -> dict:
     kind = PipelineTrainer if args.worker == "parts" else Trainer
     trainer = kind(stack, create_rule(args.rule), data, config, accelerator)
     result = trainer.fit()
-    out = {"images_per_s": result["history"][-1]["images_per_s"],
-           "parts": [p.part_name for p in trainer.parts]}
+    last = result["history"][-1]
+    # What one process holds: the parameters of its parts (its stage's, pipelined), and its
+    # peak bytes saved for backward (the record's: the largest stage's, pipelined).
+    held = trainer.mine if args.worker == "parts" else range(len(trainer.parts))
+    weights = sum(p.numel() * p.element_size() for i in held
+                  for p in trainer.parts[i].parameters())
+    out = {"images_per_s": last["images_per_s"], "saved": last["saved_bytes_peak"],
+           "parts": [p.part_name for p in trainer.parts], "weights": weights}
     if args.worker == "parts":
-        last = result["history"][-1]
+        import torch.distributed as dist
+
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, weights)
         out.update(stages=trainer.stage_names(), waited=last["stage_wait_seconds"],
-                   seconds=last["seconds"])
+                   seconds=last["seconds"], weights=max(everyone))
     accelerator.end_training()
     return out
 
@@ -213,9 +222,15 @@ def main() -> None:
         print(f"{name:60s} {medians[name]:8.1f} images/s   (a) / this: "
               f"{statistics.median(ratios):5.2f}x (rounds: "
               f"{', '.join(f'{r:.2f}' for r in ratios)})")
-    parts = info["parts"]
+    parts, serial = info["parts"], info["serial"]
     print(f"(a), first round: each stage waited {parts['waited']} s of the measured "
           f"epoch's {parts['seconds']} s (fill and drain, imbalance, sends)")
+    mib = 2**20
+    print(f"per process, (a)'s largest stage against (b): parameters "
+          f"{parts['weights'] / mib:.1f} / {serial['weights'] / mib:.1f} MiB = "
+          f"{parts['weights'] / serial['weights']:.2f}; "
+          f"peak saved for backward {parts['saved'] / mib:.1f} / {serial['saved'] / mib:.1f} "
+          f"MiB = {parts['saved'] / serial['saved']:.2f}")
 
 
 if __name__ == "__main__":
