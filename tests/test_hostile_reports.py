@@ -21,7 +21,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 VICTIM = "e2e__resnet18__imagefolder__seed0.json"  # cpu-smoke: plane, memory, seed, all of it
 OTHERS = ["layerwise__resnet18__imagefolder__seed0.json",  # the same table
           "e2e-ff_mlp__ff_mlp__imagefolder__seed0.json"]  # another table
-PLANE_RECORD = RESULTS / "plane-cifar10" / "e2e__resnet18__imagefolder__seed0.json"
+PLANE_RECORD = RESULTS / "plane-cifar10" / (
+    "e2e__resnet18__imagefolder__granularity-block__train-subset-10000__test-subset-2000__"
+    "epochs-8__lr-0.05__seed0.json")
 DELETE = object()
 
 
