@@ -81,24 +81,29 @@ def pipelined(tmp_path_factory):
     return launch
 
 
+def _assert_serial_weights(stages, model, expected):
+    """The stages' parts, together, are the serial run's, each on one stage, with its weights."""
+    got = {}
+    for rank in stages:
+        assert rank[model]["parts"], "every stage holds at least one part"
+        assert not set(got) & set(rank[model]["parts"]), "a part is on one stage only"
+        got.update(rank[model]["parts"])
+    assert sorted(got) == list(range(expected["num_parts"]))
+    for i, weights in expected["parts"].items():
+        # Same operations on the same inputs in the same order with one thread per
+        # process, and the transport copies bits: equal to the bit is expected. The
+        # tolerance (1e-6 relative, in float64 of float32 weights) only admits a
+        # kernel that reduces in another order for a received (contiguous) tensor.
+        torch.testing.assert_close(got[i], weights, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(weights, torch.zeros_like(weights))
+
+
 @pytest.mark.parametrize("stages, balance_by", [(2, "time"), (3, "memory")])
 def test_pipelined_stages_give_the_serial_weights(serial, pipelined, stages, balance_by):
     ranks, _ = pipelined(stages, balance_by)
     for model in MODELS.split(","):
         expected = serial[model]
-        got = {}
-        for rank in ranks:
-            assert rank[model]["parts"], "every stage holds at least one part"
-            assert not set(got) & set(rank[model]["parts"]), "a part is on one stage only"
-            got.update(rank[model]["parts"])
-        assert sorted(got) == list(range(expected["num_parts"]))
-        for i, weights in expected["parts"].items():
-            # Same operations on the same inputs in the same order with one thread per
-            # process, and the transport copies bits: equal to the bit is expected. The
-            # tolerance (1e-6 relative, in float64 of float32 weights) only admits a
-            # kernel that reduces in another order for a received (contiguous) tensor.
-            torch.testing.assert_close(got[i], weights, rtol=1e-6, atol=1e-7)
-            assert not torch.equal(weights, torch.zeros_like(weights))
+        _assert_serial_weights(ranks, model, expected)
         # The record's numbers: accuracy at each depth, gathered from the stages.
         assert ranks[0][model]["block_acc"] == expected["block_acc"]
         assert ranks[0][model]["test_acc"] == expected["test_acc"]
@@ -205,16 +210,10 @@ def test_stages_with_replicas_give_the_data_parallel_serial_weights(replicated, 
     serial, ranks, _ = replicated
     for model in REPLICATED.split(","):
         expected = serial[0][model]
-        for replica in (ranks[:2], ranks[2:]):  # process r * 2 + s is stage s of replica r
-            got = {}
-            for rank in replica:
-                got.update(rank[model]["parts"])
-            assert sorted(got) == list(range(expected["num_parts"]))
-            for i, weights in expected["parts"].items():
-                # As the one-replica comparison: the same operations on the same shards,
-                # and gradients averaged as DDP averages them (each times 1/2, summed).
-                torch.testing.assert_close(got[i], weights, rtol=1e-6, atol=1e-7)
-                assert not torch.equal(weights, torch.zeros_like(weights))
+        # Process r * 2 + s is stage s of replica r. The same operations on the same shards,
+        # and gradients averaged as DDP averages them (each times 1/2, summed).
+        for replica in (ranks[:2], ranks[2:]):
+            _assert_serial_weights(replica, model, expected)
         assert ranks[0][model]["test_acc"] == expected["test_acc"]
         assert all(r[model]["block_acc"] == expected["block_acc"] for r in ranks)
         last, serial_last = ranks[0][model]["history"][-1], expected["history"][-1]
