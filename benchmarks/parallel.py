@@ -11,7 +11,9 @@ of (a)'s images/s over each one's in the same round, with every round's ratio:
     (c) the same rule serial: 1 process x P threads (equal total cores);
     (d) e2e backprop pipelined by ``torch.distributed.pipelining`` (GPipe,
         ``--microbatches`` M) on the same P processes x 1 thread, the model cut
-        where the rule's parts are cut.
+        where the rule's parts are cut;
+    (e) with ``--replay-buffer M``: the rule's stages run asynchronously, each
+        after the first drawing from the last M batches it received.
 
 Images/s is measured over the last of ``--epochs`` epochs (the first warms up),
 for the pipelined executor from the first stage's start to the last stage's end.
@@ -73,8 +75,11 @@ def _local(args) -> dict:
     stack = _stack(args, data)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.01,
                          schedule="constant", progress=False)
-    kind = PipelineTrainer if args.worker == "parts" else Trainer
-    trainer = kind(stack, create_rule(args.rule), data, config, accelerator)
+    if args.worker == "parts":
+        trainer = PipelineTrainer(stack, create_rule(args.rule), data, config, accelerator,
+                                  replay_buffer=args.replay_buffer)
+    else:
+        trainer = Trainer(stack, create_rule(args.rule), data, config, accelerator)
     result = trainer.fit()
     last = result["history"][-1]
     # What one process holds: the parameters of its parts (its stage's, pipelined), and its
@@ -90,7 +95,7 @@ def _local(args) -> dict:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, weights)
         out.update(stages=trainer.stage_names(), waited=last["stage_wait_seconds"],
-                   seconds=last["seconds"], weights=max(everyone))
+                   seconds=last["seconds"], weights=max(everyone), replay=last.get("replay"))
     accelerator.end_training()
     return out
 
@@ -150,8 +155,9 @@ def _gpipe(args) -> dict:
     return {"images_per_s": round(images / seconds, 1)}
 
 
-def _launch(args, worker: str, processes: int, threads: int) -> dict:
-    script = [str(Path(__file__).resolve()), "--worker", worker, "--threads", str(threads)]
+def _launch(args, worker: str, processes: int, threads: int, extra: tuple = ()) -> dict:
+    script = [str(Path(__file__).resolve()), "--worker", worker, "--threads", str(threads),
+              *extra]
     for key in ("model", "rule", "blocks", "split_after", "batch_size", "images", "epochs",
                 "microbatches"):
         value = getattr(args, key)
@@ -183,6 +189,8 @@ def main() -> None:
     p.add_argument("--microbatches", type=int, default=4, help="M of (d)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-gpipe", action="store_true", help="leave (d) out")
+    p.add_argument("--replay-buffer", type=int, default=None, metavar="M",
+                   help="add (e): the stages asynchronous, with a replay buffer of M batches")
     p.add_argument("--worker", choices=("parts", "serial", "gpipe"), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -195,20 +203,23 @@ def main() -> None:
 
     P = args.processes
     runs = {
-        f"(a) {args.rule} pipelined, {P} processes x 1 thread": ("parts", P, 1),
-        f"(b) {args.rule} serial, 1 process x 1 thread": ("serial", 1, 1),
-        f"(c) {args.rule} serial, 1 process x {P} threads": ("serial", 1, P),
+        f"(a) {args.rule} pipelined, {P} processes x 1 thread": ("parts", P, 1, ()),
+        f"(b) {args.rule} serial, 1 process x 1 thread": ("serial", 1, 1, ()),
+        f"(c) {args.rule} serial, 1 process x {P} threads": ("serial", 1, P, ()),
     }
     if not args.skip_gpipe:
         runs[f"(d) e2e GPipe ({args.microbatches} micro-batches), {P} processes x 1 thread"] = (
-            "gpipe", P, 1)
+            "gpipe", P, 1, ())
+    if args.replay_buffer is not None:
+        runs[f"(e) {args.rule} asynchronous (buffer {args.replay_buffer}), {P} x 1 thread"] = (
+            "parts", P, 1, ("--replay-buffer", str(args.replay_buffer)))
     speeds: dict[str, list[float]] = {name: [] for name in runs}
     info = {}
     for _ in range(args.repeats):
-        for name, (worker, processes, threads) in runs.items():
-            out = _launch(args, worker, processes, threads)
+        for name, (worker, processes, threads, extra) in runs.items():
+            out = _launch(args, worker, processes, threads, extra)
             speeds[name].append(out["images_per_s"])
-            info.setdefault(worker, out)
+            info.setdefault(worker + "".join(extra), out)
     medians = {name: statistics.median(v) for name, v in speeds.items()}
     first = next(iter(speeds.values()))
     print(f"{args.model}, {args.rule}, parts {info['serial']['parts']}, stages "
@@ -225,6 +236,11 @@ def main() -> None:
     parts, serial = info["parts"], info["serial"]
     print(f"(a), first round: each stage waited {parts['waited']} s of the measured "
           f"epoch's {parts['seconds']} s (fill and drain, imbalance, sends)")
+    if args.replay_buffer is not None:
+        replayed = info[f"parts--replay-buffer{args.replay_buffer}"]
+        print(f"(e), first round: each stage waited {replayed['waited']} s of the measured "
+              f"epoch's {replayed['seconds']} s; staleness of the later stages "
+              f"{json.dumps(replayed['replay']['stages'])}")
     mib = 2**20
     print(f"per process, (a)'s largest stage against (b): parameters "
           f"{parts['weights'] / mib:.1f} / {serial['weights'] / mib:.1f} MiB = "

@@ -128,9 +128,11 @@ def _check(args: argparse.Namespace) -> Checked:
         check_args(args, rule)
     else:
         for flag, given in (("stage-balance", args.stage_balance != "time"),
-                            ("stages", args.stages is not None)):
+                            ("stages", args.stages is not None),
+                            ("replay-buffer", args.replay_buffer is not None),
+                            ("max-reuse", args.max_reuse is not None)):
             if given:
-                raise ConfigError(f"--{flag} cuts the stages of --parallel parts; add "
+                raise ConfigError(f"--{flag} sets the stages of --parallel parts; add "
                                   "--parallel parts or drop it")
     if _main_process():  # the others would see the main process's own files
         check_record(args, resumed_run(args, identity))
@@ -180,7 +182,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                accelerator.num_processes // stages)
         trainer = PipelineTrainer(stack, checked.rule, data, checked.config, accelerator,
                                   observers, balance_by=args.stage_balance, stages=cut,
-                                  num_stages=args.stages)
+                                  num_stages=args.stages, replay_buffer=args.replay_buffer,
+                                  max_reuse=args.max_reuse)
     else:
         trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers)
     # The files are taken (and checked again, now under their locks) just before the

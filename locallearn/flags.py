@@ -339,6 +339,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("stages", OUTPUT, "--parallel parts: S stages, each with P / S data-parallel "
          "replicas, on P processes (default: one stage per process)", type=positive_int,
          metavar="S", row=True),
+    # Asynchronous stages change what is trained: identity flags, in the record's name.
+    Flag("replay-buffer", IDENTITY, "--parallel parts: run the stages asynchronously, each "
+         "after the first stepping on samples drawn from the last M batches it received "
+         "(DGL's replay buffer, Belilovsky et al. 2020; docs/parallel.md)", type=positive_int,
+         metavar="M"),
+    Flag("max-reuse", IDENTITY, "--replay-buffer: draw each sample at most K times (default: "
+         "no cap)", type=positive_int, metavar="K"),
     Flag("check", COMMAND, "check the arguments (names, options, data path) and exit without "
          "training", kind="switch", recorded=False, presettable=False),
 )

@@ -20,9 +20,14 @@ gradients before every step, as DDP does, and take replica 0's buffers (batch
 norm's running statistics) before evaluating, as DDP gives its modules process
 0's; the weights are then the serial data-parallel run's on R processes.
 
-Pipelining changes timing, not arithmetic: stage k's forward of batch t uses
-its weights after t updates, exactly as in the serial loop, so the final
-weights are the serial run's. The executor is orthogonal to the rule
+With ``--replay-buffer M`` the stages run asynchronously instead (DGL's variant,
+:mod:`locallearn.replay`): each stage after the first steps on samples drawn from
+the last M messages it received, as fast as it can; the results then depend on
+timing, and each epoch records the samples' staleness.
+
+In step (the default), pipelining changes timing, not arithmetic: stage k's
+forward of batch t uses its weights after t updates, exactly as in the serial
+loop, so the final weights are the serial run's. The executor is orthogonal to the rule
 (DESIGN principle 10): it needs only that every part trains in every epoch
 and that the prediction at a depth is that part's own.
 """
@@ -49,10 +54,11 @@ from .errors import ConfigError
 from .measure import SavedTensorMeter
 from .observers import Observer
 from .optim import lr_factor, make_optimizer, scaled_step
+from .replay import ReplayBuffer, fill, wait_end
 from .rules.base import LocalPart, Rule
 from .step import Step
 from .trainer import Diverged, TrainConfig
-from .transport import BATCH, END, STEP_TENSORS, Sender, pack_step, receive, unpack_step
+from .transport import BATCH, END, STEP_INTS, STEP_TENSORS, Sender, pack_step, receive, unpack_step
 
 #: Messages a stage may have sent that its successor has not received yet.
 IN_FLIGHT = 2
@@ -127,6 +133,23 @@ def check_args(args: argparse.Namespace, rule: Rule) -> None:
     for flag, value in (("channels-last", args.channels_last), ("compile", args.compile)):
         if value not in (False, "no"):
             raise ConfigError(f"--parallel parts does not support --{flag} yet; drop it")
+    check_replay(args.replay_buffer, args.max_reuse,
+                 replicas_of(processes, args.stages) if processes >= 2 else 1)
+
+
+def check_replay(size: int | None, max_reuse: int | None, replicas: int) -> None:
+    """Refuse a replay cap without a buffer, and a buffer with data-parallel replicas.
+
+    Raises:
+        ConfigError: one line each.
+    """
+    if max_reuse is not None and size is None:
+        raise ConfigError("--max-reuse caps the draws of each sample from --replay-buffer; add "
+                          "--replay-buffer M or drop it")
+    if size is not None and replicas > 1:
+        raise ConfigError("--replay-buffer lets each stage step at its own pace, and "
+                          "data-parallel replicas average every step: drop --stages (one "
+                          "stage per process) or --replay-buffer")
 
 
 def balance(costs: list[float], stages: int) -> list[int]:
@@ -185,12 +208,17 @@ class PipelineTrainer:
             Every process must pass the same.
         num_stages: S, the number of stages; the P processes must be S x R, and each
             stage then has R data-parallel replicas (default: S = P, R = 1).
+        replay_buffer: M, to run the stages asynchronously: each stage after the first
+            steps on samples drawn from the last M messages it received
+            (:mod:`locallearn.replay`); None: in step, the serial run's weights.
+        max_reuse: K, the most draws of one sample from the replay buffer (None: no cap).
     """
 
     def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
                  accelerator: Accelerator, observers: tuple[Observer, ...] = (),
                  balance_by: Literal["time", "memory"] = "time",
-                 stages: list[list[int]] | None = None, num_stages: int | None = None):
+                 stages: list[list[int]] | None = None, num_stages: int | None = None,
+                 replay_buffer: int | None = None, max_reuse: int | None = None):
         if balance_by not in ("time", "memory"):
             raise ConfigError(f"unknown stage balance {balance_by!r}; valid: time, memory")
         self.stack, self.rule, self.data, self.config = stack, rule, data, config
@@ -202,6 +230,8 @@ class PipelineTrainer:
             else 1
         self.stages_count = acc.num_processes // self.replicas
         self.stage, self.replica = self.rank % self.stages_count, self.rank // self.stages_count
+        check_replay(replay_buffer, max_reuse, self.replicas)
+        self.replay_size, self.max_reuse = replay_buffer, max_reuse
         self.train_transform = BatchTransform(data.mean, data.std, data.augment)
         self.eval_transform = BatchTransform(data.mean, data.std, "none")
         example = self.eval_transform(data.train_images[:2])
@@ -225,6 +255,8 @@ class PipelineTrainer:
             part.to(acc.device if i in self.mine else "meta")
             part.recompute_blocks = config.recompute_blocks
         self.first, self.last = self.stage == 0, self.stage == self.stages_count - 1
+        self.replay = ReplayBuffer(replay_buffer, max_reuse) \
+            if replay_buffer is not None and not self.first else None
         self.group = self._replica_group()
         self.train_loader, self.test_loader = make_loaders(
             data, config.batch_size, config.seed, config.eval_batch_size or None)
@@ -477,13 +509,48 @@ class PipelineTrainer:
             h, step = unpack_step(tensors[:STEP_TENSORS], ints)
             yield h, step, tensors[STEP_TENSORS] if len(tensors) > STEP_TENSORS else None
 
-    def _pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None
-                 ) -> None:
+    def _pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None,
+                 number: int = 0) -> None:
+        """Send the batch on; ``number``: this stage's batch number in the pass (the
+        replay buffer's stamp)."""
         if self.sender is not None:
             tensors, ints = pack_step(h.detach(), step)
             if carried is not None:
                 tensors.append(carried)
-            self.sender.send(BATCH, [t if t is None else t.to(self.wire) for t in tensors], ints)
+            self.sender.send(BATCH, [t if t is None else t.to(self.wire) for t in tensors],
+                             [*ints, number])
+
+    def _replayed(self, steps: int):
+        """Asynchronous stages: ``steps`` samples drawn from the replay buffer, which a
+        thread fills with the previous stage's messages meanwhile (fewer only once that
+        stage has ended and none can be drawn); then waits for the end of its pass."""
+        buffer, device = self.replay, self.accelerator.device
+        buffer.clear()
+
+        def receive_one():  # on the receiving thread, whose current GPU is its own
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            kind, tensors, ints = receive(self.rank - 1, self.wire)
+            if kind == END:
+                return None
+            tensors = [t if t is None else t.to(device) for t in tensors]
+            return unpack_step(tensors[:STEP_TENSORS], ints), ints[STEP_INTS]
+
+        thread = fill(buffer, receive_one)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            drawn = buffer.draw()
+            self.waited += time.perf_counter() - t0
+            if drawn is None:
+                break
+            h, step = drawn
+            version = h._version  # shared by the detached input the parts see
+            yield h, step, None
+            if h._version != version:  # a second draw would see the changed tensor
+                raise RuntimeError(f"rule {self.rule.name!r}: a part of stage {self.stage} "
+                                   "changed its input in place, which a replay buffer may "
+                                   "hand out again; make that operation out of place")
+        self.waited += wait_end(thread)
 
     def _end_pass(self) -> None:
         if self.sender is not None:
@@ -535,14 +602,16 @@ class PipelineTrainer:
         if self.sender is not None:
             self.sender.waited = 0.0
         t0 = time.perf_counter()
-        for h, step, _ in self._batches(self.train_loader, self.train_transform, gen, True):
+        source = self._replayed(len(self.train_loader)) if self.replay is not None else \
+            self._batches(self.train_loader, self.train_transform, gen, True)
+        for h, step, _ in source:
             if steps == 0:  # activation memory of this stage: peak bytes saved for backward
                 with SavedTensorMeter(*(self.parts[i] for i in self.mine)) as meter:
                     out, losses, logits, metrics = self._run_mine(h, step, True)
                 saved_peak = meter.peak
             else:
                 out, losses, logits, metrics = self._run_mine(h, step, True)
-            self._pass_on(out, step)
+            self._pass_on(out, step, number=steps)
             for i, loss in losses.items():
                 sums[i] = sums[i] + loss if i in sums else loss
             for i, values in metrics.items():
@@ -566,17 +635,21 @@ class PipelineTrainer:
                             for i, values in metric_sums.items()},
                 "hits": hits, "scored": scored, "seen": seen, "seconds": seconds,
                 "saved": saved_peak,
-                "waited": self.waited + (self.sender.waited if self.sender else 0.0)}
+                "waited": self.waited + (self.sender.waited if self.sender else 0.0),
+                "replay": self.replay.summary() if self.replay is not None else None}
         stages = [None] * self.accelerator.num_processes
         dist.all_gather_object(stages, mine)
-        # Each part's mean loss and metrics over its replicas' steps (every replica takes as
-        # many), as the serial loop averages each process's over the processes.
-        steps = stages[0]["steps"] * self.replicas
-        loss = {i: sum(s["loss"][i] for s in stages if i in s["loss"]) / steps
-                for i in range(len(self.parts)) if any(i in s["loss"] for s in stages)}
+        # Each part's mean loss and metrics over the steps of its stage's replicas (every
+        # replica takes as many), as the serial loop averages each process's over the
+        # processes; asynchronous stages take steps of their own.
+        steps = {i: sum(s["steps"] for s in stages if i in s["loss"])
+                 for i in range(len(self.parts))}
+        loss = {i: sum(s["loss"][i] for s in stages if i in s["loss"]) / steps[i]
+                for i in range(len(self.parts)) if steps[i]}
         self._check_divergence(loss, epoch)
         final = {key: sum(s[key] for s in stages if s["stage"] == self.stages_count - 1)
-                 for key in ("hits", "scored", "seen")}  # summed over the last stage's replicas
+                 for key in ("hits", "scored")}  # summed over the last stage's replicas
+        seen = sum(s["seen"] for s in stages if s["stage"] == 0)  # the images read
         seconds = max(s["seconds"] for s in stages)  # the pipeline is as slow as its last stage
         names = [p.part_name for p in self.parts]
         entry = {
@@ -587,7 +660,7 @@ class PipelineTrainer:
             "train_acc": final["hits"] / final["scored"] if final["scored"] else None,
             "dropped_images": self.dropped_images,
             "seconds": round(seconds, 3),
-            "images_per_s": round(final["seen"] / max(seconds, 1e-9), 1),
+            "images_per_s": round(seen / max(seconds, 1e-9), 1),
             # Per process: the largest stage's peak, the figure one device must hold.
             "saved_bytes_peak": max(s["saved"] for s in stages),
             "stages": self.stage_names(),
@@ -597,12 +670,17 @@ class PipelineTrainer:
             # imbalance, the wire), out of the epoch's seconds.
             "stage_wait_seconds": [round(s["waited"], 3) for s in stages],
         }
+        if self.replay_size is not None:
+            # Asynchronous stages: each later stage's steps and its samples' staleness.
+            entry["replay"] = {"buffer": self.replay_size, "max_reuse": self.max_reuse,
+                               "stages": [{"stage": s["stage"], "steps": s["steps"],
+                                           **s["replay"]} for s in stages if s["replay"]]}
         metrics: dict[int, dict[str, float]] = {}
         for s in stages:
             for i, values in s["metrics"].items():
                 kept = metrics.setdefault(i, {})
                 for key, value in values.items():
-                    kept[key] = kept.get(key, 0.0) + value / steps
+                    kept[key] = kept.get(key, 0.0) + value / steps[i]
         keys = sorted({key for values in metrics.values() for key in values})
         if keys:
             entry["rule_metrics"] = {key: {names[i]: metrics.get(i, {}).get(key)

@@ -118,9 +118,9 @@ def receive(src: int, device: torch.device) -> tuple[int, list[Tensor | None], l
     return kind, tensors, ints
 
 
-#: The tensors of a packed step context (the part's output first); a message may carry
-#: more after them.
-STEP_TENSORS = 5
+#: The tensors and ints of a packed step context (the part's output first); a message
+#: may carry more after them.
+STEP_TENSORS, STEP_INTS = 5, 3
 
 
 def pack_step(h: Tensor, step: Step) -> tuple[list[Tensor | None], list[int]]:
@@ -132,5 +132,5 @@ def pack_step(h: Tensor, step: Step) -> tuple[list[Tensor | None], list[int]]:
 def unpack_step(tensors: list[Tensor | None], ints: list[int]) -> tuple[Tensor, Step]:
     """The inverse of :func:`pack_step`."""
     h, labels, network_input, mean, std = tensors
-    train, views, num_classes = ints
+    train, views, num_classes = ints[:STEP_INTS]  # a message may carry more ints after them
     return h, Step(labels, network_input, bool(train), views, num_classes, mean, std)

@@ -3,6 +3,7 @@
     [torchrun --nproc_per_node R] tests/pipeline_worker.py serial MODEL[,MODEL] OUT_DIR
     torchrun --nproc_per_node P tests/pipeline_worker.py parts-time|parts-memory[/S] \
         MODEL[,MODEL] OUT [RESUMED]
+    torchrun --nproc_per_node P tests/pipeline_worker.py replay MODEL OUT
 
 MODEL is ``vit`` (a tiny ViT), ``cnn`` (resnet32_cifar in 3 blocks) or ``mlp`` (a small
 ff_mlp), trained by
@@ -21,10 +22,15 @@ epoch-1 checkpoint alone (copied to ``OUT/resumed-MODEL``) as ``run.py --resume`
 does (the saved stage cut, :meth:`Checkpointer.resume`), trains epoch 2, and its
 weights are saved too (``"resumed"``); last, every process tries a copy of that
 checkpoint whose stage-1 weights are cut short (``"damaged"``: the error it got).
+
+``replay`` trains MODEL with asynchronous stages (a replay buffer) in each of the
+:data:`REPLAY` scenarios, one stage slowed down by a sleep before each training step,
+and saves each scenario's results under its name.
 """
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import timm
@@ -40,6 +46,12 @@ from locallearn.pipeline import PipelineTrainer
 FP16 = "vit:fp16"  # the results' key of the fp16 run
 IDENTITY = {"test": "pipeline_worker"}  # what the checkpoints must match
 RUN_ID = "pipeline-worker"
+# Asynchronous stages: scenario -> (buffer M, max reuse K, the stage slowed down). Starved:
+# the stages after the first wait for every batch and may draw it once, so they step on
+# each batch once, in order; slow: the last stage falls behind and skips batches; fast:
+# the stages after the first outrun the first and draw batches again.
+REPLAY = {"starved": (4, 1, 0), "slow": (2, None, -1), "fast": (4, None, 0)}
+DELAY = 0.3  # seconds of sleep before each training step of the slowed stage
 
 
 def build(model: str, data):
@@ -130,6 +142,29 @@ def resume(spec: str, accelerator: Accelerator, checkpoints: Path, stages: int |
     return {"resumed": resumed, "damaged": error}
 
 
+def replay(spec: str, accelerator: Accelerator) -> dict:
+    """``spec`` trained with asynchronous stages in each :data:`REPLAY` scenario."""
+    out = {}
+    for name, (size, cap, slow) in REPLAY.items():
+        stack, rule, data, config = setup(spec)
+        trainer = PipelineTrainer(stack, rule, data, config, accelerator, replay_buffer=size,
+                                  max_reuse=cap)
+        if trainer.stage == slow % trainer.stages_count:
+            run = trainer._run_mine
+
+            def slowed(h, step, train, run=run):
+                if train:
+                    time.sleep(DELAY)
+                return run(h, step, train)
+
+            trainer._run_mine = slowed
+        result = trainer.fit()
+        out[name] = {"parts": weights(trainer, trainer.mine), "test_acc": result["test_acc"],
+                     "block_acc": result["block_acc"], "history": result["history"],
+                     "num_parts": len(trainer.parts), "stage": trainer.stage}
+    return out
+
+
 def fresh_accelerator(mixed_precision: str = "no") -> Accelerator:
     """An Accelerator in ``mixed_precision`` (Accelerate keeps one setting per process; the
     process group stays). fp16 on the CPU: the loops autocast it themselves, and every part's
@@ -143,13 +178,15 @@ def fresh_accelerator(mixed_precision: str = "no") -> Accelerator:
 def main(mode: str, models: str, out: Path, resumed: str | None = None) -> None:
     accelerator = Accelerator(cpu=True)
     results = {}
-    for model in models.split(","):
+    for model in models.split(",") if mode != "replay" else ():
         if model == FP16:  # a gradient scaler per part
             results[model] = train(mode, "vit", fresh_accelerator("fp16"))
             accelerator = fresh_accelerator()
         else:
             results[model] = train(mode, model, accelerator,
                                    out / f"ckpt-{model}" if model == resumed else None)
+    if mode == "replay":
+        results = replay(models, accelerator)
     torch.save(results, out / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     accelerator.end_training()

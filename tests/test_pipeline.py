@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from pipeline_worker import FP16
+from pipeline_worker import FP16, REPLAY
 
 WORKER = str(ROOT / "tests" / "pipeline_worker.py")
 # Layer norm; batch norm (whose buffers must match too); InfoPro, whose decoder rebuilds
@@ -250,6 +250,56 @@ def test_stages_with_replicas_resume_from_their_checkpoint(replicated):
         assert torch.equal(state["replica_rng"][0]["torch"], state["rng"]["torch"])
 
 
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory):
+    """Each scenario of asynchronous stages (pipeline_worker.REPLAY) on 3 stages."""
+    return _run("replay", 3, tmp_path_factory.mktemp("replay") / "run", models="vit")
+
+
+def _replay_of(ranks, scenario):
+    """Each later stage's replay record of every epoch, by stage; the record's epochs."""
+    history = ranks[0][scenario]["history"]
+    by_stage = {}
+    for entry in history:
+        assert entry["replay"]["buffer"] == REPLAY[scenario][0]
+        assert entry["replay"]["max_reuse"] == REPLAY[scenario][1]
+        for stage in entry["replay"]["stages"]:
+            by_stage.setdefault(stage["stage"], []).append(stage)
+    assert sorted(by_stage) == [1, 2]  # every stage after the first, each epoch
+    return by_stage, history
+
+
+def test_starved_asynchronous_stages_drawing_once_give_the_serial_weights(replayed, serial):
+    """With the first stage slowed down and each sample drawn at most once, every later stage
+    waits for each batch and steps on it once, in order: the serial run's arithmetic."""
+    by_stage, _ = _replay_of(replayed, "starved")
+    _assert_serial_weights([{"vit": rank["starved"]} for rank in replayed], "vit",
+                           serial["vit"])
+    assert replayed[0]["starved"]["block_acc"] == serial["vit"]["block_acc"]
+    for stages in by_stage.values():
+        for epoch in stages:  # 64 images in batches of 16: 4 steps an epoch
+            assert (epoch["steps"], epoch["received"], epoch["unused"]) == (4, 4, 0)
+            assert epoch["draws_max"] == 1 and epoch["age_max"] == 0
+
+
+def test_a_slow_asynchronous_stage_skips_batches_and_records_their_staleness(replayed,
+                                                                              serial):
+    by_stage, _ = _replay_of(replayed, "slow")
+    for epoch in by_stage[2]:  # the last stage, slowed: it takes as many steps, on fewer
+        assert epoch["steps"] == 4 and epoch["received"] == 4  # batches, some of them late
+        assert epoch["unused"] >= 1 and epoch["age_max"] >= 1
+    got = {i: w for r in replayed for i, w in r["slow"]["parts"].items()}
+    last = max(got)
+    assert not torch.allclose(got[last], serial["vit"]["parts"][last])
+
+
+def test_fast_asynchronous_stages_reuse_samples(replayed):
+    by_stage, history = _replay_of(replayed, "fast")
+    for epoch in by_stage[1]:  # the first stage is slowed: the next draws what it has again
+        assert epoch["steps"] == 4 and epoch["draws_max"] >= 2 and epoch["unused"] >= 1
+    assert all(entry["part_loss"] and entry["test_acc"] is not None for entry in history)
+
+
 def _meta(folder, **fields):
     """A checkpoint's meta.json alone, enough for :func:`checkpoint.read_meta`."""
     folder.mkdir()
@@ -314,6 +364,10 @@ REFUSED = [  # (processes, arguments, what the one line says)
     (2, ["--rule", "layerwise", "--no-plane", "--stages", "4"], "valid: 2"),
     (1, ["--rule", "layerwise", "--no-plane", "--stages", "2"],
      "start run.py with torchrun --nproc_per_node P"),
+    (2, ["--rule", "dgl", "--no-plane", "--max-reuse", "2"],
+     "--max-reuse caps the draws of each sample from --replay-buffer; add --replay-buffer M"),
+    (4, ["--rule", "dgl", "--no-plane", "--stages", "2", "--replay-buffer", "4"],
+     "--replay-buffer lets each stage step at its own pace, and data-parallel replicas"),
 ]
 
 
@@ -336,14 +390,15 @@ def test_what_cannot_be_pipelined_is_one_line_exit_2_and_nothing_written(
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("flag", [["--stage-balance", "memory"], ["--stages", "2"]])
+@pytest.mark.parametrize("flag", [["--stage-balance", "memory"], ["--stages", "2"],
+                                  ["--replay-buffer", "4"], ["--max-reuse", "1"]])
 def test_a_stage_option_without_stages_is_refused(tmp_path, capsys, flag):
     from locallearn.cli import main
 
     status = main(["--dataset", "synthetic", *flag, "--no-plane",
                    "--output", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(err) == 1 and f"{flag[0]} cuts the stages" in err[0]
+    assert status == 2 and len(err) == 1 and f"{flag[0]} sets the stages" in err[0]
     assert "add --parallel parts" in err[0]
     assert not (tmp_path / "runs").exists()
 
@@ -427,6 +482,46 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_asynchronous_run_records_its_staleness(tmp_path):
+    """``run.py --replay-buffer``: the record's name says so, and each epoch the staleness
+    of every stage after the first, as docs/records.md documents it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", "--rule", "dgl",
+           "--model", "resnet32_cifar", "--blocks", "2", "--dataset", "synthetic",
+           "--train-subset", "64", "--test-subset", "40", "--epochs", "2", "--batch-size",
+           "16", "--no-plane", "--no-progress", "--replay-buffer", "2", "--max-reuse", "3",
+           "--output", str(tmp_path / "runs")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = (tmp_path / "runs").glob("*.json")
+    from locallearn.cli import parse_args
+    from locallearn.outputs import identity_tags
+
+    # The name tells this run from the same one in step (here a hash of the tags: long).
+    tags = identity_tags(parse_args(cmd[cmd.index("--parallel"):]))
+    assert tags[-2:] == ["replay-buffer-2", "max-reuse-3"]
+    assert "__cfg-" in path.name
+    record = json.loads(path.read_text())
+    assert record["status"] == "complete"
+    assert (record["config"]["replay_buffer"], record["config"]["max_reuse"]) == (2, 3)
+    from test_record_format import documented, undocumented
+
+    assert undocumented(record, "record") == []
+    for entry in record["history"]:
+        assert {n for n, row in documented("history[]").items()
+                if row["when"] in ("parallel", "replay")} <= entry.keys()
+        (stage,) = entry["replay"]["stages"]
+        assert stage["stage"] == 1 and stage["steps"] == 4 and stage["received"] == 4
+        assert 1 <= stage["draws_max"] <= 3 and stage["age_max"] >= 0
+        # Every draw is of a received sample, and each step is one draw.
+        assert round(stage["draws_mean"] * stage["received"]) == stage["steps"]
+        assert 0 <= stage["unused"] < stage["received"]
 
 
 class _Wire:
