@@ -11,6 +11,8 @@ from locallearn.errors import ConfigError
 IDENTITY_KEYS = {"model", "model_options", "rule", "rule_options", "dataset", "train_subset",
                  "test_subset", "augment", "norm_mean", "norm_std", "granularity", "num_blocks",
                  "split_after", "train",
+                 # asynchronous stages train on other batches than stages in step
+                 "replay_buffer", "max_reuse",
                  # settings change results too (the plane's probe, the precision)
                  "plane_every", "probe_size", "probe_split", "plane_distance", "no_plane",
                  "mixed_precision", "deterministic"}
