@@ -501,13 +501,21 @@ class PipelineTrainer:
             return
         while True:
             t0 = time.perf_counter()
-            kind, tensors, ints = receive(self.rank - 1, self.wire)
+            got = self._receive()
             self.waited += time.perf_counter() - t0
-            if kind == END:
+            if got is None:
                 return
-            tensors = [t if t is None else t.to(device) for t in tensors]
-            h, step = unpack_step(tensors[:STEP_TENSORS], ints)
-            yield h, step, tensors[STEP_TENSORS] if len(tensors) > STEP_TENSORS else None
+            yield got[:3]
+
+    def _receive(self):
+        """The previous stage's next message as ``(input, step, carried, ints)``, on this
+        stage's device; None at the end of its pass."""
+        kind, tensors, ints = receive(self.rank - 1, self.wire)
+        if kind == END:
+            return None
+        tensors = [t if t is None else t.to(self.accelerator.device) for t in tensors]
+        h, step = unpack_step(tensors[:STEP_TENSORS], ints)
+        return h, step, tensors[STEP_TENSORS] if len(tensors) > STEP_TENSORS else None, ints
 
     def _pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None,
                  number: int = 0) -> None:
@@ -530,11 +538,8 @@ class PipelineTrainer:
         def receive_one():  # on the receiving thread, whose current GPU is its own
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            kind, tensors, ints = receive(self.rank - 1, self.wire)
-            if kind == END:
-                return None
-            tensors = [t if t is None else t.to(device) for t in tensors]
-            return unpack_step(tensors[:STEP_TENSORS], ints), ints[STEP_INTS]
+            got = self._receive()
+            return None if got is None else ((got[0], got[1]), got[3][STEP_INTS])
 
         thread = fill(buffer, receive_one)
         for _ in range(steps):

@@ -177,7 +177,7 @@ def fresh_accelerator(mixed_precision: str = "no") -> Accelerator:
 
 def main(mode: str, models: str, out: Path, resumed: str | None = None) -> None:
     accelerator = Accelerator(cpu=True)
-    results = {}
+    results = replay(models, accelerator) if mode == "replay" else {}
     for model in models.split(",") if mode != "replay" else ():
         if model == FP16:  # a gradient scaler per part
             results[model] = train(mode, "vit", fresh_accelerator("fp16"))
@@ -185,8 +185,6 @@ def main(mode: str, models: str, out: Path, resumed: str | None = None) -> None:
         else:
             results[model] = train(mode, model, accelerator,
                                    out / f"ckpt-{model}" if model == resumed else None)
-    if mode == "replay":
-        results = replay(models, accelerator)
     torch.save(results, out / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     accelerator.end_training()
