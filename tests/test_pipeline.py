@@ -524,6 +524,32 @@ def test_an_asynchronous_run_records_its_staleness(tmp_path):
         assert 0 <= stage["unused"] < stage["received"]
 
 
+def test_a_pipelined_run_that_diverges_stops_every_stage_and_says_so(tmp_path):
+    """Every stage sees every part's mean loss at the epoch's end, so all stop together; the
+    record says which part diverged, as a serial run's does."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", "--rule", "layerwise",
+           "--model", "resnet32_cifar", "--blocks", "2", "--dataset", "synthetic",
+           "--train-subset", "32", "--test-subset", "16", "--epochs", "2", "--batch-size",
+           "16", "--no-plane", "--no-progress", "--max-loss", "1e-9",
+           "--output", str(tmp_path / "runs")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=env)
+    assert done.returncode != 0  # torchrun reports its children's failure
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("run.py: error: ")]
+    assert len(lines) == 2, done.stderr[-3000:]  # one line from each stage's process
+    assert all("diverged" in ln and "above --max-loss 1e-09, by the end of epoch 1" in ln
+               for ln in lines)
+    assert "Traceback" not in "\n".join(lines)
+    (path,) = (tmp_path / "runs").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "diverged" and record["history"] == []
+    assert lines[0].endswith(record["error"])
+
+
 class _Wire:
     """torch.distributed's point-to-point calls on one in-memory queue, for one process."""
 
