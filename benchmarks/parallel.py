@@ -13,7 +13,11 @@ of (a)'s images/s over each one's in the same round, with every round's ratio:
         ``--microbatches`` M) on the same P processes x 1 thread, the model cut
         where the rule's parts are cut;
     (e) with ``--replay-buffer M``: the rule's stages run asynchronously, each
-        after the first drawing from the last M batches it received.
+        after the first drawing from the last M batches it received;
+    (f) with ``--ceiling``: P copies of (b) at once, independent, their images/s
+        summed: what P single-thread processes get from this machine when
+        nothing passes between them, the most (a) can reach;
+    (g) with ``--pin``: (a) with each process pinned to its own CPU.
 
 Images/s is measured over the last of ``--epochs`` epochs (the first warms up),
 for the pipelined executor from the first stage's start to the last stage's end.
@@ -59,7 +63,9 @@ def _stack(args, data):
 
 
 def _local(args) -> dict:
-    """(a), (b), (c): the rule by the serial loop or the pipelined executor."""
+    """(a), (b), (c), (e), (f), (g): the rule by the serial loop or the pipelined executor."""
+    if args.pinned:  # before torch starts any thread: they inherit the mask
+        os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", "0")) % os.cpu_count()})
     import torch
     from accelerate import Accelerator
 
@@ -155,7 +161,7 @@ def _gpipe(args) -> dict:
     return {"images_per_s": round(images / seconds, 1)}
 
 
-def _launch(args, worker: str, processes: int, threads: int, extra: tuple = ()) -> dict:
+def _start(args, worker: str, processes: int, threads: int, extra: tuple = ()):
     script = [str(Path(__file__).resolve()), "--worker", worker, "--threads", str(threads),
               *extra]
     for key in ("model", "rule", "blocks", "split_after", "batch_size", "images", "epochs",
@@ -168,11 +174,25 @@ def _launch(args, worker: str, processes: int, threads: int, extra: tuple = ()) 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *script]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{worker} on {processes} process(es) failed:\n{done.stderr[-3000:]}")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env), f"{worker} on {processes} process(es)"
+
+
+def _result(started) -> dict:
+    proc, what = started
+    stdout, stderr = proc.communicate()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT)]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{what} failed:\n{stderr[-3000:]}")
     return json.loads(lines[0][len(RESULT):])
+
+
+def _launch(args, worker: str, processes: int, threads: int, extra: tuple = ()) -> dict:
+    if worker == "copies":  # (f): P serial processes x 1 thread at once, their images/s summed
+        outs = [_result(s) for s in [_start(args, "serial", 1, 1) for _ in range(processes)]]
+        return {**outs[0], "images_per_s": round(sum(o["images_per_s"] for o in outs), 1),
+                "each": [o["images_per_s"] for o in outs]}
+    return _result(_start(args, worker, processes, threads, extra))
 
 
 def main() -> None:
@@ -191,8 +211,13 @@ def main() -> None:
     p.add_argument("--skip-gpipe", action="store_true", help="leave (d) out")
     p.add_argument("--replay-buffer", type=int, default=None, metavar="M",
                    help="add (e): the stages asynchronous, with a replay buffer of M batches")
+    p.add_argument("--ceiling", action="store_true",
+                   help="add (f): P copies of (b) at once, what P processes get from this machine")
+    p.add_argument("--pin", action="store_true",
+                   help="add (g): (a) with each process pinned to one CPU")
     p.add_argument("--worker", choices=("parts", "serial", "gpipe"), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.split_after = args.split_after or None
     if args.worker is not None:
@@ -202,10 +227,12 @@ def main() -> None:
         return
 
     P = args.processes
+    threaded = f"(c) {args.rule} serial, 1 process x {P} threads"
+    ceiling = f"(f) {P} copies of (b) at once, independent (images/s summed)"
     runs = {
         f"(a) {args.rule} pipelined, {P} processes x 1 thread": ("parts", P, 1, ()),
         f"(b) {args.rule} serial, 1 process x 1 thread": ("serial", 1, 1, ()),
-        f"(c) {args.rule} serial, 1 process x {P} threads": ("serial", 1, P, ()),
+        threaded: ("serial", 1, P, ()),
     }
     if not args.skip_gpipe:
         runs[f"(d) e2e GPipe ({args.microbatches} micro-batches), {P} processes x 1 thread"] = (
@@ -213,6 +240,10 @@ def main() -> None:
     if args.replay_buffer is not None:
         runs[f"(e) {args.rule} asynchronous (buffer {args.replay_buffer}), {P} x 1 thread"] = (
             "parts", P, 1, ("--replay-buffer", str(args.replay_buffer)))
+    if args.ceiling:
+        runs[ceiling] = ("copies", P, 1, ())
+    if args.pin:
+        runs["(g) (a) with each process pinned to one CPU"] = ("parts", P, 1, ("--pinned",))
     speeds: dict[str, list[float]] = {name: [] for name in runs}
     info = {}
     for _ in range(args.repeats):
@@ -241,6 +272,11 @@ def main() -> None:
         print(f"(e), first round: each stage waited {replayed['waited']} s of the measured "
               f"epoch's {replayed['seconds']} s; staleness of the later stages "
               f"{json.dumps(replayed['replay']['stages'])}")
+    if args.ceiling:
+        ratios = [c / f for c, f in zip(speeds[threaded], speeds[ceiling], strict=True)]
+        print(f"(f), first round: each copy's images/s {info['copies']['each']}; "
+              f"(c) / (f), threads against independent processes: "
+              f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
     mib = 2**20
     print(f"per process, (a)'s largest stage against (b): parameters "
           f"{parts['weights'] / mib:.1f} / {serial['weights'] / mib:.1f} MiB = "
