@@ -25,9 +25,11 @@ checkpoint whose stage-1 weights are cut short (``"damaged"``: the error it got)
 
 ``replay`` trains MODEL with asynchronous stages (a replay buffer) in each of the
 :data:`REPLAY` scenarios, one stage slowed down by a sleep before each training step,
-and saves each scenario's results under its name.
+and saves each scenario's results under its name; first, it trains MODEL once in step
+with the progress bar on and stderr a terminal (``"progress"``: what each process drew).
 """
 
+import io
 import shutil
 import sys
 import time
@@ -142,9 +144,31 @@ def resume(spec: str, accelerator: Accelerator, checkpoints: Path, stages: int |
     return {"resumed": resumed, "damaged": error}
 
 
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so that tqdm draws its bar into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def progress(spec: str, accelerator: Accelerator) -> str:
+    """What ``spec``'s pipelined run with the progress bar on writes to a terminal's stderr."""
+    stack, rule, data, config = setup(spec)
+    config.progress = True
+    trainer = PipelineTrainer(stack, rule, data, config, accelerator)
+    terminal, kept = Terminal(), sys.stderr
+    sys.stderr = terminal
+    try:
+        trainer.fit()
+    finally:
+        sys.stderr = kept
+    return terminal.getvalue()
+
+
 def replay(spec: str, accelerator: Accelerator) -> dict:
-    """``spec`` trained with asynchronous stages in each :data:`REPLAY` scenario."""
-    out = {}
+    """``spec`` trained with asynchronous stages in each :data:`REPLAY` scenario, and once in
+    step with the progress bar drawn."""
+    out = {"progress": progress(spec, accelerator)}
     for name, (size, cap, slow) in REPLAY.items():
         stack, rule, data, config = setup(spec)
         trainer = PipelineTrainer(stack, rule, data, config, accelerator, replay_buffer=size,

@@ -300,6 +300,13 @@ def test_fast_asynchronous_stages_reuse_samples(replayed):
     assert all(entry["part_loss"] and entry["test_acc"] is not None for entry in history)
 
 
+def test_the_progress_bar_is_drawn_by_the_first_process_alone(replayed):
+    """With stderr a terminal on every process, only process 0 draws its epochs' bars."""
+    drawn = [rank["progress"] for rank in replayed]
+    assert "epoch 1/2" in drawn[0] and "epoch 2/2" in drawn[0] and "0/4 [" in drawn[0]
+    assert drawn[1:] == ["", ""]
+
+
 def _meta(folder, **fields):
     """A checkpoint's meta.json alone, enough for :func:`checkpoint.read_meta`."""
     folder.mkdir()
