@@ -20,6 +20,7 @@ from conftest import ROOT
 from pipeline_worker import FP16, REPLAY
 
 WORKER = str(ROOT / "tests" / "pipeline_worker.py")
+RUN_PY = ROOT / "benchmarks" / "run.py"
 # Layer norm; batch norm (whose buffers must match too); InfoPro, whose decoder rebuilds
 # the network input from the step context, which must cross the stages whole; forward-
 # forward, whose prediction sums the goodness of every layer, on every stage.
@@ -33,15 +34,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode, processes, out, *extra, models=MODELS):
-    out.mkdir()
-    cmd = [sys.executable, WORKER, mode, models, str(out), *extra]
+def _launch(script, args, processes, cwd):
+    """``script args`` under torchrun on ``processes`` (plain Python on one), one thread each."""
+    cmd = [sys.executable, str(script), *args]
     if processes > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+def _run(mode, processes, out, *extra, models=MODELS):
+    out.mkdir()
+    done = _launch(WORKER, [mode, models, str(out), *extra], processes, ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(processes)]
 
@@ -438,14 +444,8 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
             "--dataset", "synthetic", "--train-subset", "64", "--test-subset", "40",
             "--epochs", "1", "--batch-size", "16", "--probe-size", "32", "--no-progress",
             "--output", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", *args,
-           "--stage-balance", "memory"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env=env)
+    done = _launch(RUN_PY, ["--parallel", "parts", *args, "--stage-balance", "memory"], 2,
+                   tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = (tmp_path / "runs").glob("*.json")  # one record, by the first process
     record = json.loads(path.read_text())
@@ -494,24 +494,18 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
 def test_an_asynchronous_run_records_its_staleness(tmp_path):
     """``run.py --replay-buffer``: the record's name says so, and each epoch the staleness
     of every stage after the first, as docs/records.md documents it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", "--rule", "dgl",
-           "--model", "resnet32_cifar", "--blocks", "2", "--dataset", "synthetic",
-           "--train-subset", "64", "--test-subset", "40", "--epochs", "2", "--batch-size",
-           "16", "--no-plane", "--no-progress", "--replay-buffer", "2", "--max-reuse", "3",
-           "--output", str(tmp_path / "runs")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env=env)
+    args = ["--parallel", "parts", "--rule", "dgl", "--model", "resnet32_cifar", "--blocks",
+            "2", "--dataset", "synthetic", "--train-subset", "64", "--test-subset", "40",
+            "--epochs", "2", "--batch-size", "16", "--no-plane", "--no-progress",
+            "--replay-buffer", "2", "--max-reuse", "3", "--output", str(tmp_path / "runs")]
+    done = _launch(RUN_PY, args, 2, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = (tmp_path / "runs").glob("*.json")
     from locallearn.cli import parse_args
     from locallearn.outputs import identity_tags
 
     # The name tells this run from the same one in step (here a hash of the tags: long).
-    tags = identity_tags(parse_args(cmd[cmd.index("--parallel"):]))
+    tags = identity_tags(parse_args(args))
     assert tags[-2:] == ["replay-buffer-2", "max-reuse-3"]
     assert "__cfg-" in path.name
     record = json.loads(path.read_text())
@@ -534,17 +528,11 @@ def test_an_asynchronous_run_records_its_staleness(tmp_path):
 def test_a_pipelined_run_that_diverges_stops_every_stage_and_says_so(tmp_path):
     """Every stage sees every part's mean loss at the epoch's end, so all stop together; the
     record says which part diverged, as a serial run's does."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "benchmarks" / "run.py"), "--parallel", "parts", "--rule", "layerwise",
-           "--model", "resnet32_cifar", "--blocks", "2", "--dataset", "synthetic",
-           "--train-subset", "32", "--test-subset", "16", "--epochs", "2", "--batch-size",
-           "16", "--no-plane", "--no-progress", "--max-loss", "1e-9",
-           "--output", str(tmp_path / "runs")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env=env)
+    done = _launch(RUN_PY, [
+        "--parallel", "parts", "--rule", "layerwise", "--model", "resnet32_cifar", "--blocks",
+        "2", "--dataset", "synthetic", "--train-subset", "32", "--test-subset", "16",
+        "--epochs", "2", "--batch-size", "16", "--no-plane", "--no-progress", "--max-loss",
+        "1e-9", "--output", str(tmp_path / "runs")], 2, tmp_path)
     assert done.returncode != 0  # torchrun reports its children's failure
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("run.py: error: ")]
     assert len(lines) == 2, done.stderr[-3000:]  # one line from each stage's process
