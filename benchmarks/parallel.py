@@ -27,6 +27,21 @@ for the pipelined executor from the first stage's start to the last stage's end.
 The cut after ``layer2.1`` splits resnet18_cifar's multiply-adds about evenly
 (stem + layer1 + layer2 against layer3 + layer4); ``--blocks K`` instead cuts
 by activation memory, which leaves the stages unequal in time.
+
+Memory, per process: what (a)'s stages and (b) hold, counted from the tensors
+(the same on any device): weights, buffers and optimizer state, plus the peak
+bytes saved for backward; (a)'s largest stage over (b), against 1/P. On GPUs
+also ``torch.cuda.max_memory_allocated``, the largest stage's over (b)'s.
+
+On P GPUs (``--device cuda``, one GPU per process): (a) on P GPUs, (b) on one,
+and (d) on P under NCCL; (c), (f) and (g) are about CPU threads and are left
+out. Target: (a) at least 0.8 P x (b), each GPU holding about 1/P of (b)'s.
+
+    python benchmarks/parallel.py --device cuda --processes 2 --batch-size 256 --images 25600
+
+Bad input (an unknown model or rule, fewer than 2 processes, fewer GPUs than
+processes, a batch that does not split into the micro-batches) is one line on
+stderr and exit status 2, before anything runs.
 """
 
 from __future__ import annotations
@@ -74,7 +89,7 @@ def _local(args) -> dict:
     from locallearn.pipeline import PipelineTrainer
 
     torch.set_num_threads(args.threads)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=args.device == "cpu")
     data = random_data(args.images, 32)
     data.test_images, data.test_labels = data.test_images[:2], data.test_labels[:2]
     torch.manual_seed(0)
@@ -83,17 +98,20 @@ def _local(args) -> dict:
                          schedule="constant", progress=False)
     if args.worker == "parts":
         trainer = PipelineTrainer(stack, create_rule(args.rule), data, config, accelerator,
+                                  balance_by=args.stage_balance,
                                   replay_buffer=args.replay_buffer)
     else:
         trainer = Trainer(stack, create_rule(args.rule), data, config, accelerator)
     result = trainer.fit()
     last = result["history"][-1]
-    # What one process holds: the parameters of its parts (its stage's, pipelined), and its
-    # peak bytes saved for backward (the record's: the largest stage's, pipelined).
+    # What one process holds: the weights, buffers and optimizer state of its parts (its
+    # stage's, pipelined) and its peak bytes saved for backward; the weights alone too.
     held = trainer.mine if args.worker == "parts" else range(len(trainer.parts))
     weights = sum(p.numel() * p.element_size() for i in held
                   for p in trainer.parts[i].parameters())
-    out = {"images_per_s": last["images_per_s"], "saved": last["saved_bytes_peak"],
+    out = {"images_per_s": last["images_per_s"], "saved": [last["saved_bytes_peak"]],
+           "state": [last["state_bytes"]],
+           "cuda": last.get("cuda_max_memory"),
            "parts": [p.part_name for p in trainer.parts], "weights": weights}
     if args.worker == "parts":
         import torch.distributed as dist
@@ -101,7 +119,8 @@ def _local(args) -> dict:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, weights)
         out.update(stages=trainer.stage_names(), waited=last["stage_wait_seconds"],
-                   seconds=last["seconds"], weights=max(everyone), replay=last.get("replay"))
+                   seconds=last["seconds"], weights=max(everyone), replay=last.get("replay"),
+                   saved=last["stage_saved_bytes"], state=last["stage_state_bytes"])
     accelerator.end_training()
     return out
 
@@ -118,7 +137,11 @@ def _gpipe(args) -> dict:
     from locallearn.data import BatchTransform
 
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo")
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     data = random_data(args.images, 32)
     torch.manual_seed(0)
@@ -131,8 +154,8 @@ def _gpipe(args) -> dict:
     modules = list(stack.blocks[first:first + per[rank]])
     if rank == world - 1:
         modules.append(stack.head)
-    module = nn.Sequential(*modules)
-    stage = PipelineStage(module, rank, world, torch.device("cpu"))
+    module = nn.Sequential(*modules).to(device)
+    stage = PipelineStage(module, rank, world, device)
     schedule = ScheduleGPipe(stage, args.microbatches, loss_fn=F.cross_entropy)
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
     transform = BatchTransform(data.mean, data.std, "none")
@@ -144,7 +167,8 @@ def _gpipe(args) -> dict:
         t0 = time.perf_counter()
         for k in range(0, args.images - args.batch_size + 1, args.batch_size):
             idx = perm[k:k + args.batch_size]
-            x, y = transform(data.train_images[idx]), data.train_labels[idx]
+            x = transform(data.train_images[idx].to(device))
+            y = data.train_labels[idx].to(device)
             if rank == 0:
                 schedule.step(x)
             elif rank == world - 1:
@@ -154,7 +178,9 @@ def _gpipe(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             images += len(idx) if epoch == args.epochs - 1 else 0
-        last = torch.tensor(time.perf_counter() - t0)
+        if cuda:
+            torch.cuda.synchronize(device)
+        last = torch.tensor(time.perf_counter() - t0, device=device)
         dist.all_reduce(last, dist.ReduceOp.MAX)  # as slow as its slowest stage
         seconds = last.item()
     dist.destroy_process_group()
@@ -165,7 +191,7 @@ def _start(args, worker: str, processes: int, threads: int, extra: tuple = ()):
     script = [str(Path(__file__).resolve()), "--worker", worker, "--threads", str(threads),
               *extra]
     for key in ("model", "rule", "blocks", "split_after", "batch_size", "images", "epochs",
-                "microbatches"):
+                "microbatches", "device", "stage_balance"):
         value = getattr(args, key)
         if value is not None:
             script += [f"--{key.replace('_', '-')}", str(value)]
@@ -195,21 +221,36 @@ def _launch(args, worker: str, processes: int, threads: int, extra: tuple = ()) 
     return _result(_start(args, worker, processes, threads, extra))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked; bad input raises ConfigError (one line)."""
+    import timm
+
+    import locallearn.models  # noqa: F401 - registers the small-image backbones in timm
+    from locallearn.errors import ConfigError, unknown_name
+    from locallearn.flags import Parser, positive_int
+    from locallearn.pipeline import check_rule
+    from locallearn.rules import create_rule
+
+    p = Parser(prog="parallel.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18_cifar")
     p.add_argument("--rule", default="layerwise")
     p.add_argument("--split-after", default="layer2.1",
                    help="cut the rule's parts after these blocks ('' to use --blocks)")
-    p.add_argument("--blocks", type=int, default=None, help="K parts by activation memory")
-    p.add_argument("--processes", type=int, default=2, help="P: stages, and threads of (c)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--images", type=int, default=1024, help="images per epoch")
-    p.add_argument("--epochs", type=int, default=2, help="the last one is measured")
-    p.add_argument("--microbatches", type=int, default=4, help="M of (d)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--blocks", type=positive_int, default=None,
+                   help="K parts by activation memory")
+    p.add_argument("--processes", type=positive_int, default=2,
+                   help="P: stages, and threads of (c)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one GPU per process")
+    p.add_argument("--stage-balance", choices=("time", "memory"), default="time",
+                   help="how (a) groups the parts into stages")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--images", type=positive_int, default=1024, help="images per epoch")
+    p.add_argument("--epochs", type=positive_int, default=2, help="the last one is measured")
+    p.add_argument("--microbatches", type=positive_int, default=4, help="M of (d)")
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--skip-gpipe", action="store_true", help="leave (d) out")
-    p.add_argument("--replay-buffer", type=int, default=None, metavar="M",
+    p.add_argument("--replay-buffer", type=positive_int, default=None, metavar="M",
                    help="add (e): the stages asynchronous, with a replay buffer of M batches")
     p.add_argument("--ceiling", action="store_true",
                    help="add (f): P copies of (b) at once, what P processes get from this machine")
@@ -218,32 +259,104 @@ def main() -> None:
     p.add_argument("--worker", choices=("parts", "serial", "gpipe"), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.split_after = args.split_after or None
+    if args.worker is not None:
+        return args
+    if not timm.is_model(args.model):
+        raise unknown_name("model", args.model, timm.list_models())
+    if args.processes < 2:
+        raise ConfigError(f"--processes {args.processes}: a pipeline needs 2 or more "
+                          "processes, one stage each")
+    check_rule(create_rule(args.rule), args.epochs, args.processes)  # known, and pipelined
+    if args.images < args.batch_size:
+        raise ConfigError(f"--images {args.images} is less than one batch of "
+                          f"--batch-size {args.batch_size}")
+    if not args.skip_gpipe and args.batch_size % args.microbatches:
+        raise ConfigError(f"--batch-size {args.batch_size} does not split into "
+                          f"--microbatches {args.microbatches} of (d); pick a divisor, or "
+                          "--skip-gpipe")
+    if args.device == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < args.processes:
+            raise ConfigError(f"--device cuda needs {args.processes} GPUs, one per process; "
+                              f"this machine has {gpus}")
+        if args.ceiling or args.pin:
+            raise ConfigError("--ceiling and --pin measure CPU processes; drop them with "
+                              "--device cuda")
+    return args
+
+
+def _runs(args) -> dict[str, tuple]:
+    """Each configuration's label and (worker, processes, threads per process, options)."""
+    P, cpu = args.processes, args.device == "cpu"
+    where = "1 thread" if cpu else "1 GPU"
+    runs = {f"(a) {args.rule} pipelined, {P} processes x {where}": ("parts", P, 1, ()),
+            f"(b) {args.rule} serial, 1 process x {where}": ("serial", 1, 1, ())}
+    if cpu:
+        runs[f"(c) {args.rule} serial, 1 process x {P} threads"] = ("serial", 1, P, ())
+    if not args.skip_gpipe:
+        runs[f"(d) e2e GPipe ({args.microbatches} micro-batches), {P} processes x {where}"] = (
+            "gpipe", P, 1, ())
+    if args.replay_buffer is not None:
+        runs[f"(e) {args.rule} asynchronous (buffer {args.replay_buffer}), {P} x {where}"] = (
+            "parts", P, 1, ("--replay-buffer", str(args.replay_buffer)))
+    if args.ceiling:
+        runs[f"(f) {P} copies of (b) at once, independent (images/s summed)"] = (
+            "copies", P, 1, ())
+    if args.pin:
+        runs["(g) (a) with each process pinned to one CPU"] = ("parts", P, 1, ("--pinned",))
+    return runs
+
+
+def _memory(args, parts: dict, serial: dict) -> list[str]:
+    """What one process holds, (a)'s stages against (b)."""
+    mib, P = 2**20, args.processes
+    held = [s + a for s, a in zip(parts["state"], parts["saved"], strict=True)]
+    alone = serial["state"][0] + serial["saved"][0]
+    lines = [
+        f"per process, (a)'s largest stage against (b): parameters "
+        f"{parts['weights'] / mib:.1f} / {serial['weights'] / mib:.1f} MiB = "
+        f"{parts['weights'] / serial['weights']:.2f}; "
+        f"peak saved for backward {max(parts['saved']) / mib:.1f} / "
+        f"{serial['saved'][0] / mib:.1f} MiB = {max(parts['saved']) / serial['saved'][0]:.2f}",
+        f"per process, weights + buffers + optimizer state + peak saved for backward "
+        f"(--stage-balance {args.stage_balance}): (a)'s stages "
+        f"{', '.join(f'{h / mib:.1f}' for h in held)} MiB, (b) {alone / mib:.1f} MiB; "
+        f"largest / (b) = {max(held) / alone:.2f} (1/P = {1 / P:.2f})"]
+    if parts["cuda"] is not None and serial["cuda"] is not None:
+        lines.append(f"per GPU, torch.cuda.max_memory_allocated: (a)'s largest stage "
+                     f"{parts['cuda'] / mib:.0f} MiB, (b) {serial['cuda'] / mib:.0f} MiB; "
+                     f"(a) / (b) = {parts['cuda'] / serial['cuda']:.2f} (1/P = {1 / P:.2f})")
+    return lines
+
+
+def _where(args) -> str:
+    if args.device == "cpu":
+        return f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
+    import torch
+
+    return f"{args.processes} x {torch.cuda.get_device_name(0)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2: bad input)."""
+    from locallearn.errors import LocallearnError
+
+    try:
+        args = parse_args(argv)
+    except LocallearnError as err:
+        print(f"parallel.py: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return 2
     if args.worker is not None:
         out = _gpipe(args) if args.worker == "gpipe" else _local(args)
         if os.environ.get("RANK", "0") == "0":
             print(RESULT + json.dumps(out), flush=True)
-        return
+        return 0
 
-    P = args.processes
-    threaded = f"(c) {args.rule} serial, 1 process x {P} threads"
-    ceiling = f"(f) {P} copies of (b) at once, independent (images/s summed)"
-    runs = {
-        f"(a) {args.rule} pipelined, {P} processes x 1 thread": ("parts", P, 1, ()),
-        f"(b) {args.rule} serial, 1 process x 1 thread": ("serial", 1, 1, ()),
-        threaded: ("serial", 1, P, ()),
-    }
-    if not args.skip_gpipe:
-        runs[f"(d) e2e GPipe ({args.microbatches} micro-batches), {P} processes x 1 thread"] = (
-            "gpipe", P, 1, ())
-    if args.replay_buffer is not None:
-        runs[f"(e) {args.rule} asynchronous (buffer {args.replay_buffer}), {P} x 1 thread"] = (
-            "parts", P, 1, ("--replay-buffer", str(args.replay_buffer)))
-    if args.ceiling:
-        runs[ceiling] = ("copies", P, 1, ())
-    if args.pin:
-        runs["(g) (a) with each process pinned to one CPU"] = ("parts", P, 1, ("--pinned",))
+    P, runs = args.processes, _runs(args)
     speeds: dict[str, list[float]] = {name: [] for name in runs}
     info = {}
     for _ in range(args.repeats):
@@ -256,7 +369,7 @@ def main() -> None:
     print(f"{args.model}, {args.rule}, parts {info['serial']['parts']}, stages "
           f"{info['parts']['stages']}; batch {args.batch_size}, {args.images} images per epoch, "
           f"last of {args.epochs} epochs measured; median of {args.repeats} interleaved rounds; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+          f"{_where(args)}")
     # Each round's (a) against the same round's others: runs minutes apart share the
     # machine's state less than runs of one round, so the ratios are paired by round.
     for name, values in speeds.items():
@@ -273,17 +386,17 @@ def main() -> None:
               f"epoch's {replayed['seconds']} s; staleness of the later stages "
               f"{json.dumps(replayed['replay']['stages'])}")
     if args.ceiling:
+        threaded, ceiling = list(runs)[2], next(n for n in runs if n.startswith("(f)"))
         ratios = [c / f for c, f in zip(speeds[threaded], speeds[ceiling], strict=True)]
         print(f"(f), first round: each copy's images/s {info['copies']['each']}; "
               f"(c) / (f), threads against independent processes: "
               f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
-    mib = 2**20
-    print(f"per process, (a)'s largest stage against (b): parameters "
-          f"{parts['weights'] / mib:.1f} / {serial['weights'] / mib:.1f} MiB = "
-          f"{parts['weights'] / serial['weights']:.2f}; "
-          f"peak saved for backward {parts['saved'] / mib:.1f} / {serial['saved'] / mib:.1f} "
-          f"MiB = {parts['saved'] / serial['saved']:.2f}")
+    if args.device == "cuda":
+        ratio = medians[list(runs)[0]] / medians[list(runs)[1]]
+        print(f"(a) / (b) on {P} GPUs: {ratio:.2f}x, against the target 0.8 P = {0.8 * P:.1f}x")
+    print("\n".join(_memory(args, parts, serial)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

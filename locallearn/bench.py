@@ -13,6 +13,7 @@ from .blocks import split
 from .data import ImageData
 from .measure import step_peak_bytes
 from .rules import create_rule
+from .stages import held_bytes
 from .trainer import TrainConfig, Trainer
 
 
@@ -71,11 +72,7 @@ def state_bytes(trainer: Trainer) -> int:
     tensors, so it is the same on any device (optimizers fill their state in
     their first step: count after one).
     """
-    tensors = [t for part in trainer.parts for t in (*part.parameters(), *part.buffers())]
-    tensors += [v for opt in trainer.optimizers if opt is not None
-                for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
+    return held_bytes(trainer.parts, [opt for opt in trainer.optimizers if opt is not None])
 
 
 def step_memory(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,

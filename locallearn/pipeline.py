@@ -56,6 +56,7 @@ from .observers import Observer
 from .optim import lr_factor, make_optimizer, scaled_step
 from .replay import ReplayBuffer, fill, wait_end
 from .rules.base import LocalPart, Rule
+from .stages import balance, balance_memory, held_bytes, part_costs
 from .step import Step
 from .trainer import Diverged, TrainConfig
 from .transport import BATCH, END, STEP_INTS, STEP_TENSORS, Sender, pack_step, receive, unpack_step
@@ -152,30 +153,6 @@ def check_replay(size: int | None, max_reuse: int | None, replicas: int) -> None
                           "stage per process) or --replay-buffer")
 
 
-def balance(costs: list[float], stages: int) -> list[int]:
-    """The first part of each of ``stages`` contiguous groups of ``costs``, so that the
-    largest group's sum is as small as possible (exact dynamic programme)."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    # best[s][i]: the least largest sum cutting the first i parts into s groups.
-    best = [[math.inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                worst = max(best[s - 1][j], prefix[i] - prefix[j])
-                if worst < best[s][i]:
-                    best[s][i], cut[s][i] = worst, j
-    starts, i = [], n
-    for s in range(stages, 0, -1):
-        i = cut[s][i]
-        starts.append(i)
-    return starts[::-1]
-
-
 def check_cut(stages: list[list[int]], num_parts: int, count: int) -> None:
     """Refuse a given stage cut that is not ``count`` contiguous, non-empty groups of
     the ``num_parts`` parts, in order.
@@ -240,8 +217,9 @@ class PipelineTrainer:
         self.dropped_images = dropped_images(len(data.train_labels), config.batch_size)
         self._check_batches()
         if stages is None:
-            self.costs: list[float] | None = self._measure_costs()
-            starts = balance(self.costs, self.stages_count)
+            self.costs = self._measure_costs()
+            starts = balance(self.costs, self.stages_count) if self.balance_by == "time" \
+                else balance_memory(*zip(*self.costs, strict=True), self.stages_count)
             ends = [*starts[1:], len(self.parts)]
             stages = [list(range(a, b)) for a, b in zip(starts, ends, strict=True)]
         else:
@@ -406,19 +384,14 @@ class PipelineTrainer:
                               "needs at least 2 images per training batch; use --batch-size 2 "
                               "or more")
 
-    def _measure_costs(self, repeats: int = 3) -> list[float]:
-        """Each part's cost on a training batch, measured on process 0 and shared, so
-        every process cuts the same stages: the seconds of its forward and backward
-        (median of ``repeats``; ``balance_by="time"``), or its peak bytes saved for
-        backward (``"memory"``: what ``--blocks`` balances; deterministic).
-
-        Run on the host before the parts move to their devices, in eval mode
-        (BatchNorm statistics do not move), with the random state restored and
-        gradients dropped after: training starts as the serial run does.
+    def _measure_costs(self) -> list[float] | list[tuple[int, int]]:
+        """Each part's cost on a training batch (:func:`stages.part_costs`), measured on
+        process 0 and shared, so every process cuts the same stages: seconds
+        (``balance_by="time"``), or (resident, transient) bytes (``"memory"``;
+        deterministic). On the host, before the parts move to their devices, with the
+        random state restored: training starts as the serial run does.
         """
-        if self.balance_by == "memory":
-            repeats = 1
-        costs = [0.0] * len(self.parts)
+        costs = None
         if self.rank == 0:
             size = min(self.config.batch_size, 32, len(self.data.train_labels))
             images = self.data.train_images[:size]
@@ -426,25 +399,7 @@ class PipelineTrainer:
             with torch.random.fork_rng(devices=[]):
                 h, step = self.rule.make_step(images, labels, self.eval_transform,
                                               self.data.num_classes, None, True)
-                for i, part in enumerate(self.parts):
-                    was = part.training
-                    part.eval()
-                    times = []
-                    for _ in range(repeats):
-                        # The meter's hooks cost time: only where memory is measured.
-                        meter = SavedTensorMeter(part) if self.balance_by == "memory" else None
-                        t0 = time.perf_counter()
-                        with meter or nullcontext():
-                            out, scored = part(h.detach(), step)
-                            if scored.loss.requires_grad:
-                                scored.loss.backward()
-                        seconds = time.perf_counter() - t0
-                        times.append(seconds if meter is None else meter.peak)
-                    for p in part.parameters():
-                        p.grad = None
-                    part.train(was)
-                    h = out.detach()
-                    costs[i] = sorted(times)[len(times) // 2]
+                costs = part_costs(self.parts, h, step, self.config, self.balance_by)
         shared = [costs]
         dist.broadcast_object_list(shared, 0)
         return shared[0]
@@ -602,6 +557,8 @@ class PipelineTrainer:
                    unit="batch", leave=False, dynamic_ncols=True,
                    disable=None if cfg.progress and self.accelerator.is_main_process
                    else True)
+        if self.accelerator.device.type == "cuda":  # each epoch's peak, as the serial loop's
+            torch.cuda.reset_peak_memory_stats(self.accelerator.device)
         dist.barrier()  # every stage's clock starts together
         self.waited = 0.0
         if self.sender is not None:
@@ -640,6 +597,10 @@ class PipelineTrainer:
                             for i, values in metric_sums.items()},
                 "hits": hits, "scored": scored, "seen": seen, "seconds": seconds,
                 "saved": saved_peak,
+                "state": held_bytes([self.parts[i] for i in self.mine],
+                                    self.optimizers.values()),
+                "cuda": torch.cuda.max_memory_allocated(self.accelerator.device)
+                if self.accelerator.device.type == "cuda" else None,
                 "waited": self.waited + (self.sender.waited if self.sender else 0.0),
                 "replay": self.replay.summary() if self.replay is not None else None}
         stages = [None] * self.accelerator.num_processes
@@ -668,6 +629,11 @@ class PipelineTrainer:
             "images_per_s": round(seen / max(seconds, 1e-9), 1),
             # Per process: the largest stage's peak, the figure one device must hold.
             "saved_bytes_peak": max(s["saved"] for s in stages),
+            "state_bytes": max(s["state"] for s in stages),
+            # Per process: what it holds (its parts' weights, buffers and optimizer state,
+            # after the epoch) and its peak bytes saved for backward (in the first step).
+            "stage_state_bytes": [s["state"] for s in stages],
+            "stage_saved_bytes": [s["saved"] for s in stages],
             "stages": self.stage_names(),
             "replicas": self.replicas,
             # Per process (stage s of replica r is process r * S + s): seconds blocked on
@@ -675,6 +641,8 @@ class PipelineTrainer:
             # imbalance, the wire), out of the epoch's seconds.
             "stage_wait_seconds": [round(s["waited"], 3) for s in stages],
         }
+        if stages[0]["cuda"] is not None:  # the largest process's, as for saved_bytes_peak
+            entry["cuda_max_memory"] = max(s["cuda"] for s in stages)
         if self.replay_size is not None:
             # Asynchronous stages: each later stage's steps and its samples' staleness.
             entry["replay"] = {"buffer": self.replay_size, "max_reuse": self.max_reuse,

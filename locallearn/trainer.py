@@ -30,6 +30,7 @@ from .measure import SavedTensorMeter
 from .observers import Observer
 from .optim import lr_factor, make_optimizer, scaled_step
 from .rules.base import LocalPart, Rule
+from .stages import held_bytes
 from .step import Step
 
 
@@ -434,6 +435,9 @@ class Trainer:
         ]), "sum").tolist()
         if self.rule.frozen_train_mode and acc.num_processes > 1:
             self._share_frozen_buffers(trained[0])
+        # What this process holds: weights, buffers and optimizer state, before the parts
+        # that train no more drop their optimizers.
+        state = held_bytes(self.parts, [opt for opt in self.optimizers if opt is not None])
         for i in trained:
             if not any(i in later for later in self.schedule[epoch + 1:]):
                 self.deactivate(i)
@@ -450,6 +454,7 @@ class Trainer:
             "seconds": round(seconds, 3),
             "images_per_s": round(counts[2] / max(seconds, 1e-9), 1),
             "saved_bytes_peak": saved_peak,
+            "state_bytes": state,
         }
         if cuda:
             entry["cuda_max_memory"] = torch.cuda.max_memory_allocated(acc.device)

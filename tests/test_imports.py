@@ -22,7 +22,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("errors",),
     ("version", "registry", "config", "measure", "hsic", "optim", "recompute", "step",
      "observers"),
-    ("losses", "heads", "models", "models.*", "data", "transport", "replay"),
+    ("losses", "heads", "models", "models.*", "data", "transport", "replay", "stages"),
     ("adapters", "objectives"),  # adapters lay out the models' families for blocks
     ("blocks",),
     # rules

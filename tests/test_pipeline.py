@@ -118,6 +118,13 @@ def test_pipelined_stages_give_the_serial_weights(serial, pipelined, stages, bal
         assert last["part_loss"] == pytest.approx(serial_last["part_loss"], rel=1e-6)
         assert last["train_acc"] == serial_last["train_acc"]
         assert len(last["stages"]) == len(last["stage_wait_seconds"]) == stages
+        # What each process holds: its parts' weights and optimizer state, all of them
+        # once over the stages; the largest activation peak is the serial run's.
+        assert sum(last["stage_state_bytes"]) == serial_last["state_bytes"]
+        assert min(last["stage_state_bytes"]) > 0
+        assert last["state_bytes"] == max(last["stage_state_bytes"])
+        assert max(last["stage_saved_bytes"]) == last["saved_bytes_peak"] \
+            == serial_last["saved_bytes_peak"]
         # The information plane, each stage measuring its own blocks on the probe that
         # flowed through the stages before it: the serial run's entries, kept (as in a
         # serial run) by the first process, which writes the record.
@@ -434,9 +441,59 @@ def test_a_rule_with_fewer_parts_than_stages_is_refused():
     ([1, 2], 2, [0, 1]),
 ])
 def test_stages_are_contiguous_nonempty_and_minimise_the_slowest(costs, stages, starts):
-    from locallearn.pipeline import balance
+    from locallearn.stages import balance
 
     assert balance(costs, stages) == starts
+
+
+def test_memory_stages_hold_their_weights_and_one_part_s_step_at_a_time():
+    from locallearn.stages import balance, balance_memory, stage_bytes
+
+    # Parts a and b save 10 bytes for backward each, c holds 6 bytes of weights.
+    resident, transient = [0, 0, 6], [10, 10, 1]
+    # a and b never hold their activations at once: together they need 10, not 20.
+    assert balance_memory(resident, transient, 2) == [0, 2]
+    assert stage_bytes(resident, transient, [[0, 1], [2]]) == [10, 7]
+    assert stage_bytes(resident, transient, [[0], [1, 2]]) == [10, 16]
+    # Summing every byte, as for time, would cut elsewhere: the wrong model of memory.
+    assert balance([r + t for r, t in zip(resident, transient, strict=True)], 2) == [0, 1]
+    # Weights add up on a stage: heavy weights go alone.
+    assert balance_memory([1, 1, 20, 1], [5, 5, 1, 5], 2) == [0, 2]
+    assert balance_memory([1, 1, 1], [1, 1, 1], 3) == [0, 1, 2]
+
+
+def test_part_costs_leave_the_weights_as_they_were_and_count_the_optimizer():
+    import timm
+
+    from locallearn import TrainConfig, create_rule, split
+    from locallearn.bench import random_data
+    from locallearn.data import BatchTransform
+    from locallearn.stages import part_costs
+
+    data = random_data(8, 16)
+    torch.manual_seed(0)
+    net = timm.create_model("resnet32_cifar", num_classes=10)
+    stack = split(net, "stage", 3, input_size=data.image_size)
+    rule, transform = create_rule("layerwise"), BatchTransform(data.mean, data.std, "none")
+    parts = rule.parts(stack, 10, transform(data.train_images[:2]))
+    before = [{k: v.clone() for k, v in p.state_dict().items()} for p in parts]
+    h, step = rule.make_step(data.train_images, data.train_labels, transform, 10, None, True)
+    config = TrainConfig(momentum=0.9)
+    costs = part_costs(parts, h, step, config, "memory")
+    for part, kept in zip(parts, before, strict=True):
+        assert all(torch.equal(v, kept[k]) for k, v in part.state_dict().items())
+        assert all(p.grad is None for p in part.parameters())
+    for part, (resident, transient) in zip(parts, costs, strict=True):
+        weights = sum(p.numel() * p.element_size() for p in part.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in part.buffers())
+        # SGD with momentum keeps one buffer per parameter; the step, its gradients.
+        assert resident == 2 * weights + buffers
+        assert transient > weights
+    plain = part_costs(parts, h, step, TrainConfig(momentum=0.0), "memory")
+    assert [r for r, _ in plain] == [r - sum(p.numel() * p.element_size()
+                                             for p in part.parameters())
+                                     for part, (r, _) in zip(parts, costs, strict=True)]
+    assert [t for _, t in plain] == [t for _, t in costs]
 
 
 def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
