@@ -30,8 +30,10 @@ by activation memory, which leaves the stages unequal in time.
 
 Memory, per process: what (a)'s stages and (b) hold, counted from the tensors
 (the same on any device): weights, buffers and optimizer state, plus the peak
-bytes saved for backward; (a)'s largest stage over (b), against 1/P. On GPUs
-also ``torch.cuda.max_memory_allocated``, the largest stage's over (b)'s.
+bytes saved for backward; (a)'s largest stage over (b), against 1/P, and over
+e2e backprop on one process (one step, which holds every block's activations).
+On GPUs also ``torch.cuda.max_memory_allocated``, the largest stage's over (b)'s
+and e2e's.
 
 On P GPUs (``--device cuda``, one GPU per process): (a) on P GPUs, (b) on one,
 and (d) on P under NCCL; (c), (f) and (g) are about CPU threads and are left
@@ -193,6 +195,8 @@ def _start(args, worker: str, processes: int, threads: int, extra: tuple = ()):
     for key in ("model", "rule", "blocks", "split_after", "batch_size", "images", "epochs",
                 "microbatches", "device", "stage_balance"):
         value = getattr(args, key)
+        if key == "split_after":  # None: --blocks cuts instead, and so must the workers
+            value = value or ""
         if value is not None:
             script += [f"--{key.replace('_', '-')}", str(value)]
     cmd = [sys.executable, *script]
@@ -311,11 +315,12 @@ def _runs(args) -> dict[str, tuple]:
     return runs
 
 
-def _memory(args, parts: dict, serial: dict) -> list[str]:
-    """What one process holds, (a)'s stages against (b)."""
+def _memory(args, parts: dict, serial: dict, e2e: dict) -> list[str]:
+    """What one process holds, (a)'s stages against (b) and against e2e on one process."""
     mib, P = 2**20, args.processes
     held = [s + a for s, a in zip(parts["state"], parts["saved"], strict=True)]
     alone = serial["state"][0] + serial["saved"][0]
+    whole = e2e["state"][0] + e2e["saved"][0]
     lines = [
         f"per process, (a)'s largest stage against (b): parameters "
         f"{parts['weights'] / mib:.1f} / {serial['weights'] / mib:.1f} MiB = "
@@ -325,11 +330,16 @@ def _memory(args, parts: dict, serial: dict) -> list[str]:
         f"per process, weights + buffers + optimizer state + peak saved for backward "
         f"(--stage-balance {args.stage_balance}): (a)'s stages "
         f"{', '.join(f'{h / mib:.1f}' for h in held)} MiB, (b) {alone / mib:.1f} MiB; "
-        f"largest / (b) = {max(held) / alone:.2f} (1/P = {1 / P:.2f})"]
+        f"largest / (b) = {max(held) / alone:.2f} (1/P = {1 / P:.2f})",
+        f"per process, the same against e2e backprop serial on one process (one step of "
+        f"batch {args.batch_size}): {whole / mib:.1f} MiB; (a)'s largest / e2e = "
+        f"{max(held) / whole:.2f}"]
     if parts["cuda"] is not None and serial["cuda"] is not None:
         lines.append(f"per GPU, torch.cuda.max_memory_allocated: (a)'s largest stage "
-                     f"{parts['cuda'] / mib:.0f} MiB, (b) {serial['cuda'] / mib:.0f} MiB; "
-                     f"(a) / (b) = {parts['cuda'] / serial['cuda']:.2f} (1/P = {1 / P:.2f})")
+                     f"{parts['cuda'] / mib:.0f} MiB, (b) {serial['cuda'] / mib:.0f} MiB, "
+                     f"e2e {e2e['cuda'] / mib:.0f} MiB; (a) / (b) = "
+                     f"{parts['cuda'] / serial['cuda']:.2f}, (a) / e2e = "
+                     f"{parts['cuda'] / e2e['cuda']:.2f} (1/P = {1 / P:.2f})")
     return lines
 
 
@@ -394,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         ratio = medians[list(runs)[0]] / medians[list(runs)[1]]
         print(f"(a) / (b) on {P} GPUs: {ratio:.2f}x, against the target 0.8 P = {0.8 * P:.1f}x")
-    print("\n".join(_memory(args, parts, serial)))
+    # What backprop holds on one process: e2e, one epoch of one batch (deterministic).
+    once = argparse.Namespace(**{**vars(args), "rule": "e2e", "images": args.batch_size,
+                                 "epochs": 1})
+    print("\n".join(_memory(args, parts, serial, _launch(once, "serial", 1, 1))))
     return 0
 
 

@@ -53,7 +53,9 @@ def test_one_round_prints_every_run_and_what_each_process_holds(capsys, monkeypa
                                                                                    "")]))
     assert parallel.main([*TINY, "--stage-balance", "memory"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("resnet32_cifar, layerwise, parts [")
+    # --blocks 2 reached the workers: the parts cut by memory, not the default cut.
+    assert out.startswith("resnet32_cifar, layerwise, parts "
+                          "['stem+layer1.0+layer1.1+layer1.2+layer1.3', 'layer1.4+")
     speeds = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
         r"^\((\w)\) .*?\s([\d.]+) images/s   \(a\) / this:\s+([\d.]+)x", out, re.M)}
     assert list(speeds) == ["a", "b", "c"]  # no (d): --skip-gpipe
@@ -68,4 +70,11 @@ def test_one_round_prints_every_run_and_what_each_process_holds(capsys, monkeypa
     # Each stage holds some of the weights; the serial process holds all of them, and the
     # largest activation peak (the pipeline's is the serial run's largest part's).
     assert 0 < first < alone and 0 < second < alone
+    e2e = re.search(r"against e2e backprop serial on one process \(one step of batch 4\): "
+                    r"([\d.]+) MiB; \(a\)'s largest / e2e = ([\d.]+)", out)
+    assert e2e, out
+    # e2e holds every block's activations at once; layerwise one part's at a time.
+    assert float(e2e.group(1)) > alone
+    assert float(e2e.group(2)) == pytest.approx(max(first, second) / float(e2e.group(1)),
+                                                abs=0.03)
     assert "per GPU" not in out  # no CUDA numbers on a CPU
