@@ -385,11 +385,12 @@ class PipelineTrainer:
                               "or more")
 
     def _measure_costs(self) -> list[float] | list[tuple[int, int]]:
-        """Each part's cost on a training batch (:func:`stages.part_costs`), measured on
-        process 0 and shared, so every process cuts the same stages: seconds
-        (``balance_by="time"``), or (resident, transient) bytes (``"memory"``;
-        deterministic). On the host, before the parts move to their devices, with the
-        random state restored: training starts as the serial run does.
+        """Each part's cost on a training batch of up to 32 images
+        (:func:`stages.part_costs`), measured on process 0 and shared, so every process
+        cuts the same stages: seconds (``balance_by="time"``), or (resident, transient)
+        bytes at the run's batch size (``"memory"``; deterministic). On the host, before
+        the parts move to their devices, with the random state restored: training starts
+        as the serial run does.
         """
         costs = None
         if self.rank == 0:
@@ -399,7 +400,8 @@ class PipelineTrainer:
             with torch.random.fork_rng(devices=[]):
                 h, step = self.rule.make_step(images, labels, self.eval_transform,
                                               self.data.num_classes, None, True)
-                costs = part_costs(self.parts, h, step, self.config, self.balance_by)
+                costs = part_costs(self.parts, h, step, self.config, self.balance_by,
+                                   scale=self.config.batch_size / size)
         shared = [costs]
         dist.broadcast_object_list(shared, 0)
         return shared[0]

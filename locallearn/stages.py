@@ -80,12 +80,16 @@ def stage_bytes(resident: list[float], transient: list[float],
 
 
 def part_costs(parts: list[nn.Module], h: torch.Tensor, step, config, by: str,
-               repeats: int = 3) -> list[float] | list[tuple[int, int]]:
+               repeats: int = 3, scale: float = 1.0) -> list[float] | list[tuple[int, int]]:
     """Each part's cost on one batch, the parts run in order from the first one's input
     ``h``: ``by="time"``, the median seconds of ``repeats`` forwards and backwards;
     ``by="memory"``, the pair (resident, transient) of :func:`balance_memory`, counted
     once: parameters, buffers and the state of the optimizer ``config`` gives the part
-    after one step; peak bytes saved for backward plus the gradients' bytes.
+    after one step; peak bytes saved for backward times ``scale`` plus the gradients'
+    bytes. Activations grow with the batch and weights do not: measured on a smaller
+    batch than the run's, ``scale`` (the run's batch over this one) puts them back in
+    proportion (activations are per image; a few per-batch statistics are not, and
+    are scaled too).
 
     In eval mode (BatchNorm statistics do not move). Every part's weights are left as
     they were (the memory count's optimizer step is undone) and its gradients dropped.
@@ -109,7 +113,7 @@ def part_costs(parts: list[nn.Module], h: torch.Tensor, step, config, by: str,
         else:
             grads = sum(p.grad.untyped_storage().nbytes()
                         for p in part.parameters() if p.grad is not None)
-            costs.append((_resident(part, config), meter.peak + grads))
+            costs.append((_resident(part, config), round(meter.peak * scale) + grads))
         for p in part.parameters():
             p.grad = None
         part.train(was)

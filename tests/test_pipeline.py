@@ -494,6 +494,15 @@ def test_part_costs_leave_the_weights_as_they_were_and_count_the_optimizer():
                                              for p in part.parameters())
                                      for part, (r, _) in zip(parts, costs, strict=True)]
     assert [t for _, t in plain] == [t for _, t in costs]
+    # Half the batch, scaled by 2: the activations of the whole batch, the same weights.
+    h, step = rule.make_step(data.train_images[:4], data.train_labels[:4], transform, 10, None,
+                             True)
+    half = part_costs(parts, h, step, config, "memory", scale=2.0)
+    assert [r for r, _ in half] == [r for r, _ in costs]
+    # Within 1%, or a few hundred bytes: per-batch statistics (a loss, a mean) do not halve.
+    assert [t for _, t in half] == pytest.approx([t for _, t in costs], rel=0.01, abs=256)
+    unscaled = part_costs(parts, h, step, config, "memory")
+    assert all(u < t for (_, u), (_, t) in zip(unscaled, half, strict=True))
 
 
 def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
