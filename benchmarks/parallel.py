@@ -195,8 +195,6 @@ def _start(args, worker: str, processes: int, threads: int, extra: tuple = ()):
     for key in ("model", "rule", "blocks", "split_after", "batch_size", "images", "epochs",
                 "microbatches", "device", "stage_balance"):
         value = getattr(args, key)
-        if key == "split_after":  # None: --blocks cuts instead, and so must the workers
-            value = value or ""
         if value is not None:
             script += [f"--{key.replace('_', '-')}", str(value)]
     cmd = [sys.executable, *script]
@@ -263,8 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", choices=("parts", "serial", "gpipe"), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.split_after = args.split_after or None
+    args = p.parse_args(argv)  # --split-after '' stays '': the workers get it too
     if args.worker is not None:
         return args
     if not timm.is_model(args.model):
@@ -396,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
               f"epoch's {replayed['seconds']} s; staleness of the later stages "
               f"{json.dumps(replayed['replay']['stages'])}")
     if args.ceiling:
-        threaded, ceiling = list(runs)[2], next(n for n in runs if n.startswith("(f)"))
+        threaded, ceiling = (next(n for n in runs if n.startswith(k)) for k in ("(c)", "(f)"))
         ratios = [c / f for c, f in zip(speeds[threaded], speeds[ceiling], strict=True)]
         print(f"(f), first round: each copy's images/s {info['copies']['each']}; "
               f"(c) / (f), threads against independent processes: "

@@ -56,7 +56,7 @@ from .observers import Observer
 from .optim import lr_factor, make_optimizer, scaled_step
 from .replay import ReplayBuffer, fill, wait_end
 from .rules.base import LocalPart, Rule
-from .stages import balance, balance_memory, held_bytes, part_costs
+from .stages import cut, held_bytes, part_costs
 from .step import Step
 from .trainer import Diverged, TrainConfig
 from .transport import BATCH, END, STEP_INTS, STEP_TENSORS, Sender, pack_step, receive, unpack_step
@@ -218,10 +218,7 @@ class PipelineTrainer:
         self._check_batches()
         if stages is None:
             self.costs = self._measure_costs()
-            starts = balance(self.costs, self.stages_count) if self.balance_by == "time" \
-                else balance_memory(*zip(*self.costs, strict=True), self.stages_count)
-            ends = [*starts[1:], len(self.parts)]
-            stages = [list(range(a, b)) for a, b in zip(starts, ends, strict=True)]
+            stages = cut(self.costs, self.stages_count, self.balance_by)
         else:
             self.costs = None  # not measured: the cut is given
             check_cut(stages, len(self.parts), self.stages_count)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -70,13 +70,25 @@ def balance_memory(resident: list[float], transient: list[float], stages: int) -
     buffers, optimizer state) and the largest of their ``transient`` bytes (one part's
     activations saved for backward and gradients, while that part steps)."""
     return best_cut(len(resident), stages,
-                    lambda a, b: sum(resident[a:b]) + max(transient[a:b]))
+                    lambda a, b: stage_bytes(resident, transient, [range(a, b)])[0])
 
 
 def stage_bytes(resident: list[float], transient: list[float],
-                stages: list[list[int]]) -> list[float]:
+                stages: list[Sequence[int]]) -> list[float]:
     """What each stage of a cut holds at its peak, by :func:`balance_memory`'s count."""
     return [sum(resident[i] for i in s) + max(transient[i] for i in s) for s in stages]
+
+
+def cut(costs: list[float] | list[tuple[int, int]], count: int, by: str) -> list[list[int]]:
+    """The part indices of each of ``count`` stages, balanced by :func:`part_costs`'s
+    ``costs``: seconds (``by="time"``) or (resident, transient) bytes (``"memory"``)."""
+    if by == "time":
+        starts = balance(costs, count)
+    else:
+        resident, transient = zip(*costs, strict=True)
+        starts = balance_memory(resident, transient, count)
+    ends = [*starts[1:], len(costs)]
+    return [list(range(a, b)) for a, b in zip(starts, ends, strict=True)]
 
 
 def part_costs(parts: list[nn.Module], h: torch.Tensor, step, config, by: str,
