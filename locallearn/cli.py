@@ -57,10 +57,15 @@ class Checked:
     """What :func:`_check` built from the arguments."""
 
     rule: Any
-    model_opts: dict[str, Any]
+    built: Any  # preflight.Built: the run's stack, built and split once
     plane: Any
     config: Any  # the loop's TrainConfig
     identity: dict[str, Any]  # what a checkpoint must match
+
+    @property
+    def model_opts(self) -> dict[str, Any]:
+        """The model's options as it was built (``img_size`` added where it needed it)."""
+        return self.built.model_options
 
 
 def _main_process() -> bool:
@@ -70,16 +75,17 @@ def _main_process() -> bool:
 
 def _check(args: argparse.Namespace) -> Checked:
     """Validate everything a run can check before training: names, options, the data (there
-    or downloadable), paths and the files other runs own, and last the setup itself on a
-    probe batch (:func:`~locallearn.preflight.check_setup`)."""
+    or downloadable), paths, then build and split the model (once: the run trains it), check
+    the files other runs own, and last try the setup itself on a probe batch
+    (:func:`~locallearn.preflight.check_setup`)."""
     import timm
 
     from .analysis import InformationPlane
     from .data import check_subset, check_transform, dataset_info
     from .outputs import check_paths, check_record, resumed_run
-    from .preflight import check_setup
+    from .preflight import build_stack, check_setup
     from .rules import create_rule
-    from .trainer import TrainConfig
+    from .settings import TrainConfig
 
     rule = create_rule(args.rule, **parse_assignments(args.rule_opt))
     if not timm.is_model(args.model):
@@ -109,19 +115,7 @@ def _check(args: argparse.Namespace) -> Checked:
         probe_size=args.probe_size, every=args.plane_every, split=args.probe_split,
         seed=0, distance=args.plane_distance,
     )
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size or 0,
-        lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov,
-        weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones,
-        gamma=args.gamma, seed=args.seed, progress=not args.no_progress,
-        max_loss=args.max_loss, channels_last=args.channels_last, compile=args.compile,
-        optimizer_impl=args.optimizer_impl, recompute_blocks=args.recompute_blocks,
-    )
-    identity = flags.run_identity(args, {
-        "rule_options": rule.describe(), "model_options": model_opts,
-        "train": config_dict(config) | {"progress": None},
-    })
+    config = TrainConfig.from_flags(args)
     if args.parallel == "parts":
         from .pipeline import check_args
 
@@ -134,28 +128,33 @@ def _check(args: argparse.Namespace) -> Checked:
             if given:
                 raise ConfigError(f"--{flag} sets the stages of --parallel parts; add "
                                   "--parallel parts or drop it")
+    # The model the run trains, built once; before the identity, which holds its options.
+    built = build_stack(args.model, model_opts, info, granularity=args.granularity,
+                        num_blocks=args.blocks, split_after=args.split_after, seed=args.seed)
+    identity = flags.run_identity(args, {
+        "rule_options": rule.describe(), "model_options": built.model_options,
+        "train": config_dict(config) | {"progress": None},
+    })
     if _main_process():  # the others would see the main process's own files
         check_record(args, resumed_run(args, identity))
-    # Last, as the dearest check: the model, its stack and the rule's parts on a probe batch.
-    check_setup(rule, args.model, model_opts, info, granularity=args.granularity,
-                num_blocks=args.blocks, split_after=args.split_after, epochs=args.epochs,
-                batch_size=args.batch_size, train_size=args.train_subset or info.train_size,
-                mean=args.norm_mean, std=args.norm_std, seed=args.seed)
-    return Checked(rule, model_opts, plane, config, identity)
+    # Last, as the dearest check: the rule's parts on the stack, on a probe batch.
+    check_setup(rule, built.stack, info, epochs=args.epochs, batch_size=args.batch_size,
+                train_size=args.train_subset or info.train_size, mean=args.norm_mean,
+                std=args.norm_std, model=args.model)
+    return Checked(rule, built, plane, config, identity)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` say and write the record; returns the record."""
     checked = _check(args)
 
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .blocks import split
     from .data import load_dataset
     from .outputs import claim
     from .pipeline import PipelineTrainer
-    from .preflight import create_model
     from .trainer import Trainer
 
     # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
@@ -168,9 +167,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test_subset=args.test_subset, seed=args.seed, cache_dir=args.cache_dir,
     ).with_transform(args.augment, args.norm_mean, args.norm_std)
     set_seed(args.seed, deterministic=args.deterministic)
-    model = create_model(args.model, data.num_classes, checked.model_opts, data.image_size)
-    stack = split(model, args.granularity, args.blocks, input_size=data.image_size,
-                  split_after=args.split_after)
+    # The stack _check built under this seed; the random state goes on from where building
+    # it left off, as if it had been built here.
+    torch.set_rng_state(checked.built.rng)
+    stack = checked.built.stack
     observers = (checked.plane,) if checked.plane is not None else ()
     if args.parallel == "parts":
         cut = None  # a resumed run cuts its stages as the run it continues did
@@ -361,21 +361,25 @@ def _has_gpu() -> bool:
 
 
 def summary(record: dict[str, Any]) -> str:
-    """A short table of what a run gave."""
-    names = record["stack"]["blocks"]
-    depth = " | ".join(
-        f"{n} {a:.3f}"
-        for n, a in zip(names, record["block_acc"], strict=True)
-        if a is not None
-    )
+    """A short table of what a run gave.
+
+    ``final-head acc`` is the record's ``test_acc``: the network's prediction, the last
+    part's (the model's own head, trained on the last block's output under a local rule).
+    Under a local rule it can sit below every auxiliary head, so the best depth is shown
+    beside it.
+    """
+    named = [(n, a) for n, a in zip(record["stack"]["blocks"], record["block_acc"], strict=True)
+             if a is not None]
+    best = max(named, key=lambda depth: depth[1], default=None)
     rows = [
-        ("rule", "model", "dataset", "epochs", "test acc", "seconds"),
+        ("rule", "model", "dataset", "epochs", "final-head acc", "best depth", "seconds"),
         (record["rule"], record["model"], record["dataset"], str(record["config"]["epochs"]),
-         f"{record['test_acc']:.4f}", f"{record['seconds']:.1f}"),
+         f"{record['test_acc']:.4f}", f"{best[0]} {best[1]:.4f}" if best else "-",
+         f"{record['seconds']:.1f}"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.append(f"accuracy at each depth: {depth}")
+    lines.append("accuracy at each depth: " + " | ".join(f"{n} {a:.3f}" for n, a in named))
     if "path" in record:
         lines.append(f"record: {record['path']}")
     return "\n".join(lines)

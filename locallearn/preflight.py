@@ -5,21 +5,26 @@ A setup that would fail seconds into training — a schedule that needs more
 epochs, a head that cannot read a block's output, a plugin rule that refuses
 an option only when it builds its parts, a loss that breaks on the model's
 outputs — fails here instead, in one line, in the time it takes to build the
-model and push two images through it. The probe runs on a throwaway model
-(on the CPU, under a forked random state), so the run that follows is the
-same as without it.
+model and push two images through it.
+
+The model is built and split once per run (:func:`build_stack`, from the data
+set's metadata, so ``--check`` loads no data); the probe runs on that very
+stack and puts back everything it touches (weights, buffers, gradients,
+train/eval modes, the random state; :func:`check_setup`), so the run that
+follows is the same as without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .blocks import split
+from .blocks import BlockStack, split
 from .data import BatchTransform, DataInfo
 from .errors import ConfigError, LocallearnError
 from .rules.base import Rule
@@ -29,36 +34,85 @@ from .trainer import check_plan
 PROBE_IMAGES = 2
 
 
-def check_setup(rule: Rule, model: str, model_options: dict[str, Any], info: DataInfo, *,
+@dataclass
+class Built:
+    """The run's model, built and split under its seed (:func:`build_stack`).
+
+    Attributes:
+        stack: what the run trains.
+        model_options: the options given, plus ``img_size`` where the model needed the data's.
+        rng: the CPU random state just after the split, where the run's goes on from.
+    """
+
+    stack: BlockStack
+    model_options: dict[str, Any]
+    rng: torch.Tensor
+
+
+def build_stack(model: str, model_options: dict[str, Any], info: DataInfo, *,
                 granularity: str, num_blocks: int | None, split_after: Sequence[str] | None,
-                epochs: int, batch_size: int, train_size: int,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                seed: int = 0) -> None:
-    """Build the model and its stack, let ``rule`` build its parts, and run them once.
+                seed: int) -> Built:
+    """Build ``model`` for the data (:func:`build_model`) and split it, seeded by ``seed``.
+
+    The caller's random state is kept (the work runs under a forked one); the state
+    after the split comes back in :attr:`Built.rng`, so a run that sets it before
+    building its rule's parts continues exactly as if it had built the model itself.
+
+    Raises:
+        LocallearnError: one line naming what fails: the model, its options or the split.
+    """
+    with torch.random.fork_rng(devices=[]), _one_thread():
+        torch.manual_seed(seed)
+        net, options = build_model(model, info.num_classes, model_options, info.image_size)
+        stack = split(net, granularity, num_blocks, input_size=info.image_size,
+                      split_after=split_after)
+        return Built(stack, options, torch.get_rng_state())
+
+
+def check_setup(rule: Rule, stack: nn.Module, info: DataInfo, *, epochs: int, batch_size: int,
+                train_size: int, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None, model: str = "") -> None:
+    """Let ``rule`` build its parts on ``stack`` and run them once (:func:`probe_rule`),
+    leaving ``stack`` and the random state exactly as they were.
 
     Args:
         rule: the rule the run trains by.
-        model: the timm model name; ``model_options`` go to ``timm.create_model``.
+        stack: the run's own stack (:func:`build_stack`).
         info: the data set's classes and image size (:func:`~locallearn.data.dataset_info`).
-        granularity, num_blocks, split_after: how the model is split (see
-            :func:`~locallearn.blocks.split`).
         epochs, batch_size, train_size: what the rule's schedule and the batches are
             checked against (:func:`~locallearn.trainer.check_plan`).
         mean, std: the normalisation (None: a neutral one; the probe's images are random).
-        seed: seeds the throwaway model's initialisation.
+        model: the model's name, for messages.
 
     Raises:
-        LocallearnError: one line naming what fails: the model, the split, the rule's
-            parts or schedule, or (as a :class:`ConfigError`) any other error the rule's
-            parts raise on the probe batch, with the rule, the model and its first line.
+        LocallearnError: one line naming what fails: the rule's parts or schedule, or (as
+            a :class:`ConfigError`) any other error the rule's parts raise on the probe
+            batch, with the rule, the model and its first line.
     """
-    with torch.random.fork_rng(devices=[]), _one_thread():  # the run's random state is kept
-        torch.manual_seed(seed)
-        net = create_model(model, info.num_classes, model_options, info.image_size)
-        stack = split(net, granularity, num_blocks, input_size=info.image_size,
-                      split_after=split_after)
+    with torch.random.fork_rng(devices=[]), _one_thread(), _kept(stack):
         probe_rule(rule, stack, info, epochs=epochs, batch_size=batch_size,
                    train_size=train_size, mean=mean, std=std, model=model)
+
+
+@contextlib.contextmanager
+def _kept(module: nn.Module):
+    """Puts ``module``'s weights, buffers, gradients, ``requires_grad`` flags and train/eval
+    modes back as they were on the way out: the probe trains one step without an
+    optimizer, which moves BatchNorm statistics and leaves gradients."""
+    params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in module.parameters()]
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value, grad, requires_grad in params:
+                p.copy_(value)
+                p.grad, p.requires_grad = grad, requires_grad
+            for b, value in buffers:
+                b.copy_(value)
+        for m, training in modes:
+            m.training = training
 
 
 def probe_rule(rule: Rule, stack: nn.Module, info: DataInfo, *, epochs: int, batch_size: int,
@@ -162,16 +216,54 @@ def _hub_offline(offline: bool):
         constants.HF_HUB_OFFLINE = before
 
 
-def create_model(name: str, num_classes: int, options: dict[str, Any], image_size):
+def create_model(name: str, num_classes: int, options: dict[str, Any], image_size) -> nn.Module:
+    """The model of :func:`build_model`, without the options it was built with."""
+    return build_model(name, num_classes, options, image_size)[0]
+
+
+def build_model(name: str, num_classes: int, options: dict[str, Any], image_size
+                ) -> tuple[nn.Module, dict[str, Any]]:
     """``timm.create_model``, and a forward pass on two blank images of the data's size,
-    so options or data that break the model are named as the cause, in one line."""
+    so options or data that break the model are named as the cause, in one line.
+
+    A model that fails on the data's images, and was given no ``img_size``, is built
+    again from the same random state with the data's (``ff_mlp``, ViTs): run.py knows the
+    size, so the user need not repeat it.
+
+    Returns:
+        The model and the options it was built with (``img_size`` added if it was).
+    """
+    state = torch.get_rng_state()
+    model = _create(name, num_classes, options)
+    failure = _fails_on(model, image_size)
+    if failure and "img_size" not in options:
+        side = image_size[1] if image_size[1] == image_size[2] else tuple(image_size[1:])
+        sized = {**options, "img_size": side}
+        torch.set_rng_state(state)  # initialised as if given img_size from the start
+        try:
+            model = _create(name, num_classes, sized)
+        except Exception:  # noqa: BLE001 - it takes no img_size: the first failure stands
+            model = None
+        if model is not None and not _fails_on(model, image_size):
+            return model, sized
+    if failure:
+        cause = " with --model-opt " + _given(options) if options else ""
+        raise ConfigError(f"model {name!r}{cause} fails on the data's "
+                          f"{'x'.join(map(str, image_size))} images: {failure}")
+    return model, options
+
+
+def _given(options: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def _create(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
     import timm
 
-    given = " ".join(f"{k}={v!r}" for k, v in options.items())
     offline = bool(options.get("pretrained")) and not _hub_reachable()
     try:
         with _hub_offline(offline):  # the cache only: no minute of retries
-            model = timm.create_model(name, num_classes=num_classes, **options)
+            return timm.create_model(name, num_classes=num_classes, **options)
     except Exception as err:  # noqa: BLE001 - timm and the hub raise many kinds
         first = " ".join(str(err).split())[:160] or type(err).__name__
         if offline:
@@ -180,13 +272,15 @@ def create_model(name: str, num_classes: int, options: dict[str, Any], image_siz
                               "is a network (timm caches them) or drop pretrained=True") from None
         if not options:
             raise
-        raise ConfigError(f"model {name!r} rejected --model-opt {given}: {first}") from None
+        raise ConfigError(f"model {name!r} rejected --model-opt {_given(options)}: "
+                          f"{first}") from None
+
+
+def _fails_on(model: nn.Module, image_size) -> str | None:
+    """Why ``model`` fails on two blank images of ``image_size`` (its first line), or None."""
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(2, *image_size))
     except Exception as err:  # noqa: BLE001 - whatever the options or the data broke
-        first = " ".join(str(err).split())[:160] or type(err).__name__
-        cause = f" with --model-opt {given}" if options else ""
-        raise ConfigError(f"model {name!r}{cause} fails on the data's "
-                          f"{'x'.join(map(str, image_size))} images: {first}") from None
-    return model
+        return " ".join(str(err).split())[:160] or type(err).__name__
+    return None

@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -30,49 +29,9 @@ from .measure import SavedTensorMeter
 from .observers import Observer
 from .optim import lr_factor, make_optimizer, scaled_step
 from .rules.base import LocalPart, Rule
+from .settings import TrainConfig  # the loop's settings, declared with their flags
 from .stages import held_bytes
 from .step import Step
-
-
-@dataclass
-class TrainConfig:
-    """Options of the loop shared by every rule.
-
-    Attributes:
-        milestones: epochs (as fractions of ``epochs``) where ``multistep`` multiplies
-            the learning rate by ``gamma``.
-        log_every: steps between progress updates and divergence checks (each costs a
-            device sync).
-        max_loss: a part whose mean loss in an epoch so far exceeds this has diverged
-            (0: only non-finite losses count).
-        channels_last: 4-D weights and inputs in channels-last memory format.
-        compile: ``torch.compile`` mode for each trained part with its objective
-            ("no": eager); ``compile_backend`` is its backend.
-        optimizer_impl: the optimizer's kernels (see :func:`~locallearn.optim.make_optimizer`).
-        recompute_blocks: trained parts keep only each block's input for backward and run
-            the block again there (less memory, one more forward).
-    """
-
-    epochs: int = 1
-    batch_size: int = 128
-    eval_batch_size: int = 0
-    lr: float = 0.1
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    gamma: float = 0.1
-    seed: int = 0
-    progress: bool = True
-    log_every: int = 10
-    max_loss: float = 0.0
-    channels_last: bool = False
-    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = "no"
-    compile_backend: str = "inductor"
-    optimizer_impl: Literal["auto", "foreach", "fused", "loop"] = "auto"
-    recompute_blocks: bool = False
 
 
 class Diverged(LocallearnError):

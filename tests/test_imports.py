@@ -20,8 +20,8 @@ PACKAGE = "locallearn"
 FLOORS: list[tuple[str, ...]] = [
     # maths and basics
     ("errors",),
-    ("version", "registry", "config", "measure", "hsic", "optim", "recompute", "step",
-     "observers"),
+    ("version", "registry", "config", "settings", "measure", "hsic", "optim", "recompute",
+     "step", "observers"),  # settings: the loop's settings and their flags
     ("losses", "heads", "models", "models.*", "data", "transport", "replay", "stages"),
     ("adapters", "objectives"),  # adapters lay out the models' families for blocks
     ("blocks",),

@@ -26,14 +26,15 @@ from ..config import build_config, config_dict
 from ..errors import ConfigError
 from ..recompute import run_recomputed
 from ..registry import Registry
+from ..settings import IDENTITY, TRAIN_FLAGS
 from ..step import Scored, Step
 
 RULES = Registry("rule", required=("paper",))
 
 #: The ``run.py`` flags a rule may give its own default for (:attr:`Rule.training_defaults`):
-#: the backbone and the training loop's settings. The seed is the user's or a preset's.
-DEFAULTABLE = ("model", "epochs", "batch-size", "eval-batch-size", "lr", "optimizer", "momentum",
-               "nesterov", "weight-decay", "schedule", "milestones", "gamma", "max-loss")
+#: the backbone and what the training loop trains (not how fast it runs: the speed settings).
+#: The seed is the user's or a preset's.
+DEFAULTABLE = ("model", *(f.name for f in TRAIN_FLAGS if f.role == IDENTITY and f.presettable))
 
 
 def register_rule(name: str, **meta: Any):
