@@ -1,6 +1,7 @@
 """``--check`` builds what a run would train and tries it on a probe batch, so setups that
 would fail seconds into training are refused up front: one line, exit 2, nothing written."""
 
+import json
 import re
 
 import pytest
@@ -168,3 +169,96 @@ def test_fp16_without_a_gpu_is_refused_not_ignored(capsys):
     line = refused(capsys, [*SMALL, "--mixed-precision", "fp16"])
     assert "--mixed-precision fp16 needs a GPU" in line and "bf16 or no" in line
     assert main([*SMALL, "--mixed-precision", "bf16", "--check"]) == 0
+
+
+def _state(stack):
+    return {k: v.clone() for k, v in stack.state_dict().items()}
+
+
+@pytest.mark.parametrize("rule", ["layerwise", "sequential"])
+def test_the_probe_runs_on_the_runs_own_stack_and_leaves_it_as_it_was(rule):
+    # The check trains the parts one step (BatchNorm statistics move, gradients appear)
+    # and builds heads (random draws): none of it may reach the run that follows.
+    import torch
+
+    from locallearn.preflight import build_stack, check_setup
+    from locallearn.rules import create_rule
+
+    info = data.dataset_info("synthetic")
+    split = {"granularity": "stage", "num_blocks": None, "split_after": None, "seed": 3}
+    built = build_stack("resnet32_cifar", {}, info, **split)
+    weights, modes = _state(built.stack), [m.training for m in built.stack.modules()]
+    rng = torch.get_rng_state()
+    options = {"frozen_mode": "train"} if rule == "sequential" else {}
+    check_setup(create_rule(rule, **options), built.stack, info, epochs=4, batch_size=8,
+                train_size=64)
+    after = _state(built.stack)
+    assert after.keys() == weights.keys()
+    assert all(torch.equal(after[k], weights[k]) for k in weights)  # bit for bit
+    assert [m.training for m in built.stack.modules()] == modes
+    assert all(p.grad is None for p in built.stack.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # And the stack is the one a fresh build under the seed gives, random state included.
+    again = build_stack("resnet32_cifar", {}, info, **split)
+    assert all(torch.equal(v, after[k]) for k, v in _state(again.stack).items())
+    assert torch.equal(again.rng, built.rng)
+
+
+def test_a_run_builds_its_model_once(tmp_path, capsys, monkeypatch):
+    import timm
+
+    built = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(a) or create(*a, **k))
+    argv = [*SMALL, "--rule", "layerwise", "--epochs", "1", "--train-subset", "32",
+            "--test-subset", "16", "--batch-size", "16", "--no-plane", "--no-progress",
+            "--output", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(built) == 1  # the check's model is the one trained
+
+
+def test_a_model_that_takes_img_size_gets_the_datas(tmp_path, capsys):
+    # ff_mlp is built for 32x32 images; the synthetic data's are 16x16.
+    import torch
+
+    from locallearn.preflight import build_model
+
+    argv = ["--rule", "forward_forward", "--model", "ff_mlp", "--dataset", "synthetic"]
+    assert main([*argv, "--check"]) == 0
+    assert capsys.readouterr().out.startswith("arguments ok")
+    torch.manual_seed(0)
+    model, options = build_model("ff_mlp", 10, {}, (3, 16, 16))
+    assert options == {"img_size": 16}
+    torch.manual_seed(0)  # the same model as the option given by hand
+    given, _ = build_model("ff_mlp", 10, {"img_size": 16}, (3, 16, 16))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 given.state_dict().values(), strict=True))
+    # A model that takes no img_size still fails in one line naming the data's size.
+    line = refused(capsys, [*SMALL, "--model", "resnet18", "--model-opt", "in_chans=1"])
+    assert "fails on the data's 3x16x16 images" in line
+
+
+def test_a_checked_run_trains_as_a_model_built_without_the_check(tmp_path):
+    # The run after the check is the run without it: the same weights and the same random
+    # draws after them (the rule's heads, the batches), so the same losses.
+    import timm
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from locallearn import Trainer, TrainConfig, create_rule, load_dataset, split
+
+    argv = [*SMALL, "--rule", "dgl", "--epochs", "1", "--train-subset", "48", "--test-subset",
+            "16", "--batch-size", "16", "--no-plane", "--no-progress", "--seed", "5",
+            "--output", str(tmp_path)]
+    assert main(argv) == 0
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    data = load_dataset("synthetic", train_subset=48, test_subset=16, seed=5)
+    set_seed(5)
+    stack = split(timm.create_model("resnet32_cifar", num_classes=data.num_classes),
+                  input_size=data.image_size)
+    config = TrainConfig(epochs=1, batch_size=16, seed=5, progress=False)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # as run.py's
+    plain = Trainer(stack, create_rule("dgl"), data, config, accelerator).fit()
+    assert record["history"][0]["train_loss"] == pytest.approx(
+        plain["history"][0]["train_loss"], rel=1e-5)

@@ -140,3 +140,19 @@ def test_a_loss_above_the_bound_counts_as_divergence(tmp_path, run_main):
     (line,) = out.stderr.strip().splitlines()
     assert "part 'e2e' has a mean loss of" in line and "above --max-loss 0.5" in line
     assert json.loads(next(tmp_path.glob("*.json")).read_text())["status"] == "diverged"
+
+
+def test_the_summary_names_the_final_heads_accuracy_and_the_best_depth():
+    # Under layerwise the model's own head can sit below every auxiliary head (the
+    # README's main job: 0.161 against 0.176-0.315): the line must not call it "test acc".
+    from locallearn.cli import summary
+
+    record = {"rule": "layerwise", "model": "resnet18", "dataset": "synthetic",
+              "config": {"epochs": 1}, "test_acc": 0.161, "seconds": 38.0,
+              "stack": {"blocks": ["stem", "layer1", "layer2", "layer3"]},
+              "block_acc": [0.299, None, 0.315, 0.213]}
+    header, row, depths = summary(record).splitlines()
+    assert "final-head acc" in header and "best depth" in header and "test acc" not in header
+    cells = row.split()
+    assert cells[cells.index("0.1610") + 1:][:2] == ["layer2", "0.3150"]
+    assert depths == "accuracy at each depth: stem 0.299 | layer2 0.315 | layer3 0.213"

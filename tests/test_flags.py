@@ -133,3 +133,30 @@ def test_help_describes_every_flag_and_shows_every_default():
             shown = ",".join(map(str, flag.default)) if isinstance(flag.default, (list, tuple)) \
                 else str(flag.default)
             assert f"default: {shown})" in text or f"default {shown})" in text, flag.name
+
+
+def test_the_loops_flags_are_train_configs_fields_and_build_it():
+    # One declaration: each TrainConfig field with flag metadata is a flag, its kind and
+    # choices read from its type, and a parsed command line fills the config by name.
+    import dataclasses
+    import typing
+
+    from locallearn.settings import TRAIN_FLAGS, TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if "flag" in f.metadata}
+    assert [f.dest for f in TRAIN_FLAGS] == list(fields)
+    assert {f.dest for f in flags.FLAGS if f.identity_key == flags.TRAIN} == set(fields)
+    hints = typing.get_type_hints(TrainConfig)
+    for flag in TRAIN_FLAGS:
+        assert (flag.kind == "switch") == (hints[flag.dest] is bool)
+        assert flag.choices in (None, typing.get_args(hints[flag.dest]))
+    argv = ["--epochs", "3", "--batch-size", "8", "--eval-batch-size", "5", "--lr", "0.5",
+            "--optimizer", "adamw", "--momentum", "0.5", "--nesterov", "--weight-decay", "0",
+            "--schedule", "multistep", "--milestones", "0.3", "--gamma", "0.5", "--max-loss",
+            "9", "--seed", "4", "--channels-last", "--compile", "default",
+            "--recompute-blocks", "--optimizer-impl", "loop", "--no-progress"]
+    config = TrainConfig.from_flags(flags.build_parser().parse_args(argv))
+    assert config == TrainConfig(3, 8, 5, 0.5, "adamw", 0.5, True, 0.0, "multistep", (0.3,),
+                                 0.5, 9.0, 4, True, "default", True, "loop", progress=False)
+    # every field was given a value other than its default, so each is read from its flag
+    assert all(getattr(config, name) != f.default for name, f in fields.items())

@@ -83,8 +83,8 @@ def test_check_and_list_rules_show_the_declared_defaults(capsys, preset):
     assert cli.main(["--list-rules"]) == 0
     out = capsys.readouterr().out
     assert "defaults: --model ff_mlp --optimizer adamw --lr 0.001" in out
-    # --check builds the model: ff_mlp is told the synthetic images' size, as a run must be.
-    small = ["--dataset", "synthetic", "--model-opt", "img_size=16"]
+    # --check builds the model: ff_mlp gets the synthetic images' size without being told.
+    small = ["--dataset", "synthetic"]
     assert cli.main(["--rule", "forward_forward", *small, "--check"]) == 0
     assert "from rule forward_forward: --model ff_mlp --batch-size 16" in capsys.readouterr().out
     argv = ["--rule", "forward_forward", "--preset", preset, "--lr", "0.01", "--check", *small]
@@ -148,8 +148,8 @@ def test_suite_names_runs_by_the_rule_defaults_model(tmp_path, capsys):
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
     path = tmp_path / "ff.json"
-    # The suite checks each run as run.py would: ff_mlp is told the synthetic images' size.
-    path.write_text(json.dumps({"args": {"dataset": "synthetic", "model-opt": {"img_size": 16}},
+    # The suite checks each run as run.py would (ff_mlp gets the synthetic images' size).
+    path.write_text(json.dumps({"args": {"dataset": "synthetic"},
                                 "runs": [{"rule": "forward_forward"}], "seeds": [0]}))
     assert suite.main(["--preset", str(path), "--dry-run", "--output", str(tmp_path)]) == 0
     assert "forward_forward__ff_mlp__synthetic__seed0.json" in capsys.readouterr().out
