@@ -5,7 +5,7 @@ that needs its own backbone, such as ``forward_forward``), the runs (a rule
 and its own flags; rule ``"*"`` is every registered rule) and the seeds::
 
     {
-      "about": "what the preset is for and why these settings",
+      "about": "one line: what the preset is for (docs/presets.md says why)",
       "args": {"model": "resnet18", "epochs": 5, "rule-opt": {"aux_hidden": 0}},
       "rule_args": {"forward_forward": {"model": "ff_mlp", "optimizer": "adamw"}},
       "runs": [{"rule": "*"}, {"rule": "layerwise", "tag": "K4", "args": {"blocks": 4}}],
@@ -22,8 +22,9 @@ that the flags given on its command line override, and that override the
 rule's own ``training_defaults``.
 
 JSON, not TOML: ``tomllib`` needs Python 3.11 and the project supports 3.10
-without a TOML dependency; JSON is in every Python, and is strict. Comments
-live in ``about`` (and ``notes``), which ``suite.py --dry-run`` prints.
+without a TOML dependency; JSON is in every Python, and is strict. ``about``
+is one line, which ``suite.py --dry-run`` prints; the prose on why a preset
+sets what it does lives in docs/presets.md, a section per preset.
 """
 
 from __future__ import annotations
@@ -140,7 +141,6 @@ def to_flags(args: dict[str, Any]) -> list[str]:
         else:
             out += [flag, _text(value)]
     return out
-
 
 
 def _text(value: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -61,13 +62,27 @@ def test_the_presets_exist_and_load():
         (rule, k) for rule in ("layerwise", "dgl", "infopro") for k in (2, 4, 8)}
 
 
+def test_each_preset_has_a_one_line_about_and_its_prose_in_the_docs():
+    text = (ROOT / "docs" / "presets.md").read_text()
+    sections = re.findall(r"^### ([^\n]*)\n(.*?)(?=^#|\Z)", text, re.S | re.M)
+    for name in list_presets():
+        about = load_preset(name).about
+        assert about and "\n" not in about and len(about) <= 200, name
+        anchor = about.partition("docs/presets.md#")[2]  # GitHub's anchor of its section
+        (prose,) = [body for title, body in sections
+                    if title.replace("`", "").replace(" ", "-") == anchor and f"`{name}`" in title]
+        assert len(prose) > 500, name  # the why: settings, sizing, what differs
+    (gpu,) = [body for title, body in sections if title == "`gpu-short`"]
+    assert "python benchmarks/suite.py --preset gpu-short --jobs 6" in gpu
+
+
 def test_gpu_short_has_every_rule_at_k4_and_the_seed_papers_pair():
     preset = load_preset("gpu-short")
     runs, _ = preset.runs(locallearn.list_rules())
     assert set(locallearn.list_rules()) <= {r.rule for r in runs}
     assert {r.run_id for r in runs if r.args.get("blocks") == 4} == {
         f"{rule}-K4" for rule in ("layerwise", "sequential", "dgl", "infopro")}
-    assert preset.seeds == (0, 1) and "suite.py --preset gpu-short --jobs 6" in preset.about
+    assert preset.seeds == (0, 1)
     paper = {k: v for k, v in load_preset("paper-resnet18").args.items() if k not in (
         "epochs", "batch-size", "probe-size", "plane-every")}
     for rule in ("e2e", "layerwise"):
