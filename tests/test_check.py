@@ -246,7 +246,7 @@ def test_a_checked_run_trains_as_a_model_built_without_the_check(tmp_path):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from locallearn import Trainer, TrainConfig, create_rule, load_dataset, split
+    from locallearn import TrainConfig, Trainer, create_rule, load_dataset, split
 
     argv = [*SMALL, "--rule", "dgl", "--epochs", "1", "--train-subset", "48", "--test-subset",
             "16", "--batch-size", "16", "--no-plane", "--no-progress", "--seed", "5",
