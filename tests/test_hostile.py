@@ -24,7 +24,7 @@ from conftest import ROOT
 
 from locallearn import checkpoint
 from locallearn.cli import main
-from locallearn.records import Lock, git_commit
+from locallearn.records import Lock, RecordWriter, git_commit, read_record, side_file
 
 TINY = ["--rule", "e2e", "--model", "resnet32_cifar", "--dataset", "synthetic",
         "--batch-size", "32", "--train-subset", "64", "--test-subset", "32", "--no-plane",
@@ -138,7 +138,33 @@ def test_a_finished_record_is_not_replaced_unless_asked(done, tmp_path, capsys):
     assert files(runs) == before
     assert main([*map(str, TINY), "--epochs", "1", "--output", str(runs), "--name", record.name,
                  "--overwrite"]) == 0  # a 1-epoch run's own default name differs (epochs-1)
-    assert len(json.loads(record.read_text())["history"]) == 1
+    assert len(read_record(record)["history"]) == 1
+
+
+def test_an_overwriting_run_keeps_the_old_record_until_it_has_finished(done, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A user's finding: Ctrl-C seconds into an --overwrite run left an empty interrupted
+    record, and the finished run's record was gone."""
+    runs, _ = copy(done, tmp_path)
+    (record,) = runs.glob("*.json")
+    old = record.read_bytes()
+    argv = [*TINY, "--epochs", "3", "--output", runs, "--overwrite"]
+    real = RecordWriter.on_epoch_end
+
+    def ctrl_c(self, trainer, entry):  # Ctrl-C once the new run has recorded an epoch
+        real(self, trainer, entry)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RecordWriter, "on_epoch_end", ctrl_c)
+    fails(capsys, argv, "run.py: interrupted", status=130)
+    assert record.read_bytes() == old  # the finished run's record, as it was
+    unfinished = read_record(side_file(record))  # the new run's, beside it
+    assert unfinished["status"] == "interrupted" and len(unfinished["history"]) == 1
+    monkeypatch.undo()
+    assert main([*map(str, argv)]) == 0  # a run that finishes replaces it
+    new = read_record(record)
+    assert new["status"] == "complete" and new["run_id"] != json.loads(old)["run_id"]
+    assert not side_file(record).exists()
 
 
 def test_an_unfinished_record_is_continued_only_by_resuming(tmp_path, capsys):
@@ -307,6 +333,21 @@ def test_an_unwritable_folder_fails_at_check_time(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     fails(capsys, [*TINY, "--output", locked / "runs", "--check"], "is not writable")
+
+
+@pytest.mark.parametrize("flag, folder", [("--output", "/proc/x"), ("--output", "/sys/x"),
+                                          ("--checkpoint-dir", "/proc/x")])
+def test_a_folder_the_system_refuses_fails_at_check_time(run_main, tmp_path, flag, folder):
+    """A user's finding: as root, os.access says /proc and /sys are writable, --check passed
+    and the run ended in a traceback. The check now makes a folder there and removes it."""
+    if not Path(folder).parent.is_dir():
+        pytest.skip(f"no {Path(folder).parent} here")
+    for check in (["--check"], []):
+        out = run_main(*TINY, "--output", tmp_path / "runs", flag, folder, *check)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr == (f"run.py: error: {flag} {folder!r}: "
+                              f"{str(Path(folder).parent)!r} is not writable\n")
+    assert not Path(folder).exists() and not (tmp_path / "runs").exists()
 
 
 # 7. Signals.
