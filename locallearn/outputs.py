@@ -254,9 +254,9 @@ def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
             locks.append(lock_folder(args.checkpoint_dir))
         resumes = resumed_run(args, identity, probe=False)
         replaces = check_record(args, resumes, probe=False)
+        side_file(path).unlink(missing_ok=True)
     except BaseException:
         for lock in locks:
             lock.release()
         raise
-    side_file(path).unlink(missing_ok=True)
     return Claim(resumes or uuid.uuid4().hex[:16], path, replaces, locks)
