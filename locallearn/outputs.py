@@ -119,18 +119,28 @@ def check_folder(path: str | Path, flag: str) -> None:
         OutputError: it is a file, or it (or the folder it would be made in) is not writable.
     """
     path = Path(path).expanduser()
+    if "\0" in str(path):
+        raise OutputError(f"{flag} {str(path)!r}: a path cannot hold a NUL character")
     probe = path
-    while not probe.exists():
-        if probe.is_symlink():
-            raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is a broken link")
-        probe = probe.parent
+    try:
+        while not probe.exists():
+            if probe.is_symlink():
+                raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is a broken link")
+            probe = probe.parent
+    except OSError as err:  # a name too long for the file system
+        raise OutputError(f"{flag} {str(path)!r}: {err.strerror}") from None
     if not probe.is_dir():
         what = "is a file" if probe == path else f"would be made in {str(probe)!r}, a file"
         raise OutputError(f"{flag} {str(path)!r} {what}; give a folder")
     try:
+        longest = os.pathconf(probe, "PC_NAME_MAX")
         os.rmdir(tempfile.mkdtemp(prefix=".locallearn-check-", dir=probe))
     except OSError:
         raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is not writable") from None
+    for name in path.relative_to(probe).parts:  # the folders still to be made
+        if len(os.fsencode(name)) > longest:
+            raise OutputError(f"{flag} {str(path)!r}: a folder name is over the "
+                              f"{longest} bytes the file system allows")
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -307,6 +307,8 @@ def test_several_differences_are_listed_briefly(done, tmp_path, capsys):
     ("name-slash", "--name must be a plain file name; got 'a/b.json'"),
     ("name-long", "--name is 300 bytes long; at most 200"),
     ("name-folder", "would replace a folder; give another --name"),
+    ("output-long-name", "a folder name is over the 255 bytes the file system allows"),
+    ("output-nul", "a path cannot hold a NUL character"),
 ])
 def test_bad_paths_fail_at_check_time(tmp_path, capsys, case, message):
     f = tmp_path / "a-file"
@@ -321,6 +323,8 @@ def test_bad_paths_fail_at_check_time(tmp_path, capsys, case, message):
         "name-slash": [*out, "--name", "a/b.json"],
         "name-long": [*out, "--name", "a" * 300],
         "name-folder": ["--output", tmp_path, "--name", "runs-as-name"],
+        "output-long-name": ["--output", tmp_path / "new" / ("x" * 300)],
+        "output-nul": ["--output", tmp_path / "a\0b"],
     }[case]
     (tmp_path / "runs-as-name").mkdir()
     for check in (["--check"], []):
