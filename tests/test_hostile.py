@@ -171,7 +171,7 @@ def test_an_unfinished_record_is_continued_only_by_resuming(tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main([*map(str, TINY), "--epochs", "1", "--output", str(runs)]) == 0
     (record,) = runs.glob("*.json")
-    data = json.loads(record.read_text()) | {"status": "interrupted"}
+    data = read_record(record) | {"status": "interrupted"}
     record.write_text(json.dumps(data))
     fails(capsys, [*TINY, "--epochs", "1", "--output", runs],
           "holds another run's record (interrupted)")
@@ -179,7 +179,7 @@ def test_an_unfinished_record_is_continued_only_by_resuming(tmp_path, capsys):
     argv = [*TINY, "--epochs", "1", "--output", runs, "--checkpoint-dir", tmp_path / "ck",
             "--resume"]
     assert main([*map(str, argv)]) == 0
-    assert json.loads(record.read_text())["status"] == "complete"
+    assert read_record(record)["status"] == "complete"
 
 
 def test_a_file_that_is_not_a_record_is_not_replaced_unless_asked(tmp_path, capsys):
@@ -195,7 +195,7 @@ def test_a_file_that_is_not_a_record_is_not_replaced_unless_asked(tmp_path, caps
 def test_resuming_another_runs_checkpoints_does_not_take_this_record(done, tmp_path, capsys):
     runs, _ = copy(done, tmp_path)
     (record,) = runs.glob("*.json")
-    data = json.loads(record.read_text()) | {"status": "interrupted", "run_id": "someone"}
+    data = read_record(record) | {"status": "interrupted", "run_id": "someone"}
     record.write_text(json.dumps(data))
     fails(capsys, resume(tmp_path), "another run's record (interrupted); pass --overwrite")
 
@@ -203,9 +203,9 @@ def test_resuming_another_runs_checkpoints_does_not_take_this_record(done, tmp_p
 def test_resuming_keeps_the_run_and_its_seconds(done, tmp_path):
     runs, _ = copy(done, tmp_path)
     (record,) = runs.glob("*.json")
-    before = json.loads(record.read_text())
+    before = read_record(record)
     assert main([*map(str, resume(tmp_path))]) == 0  # its own record: resumed, not refused
-    after = json.loads(record.read_text())
+    after = read_record(record)
     assert after["run_id"] == before["run_id"] and after["history"] == before["history"]
     # The fit's seconds count the earlier process too, not only this one's (none: it was done).
     assert after["seconds"] >= sum(e["seconds"] for e in after["history"]) > 0
@@ -375,7 +375,7 @@ def test_sigterm_records_an_interrupted_run(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "run.py: terminated" and "Traceback" not in err
     (record,) = (tmp_path / "runs").glob("*.json")
-    assert json.loads(record.read_text())["status"] == "interrupted"
+    assert read_record(record)["status"] == "interrupted"
     assert not list((tmp_path / "ckpt").glob(".tmp-*"))
 
 
@@ -400,7 +400,7 @@ def test_an_interrupt_in_the_loop_records_an_interrupted_run(tmp_path, capsys, m
             tmp_path / "ckpt"]
     fails(capsys, argv, f"run.py: {word}", status=status)
     (record,) = (tmp_path / "runs").glob("*.json")
-    assert json.loads(record.read_text())["status"] == "interrupted"
+    assert read_record(record)["status"] == "interrupted"
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch0001"]
 
 
