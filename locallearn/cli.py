@@ -190,15 +190,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # first is written, so a run that fails to start leaves nothing behind.
     taken = claim(args, checked.identity) if accelerator.is_main_process else None
     try:
-        return _fit(args, checked, trainer, taken.run_id if taken else None)
+        return _fit(args, checked, trainer, taken)
     finally:
         if taken is not None:
             taken.release()
 
 
-def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
-         ) -> dict[str, Any]:
-    """Write the record and the checkpoints around ``trainer.fit()``."""
+def _fit(args: argparse.Namespace, checked: Checked, trainer, taken) -> dict[str, Any]:
+    """Write the record and the checkpoints around ``trainer.fit()`` (``taken``: the files
+    :func:`~locallearn.outputs.claim` took; None on processes other than the main one)."""
     from .checkpoint import Checkpointer
     from .outputs import record_path
     from .records import RecordWriter, build_record, hardware
@@ -206,6 +206,7 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
     from .trainer import Diverged
 
     accelerator, plane = trainer.accelerator, checked.plane
+    run_id = taken.run_id if taken else None
     data = trainer.data  # the augmentation and normalisation used, defaults resolved
     values = flags.recorded_values(args) | {
         "augment": data.augment, "norm_mean": list(data.mean), "norm_std": list(data.std)}
@@ -217,7 +218,8 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
         stack=trainer.stack, parts=trainer.parts, hardware=hardware(accelerator),
         history=trainer.history,
     )
-    writer = RecordWriter(record, record_path(args), plane, accelerator.is_main_process)
+    writer = RecordWriter(record, record_path(args), plane, accelerator.is_main_process,
+                          replaces=taken is not None and taken.replaces)
     trainer.observers = (*trainer.observers, writer)  # the record shows the plane's epoch
     if args.checkpoint_dir:
         checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints,

@@ -9,7 +9,7 @@ files (figures included: :func:`~locallearn.analysis.plots.save_figure`
 strips the varying metadata).
 
 A record the tables cannot read (not a run record, or a field of the wrong
-type: see :func:`problem`) does not stop the others: it is listed apart with
+type: :func:`~locallearn.records.read_record`) does not stop the others: it is listed apart with
 the reason. :func:`write_all` refuses, writing nothing, when there is no
 complete record at all, or when the new ``leaderboard.csv`` would lose rows or
 runs the existing one has (unless ``force``). Each file is written whole or
@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError, LocallearnError
+from .errors import ConfigError, DataError
 from .flags import FLAGS
 from .outputs import check_folder
+from .records import RecordError, read_record, replacing
 
-__all__ = [
-    "COMPLETE_FIELDS", "INTRO", "RECORD_FIELDS", "Row", "Table", "build_tables", "collect",
-    "problem", "render_csv", "render_markdown", "write_all",
-]
+__all__ = ["INTRO", "Row", "Table", "build_tables", "collect", "render_csv", "render_markdown",
+           "write_all"]
 
 # Config keys that do not make a row: the flags that are not part of a row (outputs,
 # commands, the table, the seed, what changes no trained number; see flags.Flag.row),
@@ -100,7 +99,7 @@ class Row:
 
     def block_acc(self) -> list[float]:
         """Mean accuracy at each depth that has a prediction, shallow to deep."""
-        lists = [r.get("block_acc") or [] for r in self.records]
+        lists = [r["block_acc"] for r in self.records]
         n = min(len(b) for b in lists)
         means = [self.mean([b[i] for b in lists]) for i in range(n)]
         return [m for m in means if m is not None]
@@ -153,23 +152,17 @@ def dataset_label(dataset: str) -> str:
 
 
 def measure(record: dict[str, Any], key: str) -> float | None:
-    """One measurement of a record: ``images_per_s`` (mean over epochs), ``seconds_per_epoch``,
-    ``saved_bytes_peak``, ``cuda_max_memory`` (max over epochs), ``nhsic_x`` / ``nhsic_y``
-    (last block, last measured epoch), ``params_backbone``, ``params_auxiliary``."""
-    history = record.get("history") or []
+    """One measurement of a complete record: ``images_per_s`` (mean over epochs),
+    ``seconds_per_epoch``, ``saved_bytes_peak``, ``cuda_max_memory`` (max over epochs),
+    ``nhsic_x`` / ``nhsic_y`` (last block, last measured epoch), ``params_backbone``,
+    ``params_auxiliary``."""
     if key == "images_per_s":
-        values = [e["images_per_s"] for e in history if "images_per_s" in e]
+        values = [e["images_per_s"] for e in record["history"] if "images_per_s" in e]
         return sum(values) / len(values) if values else None
     if key == "seconds_per_epoch":
-        if record.get("seconds_per_epoch") is not None:
-            return record["seconds_per_epoch"]
-        values = [e["seconds"] for e in history if "seconds" in e]
-        return sum(values) / len(values) if values else None
+        return record["seconds_per_epoch"]
     if key in ("saved_bytes_peak", "cuda_max_memory"):
-        stored = (record.get("memory") or {}).get(key)
-        if stored is not None:
-            return stored
-        return max((e[key] for e in history if e.get(key) is not None), default=None)
+        return record["memory"][key]
     if key in ("nhsic_x", "nhsic_y"):
         plane = record.get("plane") or []
         if not plane:
@@ -177,145 +170,46 @@ def measure(record: dict[str, Any], key: str) -> float | None:
         last = max((e["epoch"], e["block"]) for e in plane)
         return next(e[key] for e in plane if (e["epoch"], e["block"]) == last)
     if key.startswith("params_"):
-        return (record.get("params") or {}).get(key[len("params_"):])
+        return record["params"].get(key[len("params_"):])
     raise KeyError(key)
 
 
-# What the tables read of a record: (field, what it must be, whether it may be absent).
-# "a.b" is b in object a, "a[]" each item of list a; a field whose parent is absent or
-# null is skipped (its parent's line says whether it may be). Every record is checked
-# for RECORD_FIELDS (what a run kept apart shows), a complete one for COMPLETE_FIELDS too.
-RECORD_FIELDS = (
-    ("rule", "a string", False),
-    ("model", "a string", False),
-    ("seed", "a whole number", True),
-    ("config", "null or an object", True),
-    ("history", "null or a list", True),
-)
-COMPLETE_FIELDS = (
-    ("dataset", "a string", False),
-    ("config", "an object", False),
-    ("config.epochs", "a whole number >= 1", False),
-    ("config.train_subset", "null or a whole number >= 1", True),
-    ("config.test_subset", "null or a whole number >= 1", True),
-    ("config.rule_options", "null or an object", True),
-    ("stack", "an object", False),
-    ("stack.num_blocks", "null or a whole number >= 1", False),
-    ("hardware", "an object", False),
-    ("hardware.device", "a string", False),
-    ("hardware.device_name", "a string", False),
-    ("hardware.num_processes", "a whole number >= 1", False),
-    ("test_acc", "an accuracy in [0, 1]", False),
-    ("block_acc", "a list", False),
-    ("block_acc[]", "null or an accuracy in [0, 1]", False),
-    ("history", "a list", False),
-    ("history[]", "an object", False),
-    ("history[].images_per_s", "a number", True),
-    ("history[].seconds", "a number", True),
-    ("history[].saved_bytes_peak", "null or a number", True),
-    ("history[].cuda_max_memory", "null or a number", True),
-    ("memory", "null or an object", True),
-    ("memory.saved_bytes_peak", "null or a number", True),
-    ("memory.cuda_max_memory", "null or a number", True),
-    ("params", "an object", False),
-    ("params.backbone", "null or a number", True),
-    ("params.auxiliary", "null or a number", True),
-    ("seconds_per_epoch", "null or a number", True),
-)
-_ABSENT = object()
-
-
-def _places(record: dict[str, Any], path: str) -> list[tuple[str, Any]]:
-    """``(name, value)`` of each place ``path`` names in ``record`` (``_ABSENT`` if absent)."""
-    places = [("", record)]
-    for part in path.split("."):
-        key = part.removesuffix("[]")
-        found = []
-        for above, parent in places:
-            if not isinstance(parent, dict):  # absent or null: its own line checks it
-                continue
-            name = f"{above}.{key}" if above else key
-            value = parent.get(key, _ABSENT)
-            if part == key:
-                found.append((name, value))
-            elif isinstance(value, list):
-                found += [(f"{name}[{i}]", item) for i, item in enumerate(value)]
-        places = found
-    return places
-
-
-def problem(record: dict[str, Any]) -> str | None:
-    """The first problem of the fields the tables and figures read, as a short text
-    (``test_acc: expected an accuracy in [0, 1], got 'high'``); None if there is none.
-
-    The fields are :data:`RECORD_FIELDS`, :data:`COMPLETE_FIELDS` (a complete
-    record with a test accuracy) and the ``plane`` entries
-    (:func:`~locallearn.analysis.plots.plane_problem`, raw form).
-    """
-    from .analysis.plots import is_number, is_whole, plane_problem, wrong
-
-    kinds = {
-        "a string": lambda v: isinstance(v, str),
-        "an object": lambda v: isinstance(v, dict),
-        "a list": lambda v: isinstance(v, list),
-        "a whole number": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "a whole number >= 1": lambda v: is_whole(v, 1),
-        "a number": is_number,
-        "an accuracy in [0, 1]": lambda v: is_number(v) and 0 <= v <= 1,
-    }
-    complete = record.get("status") == "complete" and record.get("test_acc") is not None
-    for path, kind, optional in RECORD_FIELDS + (COMPLETE_FIELDS if complete else ()):
-        nullable = kind.startswith("null or ")
-        check = kinds[kind.removeprefix("null or ")]
-        for name, value in _places(record, path):
-            if value is _ABSENT:
-                if not optional:
-                    return f"{name}: missing"
-            elif not ((nullable and value is None) or check(value)):
-                return wrong(name, value, kind)
-    return plane_problem(record, ("raw",)) if complete else None  # drawn in the raw form
-
-
 def _hardware(record: dict[str, Any]) -> str:
-    hw = record.get("hardware") or {}
-    n = hw.get("num_processes", 1)
-    return f"{hw.get('device_name', '?')} ({hw.get('device', '?')}) x{n}"
+    hw = record["hardware"]
+    return f"{hw['device_name']} ({hw['device']}) x{hw['num_processes']}"
 
 
 def collect(root: str | Path) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
-    """Read every ``*.json`` under ``root``, in sorted order.
+    """Read every ``*.json`` under ``root``, in sorted order, by
+    :func:`~locallearn.records.read_record`.
 
     Returns:
         ``(file, record)`` of every complete run, and one entry per record kept
-        apart (running, interrupted, diverged, unreadable, malformed (see
-        :func:`problem`), without a test accuracy).
+        apart (running, interrupted, diverged, unreadable, malformed, without a test
+        accuracy).
     """
-    from .analysis.plots import read
-
     root = Path(root)
     complete, apart = [], []
     for path in sorted(root.rglob("*.json")):
         name = path.relative_to(root).as_posix()
         try:
-            record = read(path)
-        except LocallearnError as err:
-            why = str(err).replace(str(path), name)  # no machine's absolute path in the docs
-            apart.append({"file": name, "status": "unreadable", "why": why})
+            record = read_record(path)
+        except RecordError as err:
+            read = err.record or {}
+            shown = {k: read[k] for k in ("rule", "model", "seed")
+                     if isinstance(read.get(k), (str, int)) and not isinstance(read[k], bool)}
+            apart.append({"file": name, **shown,
+                          "status": "unreadable" if err.record is None else "malformed",
+                          "why": str(err).replace(str(path), name)})  # no machine's own path
             continue
-        status = record.get("status")
-        why = problem(record)
-        if why:
-            shown = {k: record[k] for k in ("rule", "model", "seed")
-                     if isinstance(record.get(k), (str, int)) and not isinstance(record[k], bool)}
-            apart.append({"file": name, "status": "malformed", "why": f"{name}: {why}", **shown})
-            continue
+        status = record["status"]
         if status == "complete" and record.get("test_acc") is not None:
             complete.append((name, record))
             continue
         config = record.get("config") or {}
         apart.append({
-            "file": name, "status": status, "rule": record.get("rule"),
-            "model": record.get("model"), "seed": record.get("seed"),
+            "file": name, "status": status, "rule": record["rule"],
+            "model": record["model"], "seed": record.get("seed"),
             "epochs": f"{len(record.get('history') or [])} of {config.get('epochs', '?')}",
             "why": record.get("error") or ("no test accuracy" if status == "complete" else ""),
         })
@@ -326,13 +220,13 @@ def build_tables(runs: list[tuple[str, dict[str, Any]]]) -> list[Table]:
     """Group complete runs into tables and rows, sorted; rows get labels and option texts."""
     tables: dict[tuple, Table] = {}
     for name, record in runs:
-        c = record.get("config") or {}
-        key = (dataset_label(record["dataset"]), record["model"], int(c.get("epochs", 0)),
+        c = record["config"]
+        key = (dataset_label(record["dataset"]), record["model"], c["epochs"],
                c.get("train_subset"), c.get("test_subset"))
         table = tables.setdefault(key, Table(*key))
         setting = _ROW_DEFAULTS | {k: v for k, v in c.items() if k not in _NOT_SETTING}
         setting["hardware"] = _hardware(record)  # never average speeds over machines
-        blocks = (record.get("stack") or {}).get("num_blocks")
+        blocks = record["stack"]["num_blocks"]
         for row in table.rows:
             if row.setting == setting:
                 break
@@ -405,7 +299,7 @@ def _presets_line(table: Table) -> str:
     """Which preset made which rows: one name when it made all of them, else per row."""
     used: dict[str, list[str]] = {}
     for row in table.rows:
-        for name in sorted({str((r.get("config") or {}).get("preset") or "") for r in row.records}):
+        for name in sorted({str(r["config"].get("preset") or "") for r in row.records}):
             used.setdefault(name, []).append(row.label)
     if not used or set(used) == {""}:
         return ""
@@ -422,7 +316,7 @@ def _cells(table: Table, row: Row) -> list[str]:
     acc = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
     saved, e2e = row.value("saved_bytes_peak"), table.e2e_memory()
     ratio = _fmt(saved / e2e, ".2f") if saved is not None and e2e else "—"
-    epochs = sorted({str((r.get("config") or {}).get("epochs", "?")) for r in row.records})
+    epochs = sorted({str(r["config"]["epochs"]) for r in row.records})
     return [
         row.label, str(len(row.records)), acc, depth_text(row.block_acc()), _params(row),
         _fmt(row.value("images_per_s"), ".0f"), _fmt(row.value("seconds_per_epoch"), ".1f"),
@@ -504,7 +398,7 @@ def plane_records(table: Table) -> list[dict[str, Any]]:
     """One record per row (its lowest seed) with plane entries, labelled by the row."""
     picked = []
     for row in table.rows:
-        with_plane = [r for r in row.records if r.get("plane")]  # checked by problem()
+        with_plane = [r for r in row.records if r.get("plane")]
         if with_plane:
             record = with_plane[0]
             picked.append({**record, "rule": row.label,
@@ -538,7 +432,7 @@ def write_all(results: str | Path, docs: str | Path, source: str | None = None,
         ConfigError: ``docs`` (or a file in it) cannot be written: a file where a
             folder goes, or the other way round.
     """
-    from .analysis.plots import draw, replacing, save_figure
+    from .analysis.plots import draw, save_figure
 
     docs = Path(docs)
     source = source or str(results)

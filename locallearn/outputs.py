@@ -6,7 +6,8 @@ run takes its files (:func:`claim`): the record and the checkpoint folder
 belong to one run, named by its id (``run_id``, kept in both). A run refuses
 
 - a record or a checkpoint folder a running run is writing (always);
-- a finished run's record, unless ``--overwrite``;
+- a finished run's record, unless ``--overwrite`` (and then that record stays
+  until the new run has finished: :class:`~locallearn.records.RecordWriter`);
 - an unfinished run's record (interrupted, or killed while running), unless
   it resumes that run (``--resume``) or ``--overwrite``;
 - a checkpoint folder holding checkpoints, unless it resumes them.
@@ -18,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from . import flags
 from .checkpoint import LOCK, complete, lock_folder, read_meta
 from .config import parse_assignments
 from .errors import OutputError
-from .records import Lock, record_name
+from .records import Lock, RecordError, read_record, record_name, side_file
 
 # Leaves room for the temp files written next to it (".NAME.XXXXXXXX.tmp") within
 # the 255 bytes most file systems allow.
@@ -109,22 +111,36 @@ def _lock_of(record: Path) -> Path:
 
 
 def check_folder(path: str | Path, flag: str) -> None:
-    """``path`` is a folder the run can create or write into.
+    """``path`` is a folder the run can create or write into: tried, not guessed (as root,
+    ``os.access`` says yes to ``/proc``), by making a folder in it, or in the folder it
+    would be made in, and removing it again.
 
     Raises:
         OutputError: it is a file, or it (or the folder it would be made in) is not writable.
     """
     path = Path(path).expanduser()
+    if "\0" in str(path):
+        raise OutputError(f"{flag} {str(path)!r}: a path cannot hold a NUL character")
     probe = path
-    while not probe.exists():
-        if probe.is_symlink():
-            raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is a broken link")
-        probe = probe.parent
+    try:
+        while not probe.exists():
+            if probe.is_symlink():
+                raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is a broken link")
+            probe = probe.parent
+    except OSError as err:  # a name too long for the file system
+        raise OutputError(f"{flag} {str(path)!r}: {err.strerror}") from None
     if not probe.is_dir():
         what = "is a file" if probe == path else f"would be made in {str(probe)!r}, a file"
         raise OutputError(f"{flag} {str(path)!r} {what}; give a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is not writable")
+    try:
+        longest = os.pathconf(probe, "PC_NAME_MAX")
+        os.rmdir(tempfile.mkdtemp(prefix=".locallearn-check-", dir=probe))
+    except OSError:
+        raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is not writable") from None
+    for name in path.relative_to(probe).parts:  # the folders still to be made
+        if len(os.fsencode(name)) > longest:
+            raise OutputError(f"{flag} {str(path)!r}: a folder name is over the "
+                              f"{longest} bytes the file system allows")
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -149,14 +165,6 @@ def check_paths(args: argparse.Namespace) -> None:
         check_folder(args.checkpoint_dir, "--checkpoint-dir")
     if args.project_dir:
         check_folder(args.project_dir, "--project-dir")
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def resumed_run(args: argparse.Namespace, identity: dict[str, Any], probe: bool = True
@@ -188,7 +196,7 @@ def resumed_run(args: argparse.Namespace, identity: dict[str, Any], probe: bool 
     return read_meta(found[-1], identity, stages=stages, replicas=replicas)["run_id"]
 
 
-def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = True) -> None:
+def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = True) -> bool:
     """Whether this run may write its record (see the module's docstring).
 
     Args:
@@ -196,21 +204,30 @@ def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = Tr
         probe: whether to check that no running run holds the record (not when this
             process holds its lock).
 
+    Returns:
+        Whether the run replaces another run's record (or another file) there by
+        ``--overwrite``: it writes its own beside it until it finishes
+        (:class:`~locallearn.records.RecordWriter`).
+
     Raises:
         OutputError: the record is another run's.
     """
     path = record_path(args)
     if not path.exists():
-        return
+        return False
     if probe:
         Lock.probe(_lock_of(path), f"the record {str(path)!r}")
-    record = _read(path)
+    try:
+        record = read_record(path)
+    except RecordError as err:
+        record = err.record  # a record with a field of the wrong type still says whose
     status = record.get("status") if record else None
-    run = record.get("run_id") if record else None
-    if args.overwrite or (resumes is not None and run == resumes):
-        return
+    if resumes is not None and record and record.get("run_id") == resumes:
+        return False  # the run's own record
+    if args.overwrite:
+        return True
     if args.resume and resumes is None and status in UNFINISHED:
-        return  # nothing saved to resume from: the unfinished run starts again
+        return False  # nothing saved to resume from: the unfinished run starts again
     what = (f"another run's record ({status})" if isinstance(status, str)
             else "a file that is not a run record")
     raise OutputError(f"{str(path)!r} holds {what}; pass --overwrite to replace it, or choose "
@@ -219,10 +236,12 @@ def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = Tr
 
 @dataclass
 class Claim:
-    """The files a run has taken: its id and the locks it holds until :meth:`release`."""
+    """The files a run has taken: its id, whether it replaces another run's record, and the
+    locks it holds until :meth:`release`."""
 
     run_id: str
     record: Path
+    replaces: bool
     locks: list[Lock]
 
     def release(self) -> None:
@@ -234,7 +253,8 @@ def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
     """Take the record and the checkpoint folder for this run (the main process only).
 
     Locks first, then checks again under the locks, so two runs started at
-    once cannot both pass.
+    once cannot both pass. A record left beside this one by a replacing run that
+    never finished (:func:`~locallearn.records.side_file`) is removed.
     """
     path = record_path(args)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,9 +263,10 @@ def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
         if args.checkpoint_dir:
             locks.append(lock_folder(args.checkpoint_dir))
         resumes = resumed_run(args, identity, probe=False)
-        check_record(args, resumes, probe=False)
+        replaces = check_record(args, resumes, probe=False)
+        side_file(path).unlink(missing_ok=True)
     except BaseException:
         for lock in locks:
             lock.release()
         raise
-    return Claim(resumes or uuid.uuid4().hex[:16], path, locks)
+    return Claim(resumes or uuid.uuid4().hex[:16], path, replaces, locks)

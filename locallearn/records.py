@@ -1,7 +1,10 @@
 """Run records: one JSON file per run, the single source of every table and figure.
 
-:func:`build_record` lays a record out from its pieces and
-:class:`RecordWriter`, an observer, rewrites it as the run goes.
+One writer: :func:`build_record` lays a record out and :class:`RecordWriter`, an
+observer, writes it (atomically) as the run goes. One reader: :func:`read_record`
+reads a record and checks the fields every reader relies on (:data:`FIELDS`), so the
+leaderboard, the figures, ``run.py`` and the tests meet a bad record with the same
+one-line error naming the file and the field.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import platform
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from .errors import OutputError
+from .errors import DataError, OutputError
 from .observers import Observer
 from .version import __version__
 
@@ -28,6 +33,12 @@ except ImportError:  # Windows: no advisory locks; runs are not kept apart there
 RECORD_VERSION = 1
 # What a record's ``status`` may say (docs/records.md explains each).
 STATUSES = ("running", "complete", "diverged", "interrupted")
+# The measures every ``plane`` entry stores (docs/information_plane.md).
+PLANE_FORMS = ("nhsic_x", "nhsic_y", "nhsic_x_scaled", "nhsic_y_scaled", "cka_x", "cka_y")
+# No number in a record comes near this (every form of the plane is at most the probe
+# size, or 1; bytes stay far below): a larger one is corrupt, and one near the largest
+# float overflows a figure's axes.
+LARGEST = 1e15
 
 
 def versions() -> dict[str, str | None]:
@@ -164,57 +175,205 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as JSON atomically: a temp file in the same folder, then a rename.
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temp file next to ``path`` (its folder created if needed), renamed over ``path``
+    when the block ends and deleted when it raises: a failure leaves no partial file.
 
     The file gets the mode ``open`` would give it (the umask's), not the temp file's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        if hasattr(os, "fchmod"):  # not on Windows
-            os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.chmod(file_mode())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as JSON atomically (:func:`replacing`), synced to the disk first."""
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
+
+
+class Field(NamedTuple):
+    """A field the reader checks: its type as docs/records.md writes it, when it must be
+    there and the range of its value (a number's or an integer's)."""
+
+    path: str  # "a.b": b in object a; "a[]": each item of list a
+    type: str
+    # "always"; "complete": in a complete record with a test accuracy; "result": there,
+    # and not null; "": checked where present. A field whose parent is absent or null is
+    # not looked for (the parent's line says whether it may be).
+    when: str = ""
+    low: float = -LARGEST
+    high: float = LARGEST
+
+
+# What a reader of records relies on: the fields the tables, the figures and run.py read.
+# tests/test_record_format.py holds docs/records.md to these types.
+FIELDS = (
+    Field("status", "string", "always"),
+    Field("rule", "string", "always"),
+    Field("model", "string", "always"),
+    Field("dataset", "string", "complete"),
+    Field("seed", "integer"),
+    Field("run_id", "string or null"),
+    Field("config", "object", "complete"),
+    Field("config.epochs", "integer", "complete", 1),
+    Field("config.train_subset", "integer or null", "", 1),
+    Field("config.test_subset", "integer or null", "", 1),
+    Field("config.rule_options", "map"),
+    Field("stack", "object", "complete"),
+    Field("stack.num_blocks", "integer or null", "complete", 1),
+    Field("hardware", "object", "complete"),
+    Field("hardware.device", "string", "complete"),
+    Field("hardware.device_name", "string", "complete"),
+    Field("hardware.num_processes", "integer", "complete", 1),
+    Field("params", "object", "complete"),
+    Field("params.backbone", "integer"),
+    Field("params.auxiliary", "integer"),  # below 0 where a rule leaves the model's head out
+    Field("history", "list of objects", "complete"),
+    Field("history[]", "object", "always"),
+    Field("history[].seconds", "number"),
+    Field("history[].images_per_s", "number"),
+    Field("test_acc", "number or null", "result", 0, 1),
+    Field("block_acc", "list of (number or null) or null", "result"),
+    Field("block_acc[]", "number or null", "always", 0, 1),
+    Field("memory", "object", "complete"),
+    Field("memory.saved_bytes_peak", "integer or null", "complete"),
+    Field("memory.cuda_max_memory", "integer or null", "complete"),
+    Field("seconds_per_epoch", "number or null", "complete"),
+    Field("plane_config", "object"),
+    Field("plane", "list of objects"),
+    Field("plane[]", "object", "always"),
+    Field("plane[].epoch", "integer", "always", 0),
+    Field("plane[].block", "integer", "always", 0),
+    Field("plane[].name", "string"),
+    *(Field(f"plane[].{key}", "number", "always") for key in PLANE_FORMS),
+    Field("plane[].nhsic_x_adj", "number"),  # older records lack the adjusted form:
+    Field("plane[].nhsic_y_adj", "number"),  # the figures compute it from the others
+)
+
+
+class RecordError(DataError):
+    """A file that cannot be read as a run record; ``record`` holds what was read when it is
+    a record of this version with a field of the wrong type (None: no run record at all)."""
+
+    def __init__(self, message: str, record: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.record = record
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
-    """Read and validate a run record.
+    """Read a run record and check every field of :data:`FIELDS` that it has (or must have).
 
     Raises:
-        DataError: the file is missing, unreadable, truncated or not JSON, not a
-            run record, or from a record version this locallearn does not read.
+        RecordError: in one line naming the file and the problem: the file is missing, a
+            folder, unreadable, truncated or not JSON, not a run record, of a record version
+            this locallearn does not read, or a field is missing or of the wrong type
+            (``PATH: plane[3].nhsic_x: expected a finite number, got 'x'``).
     """
-    from .errors import DataError
-
     path = Path(path)
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        raise RecordError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: a folder, not a run record file") from None
+        raise RecordError(f"{path}: a folder, not a run record file") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
+        raise RecordError(f"{path}: cannot read: {err}") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not a JSON run record, or truncated ({err})") from None
+        raise RecordError(f"{path}: not a JSON run record, or truncated ({err})") from None
     except RecursionError:
-        raise DataError(f"{path}: nested too deeply to be a run record") from None
-    if not isinstance(record, dict) or not {"rule", "model", "status"} <= record.keys():
-        raise DataError(f"{path}: not a run record (needs rule, model, status)")
-    if record.get("version") != RECORD_VERSION:
-        raise DataError(f"{path}: record version {record.get('version')!r}; this locallearn "
-                        f"reads version {RECORD_VERSION}")
+        raise RecordError(f"{path}: nested too deeply to be a run record") from None
+    if not isinstance(record, dict) or "version" not in record:
+        raise RecordError(f"{path}: not a run record (no version)")
+    if record["version"] != RECORD_VERSION:
+        raise RecordError(f"{path}: record version {record['version']!r}; this locallearn "
+                          f"reads version {RECORD_VERSION}")
+    why = problem(record)
+    if why:
+        raise RecordError(f"{path}: {why}", record)
     return record
+
+
+def problem(record: dict[str, Any]) -> str | None:
+    """The first field of ``record`` that :data:`FIELDS` refuses, as ``NAME: what is wrong``;
+    None if there is none."""
+    complete = record.get("status") == "complete" and record.get("test_acc") is not None
+    for field in FIELDS:
+        required = field.when == "always" or (complete and field.when in ("complete", "result"))
+        for name, value in _places(record, field.path):
+            if value is _ABSENT:
+                if required:
+                    return f"{name}: missing"
+            elif value is None and complete and field.when == "result":
+                return f"{name}: null in a complete record"
+            elif not _fits(value, field):
+                return f"{name}: expected {_expected(field)}, got {_shown(value)}"
+    if record["status"] not in STATUSES:
+        return f"status: expected one of {', '.join(STATUSES)}, got {_shown(record['status'])}"
+    return None
+
+
+_ABSENT = object()
+
+
+def _places(record: dict[str, Any], path: str) -> list[tuple[str, Any]]:
+    """``(name, value)`` of each place ``path`` names in ``record`` (``_ABSENT`` if absent)."""
+    places = [("", record)]
+    for part in path.split("."):
+        key = part.removesuffix("[]")
+        found = []
+        for above, parent in places:
+            if not isinstance(parent, dict):  # absent or null: its own line checks it
+                continue
+            name = f"{above}.{key}" if above else key
+            value = parent.get(key, _ABSENT)
+            if part == key:
+                found.append((name, value))
+            elif isinstance(value, list):
+                found += [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+        places = found
+    return places
+
+
+def _fits(value: Any, field: Field) -> bool:
+    kind = field.type.removesuffix(" or null")
+    if value is None:
+        return kind != field.type
+    if kind in ("integer", "number"):
+        if isinstance(value, bool) or not isinstance(value, int if kind == "integer" else
+                                                     (int, float)):
+            return False
+        return field.low <= value <= field.high  # NaN fails this too
+    return isinstance(value, {"string": str, "object": dict, "map": dict}.get(kind, list))
+
+
+def _expected(field: Field) -> str:
+    text = field.type
+    if field.type.startswith("number") and field.low == -LARGEST:
+        text = "finite " + text
+    text = ("an " if text[0] in "aeiou" else "a ") + text
+    if field.high < LARGEST:
+        return f"{text} in [{field.low:g}, {field.high:g}]"
+    return f"{text} >= {field.low:g}" if field.low > -LARGEST else text
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def build_record(
@@ -313,6 +472,12 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def side_file(path: str | Path) -> Path:
+    """Where a run that replaces the record at ``path`` writes its own until it finishes."""
+    path = Path(path)
+    return path.parent / f".{path.name}.new"
+
+
 class RecordWriter(Observer):
     """Writes the run record at fit start and after every epoch (status ``running``).
 
@@ -321,17 +486,22 @@ class RecordWriter(Observer):
     started, when it was resumed) goes into checkpoints, so a resumed run's
     record keeps its first start and lists every resume.
 
+    A run that replaces another run's record (``--overwrite``) writes its own to
+    :func:`side_file` and renames it over ``path`` only when it has finished
+    (complete or diverged): until then, the record it replaces stays as it was.
+
     Args:
         record: the record, from :func:`build_record`; updated in place.
         path: the file to write.
         plane: the information-plane observer whose entries go into the record, if any.
         main_process: whether this process writes (only the main process does).
+        replaces: whether ``path`` holds a record (or file) this run replaces.
     """
 
     def __init__(self, record: dict[str, Any], path: str | Path, plane=None,
-                 main_process: bool = True):
+                 main_process: bool = True, replaces: bool = False):
         self.record, self.path, self.plane = record, Path(path), plane
-        self.main_process = main_process
+        self.main_process, self.replaces = main_process, replaces
 
     def write(self, status: str, **fields: Any) -> None:
         """Set ``status`` and ``fields``, refresh the measurements and plane, write the file."""
@@ -342,8 +512,15 @@ class RecordWriter(Observer):
         if self.plane is not None:
             record["plane_config"] = self.plane.describe()
             record["plane"] = self.plane.entries
-        if self.main_process:
-            record["path"] = str(write_json(self.path, record))
+        record["path"] = str(self.path)
+        if not self.main_process:
+            return
+        if not self.replaces:
+            write_json(self.path, record)
+            return
+        write_json(side_file(self.path), record)
+        if status in ("complete", "diverged"):  # finished: now it replaces the old record
+            os.replace(side_file(self.path), self.path)
 
     def resumed(self, after_epoch: int) -> None:
         """Note that the run continues from its checkpoint of epoch ``after_epoch``."""

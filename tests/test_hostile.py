@@ -24,7 +24,7 @@ from conftest import ROOT
 
 from locallearn import checkpoint
 from locallearn.cli import main
-from locallearn.records import Lock, git_commit
+from locallearn.records import Lock, RecordWriter, git_commit, read_record, side_file
 
 TINY = ["--rule", "e2e", "--model", "resnet32_cifar", "--dataset", "synthetic",
         "--batch-size", "32", "--train-subset", "64", "--test-subset", "32", "--no-plane",
@@ -138,14 +138,40 @@ def test_a_finished_record_is_not_replaced_unless_asked(done, tmp_path, capsys):
     assert files(runs) == before
     assert main([*map(str, TINY), "--epochs", "1", "--output", str(runs), "--name", record.name,
                  "--overwrite"]) == 0  # a 1-epoch run's own default name differs (epochs-1)
-    assert len(json.loads(record.read_text())["history"]) == 1
+    assert len(read_record(record)["history"]) == 1
+
+
+def test_an_overwriting_run_keeps_the_old_record_until_it_has_finished(done, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A user's finding: Ctrl-C seconds into an --overwrite run left an empty interrupted
+    record, and the finished run's record was gone."""
+    runs, _ = copy(done, tmp_path)
+    (record,) = runs.glob("*.json")
+    old = record.read_bytes()
+    argv = [*TINY, "--epochs", "3", "--output", runs, "--overwrite"]
+    real = RecordWriter.on_epoch_end
+
+    def ctrl_c(self, trainer, entry):  # Ctrl-C once the new run has recorded an epoch
+        real(self, trainer, entry)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RecordWriter, "on_epoch_end", ctrl_c)
+    fails(capsys, argv, "run.py: interrupted", status=130)
+    assert record.read_bytes() == old  # the finished run's record, as it was
+    unfinished = read_record(side_file(record))  # the new run's, beside it
+    assert unfinished["status"] == "interrupted" and len(unfinished["history"]) == 1
+    monkeypatch.undo()
+    assert main([*map(str, argv)]) == 0  # a run that finishes replaces it
+    new = read_record(record)
+    assert new["status"] == "complete" and new["run_id"] != json.loads(old)["run_id"]
+    assert not side_file(record).exists()
 
 
 def test_an_unfinished_record_is_continued_only_by_resuming(tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main([*map(str, TINY), "--epochs", "1", "--output", str(runs)]) == 0
     (record,) = runs.glob("*.json")
-    data = json.loads(record.read_text()) | {"status": "interrupted"}
+    data = read_record(record) | {"status": "interrupted"}
     record.write_text(json.dumps(data))
     fails(capsys, [*TINY, "--epochs", "1", "--output", runs],
           "holds another run's record (interrupted)")
@@ -153,7 +179,7 @@ def test_an_unfinished_record_is_continued_only_by_resuming(tmp_path, capsys):
     argv = [*TINY, "--epochs", "1", "--output", runs, "--checkpoint-dir", tmp_path / "ck",
             "--resume"]
     assert main([*map(str, argv)]) == 0
-    assert json.loads(record.read_text())["status"] == "complete"
+    assert read_record(record)["status"] == "complete"
 
 
 def test_a_file_that_is_not_a_record_is_not_replaced_unless_asked(tmp_path, capsys):
@@ -169,7 +195,7 @@ def test_a_file_that_is_not_a_record_is_not_replaced_unless_asked(tmp_path, caps
 def test_resuming_another_runs_checkpoints_does_not_take_this_record(done, tmp_path, capsys):
     runs, _ = copy(done, tmp_path)
     (record,) = runs.glob("*.json")
-    data = json.loads(record.read_text()) | {"status": "interrupted", "run_id": "someone"}
+    data = read_record(record) | {"status": "interrupted", "run_id": "someone"}
     record.write_text(json.dumps(data))
     fails(capsys, resume(tmp_path), "another run's record (interrupted); pass --overwrite")
 
@@ -177,9 +203,9 @@ def test_resuming_another_runs_checkpoints_does_not_take_this_record(done, tmp_p
 def test_resuming_keeps_the_run_and_its_seconds(done, tmp_path):
     runs, _ = copy(done, tmp_path)
     (record,) = runs.glob("*.json")
-    before = json.loads(record.read_text())
+    before = read_record(record)
     assert main([*map(str, resume(tmp_path))]) == 0  # its own record: resumed, not refused
-    after = json.loads(record.read_text())
+    after = read_record(record)
     assert after["run_id"] == before["run_id"] and after["history"] == before["history"]
     # The fit's seconds count the earlier process too, not only this one's (none: it was done).
     assert after["seconds"] >= sum(e["seconds"] for e in after["history"]) > 0
@@ -281,6 +307,8 @@ def test_several_differences_are_listed_briefly(done, tmp_path, capsys):
     ("name-slash", "--name must be a plain file name; got 'a/b.json'"),
     ("name-long", "--name is 300 bytes long; at most 200"),
     ("name-folder", "would replace a folder; give another --name"),
+    ("output-long-name", "a folder name is over the 255 bytes the file system allows"),
+    ("output-nul", "a path cannot hold a NUL character"),
 ])
 def test_bad_paths_fail_at_check_time(tmp_path, capsys, case, message):
     f = tmp_path / "a-file"
@@ -295,6 +323,8 @@ def test_bad_paths_fail_at_check_time(tmp_path, capsys, case, message):
         "name-slash": [*out, "--name", "a/b.json"],
         "name-long": [*out, "--name", "a" * 300],
         "name-folder": ["--output", tmp_path, "--name", "runs-as-name"],
+        "output-long-name": ["--output", tmp_path / "new" / ("x" * 300)],
+        "output-nul": ["--output", tmp_path / "a\0b"],
     }[case]
     (tmp_path / "runs-as-name").mkdir()
     for check in (["--check"], []):
@@ -307,6 +337,21 @@ def test_an_unwritable_folder_fails_at_check_time(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     fails(capsys, [*TINY, "--output", locked / "runs", "--check"], "is not writable")
+
+
+@pytest.mark.parametrize("flag, folder", [("--output", "/proc/x"), ("--output", "/sys/x"),
+                                          ("--checkpoint-dir", "/proc/x")])
+def test_a_folder_the_system_refuses_fails_at_check_time(run_main, tmp_path, flag, folder):
+    """A user's finding: as root, os.access says /proc and /sys are writable, --check passed
+    and the run ended in a traceback. The check now makes a folder there and removes it."""
+    if not Path(folder).parent.is_dir():
+        pytest.skip(f"no {Path(folder).parent} here")
+    for check in (["--check"], []):
+        out = run_main(*TINY, "--output", tmp_path / "runs", flag, folder, *check)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr == (f"run.py: error: {flag} {folder!r}: "
+                              f"{str(Path(folder).parent)!r} is not writable\n")
+    assert not Path(folder).exists() and not (tmp_path / "runs").exists()
 
 
 # 7. Signals.
@@ -330,7 +375,7 @@ def test_sigterm_records_an_interrupted_run(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "run.py: terminated" and "Traceback" not in err
     (record,) = (tmp_path / "runs").glob("*.json")
-    assert json.loads(record.read_text())["status"] == "interrupted"
+    assert read_record(record)["status"] == "interrupted"
     assert not list((tmp_path / "ckpt").glob(".tmp-*"))
 
 
@@ -355,7 +400,7 @@ def test_an_interrupt_in_the_loop_records_an_interrupted_run(tmp_path, capsys, m
             tmp_path / "ckpt"]
     fails(capsys, argv, f"run.py: {word}", status=status)
     (record,) = (tmp_path / "runs").glob("*.json")
-    assert json.loads(record.read_text())["status"] == "interrupted"
+    assert read_record(record)["status"] == "interrupted"
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch0001"]
 
 

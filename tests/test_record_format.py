@@ -1,4 +1,5 @@
-"""docs/records.md against real records: every field documented, every documented field there.
+"""docs/records.md against real records and the reader: every field documented, every
+documented field there, and every field the reader checks documented with the type it checks.
 
 The page's tables are the list of fields: each `## ` section whose heading
 starts with a code span (`record`, `config.train`, `history[]`) has a table
@@ -7,7 +8,6 @@ condition from the page's legend. The runs below make a record for each
 condition that is cheap to produce.
 """
 
-import json
 import re
 import shutil
 
@@ -16,7 +16,8 @@ from conftest import ROOT
 
 from locallearn import flags
 from locallearn.cli import EXIT_DIVERGED, main
-from locallearn.records import STATUSES
+from locallearn.records import FIELDS as CHECKED
+from locallearn.records import STATUSES, read_record
 
 PAGE = ROOT / "docs" / "records.md"
 TINY = ["--dataset", "synthetic", "--model", "ff_mlp", "--model-opt", "img_size=16",
@@ -106,7 +107,7 @@ def records(tmp_path_factory):
         out = tmp / f"run{len(made)}"
         assert main([*TINY, *argv, "--output", str(out)]) == status
         (path,) = out.glob("*.json")
-        return json.loads(path.read_text()), out
+        return read_record(path), out  # the reader's checks pass on what runs write
 
     # forward-forward: the plane, and rule metrics (its goodness gap)
     made["plane"], folder = run("--rule", "forward_forward", "--probe-size", "32",
@@ -130,6 +131,23 @@ def test_the_page_parses_into_its_tables():
         for name, row in rows.items():
             assert row["when"] in {"always"} | {r["condition"] for r in DOC["condition"]}, \
                 (path, name)
+
+
+def test_the_reader_checks_each_field_as_the_page_documents_it():
+    """The page and the reader agree: a field the reader checks has a row whose type is the
+    type checked (a ``map`` row is an object), or that type without null where older records
+    may hold null; a field it requires always is there always."""
+    for field in CHECKED:
+        if field.path.endswith("[]"):
+            continue  # its list's row gives the type of the items
+        where, _, key = field.path.rpartition(".")
+        row = documented(where or "record").get(key)
+        assert row, f"the reader checks {field.path}, which docs/records.md lacks"
+        if row["field"].startswith("<"):
+            continue  # a flag's value: "as the flag"
+        doc = row["type"].split(":")[0]
+        assert field.type in (doc, f"{doc} or null"), (field.path, field.type, row["type"])
+        assert field.when != "always" or row["when"] == "always", field.path
 
 
 def test_the_status_values_are_the_ones_records_take():

@@ -1,10 +1,9 @@
 """--log-with: a run's epochs go to an experiment tracker, the same numbers as its record."""
 
-import json
-
 import pytest
 
 from locallearn.cli import main
+from locallearn.records import read_record
 
 TINY = ["--rule", "layerwise", "--model", "resnet18", "--dataset", "synthetic", "--epochs", "1",
         "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--probe-size", "32",
@@ -27,7 +26,7 @@ def test_tensorboard_gets_the_records_numbers(tmp_path, capsys):
     assert main([*TINY, "--output", str(runs), "--log-with", "tensorboard",
                  "--project-dir", str(project)]) == 0
     (path,) = runs.glob("*.json")
-    record = json.loads(path.read_text())
+    record = read_record(path)
     logged = scalars(project / path.stem)  # one folder per run, named as its record
     entry = record["history"][0]
     assert logged["test_acc"] == {1: pytest.approx(record["test_acc"])}

@@ -22,7 +22,7 @@ saved without version metadata, so the same records give the same file.
 ``plane.py`` draws exactly the records it is given, so it refuses the whole
 command, in one line naming the file and the field, when any of them cannot be
 drawn (not a run record, no or malformed ``plane`` entries, a wrong-typed field
-a figure reads: see :func:`plane_problem`), when the records were measured
+a figure reads: :func:`~locallearn.records.read_record`), when the records were measured
 differently, or when the output is not a ``.png``/``.pdf``/``.svg`` file in an
 existing folder. Nothing is written then; a figure is written whole or not at
 all (a temp file, then a rename).
@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +46,9 @@ from matplotlib.lines import Line2D
 from ..errors import ConfigError, DataError, LocallearnError, unknown_name
 from ..flags import Parser
 from ..hsic import adjust_for_chance
-from ..records import read_record
+from ..records import LARGEST, read_record, replacing
 
-__all__ = ["FORMS", "KINDS", "STORED_FORMS", "draw", "load_record", "main", "plane_problem",
-           "replacing", "save_figure", "with_adjusted"]
+__all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "save_figure", "with_adjusted"]
 
 KINDS = ("plane", "compare", "depth")
 #: form -> (entry key on x, entry key on y, x label, y label)
@@ -69,8 +65,6 @@ FORMS: dict[str, tuple[str, str, str, str]] = {
     ),
     "cka": ("cka_x", "cka_y", "linear CKA(X, Z)", "linear CKA(Y, Z)"),
 }
-#: The forms every record stores; ``adjusted`` came later (see :func:`with_adjusted`).
-STORED_FORMS = ("raw", "scaled", "cka")
 #: What the adjusted form is computed from: per side, the entry's raw value and the
 #: probe set's self term and trace (``plane_config``); each entry's ``nhsic_self`` and
 #: ``rank`` (``Tr R_Z``) and the probe size ``m`` serve both sides.
@@ -95,97 +89,20 @@ STYLE = {
 }
 CMAP = "viridis"
 _NAMED_TICKS = 16  # at most this many blocks get their names on the colour bar
-# No measure in a record comes near this (every form of the plane is at most the probe
-# size m, or 1): a larger value is corrupt, and one near the largest float overflows the axes.
-_LARGEST = 1e15
-_MAX_INDEX = 10**9  # epochs and block numbers are drawn as coordinates
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def wrong(field: str, value: Any, expected: str) -> str:
-    """The problem text of a field: ``test_acc: expected a number, got 'high'``."""
-    return f"{field}: expected {expected}, got {_shown(value)}"
-
-
-def is_number(value: Any, largest: float = _LARGEST) -> bool:
-    """A finite int or float (not a bool) no larger than ``largest`` in size."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and -largest <= value <= largest)
-
-
-def is_whole(value: Any, low: int = 0) -> bool:
-    """An int (not a bool) from ``low`` up to 10**9."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= _MAX_INDEX
-
-
-def plane_problem(record: dict[str, Any], forms: Sequence[str] = STORED_FORMS) -> str | None:
-    """The first problem of the fields a figure reads, as a short text; None if there is none.
-
-    Checks ``rule``, ``model`` and ``dataset`` (strings), ``config`` and
-    ``plane_config`` (objects), and each ``plane`` entry: ``epoch`` and ``block``
-    (whole numbers >= 0), ``name`` (a string, optional) and the two keys of each
-    of ``forms`` (finite numbers; by default the forms every record stores). A record
-    without ``plane`` entries has no problem here (:func:`load_record` refuses it for
-    its own reason).
-    """
-    for key in ("rule", "model", "dataset"):
-        if key in record and not isinstance(record[key], str):
-            return wrong(key, record[key], "a string")
-    for key in ("config", "plane_config"):
-        if record.get(key) is not None and not isinstance(record[key], dict):
-            return wrong(key, record[key], "an object")
-    entries = record.get("plane")
-    if entries is None:
-        return None
-    if not isinstance(entries, list):
-        return wrong("plane", entries, "a list of entries")
-    keys = [k for form in forms for k in FORMS[form][:2]]
-    for i, entry in enumerate(entries):
-        where = f"plane[{i}]"
-        if not isinstance(entry, dict):
-            return wrong(where, entry, "an object")
-        for key in ("epoch", "block", *keys):
-            if key not in entry:
-                return f"{where}.{key}: missing"
-            whole = key in ("epoch", "block")
-            if not (is_whole(entry[key]) if whole else is_number(entry[key])):
-                expected = "a whole number >= 0" if whole else "a finite number"
-                return wrong(f"{where}.{key}", entry[key], expected)
-        if not isinstance(entry.get("name", ""), str):
-            return wrong(f"{where}.name", entry["name"], "a string")
-    return None
 
 
 def load_record(path: str | Path) -> dict[str, Any]:
-    """Read a run record that has information-plane entries.
+    """Read a run record (:func:`~locallearn.records.read_record`) that has information-plane
+    entries.
 
     Raises:
-        DataError: not a readable run record (see :func:`~locallearn.records.read_record`),
-            one without ``plane`` entries, or one a figure cannot draw (:func:`plane_problem`).
+        DataError: not a readable, well-formed run record, or one without ``plane`` entries.
     """
-    path = Path(path)
-    record = read(path)
-    problem = plane_problem(record)
-    if problem:
-        raise DataError(f"{path}: {problem}")
+    record = read_record(path)
     if not record.get("plane"):
         raise DataError(f"{path}: the record has no 'plane' entries (was it run with --no-plane?)")
     record["file"] = str(path)  # where it was read from, for messages and labels
     return record
-
-
-def read(path: Path) -> dict[str, Any]:
-    """:func:`~locallearn.records.read_record`, with a folder and absurd nesting refused too."""
-    if path.is_dir():
-        raise DataError(f"{path}: a folder, not a run record file")
-    try:
-        return read_record(path)
-    except RecursionError:  # json gives up on deep nesting with a RecursionError
-        raise DataError(f"{path}: nested too deeply to be a run record") from None
 
 
 def with_adjusted(record: dict[str, Any]) -> dict[str, Any]:
@@ -211,17 +128,26 @@ def with_adjusted(record: dict[str, Any]) -> dict[str, Any]:
             needed += [("plane_config", k, config.get(k)) for k in (self_term, trace)]
             needed += [(f"plane[{i}]", k, entry.get(k)) for k in (raw, "nhsic_self", "rank")]
             for where, name, value in needed:
-                ok = is_whole(value, 2) if name == "m" else is_number(value)
+                ok = _finite(value) and (name != "m" or (isinstance(value, int) and value >= 2))
                 if not ok:
-                    what = "missing" if value is None else f"malformed ({_shown(value)})"
+                    what = "missing" if value is None else f"malformed ({value!r:.40})"
                     raise DataError(
                         f"{file}: {where}.{name} is {what}, and --form adjusted needs it "
                         f"(or {key} in every entry); draw this record with --form raw, "
                         "scaled or cka")
             entry[key] = adjust_for_chance(entry[raw], config[self_term], entry["nhsic_self"],
                                            config[trace], entry["rank"], config["m"])
+            if not _finite(entry[key]):
+                raise DataError(f"{file}: plane[{i}].{key} computes to {entry[key]}; draw this "
+                                "record with --form raw, scaled or cka")
         entries.append(entry)
     return {**record, "plane": entries}
+
+
+def _finite(value: Any) -> bool:
+    """A number (not a bool) a figure can draw: finite, and far from overflowing the axes."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and -LARGEST <= value <= LARGEST)
 
 
 def _measured(config: dict[str, Any], key: str) -> Any:
@@ -416,10 +342,6 @@ def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str =
     _check_alike(records)
     if form == "adjusted":
         records = [with_adjusted(r) for r in records]
-        for record in records:
-            problem = plane_problem(record, ("adjusted",))
-            if problem:
-                raise DataError(f"{record.get('file', 'record')}: {problem}")
     with rc_context(STYLE):
         if kind == "plane":
             if len(records) != 1:
@@ -442,26 +364,6 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     with replacing(path) as tmp, rc_context(STYLE):
         fig.savefig(tmp, format=suffix[1:], metadata=_metadata(suffix))
     return path
-
-
-@contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temp file next to ``path`` (its folder created if needed), renamed over ``path``
-    when the block ends without an error and deleted when it raises: a failure leaves no
-    partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        mask = os.umask(0)  # the mode open() would give, not mkstemp's 0600
-        os.umask(mask)
-        tmp.chmod(0o666 & ~mask)
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _metadata(suffix: str) -> dict[str, Any]:
