@@ -5,13 +5,13 @@
 
 runs the whole suite as the README's test command does on a 2-core machine (``-n 2``,
 slow tests included) and rewrites the file: ``{node id: seconds}``. Extra arguments go
-to pytest (``python tests/durations.py tests/test_pipeline.py``) and then only the
-tests run are measured again; the file keeps the others. A test's seconds are its
-setup, call and teardown, where the setup of a module- or session-scoped fixture is
-charged to every test that uses it, not to whichever test happened to set it up
-first: a test is slow if running it alone is. The CIFAR-10 tests must run to be
-measured, so ``LOCALLEARN_CIFAR10`` must be set. A test absent from the file (new, or
-faster than 5 ms) counts as fast.
+to pytest (``python tests/durations.py tests/test_pipeline.py``): then only the files
+run are measured again, and the file keeps the others (less those deleted). A test's
+seconds are its setup, call and teardown, where the setup of a module- or
+session-scoped fixture is charged to every test that uses it, not to whichever test
+happened to set it up first: a test is slow if running it alone is. The CIFAR-10
+tests must run to be measured, so ``LOCALLEARN_CIFAR10`` must be set. A test absent
+from the file (new, or faster than 5 ms) counts as fast.
 
 The same file is the pytest plugin that measures (``-p durations``, which does nothing
 unless this script set ``LOCALLEARN_DURATIONS``).
@@ -95,6 +95,10 @@ def main(args: list[str]) -> int:
     measured = json.loads(out.read_text())
     out.unlink()
     kept = json.loads(FILE.read_text()) if args and FILE.exists() else {}
+    files = {nodeid.split("::")[0] for nodeid in measured}  # measured again: replaced
+    root = FILE.parents[1]
+    kept = {k: v for k, v in kept.items()
+            if k.split("::")[0] not in files and (root / k.split("::")[0]).exists()}
     result = {k: round(v, 2) for k, v in sorted({**kept, **measured}.items()) if v >= 0.005}
     FILE.write_text(json.dumps(result, indent=0) + "\n")
     print(f"durations.py: {len(measured)} tests measured (pytest exit status {status}); "
