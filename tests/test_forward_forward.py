@@ -1,4 +1,4 @@
-"""forward_forward: wrong negatives, goodness separation, prediction by accumulated goodness."""
+"""forward_forward: wrong negatives, the label code, prediction by summed goodness, the record."""
 
 import json
 
