@@ -2,7 +2,7 @@
 
 ``fixtures/step_checksums.json`` is written by this file (``python
 tests/test_step_checksums.py --write``) from the code whose behaviour is to be
-kept. Each case trains a tiny model with a fixed seed for three steps per epoch
+kept. Each case trains a tiny model with a fixed seed for two steps per epoch
 on CPU, one thread, and keeps what a change of behaviour would move:
 
 - every backbone tensor (parameters and buffers) by name: its sum and its sum
