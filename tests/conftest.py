@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -9,13 +10,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cifar10_copy() -> Path:
+    """The CIFAR-10 copy named by ``LOCALLEARN_CIFAR10``: skips where it is not set, fails
+    where it is set but wrong (a typo must not silently skip the tests that read it)."""
+    path = os.environ.get("LOCALLEARN_CIFAR10")
+    if not path:
+        pytest.skip("set LOCALLEARN_CIFAR10 to an extracted CIFAR-10 JPEG copy (see .ci/run)")
+    if not Path(path, "train").is_dir():
+        pytest.fail(f"LOCALLEARN_CIFAR10={path} has no train/ folder: set it to an extracted "
+                    "CIFAR-10 JPEG copy (see .ci/run), or unset it to skip these tests",
+                    pytrace=False)
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def cifar10_path() -> Path:
     """An extracted copy of ../shared/data/cifar10-jpeg.tar.gz, named by LOCALLEARN_CIFAR10."""
-    path = os.environ.get("LOCALLEARN_CIFAR10")
-    if not path or not Path(path, "train").is_dir():
-        pytest.skip("set LOCALLEARN_CIFAR10 to an extracted CIFAR-10 JPEG copy (see .ci/run)")
-    return Path(path)
+    return cifar10_copy()
 
 
 @pytest.fixture(scope="session")
@@ -66,18 +77,11 @@ def run_main(capsys, monkeypatch):
     return run
 
 
-# The edit-test loop's subset, `python -m pytest -m "not slow"`, leaves out the modules
-# that train through the command line, in several processes or on the CIFAR-10 copy (each
-# test takes seconds to minutes), and any test that reads that copy.
-SLOW_MODULES = {
-    "test_bf16", "test_check", "test_cli", "test_cli_fuzz", "test_distributed", "test_docs",
-    "test_examples", "test_greedy_rules", "test_hostile", "test_hostile_data",
-    "test_hostile_reports", "test_infopro", "test_layerwise_losses", "test_local_losses_cli",
-    "test_memory", "test_pipeline", "test_plane", "test_plugins", "test_presets",
-    "test_record_format", "test_reliability", "test_rules", "test_sequential_phases",
-    "test_gpu_bench", "test_speed_options",
-    "test_step", "test_step_checksums", "test_trackers", "test_training_defaults",
-}
+# The slow tier, `-m slow`: the tests that take SLOW_SECONDS or more, as measured by
+# `python tests/durations.py` (see there) into tests/durations.json. The README's test
+# command leaves them out; .ci/run runs them after it. A test not in the file is fast.
+SLOW_SECONDS = 5.0
+DURATIONS = ROOT / "tests" / "durations.json"
 
 
 def pytest_configure(config):
@@ -94,6 +98,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    seconds = json.loads(DURATIONS.read_text())
     for item in items:
-        if item.module.__name__ in SLOW_MODULES or "cifar10_path" in item.fixturenames:
+        if seconds.get(item.nodeid, 0.0) >= SLOW_SECONDS:
             item.add_marker(pytest.mark.slow)

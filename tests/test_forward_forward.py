@@ -1,4 +1,4 @@
-"""forward_forward: wrong negatives, goodness separation, prediction by accumulated goodness."""
+"""forward_forward: wrong negatives, the label code, prediction by summed goodness, the record."""
 
 import json
 
@@ -36,23 +36,6 @@ def test_embedding_writes_a_one_hot_over_the_first_pixels():
     out = embed_labels(x, torch.tensor([3, 0]), 10)
     assert out.flatten(1)[0, :10].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
     assert torch.equal(out.flatten(1)[:, 10:], x.flatten(1)[:, 10:])
-
-
-def test_positive_goodness_rises_above_negative_on_a_separable_problem():
-    data = random_data(64, 8)
-    patterns = torch.randint(0, 256, (10, 3, 8, 8), generator=torch.Generator().manual_seed(3))
-    data.train_images = patterns[data.train_labels].to(torch.uint8)  # class = pattern
-    trainer = _trainer(data)
-    x, y = data.train_images, data.train_labels
-    for _ in range(60):
-        inputs, step = trainer.make_step(x, y, trainer.eval_transform,
-                                         torch.Generator().manual_seed(1))
-        trainer.train_step(inputs, step, [0, 1, 2])
-    inputs, _ = trainer.make_step(x, y, trainer.eval_transform, torch.Generator())
-    with torch.no_grad():
-        h = trainer.parts[0].run_blocks(inputs)
-    g = goodness(h)
-    assert g[:64].mean() > g[64:].mean()
 
 
 def test_prediction_is_the_accumulated_goodness_over_layers_after_the_first():
@@ -142,12 +125,12 @@ def test_sequential_variant_needs_an_epoch_per_layer():
         rule.trained_parts(0, 2, 3)
 
 
-@pytest.mark.parametrize("goodness_kind", ["mean", "sum"])
-def test_loss_goes_down_on_a_fixed_batch(goodness_kind):
+def test_loss_goes_down_on_a_fixed_batch_with_summed_goodness():
+    # The default (mean) goodness learns in test_rules.py; the summed one is shown here.
     torch.manual_seed(0)
     data = random_data(32, 8)
     net = timm.create_model("ff_mlp", num_classes=10, img_size=8, widths=(64, 64, 64))
-    rule = create_rule("forward_forward", goodness=goodness_kind)
+    rule = create_rule("forward_forward", goodness="sum")
     trainer = Trainer(split(net, "stage", input_size=(3, 8, 8)), rule, data,
                       TrainConfig(progress=False, batch_size=32, optimizer="adamw", lr=0.01))
     totals = []

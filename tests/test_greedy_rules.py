@@ -7,6 +7,7 @@ import torch
 from locallearn import create_rule, split
 from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
+from locallearn.models import CifarResNet
 from locallearn.trainer import TrainConfig, Trainer
 
 
@@ -17,7 +18,7 @@ def synthetic():
 
 def _trainer(rule, data, blocks=3, epochs=3, **config):
     torch.manual_seed(0)
-    net = timm.create_model("resnet18_cifar", num_classes=data.num_classes)
+    net = CifarResNet(blocks=1, widths=(8, 16, 32), num_classes=data.num_classes)  # stem + 3
     stack = split(net, "stage", blocks, input_size=data.image_size)
     cfg = TrainConfig(progress=False, batch_size=64, epochs=epochs, **config)
     return Trainer(stack, rule, data, cfg)

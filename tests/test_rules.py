@@ -1,5 +1,4 @@
 import copy
-import math
 
 import pytest
 import timm
@@ -10,6 +9,7 @@ import locallearn
 from locallearn import create_rule, list_rules, split
 from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
+from locallearn.models import CifarResNet
 from locallearn.trainer import TrainConfig, Trainer
 
 
@@ -42,24 +42,33 @@ def test_create_rule_checks_options():
         create_rule("layerwse")
 
 
-# Rules made for one kind of backbone (a small one, at the data's size); others: resnet18_cifar.
-MODEL_OF = {"forward_forward": ("ff_mlp", {"widths": (64, 64, 64)})}
+# Every rule with its defaults, and the local losses that are options of a rule.
+LEARNERS = [(rule, {}) for rule in list_rules()] + [
+    ("layerwise", {"loss": "predsim"}), ("layerwise", {"loss": "supcon"}),
+    ("layerwise", {"nhsic_lambda": 0.1}), ("infopro", {"aux_loss": "ce"}),
+]
 
 
-@pytest.mark.parametrize("rule", list_rules())
-def test_every_rule_trains_on_synthetic_data(rule, synthetic):
-    # Two parts and two epochs: enough for rules that train parts in turn.
-    model, kwargs = MODEL_OF.get(rule, ("resnet18_cifar", {}))
-    if kwargs:
-        kwargs = {**kwargs, "img_size": synthetic.image_size[1]}
-    trainer = _trainer(rule, synthetic, model, blocks=2, epochs=2, lr=0.05, model_kwargs=kwargs)
-    result = trainer.fit()
-    for entry in result["history"]:
-        assert all(math.isfinite(v) for v in entry["part_loss"].values())
-        assert entry["images_per_s"] > 0
-    assert 0.0 <= result["test_acc"] <= 1.0
-    assert len(result["block_acc"]) == len(trainer.stack.blocks)
-    assert result["block_acc"][-1] is not None
+@pytest.mark.parametrize("rule, options", LEARNERS, ids=lambda v: v if isinstance(v, str) else
+                         ",".join(f"{k}={x}" for k, x in v.items()) or "defaults")
+def test_every_rule_and_local_loss_learns(rule, options, synthetic):
+    """Eight epochs of the synthetic task (a pattern per class plus noise, 128 test images)
+    on a ResNet-8 of width 8 to 32 in two parts, or forward-forward's MLP: about a second.
+    Chance is 0.1 and its standard error on 128 images 0.027; the rule's own prediction
+    must reach 0.3 and its best depth 0.6 (measured: 0.39 to 0.99, and 0.87 to 1.0)."""
+    torch.manual_seed(0)
+    if rule == "forward_forward":  # fully connected layers, Adam (its declared defaults)
+        net = timm.create_model("ff_mlp", num_classes=10, img_size=16, widths=(64, 64, 64))
+        stack = split(net, "stage", input_size=synthetic.image_size)
+        cfg = TrainConfig(epochs=8, batch_size=16, optimizer="adamw", lr=1e-2,
+                          weight_decay=0.0, schedule="constant", progress=False)
+    else:
+        net = CifarResNet(blocks=1, widths=(8, 16, 32), num_classes=10)
+        stack = split(net, "stage", 2, input_size=synthetic.image_size)
+        cfg = TrainConfig(epochs=8, batch_size=32, lr=0.05, progress=False)
+    result = Trainer(stack, create_rule(rule, **options), synthetic, cfg).fit()
+    best = max(a for a in [result["test_acc"], *result["block_acc"]] if a is not None)
+    assert result["test_acc"] >= 0.3 and best >= 0.6, result["block_acc"]
 
 
 def _local_grads(trainer, x, step):
@@ -83,20 +92,6 @@ def test_layerwise_applies_each_parts_local_gradient_only(synthetic):
     for part, grads, old in zip(trainer.parts, expected, before, strict=True):
         for p, g, p0 in zip(part.parameters(), grads, old, strict=True):
             torch.testing.assert_close(p0 - p.detach(), g, rtol=1e-4, atol=1e-6)
-
-
-def test_layerwise_loss_leaves_earlier_blocks_untouched(synthetic):
-    trainer = _trainer("layerwise", synthetic)
-    h, step = trainer.make_step(synthetic.train_images[:8], synthetic.train_labels[:8],
-                                trainer.eval_transform)
-    k = len(trainer.parts) - 2  # the last block's part
-    for part in trainer.parts[:k]:
-        h, _ = part(h.detach(), step)
-    _, (loss, _, _) = trainer.parts[k](h.detach(), step)
-    loss.backward()
-    for part in trainer.parts[:k]:
-        assert all(p.grad is None for p in part.parameters())
-    assert all(p.grad is not None for p in trainer.parts[k].parameters())
 
 
 def test_e2e_gradients_equal_plain_autograd(synthetic):
