@@ -204,7 +204,11 @@ class InformationPlane(Observer):
         entries = trainer.executor.run_probe(
             lambda blocks, inputs: self.measure_range(trainer.stack, epoch, blocks, inputs))
         if trainer.accelerator.is_main_process:
-            self._recorded(entries, epoch, start)
+            self.seconds.append(time.perf_counter() - start)
+            self.entries.extend(entries)
+            if self.log:
+                tqdm.write(f"information plane, epoch {epoch}: {len(entries)} blocks measured "
+                           f"in {self.seconds[-1]:.1f} s")
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         self._probe = None  # the m x m matrices are not needed any more
@@ -233,20 +237,6 @@ class InformationPlane(Observer):
             "nhsic_xx": x_proj.self_nhsic(), "nhsic_yy": y_proj.self_nhsic(),
             "rank_x": x_proj.effective_rank(), "rank_y": y_proj.effective_rank(),
         }
-
-    def record(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
-        """Measure ``stack`` and append the entries, labelled with ``epoch``."""
-        start = time.perf_counter()
-        entries = self.measure(stack, epoch)
-        self._recorded(entries, epoch, start)
-        return entries
-
-    def _recorded(self, entries: list[dict[str, Any]], epoch: int, start: float) -> None:
-        self.seconds.append(time.perf_counter() - start)
-        self.entries.extend(entries)
-        if self.log:
-            tqdm.write(f"information plane, epoch {epoch}: {len(entries)} blocks measured in "
-                       f"{self.seconds[-1]:.1f} s")
 
     def measure(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
         """One entry per block of ``stack`` (a BlockStack) for the prepared probe set.
@@ -286,7 +276,7 @@ class InformationPlane(Observer):
                 entries, out = [], None
                 bar = tqdm(total=len(dims), desc=f"information plane, epoch {epoch}",
                            unit="block", leave=False, disable=None if self.progress else True)
-                for group in self._groups(dims):
+                for group in _groups(dims, self.m, self.memory_budget):
                     feats = self._features(stack, probe, group, blocks[0], inputs)
                     if group[-1] == blocks[-1]:
                         out = feats[group[-1]].reshape(-1, *shapes[group[-1]])
@@ -314,20 +304,6 @@ class InformationPlane(Observer):
             h = stack.blocks[k](h)
             shapes[k] = tuple(h.shape[1:])
         return shapes
-
-    def _groups(self, dims: dict[int, int]) -> list[list[int]]:
-        """Consecutive blocks whose float32 features fit the memory budget together."""
-        groups: list[list[int]] = []
-        used = 0
-        for k, d in dims.items():
-            size = 4 * d * self.m
-            if groups and used + size <= self.memory_budget:
-                groups[-1].append(k)
-                used += size
-            else:
-                groups.append([k])
-                used = size
-        return groups
 
     def _features(self, stack: nn.Module, probe: _Probe, group: list[int], first: int = 0,
                   inputs: Tensor | None = None) -> dict[int, Tensor]:
@@ -391,3 +367,18 @@ class InformationPlane(Observer):
 def _scaled(ab: float, aa: float, bb: float) -> float:
     norm = (aa * bb) ** 0.5
     return ab / norm if norm > 0 else 0.0
+
+
+def _groups(dims: dict[int, int], m: int, budget: int) -> list[list[int]]:
+    """Consecutive blocks whose float32 features fit the memory budget together."""
+    groups: list[list[int]] = []
+    used = 0
+    for k, d in dims.items():
+        size = 4 * d * m
+        if groups and used + size <= budget:
+            groups[-1].append(k)
+            used += size
+        else:
+            groups.append([k])
+            used = size
+    return groups
