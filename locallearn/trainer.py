@@ -653,7 +653,8 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
         dist.all_gather_object(stats, mine)
     steps = {i: sum(s["steps"] for s in stats if i in s["loss"]) for i in trained}
     loss = {i: sum(s["loss"][i] for s in stats if i in s["loss"]) / steps[i] for i in trained}
-    check_divergence(trainer, loss, f"by the end of epoch {epoch + 1}")
+    check_divergence(trainer, loss, f"by the end of epoch {epoch + 1} "
+                                    f"(step {max(s['steps'] for s in stats)})")
     hits, scored = (sum(s[key] for s in stats) for key in ("hits", "scored"))
     seen = sum(s["seen"] for s in stats if s["stage"] == 0)  # the images read
     seconds = max(s["seconds"] for s in stats)  # as slow as the slowest process
