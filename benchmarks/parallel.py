@@ -88,7 +88,7 @@ def _local(args) -> dict:
 
     from locallearn import TrainConfig, Trainer, create_rule
     from locallearn.bench import random_data
-    from locallearn.pipeline import PipelineTrainer
+    from locallearn.pipeline import PipelineExecutor
 
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.device == "cpu")
@@ -98,18 +98,15 @@ def _local(args) -> dict:
     stack = _stack(args, data)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.01,
                          schedule="constant", progress=False)
-    if args.worker == "parts":
-        trainer = PipelineTrainer(stack, create_rule(args.rule), data, config, accelerator,
-                                  balance_by=args.stage_balance,
-                                  replay_buffer=args.replay_buffer)
-    else:
-        trainer = Trainer(stack, create_rule(args.rule), data, config, accelerator)
+    executor = PipelineExecutor(args.stage_balance, replay_buffer=args.replay_buffer) \
+        if args.worker == "parts" else None
+    trainer = Trainer(stack, create_rule(args.rule), data, config, accelerator,
+                      executor=executor)
     result = trainer.fit()
     last = result["history"][-1]
     # What one process holds: the weights, buffers and optimizer state of its parts (its
     # stage's, pipelined) and its peak bytes saved for backward; the weights alone too.
-    held = trainer.mine if args.worker == "parts" else range(len(trainer.parts))
-    weights = sum(p.numel() * p.element_size() for i in held
+    weights = sum(p.numel() * p.element_size() for i in trainer.owned
                   for p in trainer.parts[i].parameters())
     out = {"images_per_s": last["images_per_s"], "saved": [last["saved_bytes_peak"]],
            "state": [last["state_bytes"]],
@@ -120,7 +117,7 @@ def _local(args) -> dict:
 
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, weights)
-        out.update(stages=trainer.stage_names(), waited=last["stage_wait_seconds"],
+        out.update(stages=trainer.executor.stage_names(), waited=last["stage_wait_seconds"],
                    seconds=last["seconds"], weights=max(everyone), replay=last.get("replay"),
                    saved=last["stage_saved_bytes"], state=last["stage_state_bytes"])
     accelerator.end_training()

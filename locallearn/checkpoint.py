@@ -85,11 +85,8 @@ class Checkpointer(Observer):
         self.run_id = run_id
 
     def on_epoch_end(self, trainer, entry: dict[str, Any]) -> None:
-        acc = trainer.accelerator
-        if acc.is_main_process or pipelined(trainer):  # a pipeline's every stage saves
-            save(trainer, self.directory, entry["epoch"], self.identity, self.keep,
-                 self.run_id)
-        acc.wait_for_everyone()
+        save(trainer, self.directory, entry["epoch"], self.identity, self.keep, self.run_id)
+        trainer.accelerator.wait_for_everyone()
 
     def resume(self, trainer) -> int:
         """Restore ``trainer`` from the newest complete checkpoint, if any.
@@ -103,31 +100,19 @@ class Checkpointer(Observer):
             CheckpointError: the newest checkpoint is damaged or from another run.
         """
         found = complete(self.directory)
-        newest = found[-1] if found else None
-        if pipelined(trainer):  # every stage reads the checkpoint process 0 found
-            newest = _from_main(newest)
+        newest = _from_main(found[-1] if found else None)  # every process reads process 0's
         if newest is not None:
             trainer.start_epoch = load(trainer, newest, self.identity, self.run_id)
         return trainer.start_epoch
 
 
-def pipelined(trainer) -> bool:
-    """Whether ``trainer`` runs one stage of parts per process (``--parallel parts``)."""
-    return getattr(trainer, "stages", None) is not None
-
-
 def _from_main(value: Any) -> Any:
-    """Process 0's ``value``, on every process."""
+    """Process 0's ``value``, on every process (of several)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
     shared = [value]
     dist.broadcast_object_list(shared, 0)
     return shared[0]
-
-
-def _files(trainer) -> tuple[str, str]:
-    """The weights file and the state file this process writes and reads."""
-    if pipelined(trainer):
-        return f"stage{trainer.stage}.safetensors", f"stage{trainer.stage}.pt"
-    return "model.safetensors", "state.pt"
 
 
 def _tensors(trainer) -> dict[str, torch.Tensor]:
@@ -135,12 +120,7 @@ def _tensors(trainer) -> dict[str, torch.Tensor]:
     (on a pipeline's stage: those of its own parts)."""
     named: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    if pipelined(trainer):
-        modules = [(f"part{i}", trainer.parts[i]) for i in trainer.mine]
-    else:
-        modules = [("stack", trainer.stack)] + [
-            (f"part{i}", p) for i, p in enumerate(trainer.parts)]
-    for prefix, module in modules:
+    for prefix, module in trainer.executor.saved_modules():
         for name, t in module.state_dict(keep_vars=True).items():
             if id(t) not in seen:
                 seen.add(id(t))
@@ -176,39 +156,31 @@ def _meta(trainer, epoch: int, identity: dict[str, Any], run_id: str) -> dict[st
         "observers": [o.state_dict() if hasattr(o, "state_dict") else None
                       for o in trainer.observers],
     }
-    if pipelined(trainer):
-        meta["stages"], meta["replicas"] = trainer.stages, trainer.replicas
+    if trainer.executor.stage_parts is not None:  # pipelined
+        meta["stages"], meta["replicas"] = trainer.executor.stage_parts, trainer.executor.replicas
     return meta
 
 
-def _write_state(trainer, folder: Path, epoch: int) -> None:
+def _write_state(trainer, folder: Path) -> None:
     """This process's weights file and state file, into ``folder`` (a pipeline's replicas
     of a stage hold replica 0's weights: only it writes, with every replica's RNG)."""
-    weights, state = _files(trainer)
+    ex = trainer.executor
+    weights, state = ex.files
     rngs = None
-    if pipelined(trainer) and trainer.replicas > 1:
-        rngs = [None] * trainer.replicas
-        dist.all_gather_object(rngs, _rng_state(), group=trainer.group)
-        if trainer.replica > 0:
-            return
+    if ex.stage_parts is not None and ex.replicas > 1:
+        rngs = [None] * ex.replicas
+        dist.all_gather_object(rngs, _rng_state(), group=ex.group)
+    if not ex.writes:
+        return
     save_file({k: v.contiguous() for k, v in _tensors(trainer).items()}, str(folder / weights))
     os.chmod(folder / weights, file_mode())  # safetensors writes it 0600
-    if pipelined(trainer):
-        # As the serial loop drops a part's optimizer after its last epoch: none after the run's.
-        later = epoch < len(trainer.schedule)
-        torch.save({
-            "optimizers": {i: o.state_dict() for i, o in trainer.optimizers.items() if later},
-            "schedulers": {i: s.state_dict() for i, s in trainer.schedulers.items() if later},
-            "scalers": {i: s.state_dict() for i, s in trainer.scalers.items() if later},
-            "rng": _rng_state(),
-            **({"replica_rng": rngs} if rngs else {}),
-        }, folder / state)
-        return
+    # The parts still training (a part drops its optimizer after its last epoch).
     torch.save({
         "optimizers": {i: o.state_dict() for i, o in enumerate(trainer.optimizers) if o},
         "schedulers": {i: s.state_dict() for i, s in enumerate(trainer.schedulers) if s},
         "scalers": {i: s.state_dict() for i, s in enumerate(trainer.scalers) if s},  # fp16
         "rng": _rng_state(),
+        **({"replica_rng": rngs} if rngs else {}),
     }, folder / state)
 
 
@@ -217,25 +189,24 @@ def save(trainer, directory: str | Path, epoch: int, identity: dict[str, Any], k
     """Write the state after ``epoch`` (1-based) into ``directory``; keep the newest ``keep``
     of run ``run_id``'s checkpoints (other runs' are never touched).
 
-    A pipelined trainer's every process calls it: process 0 makes the temporary
-    folder, each stage writes its own files into it, then process 0 writes
-    ``meta.json``, renames the folder into place and prunes; it returns on every
-    process once the checkpoint is in place.
+    Every process calls it: process 0 makes the temporary folder, each process that
+    writes files (the serial run's first; a pipeline's every stage) writes its own into
+    it, then process 0 writes ``meta.json``, renames the folder into place and prunes;
+    it returns on every process once the checkpoint is in place.
     """
     directory = Path(directory)
     final = directory / f"{PREFIX}{epoch:04d}"
-    staged = pipelined(trainer)
-    main = not staged or trainer.rank == 0
+    several = trainer.accelerator.num_processes > 1
+    main = trainer.accelerator.is_main_process
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     try:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        if staged:
-            tmp = Path(_from_main(str(tmp)))  # made before any stage writes into it
-        _write_state(trainer, tmp, epoch)
-        if staged:
-            dist.barrier()  # every stage's files are written
+        tmp = Path(_from_main(str(tmp)))  # made before any process writes into it
+        _write_state(trainer, tmp)
+        if several:
+            dist.barrier()  # every process's files are written
         if main:
             write_json(tmp / "meta.json", _meta(trainer, epoch, identity, run_id))
             shutil.rmtree(final, ignore_errors=True)
@@ -248,7 +219,7 @@ def save(trainer, directory: str | Path, epoch: int, identity: dict[str, Any], k
         own = [p for p in complete(directory) if run_of(p) == run_id]
         for old in own[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    if staged:
+    if several:
         dist.barrier()
     return final
 
@@ -422,21 +393,21 @@ def _check_state(trainer, state: Any, epoch: int, where: str) -> None:
     """``state.pt`` must hold the optimizers of exactly the parts still training after
     ``epoch`` (on a pipeline's stage: of its own parts), each having taken that many
     epochs' steps."""
-    name = _files(trainer)[1]
+    ex = trainer.executor
+    name = ex.files[1]
     if not (isinstance(state, dict) and {"optimizers", "schedulers", "rng"} <= state.keys()
             and isinstance(state["optimizers"], dict) and isinstance(state["schedulers"], dict)
             and isinstance(state["rng"], dict)):
         raise CheckpointError(f"{where} is damaged: {name} lacks the optimizer, scheduler "
                               "or RNG states")
-    replicas = trainer.replicas if pipelined(trainer) else 1
+    replicas = ex.replicas if ex.stage_parts is not None else 1
     if replicas > 1 and not (isinstance(state.get("replica_rng"), list)
                              and len(state["replica_rng"]) == replicas
                              and all(isinstance(r, dict) for r in state["replica_rng"])):
         raise CheckpointError(f"{where} is damaged: {name} lacks the RNG states of its "
                               f"{replicas} replicas")
     done, later = trainer.schedule[:epoch], trainer.schedule[epoch:]
-    held = trainer.mine if pipelined(trainer) else range(len(trainer.parts))
-    expected = {i for i in held
+    expected = {i for i in trainer.owned
                 if any(p.requires_grad for p in trainer.parts[i].parameters())
                 and any(i in s for s in done) and any(i in s for s in later)}
     if set(state["optimizers"]) != expected or set(state["schedulers"]) != expected:
@@ -471,13 +442,13 @@ def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None
     """Restore ``trainer`` from the checkpoint at ``path``; returns the epoch it ends.
 
     Everything is validated (:func:`read_meta`, the saved state against the
-    epoch) before anything is restored. A pipelined trainer's every process
-    calls it, each restoring its own stage; if any fails, all raise its error.
+    epoch) before anything is restored. Under several processes every process
+    calls it, each restoring its own parts; if any fails, all raise its error.
 
     Raises:
         CheckpointError: a damaged file, another format, or another run's checkpoint.
     """
-    if not pipelined(trainer):
+    if trainer.accelerator.num_processes == 1:
         return _load(trainer, Path(path), identity, run_id)
     try:
         epoch, error = _load(trainer, Path(path), identity, run_id), None
@@ -492,16 +463,9 @@ def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None
 
 
 def _restore_optimizers(trainer, state: dict[str, Any]) -> None:
-    """The saved parts' optimizers and schedules (and fp16 scalers); the serial loop's parts
+    """The saved parts' optimizers and schedules (and fp16 scalers); this process's parts
     are made active or frozen as they were when saved."""
-    if pipelined(trainer):  # every part trains in every epoch: none to activate or freeze
-        for i in state["optimizers"]:
-            trainer.optimizers[i].load_state_dict(state["optimizers"][i])
-            trainer.schedulers[i].load_state_dict(state["schedulers"][i])
-            if i in trainer.scalers:
-                trainer.scalers[i].load_state_dict(state["scalers"][i])
-        return
-    for i in range(len(trainer.parts)):
+    for i in trainer.owned:
         if i in state["optimizers"]:  # the parts that were training when it was saved
             trainer.activate(i)
             trainer.optimizers[i].load_state_dict(state["optimizers"][i])
@@ -514,15 +478,16 @@ def _restore_optimizers(trainer, state: dict[str, Any]) -> None:
 
 def _load(trainer, path: Path, identity: dict[str, Any], run_id: str | None) -> int:
     where = f"checkpoint {str(path)!r}"
-    staged = pipelined(trainer)
-    meta = read_meta(path, identity, run_id, len(trainer.stages) if staged else 0,
-                     trainer.replicas if staged else 1)
+    ex = trainer.executor
+    staged = ex.stage_parts is not None
+    meta = read_meta(path, identity, run_id, len(ex.stage_parts) if staged else 0,
+                     ex.replicas if staged else 1)
     epoch = meta["epoch"]
-    weights_file, state_file = _files(trainer)
+    weights_file, state_file = ex.files
     if staged:
-        if meta["stages"] != trainer.stages:
+        if meta["stages"] != ex.stage_parts:
             raise CheckpointError(f"{where} cuts the parts into stages {meta['stages']}, this "
-                                  f"run into {trainer.stages}")
+                                  f"run into {ex.stage_parts}")
         for name in (weights_file, state_file):
             if not (path / name).is_file():
                 raise CheckpointError(f"{where} has no {name}: every process must see the one "
@@ -539,7 +504,7 @@ def _load(trainer, path: Path, identity: dict[str, Any], run_id: str | None) -> 
             for name, t in own.items():
                 t.copy_(weights[name])
         _restore_optimizers(trainer, state)
-        _set_rng_state(state["replica_rng"][trainer.replica] if staged and trainer.replicas > 1
+        _set_rng_state(state["replica_rng"][ex.replica] if staged and ex.replicas > 1
                        else state["rng"])
         for obs, obs_state in zip(trainer.observers, meta["observers"], strict=False):
             if obs_state is not None and hasattr(obs, "load_state_dict"):

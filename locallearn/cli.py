@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from .data import load_dataset
     from .outputs import claim
-    from .pipeline import PipelineTrainer
+    from .pipeline import PipelineExecutor
     from .trainer import Trainer
 
     # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_rng_state(checked.built.rng)
     stack = checked.built.stack
     observers = (checked.plane,) if checked.plane is not None else ()
+    executor = None  # serial
     if args.parallel == "parts":
         cut = None  # a resumed run cuts its stages as the run it continues did
         if args.resume:
@@ -180,12 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stages = args.stages or accelerator.num_processes
             cut = saved_stages(args.checkpoint_dir, checked.identity, stages,
                                accelerator.num_processes // stages)
-        trainer = PipelineTrainer(stack, checked.rule, data, checked.config, accelerator,
-                                  observers, balance_by=args.stage_balance, stages=cut,
-                                  num_stages=args.stages, replay_buffer=args.replay_buffer,
-                                  max_reuse=args.max_reuse)
-    else:
-        trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers)
+        executor = PipelineExecutor(args.stage_balance, cut, args.stages, args.replay_buffer,
+                                    args.max_reuse)
+    trainer = Trainer(stack, checked.rule, data, checked.config, accelerator, observers,
+                      executor)
     # The files are taken (and checked again, now under their locks) just before the
     # first is written, so a run that fails to start leaves nothing behind.
     taken = claim(args, checked.identity) if accelerator.is_main_process else None

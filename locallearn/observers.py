@@ -20,6 +20,10 @@ class Observer:
     run record reads the plane's) comes after it.
     """
 
+    #: Whether it runs a probe through the blocks (the information plane): an executor
+    #: whose stages cannot measure every block (parts that share or skip one) refuses it.
+    probes_blocks = False
+
     def on_fit_start(self, trainer: Trainer) -> None: ...
 
     def on_epoch_end(self, trainer: Trainer, entry: dict[str, Any]) -> None: ...

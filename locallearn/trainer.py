@@ -1,4 +1,4 @@
-"""One training loop under Hugging Face Accelerate for every rule.
+"""One training loop under Hugging Face Accelerate for every rule and executor.
 
 The loop runs a rule's parts in order on each batch. Each part gets the
 detached output of the part before it and the batch's step context (a
@@ -8,16 +8,26 @@ optimizer stepped *before* the next part runs, so only one part's autograd
 graph (and one part's gradients) is alive at a time: that is where local
 learning saves memory. Each part is prepared separately, since DDP expects one
 forward and one backward per wrapped module and step.
+
+The loop is written once; an executor supplies what differs between running
+every part in this process (:class:`SerialExecutor`, data-parallel over
+processes) and running one stage of them per process
+(:class:`~locallearn.pipeline.PipelineExecutor`): which parts this process owns,
+where its batches come from and where its outputs go, how a step's gradients are
+reduced, how it evaluates, which blocks it measures on the information plane and
+which files it checkpoints.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -85,6 +95,167 @@ def check_plan(rule: Rule, parts: list[LocalPart], epochs: int, batch_size: int,
     return schedule
 
 
+class SerialExecutor:
+    """Runs every part in this process; several processes are data-parallel replicas (DDP).
+
+    What an executor gives the loop (:class:`Trainer`), the checkpoints and the
+    information plane, and nothing else of the trainer is theirs to read:
+
+    - ``bind(trainer)``: the indices of the parts this process owns;
+    - ``prepare(obj)``: a part or an optimizer as it runs here (wrapped for DDP);
+    - ``prepare_loaders``, ``batches``, ``pass_on``, ``end_pass``: where this process's
+      batches come from and where their outputs go;
+    - ``reduce_grads(i)``: part ``i``'s gradients made whole before its step;
+    - ``begin_epoch``, ``end_epoch(trained)``, ``stats()``, ``fields(stats)``: an epoch's
+      start and end, this process's statistics beyond the loop's and the entry's fields
+      from every process's;
+    - ``evaluate()``: test accuracy by part index, over every process;
+    - ``probe_blocks()``, ``run_probe(measure)``: the blocks this process measures on
+      the information plane, and a measurement of them all;
+    - ``stage_parts``, ``files``, ``writes``, ``saved_modules()``: what it checkpoints.
+
+    ``replicas`` are the data-parallel copies of the parts and ``replica`` this
+    process's; ``stage`` is its stage (0: it reads the data).
+    """
+
+    stage = 0
+    stage_parts: list[list[int]] | None = None  # no stage cut
+    files = ("model.safetensors", "state.pt")
+
+    def bind(self, trainer: Trainer) -> list[int]:
+        self.trainer, acc = trainer, trainer.accelerator
+        self.replicas, self.replica = acc.num_processes, acc.process_index
+        self.writes = acc.is_main_process
+        self.features: tuple[int, Any] | None = None  # (first part, loader) of cached inputs
+        return list(range(len(trainer.parts)))
+
+    def prepare(self, obj: Any) -> Any:
+        return self.trainer.accelerator.prepare(obj)
+
+    def prepare_loaders(self, train: Any, test: Any) -> tuple[Any, Any]:
+        return self.trainer.accelerator.prepare(train, test)
+
+    def batches(self, loader, transform, generator, train: bool) -> Iterator[tuple]:
+        for images, y in loader:
+            yield *self.trainer.make_step(images, y, transform, generator, train), None
+
+    def train_batches(self, trained: list[int], generator: torch.Generator
+                      ) -> tuple[Iterator[tuple], int]:
+        """An epoch's training batches and the part they go to first: the data, or, where
+        the rule caches a frozen prefix's outputs, those (:meth:`cached_inputs`)."""
+        t = self.trainer
+        if t.rule.cache_inputs and trained[0] > 0:
+            return self._cached_steps(trained[0]), trained[0]
+        return self.batches(t.train_loader, t.train_transform, generator, True), 0
+
+    def _cached_steps(self, first: int) -> Iterator[tuple]:
+        """The cached inputs of part ``first`` with the step contexts of their images."""
+        t = self.trainer
+        loader, _ = self.cached_inputs(first)
+        for x, images, y in loader:  # the (un-augmented) images the features came from
+            _, step = t.make_step(images, y, t.eval_transform)
+            yield t.layout(x), step, None
+
+    @torch.no_grad()
+    def cached_inputs(self, first: int) -> tuple[Any, int]:
+        """A loader of the frozen prefix's outputs (parts before ``first``) on the training set.
+
+        Computed once per first trained part, without augmentation, so later
+        parts do not run the prefix again every epoch.
+        """
+        t = self.trainer
+        if self.features is not None and self.features[0] == first:
+            return self.features[1], first
+        self.features = None  # free the previous cache first
+        acc, cfg = t.accelerator, t.config
+        for part in t.parts[:first]:
+            part.eval()
+        images, labels = t.data.train_images, t.data.train_labels
+        chunks = []
+        batch = cfg.eval_batch_size or 2 * cfg.batch_size
+        with t.autocast():
+            for k in range(0, len(images), batch):
+                h = t.eval_transform(images[k:k + batch].to(acc.device))
+                for part in t.parts[:first]:
+                    h = part.run_blocks(h)
+                chunks.append(h.float().cpu())
+        features = torch.cat(chunks)
+        if acc.is_main_process:
+            tqdm.write(f"cached the inputs of part {t.parts[first].part_name!r}: "
+                       f"{tuple(features.shape)}, {features.nbytes / 2**20:.0f} MiB")
+        # The images travel with their features: each step's context holds the network input.
+        dataset = torch.utils.data.TensorDataset(features, images, labels)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True,
+            drop_last=dropped_images(len(labels), cfg.batch_size) > 0,  # as the images' loader
+            generator=torch.Generator().manual_seed(cfg.seed + first),
+        )
+        self.features = (first, acc.prepare(loader))
+        return self.features[1], first
+
+    def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None):
+        pass
+
+    def begin_epoch(self) -> None:
+        pass
+
+    def end_pass(self) -> None:
+        pass
+
+    def reduce_grads(self, i: int) -> None:
+        pass  # DDP averages them inside backward
+
+    def end_epoch(self, trained: list[int]) -> None:
+        """Give every process process 0's buffers of the frozen parts before ``trained``.
+
+        Frozen parts are not wrapped by DDP; run in training mode, each process's
+        BatchNorm statistics would follow its own shard. DDP keeps a wrapped
+        part's buffers as process 0 has them, and so does this, once per epoch.
+        """
+        if self.trainer.rule.frozen_train_mode and self.replicas > 1:
+            for part in self.trainer.parts[:trained[0]]:
+                for buffer in part.buffers():
+                    dist.broadcast(buffer, 0)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def fields(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
+        return {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[int, float]:
+        t = self.trainer
+        parts = range(len(t.parts))
+        correct, total, has_logits = None, 0, []
+        for h, step, _ in self.batches(t.test_loader, t.eval_transform, None, False):
+            _, logits = t.forward(h, step, parts)
+            logits = t.rule.predictions([logits[i] for i in parts])
+            has_logits = [z is not None for z in logits]
+            y = step.labels
+            preds = [z.argmax(1) if z is not None else torch.full_like(y, -1) for z in logits]
+            preds, y = t.accelerator.gather_for_metrics((torch.stack(preds, 1), y))
+            hits = (preds == y[:, None]).sum(0)
+            correct = hits if correct is None else correct + hits
+            total += len(y)
+        acc = (correct.double() / total).tolist() if correct is not None else []
+        return {i: a for i, a in enumerate(acc) if has_logits[i]}
+
+    def probe_blocks(self) -> range:
+        """Every block on the main process, none elsewhere."""
+        main = self.trainer.accelerator.is_main_process
+        return range(len(self.trainer.stack.blocks) if main else 0)
+
+    def run_probe(self, measure: Callable[[range, torch.Tensor | None], tuple[list, Any]]
+                  ) -> list[dict[str, Any]]:
+        blocks = self.probe_blocks()
+        return measure(blocks, None)[0] if len(blocks) else []
+
+    def saved_modules(self) -> list[tuple[str, nn.Module]]:
+        t = self.trainer
+        return [("stack", t.stack)] + [(f"part{i}", p) for i, p in enumerate(t.parts)]
+
+
 class Trainer:
     """Trains a BlockStack by a rule.
 
@@ -95,6 +266,8 @@ class Trainer:
         config: the loop's options.
         accelerator: an Accelerator (one is created if None).
         observers: called at fit start, epoch end and fit end.
+        executor: runs the parts: :class:`SerialExecutor` (default) or
+            :class:`~locallearn.pipeline.PipelineExecutor`.
 
     A part is prepared (wrapped for DDP under several processes) and gets its
     optimizer when it first trains, and is unwrapped and loses its optimizer
@@ -107,18 +280,13 @@ class Trainer:
     K times per batch, and one part's overflow would shrink the others' scale).
     """
 
-    def __init__(
-        self,
-        stack: nn.Module,
-        rule: Rule,
-        data: ImageData,
-        config: TrainConfig,
-        accelerator: Accelerator | None = None,
-        observers: tuple[Observer, ...] = (),
-    ):
+    def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
+                 accelerator: Accelerator | None = None, observers: tuple[Observer, ...] = (),
+                 executor: Any = None):
         self.stack, self.rule, self.data, self.config = stack, rule, data, config
         self.accelerator = acc = accelerator or Accelerator()
         self.observers = observers
+        self.executor = executor or SerialExecutor()
         self.train_transform = BatchTransform(data.mean, data.std, data.augment)
         self.eval_transform = BatchTransform(data.mean, data.std, "none")
         example = self.eval_transform(data.train_images[:2])
@@ -128,24 +296,27 @@ class Trainer:
         n = len(self.parts)
         # Training images each epoch leaves out: a last batch of one image (see make_loaders).
         self.dropped_images = dropped_images(len(data.train_labels), config.batch_size)
+        self.owned: list[int] = self.executor.bind(self)  # (it may measure the parts first)
         layout = torch.channels_last if config.channels_last else torch.preserve_format
-        stack.to(acc.device, memory_format=layout)
-        for part in self.parts:
-            part.to(acc.device, memory_format=layout)
+        if len(self.owned) == n:
+            stack.to(acc.device, memory_format=layout)
+        for i, part in enumerate(self.parts):
+            # Another process's parts keep their shapes (the record counts them), not memory.
+            part.to(acc.device if i in self.owned else "meta", memory_format=layout)
             part.recompute_blocks = config.recompute_blocks
         train_loader, test_loader = make_loaders(
             data, config.batch_size, config.seed, config.eval_batch_size or None
         )
         # Reseeded every epoch, so epoch e's data order does not depend on earlier epochs.
         self._order = train_loader.generator
-        self.train_loader, self.test_loader = acc.prepare(train_loader, test_loader)
+        self.train_loader, self.test_loader = self.executor.prepare_loaders(train_loader,
+                                                                            test_loader)
         self.models: list[nn.Module] = list(self.parts)  # prepared while a part trains
         self.optimizers: list[torch.optim.Optimizer | None] = [None] * n
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler | None] = [None] * n
         self.scalers: list[torch.amp.GradScaler | None] = [None] * n  # fp16 only
         self.compiled: dict[int, nn.Module] = {}  # the trained parts under --compile
         self.history: list[dict[str, Any]] = []
-        self._features: tuple[int, Any] | None = None  # (first part, loader) of cached inputs
         for i in self.schedule[0]:  # ready for train_step before fit
             self.activate(i)
         self.start_epoch = 0
@@ -160,13 +331,14 @@ class Trainer:
     def activate(self, i: int) -> None:
         """Prepare part ``i`` and give it an optimizer and a schedule (before it first trains)."""
         part, acc, cfg = self.parts[i], self.accelerator, self.config
-        if self.optimizers[i] is not None or not any(p.requires_grad for p in part.parameters()):
+        if (i not in self.owned or self.optimizers[i] is not None
+                or not any(p.requires_grad for p in part.parameters())):
             return
-        self.models[i] = acc.prepare(part)
+        self.models[i] = self.executor.prepare(part)
         if cfg.compile != "no":
             self.compiled[i] = torch.compile(self.models[i], mode=cfg.compile,
                                              backend=cfg.compile_backend)
-        optimizer = acc.prepare(make_optimizer(part.parameters(), cfg, part.lr_scale))
+        optimizer = self.executor.prepare(make_optimizer(part.parameters(), cfg, part.lr_scale))
         if self.fp16:  # the part's own scaler, not Accelerate's shared one
             optimizer.scaler = None
             kwargs = acc.scaler_handler.to_kwargs() if acc.scaler_handler else {}
@@ -219,13 +391,15 @@ class Trainer:
     def train_step(
         self, x: torch.Tensor, step: Step, trained: list[int], start: int = 0
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, dict[int, dict[str, torch.Tensor]]]:
-        """One batch: forward part by part, each trained part's backward and step at once.
+        """One batch: forward part by part, each trained part's backward and step at once,
+        then the output handed on (to the next stage, if the executor has one).
 
         Args:
-            x: the input of part ``start`` (the rule's first input when ``start`` is 0).
+            x: the input of part ``start`` (the rule's first input when ``start`` is 0),
+                or of this process's first part.
             step: the batch's step context, given to every part.
             trained: indices of the parts that learn (sorted); the others run without autograd.
-            start: the first part to run.
+            start: the first part to run (parts another process owns are skipped).
 
         Returns:
             The detached loss of every trained part, the logits of the last
@@ -234,10 +408,11 @@ class Trainer:
         trained_set = set(trained)
         losses: dict[int, torch.Tensor] = {}
         metrics: dict[int, dict[str, torch.Tensor]] = {}
-        logits = None
-        h = x
+        logits, h = None, x
         with self.autocast():
             for i in range(start, trained[-1] + 1):
+                if i not in self.owned:
+                    continue
                 if i not in trained_set:
                     with torch.no_grad():
                         h = self.parts[i].run_blocks(h)
@@ -245,16 +420,30 @@ class Trainer:
                 model = self.compiled.get(i, self.models[i])
                 h, (loss, logits, metrics[i]) = model(h.detach(), step)
                 optimizer, scaler = self.optimizers[i], self.scalers[i]
-                if optimizer is not None and loss.requires_grad:
-                    if scaler is None:
-                        self.accelerator.backward(loss)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        self.schedulers[i].step()
-                    else:  # skips the step where this part's gradients overflowed
-                        scaled_step(loss, scaler, optimizer.optimizer, self.schedulers[i])
+                if optimizer is not None and loss.requires_grad and scaler is None:
+                    self.accelerator.backward(loss)
+                    self.executor.reduce_grads(i)  # (DDP reduces them inside backward)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    self.schedulers[i].step()
+                elif optimizer is not None and loss.requires_grad:  # fp16: skips the step
+                    # where this part's gradients overflowed; Accelerate's optimizer wraps
+                    bare = getattr(optimizer, "optimizer", optimizer)  # the bare one
+                    scaled_step(loss, scaler, bare, self.schedulers[i],
+                                lambda i=i: self.executor.reduce_grads(i))
                 losses[i] = loss.detach()
+        self.executor.pass_on(h, step)
         return losses, logits, metrics
+
+    def forward(self, h: torch.Tensor, step: Step, parts: Any
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor | None]]:
+        """``parts`` on a batch without training them: the output and each part's logits."""
+        logits = {}
+        with self.autocast():
+            for i in parts:
+                h, scored = self.models[i](h, step)
+                logits[i] = scored.logits
+        return h, logits
 
     def make_step(self, images: torch.Tensor, labels: torch.Tensor, transform: Any,
                   generator: torch.Generator | None = None, train: bool = True
@@ -267,31 +456,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float | None]]:
         """Test accuracy of the final prediction and of the prediction at each block's depth."""
-        for model in self.models:
-            model.eval()
-        correct, total, has_logits = None, 0, []
-        for x, y in self.test_loader:
-            h, step = self.make_step(x, y, self.eval_transform, None, train=False)
-            logits = []
-            with self.autocast():
-                for model in self.models:
-                    h, scored = model(h, step)
-                    logits.append(scored.logits)
-            logits = self.rule.predictions(logits)
-            has_logits = [z is not None for z in logits]
-            preds = [z.argmax(1) if z is not None else torch.full_like(y, -1) for z in logits]
-            preds, y = self.accelerator.gather_for_metrics((torch.stack(preds, 1), y))
-            hits = (preds == y[:, None]).sum(0)
-            correct = hits if correct is None else correct + hits
-            total += len(y)
-        if not has_logits or not has_logits[-1]:
+        for i in self.owned:
+            self.models[i].eval()
+        acc = self.executor.evaluate()
+        last = len(self.parts) - 1
+        if last not in acc:
             raise RuntimeError(f"rule {self.rule.name!r}: the last part gives no logits")
-        acc = (correct.double() / total).tolist()
         block_acc: list[float | None] = [None] * len(self.stack.blocks)
         for i, part in enumerate(self.parts):
-            if part.block_ids and has_logits[i]:
+            if part.block_ids and i in acc:
                 block_acc[part.block_ids[-1]] = acc[i]
-        return acc[-1], block_acc
+        return acc[last], block_acc
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` epochs; returns the results for the run record."""
@@ -307,183 +482,188 @@ class Trainer:
             self.history.append(entry)
             for obs in self.observers:
                 obs.on_epoch_end(self, entry)
-            if acc.is_main_process and cfg.progress:
-                blocks = " ".join(f"{a:.3f}" for a in entry["block_acc"] if a is not None)
-                tqdm.write(
-                    f"epoch {epoch + 1}/{cfg.epochs} [{', '.join(entry['trained_parts'])}]: "
-                    f"loss {entry['train_loss']:.4f} test acc {entry['test_acc']:.4f} "
-                    f"| per depth {blocks}"
-                )
+            if acc.is_main_process:  # also without progress bars: a job's log needs its epochs
+                tqdm.write(epoch_line(entry, cfg.epochs))
         last = self.history[-1]
-        result = {
-            "test_acc": last["test_acc"],
-            "block_acc": last["block_acc"],
-            "history": self.history,
-            "seconds": round(self.fit_seconds(), 3),
-        }
+        result = {"test_acc": last["test_acc"], "block_acc": last["block_acc"],
+                  "history": self.history, "seconds": round(self.fit_seconds(), 3)}
         for obs in self.observers:
             obs.on_fit_end(self, result)
         return result
 
+    def _cached_inputs(self, first: int) -> tuple[Any, int]:
+        """The serial executor's loader of part ``first``'s cached inputs (sequential)."""
+        return self.executor.cached_inputs(first)
+
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
-        cfg, acc = self.config, self.accelerator
+        cfg, acc, ex = self.config, self.accelerator, self.executor
         trained = self.schedule[epoch]
         for i in trained:
             self.activate(i)
-        for i, model in enumerate(self.models):
-            model.train(i in trained or self.rule.frozen_train_mode)
-        loader, start = self.train_loader, 0
-        if self.rule.cache_inputs and trained[0] > 0:
-            loader, start = self._cached_inputs(trained[0])
+        for i in self.owned:
+            self.models[i].train(i in trained or self.rule.frozen_train_mode)
         self._order.manual_seed(cfg.seed * 1_000_003 + epoch)
-        # One generator per epoch and process: augmentation is reproducible and not shared.
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + acc.process_index)
-        sums = torch.zeros(len(trained), device=acc.device)
-        metric_sums: dict[int, dict[str, torch.Tensor]] = {}
-        hits = torch.zeros((), device=acc.device)
-        seen = scored = 0  # images trained on; those of them in steps that gave logits
+        # One generator per epoch and replica: augmentation is reproducible and not shared.
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + ex.replica)
+        source, start = ex.train_batches(trained, gen)
+        sums = EpochSums(acc.device, trained[-1] in self.owned)
+        alone = len(self.owned) == len(self.parts)  # sees every loss, so it may stop alone
         bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+            source, total=len(self.train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch", leave=False, dynamic_ncols=True,
             # None hides the bar where stderr is not a terminal (logs keep the epoch lines).
             disable=None if cfg.progress and acc.is_main_process else True,
-            leave=False, dynamic_ncols=True,
         )
         cuda = acc.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(acc.device)
-        saved_peak = 0
+        ex.begin_epoch()
         t0 = time.perf_counter()
-        for step, batch in enumerate(bar):
-            if start == 0:
-                images, y = batch
-                x, context = self.make_step(images, y, self.train_transform, gen)
-            else:  # cached inputs of part `start`, with the (un-augmented) images they came from
-                x, images, y = batch
-                x = self.layout(x)
-                _, context = self.make_step(images, y, self.eval_transform)
-            if step == 0:  # activation memory: peak bytes saved for backward in one step
-                with SavedTensorMeter(*self.parts) as meter:
-                    losses, logits, metrics = self.train_step(x, context, trained, start)
+        saved_peak = 0
+        for x, context, _ in bar:
+            if sums.steps == 0:  # activation memory: peak bytes saved for backward in one step
+                with SavedTensorMeter(*(self.parts[i] for i in self.owned)) as meter:
+                    out = self.train_step(x, context, trained, start)
                 saved_peak = meter.peak
             else:
-                losses, logits, metrics = self.train_step(x, context, trained, start)
-            sums += torch.stack([losses[i] for i in trained])
-            for i, values in metrics.items():
-                kept = metric_sums.setdefault(i, {})
-                for key, value in values.items():
-                    kept[key] = kept[key] + value if key in kept else value
-            if logits is not None:
-                hits += (logits.argmax(1) == y).sum()
-                scored += len(y)
-            seen += len(y)
-            if (step + 1) % cfg.log_every == 0:
-                self._check_divergence(sums, trained, epoch, step)
-                shown = {"loss": f"{sums[-1].item() / (step + 1):.3f}"}
-                if scored:  # a rule whose steps give no logits (forward-forward) has no accuracy
-                    shown["acc"] = f"{hits.item() / scored:.3f}"
-                shown["img_s"] = f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}"
-                bar.set_postfix(shown)
+                out = self.train_step(x, context, trained, start)
+            sums.add(*out, context.labels)
+            if sums.steps % cfg.log_every == 0 and sums.loss:
+                means = sums.means()
+                if alone:
+                    check_divergence(self, means, f"by epoch {epoch + 1}, step {sums.steps}")
+                shown = {"loss": f"{means[max(means)]:.3f}"}
+                if sums.scored:  # a rule whose steps give no logits (forward-forward): no acc
+                    shown["acc"] = f"{sums.hits.item() / sums.scored:.3f}"
+                img_s = sums.seen * ex.replicas / (time.perf_counter() - t0)
+                bar.set_postfix(shown | {"img_s": f"{img_s:.0f}"})
+        ex.end_pass()
         seconds = time.perf_counter() - t0
         bar.close()
-        steps = max(1, len(loader))
-        self._check_divergence(sums, trained, epoch, steps - 1)
-        sums = acc.reduce(sums, "mean") / steps  # every process's mean loss, averaged
-        # Summed over processes: hits, images in steps with logits, images.
-        counts = acc.reduce(torch.stack([
-            hits, torch.tensor(scored, device=acc.device), torch.tensor(seen, device=acc.device),
-        ]), "sum").tolist()
-        if self.rule.frozen_train_mode and acc.num_processes > 1:
-            self._share_frozen_buffers(trained[0])
-        # What this process holds: weights, buffers and optimizer state, before the parts
-        # that train no more drop their optimizers.
-        state = held_bytes(self.parts, [opt for opt in self.optimizers if opt is not None])
+        ex.end_epoch(trained)
+        mine = {**sums.summary(), "stage": ex.stage, "seconds": seconds, "saved": saved_peak,
+                # What this process holds: weights, buffers and optimizer state, before
+                # the parts that train no more drop their optimizers.
+                "state": held_bytes([self.parts[i] for i in self.owned],
+                                    [opt for opt in self.optimizers if opt is not None]),
+                "cuda": torch.cuda.max_memory_allocated(acc.device) if cuda else None,
+                **ex.stats()}
         for i in trained:
             if not any(i in later for later in self.schedule[epoch + 1:]):
                 self.deactivate(i)
-        names = [self.parts[i].part_name for i in trained]
-        part_loss = dict(zip(names, sums.tolist(), strict=True))
-        entry = {
-            "epoch": epoch + 1,
-            "trained_parts": names,
-            "train_loss": sums[-1].item(),
-            "part_loss": part_loss,
-            # null, not 0, where no step of the epoch gave logits (on any process)
-            "train_acc": counts[0] / counts[1] if counts[1] > 0 else None,
-            "dropped_images": self.dropped_images,
-            "seconds": round(seconds, 3),
-            "images_per_s": round(counts[2] / max(seconds, 1e-9), 1),
-            "saved_bytes_peak": saved_peak,
-            "state_bytes": state,
-        }
-        if cuda:
-            entry["cuda_max_memory"] = torch.cuda.max_memory_allocated(acc.device)
-        keys = sorted({key for values in metric_sums.values() for key in values})
-        if keys:  # each part's metrics averaged over the epoch's steps; null where not trained
-            entry["rule_metrics"] = {key: {
-                part.part_name: metric_sums[i][key].item() / steps
-                if key in metric_sums.get(i, {}) else None
-                for i, part in enumerate(self.parts)} for key in keys}
-        return entry
+        return epoch_entry(self, epoch, trained, mine)
 
-    def _share_frozen_buffers(self, first: int) -> None:
-        """Give every process process 0's buffers of the frozen parts before ``first``.
 
-        Frozen parts are not wrapped by DDP; run in training mode, each process's
-        BatchNorm statistics would follow its own shard. DDP keeps a wrapped
-        part's buffers as process 0 has them, and so does this, once per epoch.
-        """
-        for part in self.parts[:first]:
-            for buffer in part.buffers():
-                torch.distributed.broadcast(buffer, 0)
+class EpochSums:
+    """One process's running sums over an epoch: each trained part's loss and metrics (on
+    the device, read once at the end), hits of the final logits, images seen.
 
-    @torch.no_grad()
-    def _cached_inputs(self, first: int):
-        """A loader of the frozen prefix's outputs (parts before ``first``) on the training set.
+    Args:
+        device: where the sums are kept.
+        scores: whether this process runs the last trained part, whose logits count.
+    """
 
-        Computed once per first trained part, without augmentation, so later
-        parts do not run the prefix again every epoch.
-        """
-        if self._features is not None and self._features[0] == first:
-            return self._features[1], first
-        self._features = None  # free the previous cache first
-        acc, cfg = self.accelerator, self.config
-        for part in self.parts[:first]:
-            part.eval()
-        images, labels = self.data.train_images, self.data.train_labels
-        chunks = []
-        batch = cfg.eval_batch_size or 2 * cfg.batch_size
-        with self.autocast():
-            for k in range(0, len(images), batch):
-                h = self.eval_transform(images[k:k + batch].to(acc.device))
-                for part in self.parts[:first]:
-                    h = part.run_blocks(h)
-                chunks.append(h.float().cpu())
-        features = torch.cat(chunks)
-        if acc.is_main_process and cfg.progress:
-            tqdm.write(f"cached the inputs of part {self.parts[first].part_name!r}: "
-                       f"{tuple(features.shape)}, {features.nbytes / 2**20:.0f} MiB")
-        # The images travel with their features: each step's context holds the network input.
-        dataset = torch.utils.data.TensorDataset(features, images, labels)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True,
-            drop_last=dropped_images(len(labels), cfg.batch_size) > 0,  # as the images' loader
-            generator=torch.Generator().manual_seed(cfg.seed + first),
-        )
-        self._features = (first, acc.prepare(loader))
-        return self._features[1], first
+    def __init__(self, device: torch.device, scores: bool):
+        self.loss: dict[int, torch.Tensor] = {}
+        self.metrics: dict[int, dict[str, torch.Tensor]] = {}
+        self.hits, self.scores = torch.zeros((), device=device), scores
+        self.scored = self.seen = self.steps = 0  # images in steps that gave logits; all
 
-    def _check_divergence(
-        self, sums: torch.Tensor, trained: list[int], epoch: int, step: int
-    ) -> None:
-        """Stop on a non-finite loss, or a mean loss above ``config.max_loss``."""
-        means = (sums / (step + 1)).tolist()
-        for i, mean in zip(trained, means, strict=True):
-            where = f"by epoch {epoch + 1}, step {step + 1}"
-            name = self.parts[i].part_name
-            if not math.isfinite(mean):
-                raise Diverged(f"rule {self.rule.name!r} diverged: part {name!r} has a "
-                               f"non-finite loss {where}")
-            if self.config.max_loss > 0 and mean > self.config.max_loss:
-                raise Diverged(f"rule {self.rule.name!r} diverged: part {name!r} has a mean "
-                               f"loss of {mean:.4g}, above --max-loss {self.config.max_loss:g}, "
-                               f"{where}")
+    def add(self, losses: dict[int, torch.Tensor], logits: torch.Tensor | None,
+            metrics: dict[int, dict[str, torch.Tensor]], labels: torch.Tensor) -> None:
+        for i, loss in losses.items():
+            self.loss[i] = self.loss[i] + loss if i in self.loss else loss
+        for i, values in metrics.items():
+            kept = self.metrics.setdefault(i, {})
+            for key, value in values.items():
+                kept[key] = kept[key] + value if key in kept else value
+        if logits is not None and self.scores:
+            self.hits += (logits.argmax(1) == labels).sum()
+            self.scored += len(labels)
+        self.seen += len(labels)
+        self.steps += 1
+
+    def means(self) -> dict[int, float]:
+        """Each part's mean loss so far (one device sync)."""
+        means = (torch.stack(list(self.loss.values())) / self.steps).tolist()
+        return dict(zip(self.loss, means, strict=True))
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": max(self.steps, 1), "seen": self.seen, "scored": self.scored,
+                "hits": int(self.hits.item()),
+                "loss": {i: s.item() for i, s in self.loss.items()},
+                "metrics": {i: {k: v.item() for k, v in values.items()}
+                            for i, values in self.metrics.items()}}
+
+
+def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The epoch's history entry from every process's statistics (``mine`` here,
+    gathered): each part's mean loss and metrics over the steps of the processes that hold
+    it (data-parallel replicas take as many; asynchronous stages take steps of their own).
+
+    Raises:
+        Diverged: a part's mean loss is non-finite or above ``--max-loss`` (every process
+            sees every part's loss, so all stop together).
+    """
+    stats = [mine]
+    if trainer.accelerator.num_processes > 1:
+        stats = [None] * trainer.accelerator.num_processes
+        dist.all_gather_object(stats, mine)
+    steps = {i: sum(s["steps"] for s in stats if i in s["loss"]) for i in trained}
+    loss = {i: sum(s["loss"][i] for s in stats if i in s["loss"]) / steps[i] for i in trained}
+    check_divergence(trainer, loss, f"by the end of epoch {epoch + 1} "
+                                    f"(step {max(s['steps'] for s in stats)})")
+    hits, scored = (sum(s[key] for s in stats) for key in ("hits", "scored"))
+    seen = sum(s["seen"] for s in stats if s["stage"] == 0)  # the images read
+    seconds = max(s["seconds"] for s in stats)  # as slow as the slowest process
+    names = [p.part_name for p in trainer.parts]
+    entry = {
+        "epoch": epoch + 1,
+        "trained_parts": [names[i] for i in trained],
+        "train_loss": loss[trained[-1]],
+        "part_loss": {names[i]: loss[i] for i in trained},
+        # null, not 0, where no step of the epoch gave logits (on any process)
+        "train_acc": hits / scored if scored else None,
+        "dropped_images": trainer.dropped_images,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(seen / max(seconds, 1e-9), 1),
+        # The largest process's peak and holdings: the figures one device must hold.
+        "saved_bytes_peak": max(s["saved"] for s in stats),
+        "state_bytes": max(s["state"] for s in stats),
+        **trainer.executor.fields(stats),
+    }
+    if stats[0]["cuda"] is not None:
+        entry["cuda_max_memory"] = max(s["cuda"] for s in stats)
+    metrics: dict[int, dict[str, float]] = {}
+    for s in stats:
+        for i, values in s["metrics"].items():
+            kept = metrics.setdefault(i, {})
+            for key, value in values.items():
+                kept[key] = kept.get(key, 0.0) + value / steps[i]
+    keys = sorted({key for values in metrics.values() for key in values})
+    if keys:  # each part's metrics averaged over the epoch's steps; null where not trained
+        entry["rule_metrics"] = {key: {names[i]: metrics.get(i, {}).get(key)
+                                       for i in range(len(names))} for key in keys}
+    return entry
+
+
+def check_divergence(trainer: Trainer, means: dict[int, float], where: str) -> None:
+    """Stop on a non-finite mean loss, or one above ``config.max_loss``."""
+    rule, max_loss = trainer.rule.name, trainer.config.max_loss
+    for i, mean in sorted(means.items()):
+        name = trainer.parts[i].part_name
+        if not math.isfinite(mean):
+            raise Diverged(f"rule {rule!r} diverged: part {name!r} has a non-finite loss {where}")
+        if max_loss > 0 and mean > max_loss:
+            raise Diverged(f"rule {rule!r} diverged: part {name!r} has a mean loss of "
+                           f"{mean:.4g}, above --max-loss {max_loss:g}, {where}")
+
+
+def epoch_line(entry: dict[str, Any], epochs: int) -> str:
+    """The line an epoch prints: what trained, its loss and its accuracy at each depth."""
+    blocks = " ".join(f"{a:.3f}" for a in entry["block_acc"] if a is not None)
+    where = f"stages {entry['stages']}" if "stages" in entry else \
+        ", ".join(entry["trained_parts"])
+    return (f"epoch {entry['epoch']}/{epochs} [{where}]: loss {entry['train_loss']:.4f} "
+            f"test acc {entry['test_acc']:.4f} | per depth {blocks}")

@@ -43,7 +43,7 @@ from accelerate.utils import GradScalerKwargs
 
 from locallearn import TrainConfig, Trainer, checkpoint, create_rule, load_dataset, split
 from locallearn.analysis import InformationPlane
-from locallearn.pipeline import PipelineTrainer
+from locallearn.pipeline import PipelineExecutor
 
 FP16 = "vit:fp16"  # the results' key of the fp16 run
 IDENTITY = {"test": "pipeline_worker"}  # what the checkpoints must match
@@ -100,16 +100,16 @@ def train(mode: str, spec: str, accelerator: Accelerator, checkpoints: Path | No
     else:  # parts-time or parts-memory: how the stages are balanced
         saver = (checkpoint.Checkpointer(checkpoints, 2, IDENTITY, RUN_ID),) if checkpoints \
             else ()
-        trainer = PipelineTrainer(stack, rule, data, config, accelerator, (plane, *saver),
-                                  balance_by=mode.removeprefix("parts-"), num_stages=stages)
+        executor = PipelineExecutor(balance_by=mode.removeprefix("parts-"), num_stages=stages)
+        trainer = Trainer(stack, rule, data, config, accelerator, (plane, *saver), executor)
+    # fp16: each part's scaler, kept before the parts drop them after the last epoch.
+    scalers = dict(enumerate(trainer.scalers))
     result = trainer.fit()
-    mine = range(len(trainer.parts)) if mode == "serial" else trainer.mine
-    scalers = dict(enumerate(trainer.scalers)) if mode == "serial" else trainer.scalers  # fp16
-    out = {"parts": weights(trainer, mine), "test_acc": result["test_acc"],
+    out = {"parts": weights(trainer, trainer.owned), "test_acc": result["test_acc"],
            "block_acc": result["block_acc"], "history": result["history"],
            "num_parts": len(trainer.parts), "plane": plane.entries,
            "scales": {i: s.get_scale() for i, s in scalers.items() if s is not None},
-           "mine": list(mine)}
+           "mine": list(trainer.owned)}
     if checkpoints:
         out |= resume(spec, accelerator, checkpoints, stages)
     return out
@@ -130,12 +130,12 @@ def resume(spec: str, accelerator: Accelerator, checkpoints: Path, stages: int |
     count = stages or accelerator.num_processes
     cut = checkpoint.saved_stages(folder, IDENTITY, count, accelerator.num_processes // count)
     saver = checkpoint.Checkpointer(folder, 2, IDENTITY, RUN_ID)
-    trainer = PipelineTrainer(stack, rule, data, config, accelerator, (saver,), stages=cut,
-                              num_stages=stages)
+    trainer = Trainer(stack, rule, data, config, accelerator, (saver,),
+                      PipelineExecutor(stages=cut, num_stages=stages))
     start = saver.resume(trainer)
     result = trainer.fit()
-    resumed = {"parts": weights(trainer, trainer.mine), "start_epoch": start,
-               "stages": trainer.stages, "history": list(result["history"])}
+    resumed = {"parts": weights(trainer, trainer.owned), "start_epoch": start,
+               "stages": trainer.executor.stage_parts, "history": list(result["history"])}
     try:  # every process must refuse it, though only stage 1's file is damaged
         checkpoint.load(trainer, damaged / "epoch0001", IDENTITY, RUN_ID)
         error = None
@@ -155,7 +155,7 @@ def progress(spec: str, accelerator: Accelerator) -> str:
     """What ``spec``'s pipelined run with the progress bar on writes to a terminal's stderr."""
     stack, rule, data, config = setup(spec)
     config.progress = True
-    trainer = PipelineTrainer(stack, rule, data, config, accelerator)
+    trainer = Trainer(stack, rule, data, config, accelerator, executor=PipelineExecutor())
     terminal, kept = Terminal(), sys.stderr
     sys.stderr = terminal
     try:
@@ -171,21 +171,20 @@ def replay(spec: str, accelerator: Accelerator) -> dict:
     out = {"progress": progress(spec, accelerator)}
     for name, (size, cap, slow) in REPLAY.items():
         stack, rule, data, config = setup(spec)
-        trainer = PipelineTrainer(stack, rule, data, config, accelerator, replay_buffer=size,
-                                  max_reuse=cap)
-        if trainer.stage == slow % trainer.stages_count:
-            run = trainer._run_mine
+        executor = PipelineExecutor(replay_buffer=size, max_reuse=cap)
+        trainer = Trainer(stack, rule, data, config, accelerator, executor=executor)
+        if executor.stage == slow % executor.stages_count:
+            run = trainer.train_step
 
-            def slowed(h, step, train, run=run):
-                if train:
-                    time.sleep(DELAY)
-                return run(h, step, train)
+            def slowed(*args, run=run):
+                time.sleep(DELAY)
+                return run(*args)
 
-            trainer._run_mine = slowed
+            trainer.train_step = slowed
         result = trainer.fit()
-        out[name] = {"parts": weights(trainer, trainer.mine), "test_acc": result["test_acc"],
+        out[name] = {"parts": weights(trainer, trainer.owned), "test_acc": result["test_acc"],
                      "block_acc": result["block_acc"], "history": result["history"],
-                     "num_parts": len(trainer.parts), "stage": trainer.stage}
+                     "num_parts": len(trainer.parts), "stage": executor.stage}
     return out
 
 

@@ -80,9 +80,20 @@ def test_a_new_run_refuses_a_folder_of_another_runs_checkpoints(done, tmp_path, 
     assert files(ckpt) == before and not (tmp_path / "new").exists()
 
 
-def test_pruning_only_removes_the_runs_own_checkpoints(tmp_path):
+def _saved_trainer(history):
+    """The least a checkpoint saves: a one-process serial trainer of no parts."""
+    from locallearn.trainer import SerialExecutor
+
+    one = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
     trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[], scalers=[],
-                              schedulers=[], history=[], observers=[], fit_seconds=lambda: 1.0)
+                              schedulers=[], history=history, observers=[], accelerator=one,
+                              fit_seconds=lambda: 1.0, executor=SerialExecutor())
+    trainer.executor.bind(trainer)
+    return trainer
+
+
+def test_pruning_only_removes_the_runs_own_checkpoints(tmp_path):
+    trainer = _saved_trainer([])
     for epoch in (7, 8):
         checkpoint.save(trainer, tmp_path, epoch, {}, 1, "other")
     for epoch in (1, 2, 3):
@@ -110,9 +121,7 @@ def test_a_folder_or_record_in_use_is_refused(done, tmp_path, capsys):
 
 
 def test_an_interrupted_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
-    trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[], scalers=[],
-                              schedulers=[], history=[{"epoch": 1}], observers=[],
-                              fit_seconds=lambda: 1.0)
+    trainer = _saved_trainer([{"epoch": 1}])
 
     def interrupted(*args, **kw):
         raise KeyboardInterrupt

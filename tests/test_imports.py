@@ -29,7 +29,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("rules", "rules.*"),
     # the loop and its observers
     ("trainer", "analysis", "analysis.plane"),
-    ("pipeline",),  # the pipelined executor reuses the loop's config and Diverged
+    ("pipeline",),  # the pipelined executor plugs into the loop (trainer.Trainer)
     # records and the command line
     ("records", "flags", "bench", "plugins", "trackers", "preflight"),  # preflight probes parts
     ("checkpoint", "presets", "analysis.plots"),  # checkpoint writes with records.write_json

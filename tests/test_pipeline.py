@@ -87,6 +87,17 @@ def pipelined(tmp_path_factory):
     return launch
 
 
+def _assert_same_entry(got, expected):
+    """A plane entry equal to another: its numbers within 1e-6 (relative), its strings and
+    integers exactly (``pytest.approx`` refuses a dict that holds strings)."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        else:
+            assert got[key] == value, key
+
+
 def _assert_serial_weights(stages, model, expected):
     """The stages' parts, together, are the serial run's, each on one stage, with its weights."""
     got = {}
@@ -133,7 +144,7 @@ def test_pipelined_stages_give_the_serial_weights(serial, pipelined, stages, bal
         assert [(e["epoch"], e["block"]) for e in got] == [(e["epoch"], e["block"])
                                                            for e in plane]
         for got_entry, entry in zip(got, plane, strict=True):
-            assert got_entry == pytest.approx(entry, rel=1e-6, abs=1e-9)
+            _assert_same_entry(got_entry, entry)
         assert all(r[model]["plane"] == [] for r in ranks[1:])
 
 
@@ -195,11 +206,12 @@ def test_fp16_stages_scale_each_part_and_give_the_serial_weights(pipelined):
     last, serial_last = ranks[0][FP16]["history"][-1], expected["history"][-1]
     assert last["part_loss"] == pytest.approx(serial_last["part_loss"], rel=1e-6)
     assert ranks[0][FP16]["block_acc"] == expected["block_acc"]
-    # Every part has a scaler of its own, on the stage that holds it (the serial loop drops
-    # its scalers with the optimizers after the last epoch, so only the stages' are left).
+    # Every part has a scaler of its own, on the stage that holds it, whose scale is the
+    # serial run's part's.
     scales = [rank[FP16]["scales"] for rank in ranks]
     assert sorted(i for s in scales for i in s) == list(range(expected["num_parts"]))
     assert all(sorted(s) == rank[FP16]["mine"] for s, rank in zip(scales, ranks, strict=True))
+    assert {i: v for s in scales for i, v in s.items()} == expected["scales"]
 
 
 # Batch norm (its buffers: replica 0's, as DDP keeps process 0's), forward-forward (the
@@ -237,7 +249,7 @@ def test_stages_with_replicas_give_the_data_parallel_serial_weights(replicated, 
         # Replica 0's stages measure the plane, as the serial run's first process does.
         assert len(ranks[0][model]["plane"]) == len(expected["plane"]) > 0
         for got_entry, entry in zip(ranks[0][model]["plane"], expected["plane"], strict=True):
-            assert got_entry == pytest.approx(entry, rel=1e-6, abs=1e-9)
+            _assert_same_entry(got_entry, entry)
     # The comparison tells replicas from none: 2 processes on half the batches each do not
     # train the one-process run's weights.
     alone = one_process["cnn"]["parts"][0]

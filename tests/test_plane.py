@@ -1,5 +1,6 @@
 """The information-plane observer (sees only the BlockStack) and the figures drawn from records."""
 
+import io
 import json
 import math
 import subprocess
@@ -287,13 +288,40 @@ def test_compare_titles_name_only_what_every_run_shares(records):
     assert "plane settings differ" in plots.compare_figure([e2e, other_m])._suptitle.get_text()
 
 
-def test_each_measurement_reports_its_time_when_progress_is_on(synthetic, capsys):
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so that tqdm draws its bars into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_each_measurement_and_epoch_is_logged_with_or_without_progress_bars(
+        synthetic, capsys, monkeypatch, progress):
+    """``progress=False`` (``--no-progress``) hides the bars only: a job's log still gets
+    each plane measurement's line, with its time, and each epoch's."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     plane = InformationPlane(probe_size=M)
-    _trainer("e2e", synthetic, (plane,), epochs=1, progress=True).fit()
+    _trainer("e2e", synthetic, (plane,), epochs=1, progress=progress).fit()
     out = capsys.readouterr().out
     assert f"information plane: {M} probe images (train split) prepared in" in out
     for epoch in (0, 1):
         assert f"information plane, epoch {epoch}: 5 blocks measured in" in out
-    quiet = InformationPlane(probe_size=M)
-    _trainer("e2e", synthetic, (quiet,), epochs=1).fit()
-    assert "information plane" not in capsys.readouterr().out
+    assert "epoch 1/1 [" in out and "test acc" in out
+    drawn = terminal.getvalue()  # the bars of the epoch and of each measurement
+    assert ("epoch 1/1" in drawn and "information plane, epoch 1" in drawn) is progress
+    assert progress or drawn == ""
+
+
+def test_a_run_without_progress_bars_prints_its_epochs(run_main, tmp_path):
+    """``run.py --no-progress`` (a cluster job's log) prints every epoch's line and the
+    plane's, as they happen."""
+    done = run_main("--rule", "layerwise", "--model", "resnet32_cifar", "--blocks", "2",
+                    "--dataset", "synthetic", "--train-subset", "64", "--test-subset", "32",
+                    "--batch-size", "32", "--epochs", "2", "--probe-size", "32",
+                    "--no-progress", "--output", tmp_path / "runs")
+    assert done.returncode == 0, done.stderr
+    for epoch in (1, 2):
+        assert f"epoch {epoch}/2 [" in done.stdout
+        assert f"information plane, epoch {epoch}: 2 blocks measured in" in done.stdout

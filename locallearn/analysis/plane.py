@@ -108,6 +108,8 @@ class InformationPlane(Observer):
         memory_budget: bytes of CPU features held at once (see the module docstring).
     """
 
+    probes_blocks = True
+
     def __init__(
         self,
         probe_size: int = 1000,
@@ -143,7 +145,8 @@ class InformationPlane(Observer):
         self.entries: list[dict[str, Any]] = []
         self.seconds: list[float] = []  # wall time of each measurement
         self.m: int | None = None
-        self.progress = False  # a bar per measurement and its time (set from the trainer)
+        self.progress = False  # a bar per measurement (set from the trainer)
+        self.log = False  # a line per measurement, with its time (on the main process)
         self._probe: _Probe | None = None
         self._reference: dict[str, float] = {}
 
@@ -166,15 +169,15 @@ class InformationPlane(Observer):
         }
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        staged = getattr(trainer, "measures_plane_in_stages", False)
-        if trainer.accelerator.is_main_process or staged:
-            self.progress = trainer.config.progress and trainer.accelerator.is_main_process
+        main = trainer.accelerator.is_main_process
+        if main or len(trainer.executor.probe_blocks()):  # the main process describes it
+            self.log, self.progress = main, trainer.config.progress and main
             start = time.perf_counter()
             self.prepare(trainer.data, trainer.eval_transform, trainer.accelerator.device)
-            if self.progress:
+            if self.log:
                 tqdm.write(f"information plane: {self.m} probe images ({self.split} split) "
                            f"prepared in {time.perf_counter() - start:.1f} s")
-        if getattr(trainer, "start_epoch", 0) == 0:  # a resumed run has its epoch 0
+        if trainer.start_epoch == 0:  # a resumed run has its epoch 0
             self._record(trainer, 0)
         trainer.accelerator.wait_for_everyone()  # the others wait rather than race ahead
 
@@ -194,16 +197,18 @@ class InformationPlane(Observer):
         trainer.accelerator.wait_for_everyone()
 
     def _record(self, trainer: Trainer, epoch: int) -> None:
-        """Measure on the main process, or, for a trainer whose blocks are spread over
-        stages (the pipelined executor), on every stage: the trainer runs the probe
-        through its stages and calls :meth:`measure_range` on each."""
-        if getattr(trainer, "measures_plane_in_stages", False):
-            start = time.perf_counter()
-            entries = trainer.measure_plane(self, epoch)
-            if trainer.accelerator.is_main_process:
-                self._recorded(entries, epoch, start)
-        elif trainer.accelerator.is_main_process:
-            self.record(trainer.stack, epoch)
+        """Measure through the trainer's executor: it measures the blocks each process
+        holds (:meth:`measure_range`: every block on the main process of a serial run, each
+        stage's own of a pipelined one) and gives the main process every entry."""
+        start = time.perf_counter()
+        entries = trainer.executor.run_probe(
+            lambda blocks, inputs: self.measure_range(trainer.stack, epoch, blocks, inputs))
+        if trainer.accelerator.is_main_process:
+            self.seconds.append(time.perf_counter() - start)
+            self.entries.extend(entries)
+            if self.log:
+                tqdm.write(f"information plane, epoch {epoch}: {len(entries)} blocks measured "
+                           f"in {self.seconds[-1]:.1f} s")
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         self._probe = None  # the m x m matrices are not needed any more
@@ -232,20 +237,6 @@ class InformationPlane(Observer):
             "nhsic_xx": x_proj.self_nhsic(), "nhsic_yy": y_proj.self_nhsic(),
             "rank_x": x_proj.effective_rank(), "rank_y": y_proj.effective_rank(),
         }
-
-    def record(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
-        """Measure ``stack`` and append the entries, labelled with ``epoch``."""
-        start = time.perf_counter()
-        entries = self.measure(stack, epoch)
-        self._recorded(entries, epoch, start)
-        return entries
-
-    def _recorded(self, entries: list[dict[str, Any]], epoch: int, start: float) -> None:
-        self.seconds.append(time.perf_counter() - start)
-        self.entries.extend(entries)
-        if self.progress:
-            tqdm.write(f"information plane, epoch {epoch}: {len(entries)} blocks measured in "
-                       f"{self.seconds[-1]:.1f} s")
 
     def measure(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
         """One entry per block of ``stack`` (a BlockStack) for the prepared probe set.
@@ -285,7 +276,7 @@ class InformationPlane(Observer):
                 entries, out = [], None
                 bar = tqdm(total=len(dims), desc=f"information plane, epoch {epoch}",
                            unit="block", leave=False, disable=None if self.progress else True)
-                for group in self._groups(dims):
+                for group in _groups(dims, self.m, self.memory_budget):
                     feats = self._features(stack, probe, group, blocks[0], inputs)
                     if group[-1] == blocks[-1]:
                         out = feats[group[-1]].reshape(-1, *shapes[group[-1]])
@@ -313,20 +304,6 @@ class InformationPlane(Observer):
             h = stack.blocks[k](h)
             shapes[k] = tuple(h.shape[1:])
         return shapes
-
-    def _groups(self, dims: dict[int, int]) -> list[list[int]]:
-        """Consecutive blocks whose float32 features fit the memory budget together."""
-        groups: list[list[int]] = []
-        used = 0
-        for k, d in dims.items():
-            size = 4 * d * self.m
-            if groups and used + size <= self.memory_budget:
-                groups[-1].append(k)
-                used += size
-            else:
-                groups.append([k])
-                used = size
-        return groups
 
     def _features(self, stack: nn.Module, probe: _Probe, group: list[int], first: int = 0,
                   inputs: Tensor | None = None) -> dict[int, Tensor]:
@@ -390,3 +367,18 @@ class InformationPlane(Observer):
 def _scaled(ab: float, aa: float, bb: float) -> float:
     norm = (aa * bb) ** 0.5
     return ab / norm if norm > 0 else 0.0
+
+
+def _groups(dims: dict[int, int], m: int, budget: int) -> list[list[int]]:
+    """Consecutive blocks whose float32 features fit the memory budget together."""
+    groups: list[list[int]] = []
+    used = 0
+    for k, d in dims.items():
+        size = 4 * d * m
+        if groups and used + size <= budget:
+            groups[-1].append(k)
+            used += size
+        else:
+            groups.append([k])
+            used = size
+    return groups
