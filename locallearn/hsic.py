@@ -84,9 +84,8 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(len(x), -1)
 
 
-def inner_products(
-    x: Tensor, *, chunk: int | None = None, device: torch.device | str | None = None
-) -> Tensor:
+def inner_products(x: Tensor, *, chunk: int | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
     """The ``(m, m)`` float64 Gram matrix ``x x^T`` of the flattened samples ``x`` (any dtype).
 
     Accumulated over chunks of ``chunk`` features (default: about 2 MiB of float64, at
@@ -133,14 +132,9 @@ def check_distance(distance: str) -> None:
         raise ConfigError(f"unknown distance {distance!r}; choices: {', '.join(DISTANCES)}")
 
 
-def kernel_from_inner_products(
-    gram: Tensor,
-    dim: int,
-    kernel: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    *,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> Tensor:
+def kernel_from_inner_products(gram: Tensor, dim: int, kernel: Kernel = "gaussian",
+                               sigma: float = DEFAULT_SIGMA, *,
+                               distance: Distance = DEFAULT_DISTANCE) -> Tensor:
     """The Gram matrix of ``kernel`` from the inner products ``gram`` (float64) of flattened
     samples of dimension ``dim``.
 
@@ -170,13 +164,8 @@ def kernel_from_inner_products(
     return torch.exp(-dist / (2 * scale))
 
 
-def kernel_matrix(
-    x: Tensor,
-    kernel: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    *,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> Tensor:
+def kernel_matrix(x: Tensor, kernel: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA, *,
+                  distance: Distance = DEFAULT_DISTANCE) -> Tensor:
     """The ``(m, m)`` float64 Gram matrix of ``kernel`` on samples ``x`` of shape ``(m, ...)``.
 
     ``distance`` as in :func:`kernel_from_inner_products` (ignored by ``"delta"``).
@@ -258,16 +247,10 @@ def soft_projector(k: Tensor, eps: float = DEFAULT_EPS) -> SoftProjector:
     return SoftProjector((matrix + matrix.T) / 2, ratios, eps)
 
 
-def _projectors(
-    a: Tensor | SoftProjector,
-    b: Tensor | SoftProjector,
-    *,
-    kernel_a: Kernel = "gaussian",
-    kernel_b: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    eps: float = DEFAULT_EPS,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> tuple[SoftProjector, SoftProjector]:
+def _projectors(a: Tensor | SoftProjector, b: Tensor | SoftProjector, *,
+                kernel_a: Kernel = "gaussian", kernel_b: Kernel = "gaussian",
+                sigma: float = DEFAULT_SIGMA, eps: float = DEFAULT_EPS,
+                distance: Distance = DEFAULT_DISTANCE) -> tuple[SoftProjector, SoftProjector]:
     check_distance(distance)
     return tuple(  # type: ignore[return-value]
         x if isinstance(x, SoftProjector)
@@ -356,15 +339,8 @@ def nhsic_adjusted(a: Tensor | SoftProjector, b: Tensor | SoftProjector,
                              pa.effective_rank(), pb.effective_rank(), pa.size)
 
 
-def hsic(
-    a: Tensor,
-    b: Tensor,
-    *,
-    kernel_a: Kernel = "gaussian",
-    kernel_b: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> float:
+def hsic(a: Tensor, b: Tensor, *, kernel_a: Kernel = "gaussian", kernel_b: Kernel = "gaussian",
+         sigma: float = DEFAULT_SIGMA, distance: Distance = DEFAULT_DISTANCE) -> float:
     """The biased HSIC estimate ``Tr[K_a H K_b H] / (m - 1)^2`` (Gretton et al. 2005,
     "Measuring statistical dependence with Hilbert-Schmidt norms", ALT).
 
@@ -401,16 +377,10 @@ def linear_cka(a: Tensor, b: Tensor) -> float:
     return kernel_alignment(inner_products(a), inner_products(b).to(a.device))
 
 
-def differentiable_nhsic(
-    a: Tensor,
-    b: Tensor | SoftProjector,
-    *,
-    kernel_a: Kernel = "gaussian",
-    kernel_b: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    eps: float = DEFAULT_EPS,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> Tensor:
+def differentiable_nhsic(a: Tensor, b: Tensor | SoftProjector, *, kernel_a: Kernel = "gaussian",
+                         kernel_b: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA,
+                         eps: float = DEFAULT_EPS,
+                         distance: Distance = DEFAULT_DISTANCE) -> Tensor:
     """``nHSIC(a; b)`` as a float64 scalar tensor with gradients to ``a`` (and ``b``).
 
     The training-time regulariser of the seed code (a block's local loss minus
@@ -440,9 +410,8 @@ def differentiable_nhsic(
     return (ra * rb.T).sum()  # Tr[Ra Rb] without forming the product
 
 
-def _differentiable_projector(
-    x: Tensor, kernel: Kernel, sigma: float, eps: float, distance: Distance
-) -> Tensor:
+def _differentiable_projector(x: Tensor, kernel: Kernel, sigma: float, eps: float,
+                              distance: Distance) -> Tensor:
     _check_kernel(kernel)
     if not eps > 0:
         raise ValueError(f"eps must be positive; got {eps}")
