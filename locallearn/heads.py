@@ -97,9 +97,8 @@ def pool(h: torch.Tensor) -> torch.Tensor:
 
 def channels_of(shape: Sequence[int]) -> int:
     """Feature size left after :func:`pool` for a block output of ``shape`` (batch first)."""
-    shape = torch.Size(shape)
     return shape[1] if len(shape) == 4 else shape[-1] if len(shape) == 3 else int(
-        shape[1:].numel())
+        torch.Size(shape[1:]).numel())
 
 
 class PoolLinear(nn.Module):
@@ -111,12 +110,8 @@ class PoolLinear(nn.Module):
 
     def __init__(self, channels: int, out: int, hidden: int = 0):
         super().__init__()
-        if hidden:
-            self.fc = nn.Sequential(
-                nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
-            )
-        else:
-            self.fc = nn.Linear(channels, out)
+        self.fc = (nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out)) if hidden else nn.Linear(channels, out))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc(pool(h))

@@ -433,10 +433,8 @@ def _differentiable_projector(x: Tensor, kernel: Kernel, sigma: float, eps: floa
                     # positive, so a zero one gets a zero gradient rather than nan.
                     positive = dist > 0
                     dist = torch.where(positive, dist.where(positive, 1.0).sqrt(), 0.0)
-                scale = (
-                    _median_scale(dist.detach()) if kernel == "median"
-                    else sigma**2 * flat.shape[1]
-                )
+                scale = (_median_scale(dist.detach()) if kernel == "median"
+                         else sigma**2 * flat.shape[1])
                 k = torch.exp(-dist / (2 * scale))
         kc = k - k.mean(0, keepdim=True)
         kc = kc - kc.mean(1, keepdim=True)
