@@ -560,11 +560,6 @@ class BatchTransform:
         self.augment, self.padding = augment, padding
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @classmethod
-    def for_data(cls, data: ImageData, train: bool, padding: int = 4) -> BatchTransform:
-        """The data set's augmentation for training, plain normalisation for evaluation."""
-        return cls(data.mean, data.std, data.augment if train else "none", padding)
-
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
         """Augment (if configured) and normalise uint8 ``(B, C, H, W)`` images to float32."""
