@@ -326,13 +326,13 @@ def _test_dir(path: Path) -> Path | None:
 
 def _load_imagefolder(path: Path, cache_dir: Path) -> ImageData:
     classes, train_files, test_files = _list_folder(path)
-    train_images, test_images = (_cached_split(d, [p for p, _ in files], cache_dir)
-                                 for d, files in ((path / "train", train_files),
-                                                  (_test_dir(path), test_files)))
+    test_dir = _test_dir(path)
+    train_images = _cached_split(path / "train", [p for p, _ in train_files], cache_dir)
+    test_images = _cached_split(test_dir, [p for p, _ in test_files], cache_dir)
     if train_images.shape[1:] != test_images.shape[1:]:
         (th, tw), (sh, sw) = train_images.shape[2:], test_images.shape[2:]
         raise DataError(f"image folder {str(path)!r}: train images are {tw}x{th} but "
-                        f"{_test_dir(path).name} images are {sw}x{sh}; resize them to one size")
+                        f"{test_dir.name} images are {sw}x{sh}; resize them to one size")
     mean, std = channel_stats(train_images)
     labels = [torch.tensor([y for _, y in files], dtype=torch.int64)
               for files in (train_files, test_files)]
