@@ -10,16 +10,16 @@ run gives its own (:meth:`ImageData.with_transform`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
 import socket
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -35,26 +35,24 @@ DATASETS: tuple[str, ...] = (
 )
 AUGMENTS: tuple[str, ...] = ("crop_flip", "crop", "flip", "none")
 
-# name -> (torchvision class, display name, augmentation). Digits must not be
-# flipped; clothes are left-right symmetric, so Fashion-MNIST keeps the flip.
+# name -> (torchvision class, display name, augmentation, classes, image side, training
+# images, test images): a run needs the shape before loading the set (for the model and
+# the probe batch); it is fixed by the format. Digits must not be flipped; clothes are
+# left-right symmetric, so Fashion-MNIST keeps the flip.
 _TORCHVISION = {
-    "cifar10": ("CIFAR10", "CIFAR-10", "crop_flip"),
-    "cifar100": ("CIFAR100", "CIFAR-100", "crop_flip"),
-    "mnist": ("MNIST", "MNIST", "crop"),
-    "fashion_mnist": ("FashionMNIST", "Fashion-MNIST", "crop_flip"),
-}
-# name -> (classes, image side, training images, test images): what a run needs to know
-# before loading the set (for the model and the probe batch); they are fixed by the format.
-_TORCHVISION_SHAPE = {
-    "cifar10": (10, 32, 50_000, 10_000),
-    "cifar100": (100, 32, 50_000, 10_000),
-    "mnist": (10, 28, 60_000, 10_000),
-    "fashion_mnist": (10, 28, 60_000, 10_000),
+    "cifar10": ("CIFAR10", "CIFAR-10", "crop_flip", 10, 32, 50_000, 10_000),
+    "cifar100": ("CIFAR100", "CIFAR-100", "crop_flip", 100, 32, 50_000, 10_000),
+    "mnist": ("MNIST", "MNIST", "crop", 10, 28, 60_000, 10_000),
+    "fashion_mnist": ("FashionMNIST", "Fashion-MNIST", "crop_flip", 10, 28, 60_000, 10_000),
 }
 _SYNTHETIC = {"classes": 10, "side": 16, "train": 256, "test": 128}
 _FOLDER_LAYOUT = "PATH/train/<class>/<image> and PATH/test/<class>/<image> (or val/)"
 _CACHE_VERSION = "1"
+# torchvision's urlopen has no timeout, so a firewall that drops packets would hang a
+# download for minutes; a default socket timeout bounds every step of it.
 _DOWNLOAD_TIMEOUT_S = 20.0
+# torchvision's IMG_EXTENSIONS, matched case-insensitively as its make_dataset does.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -101,11 +99,7 @@ class ImageData:
         """This data set (the same tensors) with another augmentation or normalisation.
 
         None keeps the data set's own: its augmentation, the statistics measured
-        on its training split.
-
-        Raises:
-            ConfigError: an unknown augmentation, or a mean or std that is not one
-                finite number per channel (std above 0).
+        on its training split. Bad values are refused as :func:`check_transform` says.
         """
         check_transform(augment, mean, std, self.image_size[0])
         return replace(
@@ -116,12 +110,8 @@ class ImageData:
 
 def check_transform(augment: str | None, mean: Sequence[float] | None,
                     std: Sequence[float] | None, channels: int) -> None:
-    """Refuse an unknown augmentation, or a mean or std that is not one finite number per
-    channel (std above 0); None stands for the data set's own.
-
-    Raises:
-        ConfigError: naming the value and what it needs.
-    """
+    """Refuse (:class:`ConfigError`) an unknown augmentation, or a mean or std that is not
+    one finite number per channel (std above 0); None stands for the data set's own."""
     if augment is not None and augment not in AUGMENTS:
         raise unknown_name("augment", augment, AUGMENTS)
     for what, values in (("mean", mean), ("std", std)):
@@ -139,10 +129,6 @@ def check_subset(split: str, n: int | None, total: int, name: str) -> None:
     if n is not None and not 1 <= n <= total:
         raise ConfigError(f"{split}_subset={n} must be between 1 and the {total} "
                           f"{split} images of {name}")
-
-
-def _folder_split(path: Path, *names: str) -> Path | None:
-    return next((path / n for n in names if (path / n).is_dir()), None)
 
 
 def check_dataset(spec: str, root: str | Path = "data") -> None:
@@ -194,7 +180,7 @@ def dataset_info(spec: str, root: str | Path = "data", download: bool = True) ->
         return DataInfo(name, _SYNTHETIC["classes"], (3, side, side), _SYNTHETIC["train"],
                         _SYNTHETIC["test"])
     _check_torchvision_files(name, Path(root), download)
-    classes, side, train_size, test_size = _TORCHVISION_SHAPE[name]
+    classes, side, train_size, test_size = _TORCHVISION[name][3:]
     return DataInfo(name, classes, (3, side, side), train_size, test_size)
 
 
@@ -203,7 +189,7 @@ def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
     (downloading is off, or no download host answers)."""
     import torchvision.datasets  # slow import, only needed here
 
-    cls_name, display, _ = _TORCHVISION[name]
+    cls_name, display = _TORCHVISION[name][:2]
     cls = getattr(torchvision.datasets, cls_name)
     if hasattr(cls, "base_folder"):  # CIFAR: the unpacked batches
         folder = root / cls.base_folder
@@ -214,9 +200,7 @@ def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
         names = [os.path.splitext(os.path.basename(f))[0] for f, _ in cls.resources]
         urls = list(cls.mirrors)
     missing = [f for f in names if not (folder / f).is_file()]
-    if not missing:
-        return
-    if download and _download_reachable(urls):
+    if not missing or (download and _download_reachable(urls)):
         return  # torchvision downloads it when the run loads it
     why = ("no download host answers" if download else "downloading is off")
     lacks = (folder / missing[0]).relative_to(root)
@@ -228,34 +212,15 @@ def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
 
 def _download_reachable(urls: Sequence[str], timeout: float = 3.0) -> bool:
     """Whether any of ``urls``' hosts accepts a TCP connection within ``timeout`` seconds."""
-    from urllib.parse import urlparse
-
     for url in urls:
         parsed = urlparse(url)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
             socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            return True
         except (OSError, UnicodeError):  # no route, no name, refused, timed out
             continue
-        return True
     return False
-
-
-def _folder_path(spec: str) -> Path:
-    """The folder of an ``imagefolder:PATH`` spec, once its layout is checked."""
-    raw = spec[len("imagefolder:"):]
-    if not raw:
-        raise ConfigError("imagefolder needs a path: --dataset imagefolder:PATH")
-    path = Path(raw).expanduser()
-    if not path.is_dir():
-        problem = "does not exist" if not path.exists() else "is not a directory"
-    elif _folder_split(path, "train") is None:
-        problem = "has no train/ directory"
-    elif _folder_split(path, "test", "val") is None:
-        problem = "has neither test/ nor val/ directory"
-    else:
-        return path
-    raise DataError(f"image folder {str(path)!r} {problem}; expected {_FOLDER_LAYOUT}")
 
 
 def _canonical_name(spec: str) -> str | None:
@@ -306,32 +271,23 @@ def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | No
     return data
 
 
-@contextlib.contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    # torchvision's urlopen has no timeout, so a firewall that drops packets
-    # would hang it for minutes; a default timeout bounds every socket step.
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(old)
-
-
 def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
     import torchvision.datasets  # slow import, only needed here
 
-    cls_name, display, augment = _TORCHVISION[name]
+    cls_name, display, augment = _TORCHVISION[name][:3]
     cls = getattr(torchvision.datasets, cls_name)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
     try:
-        with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
-            train, test = (cls(root, train=t, download=download) for t in (True, False))
+        train, test = (cls(root, train=t, download=download) for t in (True, False))
     except (OSError, RuntimeError, EOFError) as err:  # URLError is an OSError
         problem = ("find or download {} in {!r} (no network?); download it on a machine with "
                    "internet into that folder" if download else
                    "find {} in {!r} (downloading is off); put it into that folder")
         raise DataError(f"could not {problem.format(display, str(root))}, or pass --dataset "
                         "imagefolder:PATH for an image-folder copy") from err
+    finally:
+        socket.setdefaulttimeout(old)
 
     def images(ds) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(ds.data))
@@ -347,15 +303,36 @@ def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
         list(train.classes), mean, std, augment)
 
 
+def _folder_path(spec: str) -> Path:
+    """The folder of an ``imagefolder:PATH`` spec, once its layout is checked."""
+    raw = spec[len("imagefolder:"):]
+    if not raw:
+        raise ConfigError("imagefolder needs a path: --dataset imagefolder:PATH")
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        problem = "does not exist" if not path.exists() else "is not a directory"
+    elif not (path / "train").is_dir():
+        problem = "has no train/ directory"
+    elif _test_dir(path) is None:
+        problem = "has neither test/ nor val/ directory"
+    else:
+        return path
+    raise DataError(f"image folder {str(path)!r} {problem}; expected {_FOLDER_LAYOUT}")
+
+
+def _test_dir(path: Path) -> Path | None:
+    return next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
+
+
 def _load_imagefolder(path: Path, cache_dir: Path) -> ImageData:
     classes, train_files, test_files = _list_folder(path)
-    train_dir, test_dir = path / "train", _folder_split(path, "test", "val")
-    train_images = _cached_split(train_dir, [p for p, _ in train_files], cache_dir)
+    test_dir = _test_dir(path)
+    train_images = _cached_split(path / "train", [p for p, _ in train_files], cache_dir)
     test_images = _cached_split(test_dir, [p for p, _ in test_files], cache_dir)
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(f"image folder {str(path)!r}: train images are "
-                        f"{_size(train_images.shape)} but {test_dir.name} images are "
-                        f"{_size(test_images.shape)}; resize them to one size")
+        (th, tw), (sh, sw) = train_images.shape[2:], test_images.shape[2:]
+        raise DataError(f"image folder {str(path)!r}: train images are {tw}x{th} but "
+                        f"{test_dir.name} images are {sw}x{sh}; resize them to one size")
     mean, std = channel_stats(train_images)
     labels = [torch.tensor([y for _, y in files], dtype=torch.int64)
               for files in (train_files, test_files)]
@@ -363,19 +340,11 @@ def _load_imagefolder(path: Path, cache_dir: Path) -> ImageData:
                      labels[1], classes, mean, std, "crop_flip")
 
 
-# torchvision's IMG_EXTENSIONS, matched case-insensitively as its make_dataset does.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
 def _list_folder(path: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
-    """Classes and ``(file, label)`` lists of the train and test splits of an image folder.
-
-    Raises:
-        DataError: train/ has no class folder, a class without images or only one
-            class; test/ has classes train/ lacks or no image; a symbolic-link loop.
-    """
-    train_dir, test_dir = path / "train", _folder_split(path, "test", "val")
-    assert test_dir is not None, "_folder_path checked the layout"
+    """Classes and ``(file, label)`` lists of the train and test splits of an image folder
+    (whose layout :func:`_folder_path` checked); refuses with a one-line :class:`DataError`
+    a split or class without images, a single class, test classes that train/ lacks."""
+    train_dir, test_dir = path / "train", _test_dir(path)
     classes = _class_names(train_dir)
     if not classes:
         raise DataError(f"no class folders in {str(train_dir)!r}; expected {_FOLDER_LAYOUT}")
@@ -411,20 +380,15 @@ def _image_files(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
 
     The same files in the same order as torchvision's ``make_dataset`` (sorted
     walk, links followed), which the image cache's key depends on; but a
-    directory reached twice is refused, where ``os.walk`` would follow a link
-    to a parent again and again and list the same images thousands of times.
-
-    Raises:
-        DataError: a symbolic-link loop, or two links to one directory.
+    directory reached twice is refused (a :class:`DataError`), where ``os.walk``
+    would follow a link to a parent again and again and list the same images
+    thousands of times.
     """
     files: list[tuple[str, int]] = []
     seen: dict[str, str] = {}  # real path of each directory walked -> the path it was reached by
     for label, name in enumerate(classes):
-        class_dir = os.path.join(split_dir, name)
-        if not os.path.isdir(class_dir):
-            continue
         walked = []
-        for root, dirs, names in os.walk(class_dir, followlinks=True):
+        for root, dirs, names in os.walk(os.path.join(split_dir, name), followlinks=True):
             dirs.sort()  # a deterministic walk, so errors name the same paths every time
             real, parent = os.path.realpath(root), os.path.realpath(os.path.dirname(root))
             if real == parent or parent.startswith(os.path.join(real, "")):  # "/" ends in "/"
@@ -436,14 +400,9 @@ def _image_files(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
                                 "link); each image must be listed once, remove the link")
             seen[real] = root
             walked.append((root, names))
-        for root, names in sorted(walked):
-            files += [(os.path.join(root, f), label) for f in sorted(names)
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        files += [(os.path.join(root, f), label) for root, names in sorted(walked)
+                  for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return files
-
-
-def _size(shape: Sequence[int]) -> str:
-    return f"{shape[-1]}x{shape[-2]}"  # width x height, as PIL reports sizes
 
 
 def _cached_split(split_dir: Path, paths: list[str], cache_dir: Path) -> torch.Tensor:
@@ -482,8 +441,7 @@ def _decode_images(paths: list[str], split_dir: Path) -> np.ndarray:
     that holds torch threads (or CUDA) is unsafe, spawn start-up eats the gain, and
     the cache makes decoding a one-time cost.
     """
-    out: np.ndarray | None = None
-    first = ""
+    out = np.empty(0)
     with warnings.catch_warnings():
         # Past Image.MAX_IMAGE_PIXELS PIL only warns; past twice that it raises. Refuse both.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -492,21 +450,20 @@ def _decode_images(paths: list[str], split_dir: Path) -> np.ndarray:
             try:
                 with Image.open(p) as im:  # closes the file on every error too
                     # Sizes are in the header: a mismatch fails before any pixel is decoded.
-                    if out is not None and im.size != (out.shape[2], out.shape[1]):
+                    if i and im.size != (out.shape[2], out.shape[1]):
                         raise DataError(
-                            f"images in {str(split_dir)!r} differ in size: "
-                            f"{_size(out.shape[1:3])} ({first}) vs {im.size[0]}x{im.size[1]} "
-                            f"({p}); resize them to one size")
+                            f"images in {str(split_dir)!r} differ in size: {out.shape[2]}x"
+                            f"{out.shape[1]} ({paths[0]}) vs {im.size[0]}x{im.size[1]} ({p}); "
+                            "resize them to one size")
                     pixels = np.asarray(im.convert("RGB"))  # grayscale repeats, alpha is dropped
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
                 raise DataError(f"refusing image {p!r}: {str(err).rstrip('.')} (PIL's "
                                 "decompression-bomb check); resize it") from err
             except (OSError, ValueError, EOFError, SyntaxError) as err:
                 raise DataError(f"cannot read image {p!r}: {err}") from err
-            if out is None:
-                out, first = np.empty((len(paths), *pixels.shape), np.uint8), p
+            if i == 0:
+                out = np.empty((len(paths), *pixels.shape), np.uint8)
             out[i] = pixels
-    assert out is not None, "_list_folder never returns an empty listing"
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -556,8 +513,7 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     the rest is spread over the others. With ``n`` below the number of classes,
     some classes are absent.
 
-    Raises:
-        ConfigError: ``n`` is not between 1 and ``len(labels)``.
+    ``n`` must be between 1 and ``len(labels)`` (else a :class:`ConfigError`).
     """
     if not 1 <= n <= len(labels):
         raise ConfigError(f"subset size {n} must be between 1 and {len(labels)}")
@@ -590,11 +546,8 @@ class BatchTransform:
     come from ``generator`` (drawn on its device, CPU unless given otherwise), or
     from torch's default generator when it is ``None``.
 
-    Args:
-        mean: per-channel mean in [0, 1] units.
-        std: per-channel std in [0, 1] units.
-        augment: one of :data:`AUGMENTS`.
-        padding: zero padding of the random crop, in pixels.
+    ``mean`` and ``std`` are per channel, in [0, 1] units; ``padding`` is the crop's, in
+    pixels.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], augment: str = "none",
@@ -607,35 +560,25 @@ class BatchTransform:
         self.augment, self.padding = augment, padding
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @classmethod
-    def for_data(cls, data: ImageData, train: bool, padding: int = 4) -> BatchTransform:
-        """The data set's augmentation for training, plain normalisation for evaluation."""
-        return cls(data.mean, data.std, data.augment if train else "none", padding)
-
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
         """Augment (if configured) and normalise uint8 ``(B, C, H, W)`` images to float32."""
-        if self.augment == "flip":
-            images = self._flip(images, generator)
-        elif self.augment != "none":
-            images = self._crop_flip(images, generator)
+        if self.augment != "none":
+            images = self._augment(images, generator)
         if images.device not in self._on_device:  # copy the stats to each device only once
             self._on_device[images.device] = (self.mean.to(images.device),
                                               self.std.to(images.device))
         mean, std = self._on_device[images.device]
         return images.float().div_(255).sub_(mean).div_(std)
 
-    @staticmethod
-    def _flip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        rng = generator.device if generator is not None else torch.device("cpu")
-        flip = torch.rand(images.shape[0], generator=generator, device=rng) < 0.5
-        return torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
-
-    def _crop_flip(self, images: torch.Tensor, generator: torch.Generator | None
-                   ) -> torch.Tensor:
+    def _augment(self, images: torch.Tensor, generator: torch.Generator | None
+                 ) -> torch.Tensor:
         b, _, h, w = images.shape
-        p = self.padding
+        p, dev = self.padding, images.device
         rng = generator.device if generator is not None else torch.device("cpu")
+        if self.augment == "flip":
+            flip = torch.rand(b, generator=generator, device=rng) < 0.5
+            return torch.where(flip.to(dev).view(-1, 1, 1, 1), images.flip(3), images)
         dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=rng)
         dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=rng)
         rows = dy + torch.arange(h, device=rng)
@@ -643,7 +586,6 @@ class BatchTransform:
         if self.augment == "crop_flip":
             flip = torch.rand(b, 1, generator=generator, device=rng) < 0.5
             cols = torch.where(flip, cols.flip(1), cols)  # reading the window backwards flips it
-        dev = images.device
         padded = F.pad(images, (p, p, p, p))  # zeros in raw pixel units, like RandomCrop
         batch = torch.arange(b, device=dev)[:, None, None]
         # Advanced indices split by a slice move to the front: result is (B, H, W, C).

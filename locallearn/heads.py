@@ -36,10 +36,8 @@ ROLES = ("classifier", "decoder", "similarity")
 def register_head(name: str, **meta: Any):
     """Register a head factory ``f(shape, out, **options) -> nn.Module`` under ``name``.
 
-    Args:
-        name: what objectives and ``--rule-opt head=NAME`` call it.
-        **meta: ``role`` (one of :data:`ROLES`) and ``summary`` are required;
-            ``needs="map"`` for heads that need ``(B, C, H, W)`` inputs; ``paper``.
+    ``meta``: ``role`` (one of :data:`ROLES`) and ``summary`` are required;
+    ``needs="map"`` for heads that need ``(B, C, H, W)`` inputs; ``paper``.
     """
     if meta.get("role") not in ROLES:
         raise ConfigError(f"head {name!r}: role must be one of {', '.join(ROLES)}; "
@@ -62,16 +60,11 @@ def build_head(name: str, shape: Sequence[int], out: Any, where: str = "",
                option: str = "head", **options: Any) -> nn.Module:
     """The head ``name`` for block outputs of ``shape``, with ``out`` outputs.
 
-    Options the head does not take are refused, except those left at 0 (a
-    rule passes its settings for every head it may build).
-
-    Args:
-        name: a registered head.
-        shape: the block output's shape, batch first.
-        out: the head's output size (an int, or a decoder's image shape).
-        where: what the head is for, in messages ("rule 'dgl', block 'layer1'").
-        option: the option that chose the head, for the hint in messages.
-        **options: the head's options (``hidden``, ``depth``, ``pool``, ``width``).
+    ``shape`` is the block output's, batch first; ``out`` an int, or a decoder's image
+    shape. Options the head does not take are refused, except those left at 0 (a
+    rule passes its settings for every head it may build). ``where`` (what the head is
+    for: "rule 'dgl', block 'layer1'") and ``option`` (the option that chose the head)
+    go into messages.
 
     Raises:
         ConfigError: an unknown head (close matches named), a feature-map head
@@ -104,9 +97,8 @@ def pool(h: torch.Tensor) -> torch.Tensor:
 
 def channels_of(shape: Sequence[int]) -> int:
     """Feature size left after :func:`pool` for a block output of ``shape`` (batch first)."""
-    shape = torch.Size(shape)
     return shape[1] if len(shape) == 4 else shape[-1] if len(shape) == 3 else int(
-        shape[1:].numel())
+        torch.Size(shape[1:]).numel())
 
 
 class PoolLinear(nn.Module):
@@ -118,12 +110,8 @@ class PoolLinear(nn.Module):
 
     def __init__(self, channels: int, out: int, hidden: int = 0):
         super().__init__()
-        if hidden:
-            self.fc = nn.Sequential(
-                nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
-            )
-        else:
-            self.fc = nn.Linear(channels, out)
+        self.fc = (nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out)) if hidden else nn.Linear(channels, out))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc(pool(h))
@@ -141,12 +129,8 @@ def reduced_pool(shape: Sequence[int],
     pooled map has ``ceil(H / kh) x ceil(W / kw)`` cells (the padding counts as
     zeros in each average, as ``nn.AvgPool2d`` does by default).
 
-    Args:
-        shape: a ``(B, C, H, W)`` block output's shape.
-        features: the most values to keep per sample.
-
-    Returns:
-        ``((kh, kw), (ph, pw), C * ceil(H / kh) * ceil(W / kw))``.
+    Returns ``((kh, kw), (ph, pw), C * ceil(H / kh) * ceil(W / kw))`` for a
+    ``(B, C, H, W)`` shape.
     """
     _, channels, height, width = shape
     kh = kw = 1
@@ -174,12 +158,6 @@ class ReducedLinear(nn.Module):
     average-pooled over tokens in the same way (halving their number until
     ``tokens * D <= features``); vectors pass through. With ``hidden > 0`` a
     hidden ReLU layer comes before the linear layer (the seed's ``mlp`` head).
-
-    Args:
-        shape: the block output's shape, batch first.
-        out: outputs of the last linear layer.
-        features: the most values the pooling keeps per sample.
-        hidden: width of a hidden ReLU layer (0: none).
     """
 
     def __init__(self, shape: Sequence[int], out: int, features: int = 2048, hidden: int = 0):
@@ -217,28 +195,15 @@ class ConvPoolLinear(nn.Module):
 
     The shape of two heads of the literature: the layer-wise ``conv`` head
     (one conv, global pooling) and InfoPro's ``1c2f`` net (one conv, strided below 64 channels,
-    global pooling, an MLP).
-
-    Args:
-        channels: the map's channels.
-        out: outputs of the last linear layer.
-        depth: conv-BN-ReLU layers.
-        side: side of the pooled map (1: global average pooling).
-        hidden: width of a hidden ReLU layer after pooling (0: none).
-        width: channels of the convs (0: ``channels``).
-        stride: stride of the first conv.
+    global pooling, an MLP). ``side`` 1 pools globally, ``hidden`` 0 has no hidden layer,
+    ``width`` 0 keeps ``channels``; ``stride`` is the first conv's.
     """
 
     def __init__(self, channels: int, out: int, depth: int = 1, side: int = 1, hidden: int = 0,
                  width: int = 0, stride: int = 1):
         super().__init__()
         width = width or channels
-        layers: list[nn.Module] = []
-        for k in range(depth):
-            layers += [nn.Conv2d(channels if k == 0 else width, width, 3,
-                                 stride=stride if k == 0 else 1, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-        self.convs = nn.Sequential(*layers)
+        self.convs = nn.Sequential(*conv_bn_relu(channels, width, 3, depth, stride))
         self.side = side
         self.fc = PoolLinear(width * side * side, out, hidden)
 
@@ -249,12 +214,14 @@ class ConvPoolLinear(nn.Module):
         return self.fc(z)  # PoolLinear pools globally
 
 
-def conv_bn_relu(channels: int, width: int, kernel: int, depth: int) -> list[nn.Module]:
-    """``depth`` conv-BN-ReLU layers (convs without bias, padded to keep the size)."""
+def conv_bn_relu(channels: int, width: int, kernel: int, depth: int,
+                 stride: int = 1) -> list[nn.Module]:
+    """``depth`` conv-BN-ReLU layers (convs without bias, padded; ``stride`` is the first's)."""
     layers: list[nn.Module] = []
     for k in range(depth):
-        layers += [nn.Conv2d(channels if k == 0 else width, width, kernel, padding=kernel // 2,
-                             bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(channels if k == 0 else width, width, kernel,
+                             stride=stride if k == 0 else 1, padding=kernel // 2, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
     return layers
 
 
@@ -266,13 +233,7 @@ class CnnAux(nn.Module):
     ``auxiliary_nets_study/models.py``, ``auxillary_classifier2`` with
     ``cnn=True``): the convs keep the block's channels and have no bias, the
     pooled map is batch-normalised before the linear layer, and every layer
-    keeps PyTorch's default initialisation.
-
-    Args:
-        channels: the map's channels.
-        out: outputs of the linear layer.
-        depth: conv-BN-ReLU layers (2 in the paper).
-        side: side of the pooled map (2 in the paper).
+    keeps PyTorch's default initialisation. The paper has ``depth`` 2 and ``side`` 2.
     """
 
     def __init__(self, channels: int, out: int, depth: int = 2, side: int = 2):
@@ -295,14 +256,8 @@ class MlpSr(nn.Module):
     ``depth`` 1x1 conv-BN-ReLU layers (no bias), average pool to ``side x
     side``, ``depth`` Linear-BN-ReLU layers of ``width * side**2`` features, a
     linear layer. Cheap at any resolution: the convs run on a map 16 times
-    smaller than the block's.
-
-    Args:
-        shape: the block output's shape ``(B, C, H, W)``.
-        out: outputs of the last linear layer.
-        depth: 1x1 conv layers, and as many hidden linear layers (3 and 3 in the paper).
-        side: side of the map the MLP reads (2 in the paper).
-        width: channels of the 1x1 convs (0: the block's, as in the paper).
+    smaller than the block's. The paper has ``depth`` 3, ``side`` 2 and ``width`` the
+    block's channels (0).
     """
 
     def __init__(self, shape: Sequence[int], out: int, depth: int = 3, side: int = 2,
@@ -331,13 +286,8 @@ class Decoder(nn.Module):
     2021; blackfeather-wang/InfoPro-Pytorch, ``networks/auxiliary_nets.py``):
     bilinear upsampling with aligned corners, two 3x3 convs with biases (the
     first followed by batch norm and ReLU), a sigmoid; convs start He-normal
-    (fan-out), as that code's ``InfoProResNet`` initialises every conv.
-
-    Args:
-        channels: the part output's channels.
-        size: ``(H, W)`` of the input image.
-        width: channels of the hidden conv (12 in the paper's code).
-        image_channels: channels of the image.
+    (fan-out), as that code's ``InfoProResNet`` initialises every conv. ``size`` is the
+    image's ``(H, W)``; ``width`` the hidden conv's channels (12 in the paper's code).
     """
 
     def __init__(self, channels: int, size: tuple[int, int], width: int = 12,

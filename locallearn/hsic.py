@@ -47,40 +47,13 @@ label-equality kernel). ``distance`` matters only to the two Gaussian kernels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
-
-__all__ = [
-    "DEFAULT_DISTANCE",
-    "DEFAULT_EPS",
-    "DEFAULT_SIGMA",
-    "DISTANCES",
-    "KERNELS",
-    "SoftProjector",
-    "centre",
-    "check_distance",
-    "differentiable_nhsic",
-    "hsic",
-    "inner_products",
-    "kernel_alignment",
-    "kernel_from_inner_products",
-    "kernel_matrix",
-    "linear_cka",
-    "nhsic",
-    "nhsic_adjusted",
-    "nhsic_chance",
-    "nhsic_scaled",
-    "adjust_for_chance",
-    "soft_projector",
-    "sq_distances",
-]
 
 Kernel = Literal["gaussian", "median", "linear", "delta"]
 KERNELS: tuple[str, ...] = ("gaussian", "median", "linear", "delta")
@@ -100,11 +73,9 @@ _DOUBLE_EPS = torch.finfo(torch.float64).eps
 _SPAN_TOL = 1e-9
 
 
-@contextmanager
-def _exact(device: torch.device) -> Iterator[None]:
+def _exact(device: torch.device) -> torch.autocast:
     """Autocast off: a float16 Gram matrix would make the measures meaningless."""
-    with torch.autocast(device.type, enabled=False):
-        yield
+    return torch.autocast(device.type, enabled=False)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -113,21 +84,13 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(len(x), -1)
 
 
-def inner_products(
-    x: Tensor, *, chunk: int | None = None, device: torch.device | str | None = None
-) -> Tensor:
-    """The Gram matrix of inner products ``x x^T`` of the flattened samples, in float64.
+def inner_products(x: Tensor, *, chunk: int | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
+    """The ``(m, m)`` float64 Gram matrix ``x x^T`` of the flattened samples ``x`` (any dtype).
 
-    Accumulated over chunks of features, so only one float64 chunk exists beside
-    ``x``; ``x`` may live on the CPU while the products run on ``device``.
-
-    Args:
-        x: samples, shape ``(m, ...)``, any real dtype.
-        chunk: features per chunk (default: about 2 MiB of float64, at least 256).
-        device: where to compute (default: ``x``'s device).
-
-    Returns:
-        ``(m, m)`` float64 tensor on ``device``.
+    Accumulated over chunks of ``chunk`` features (default: about 2 MiB of float64, at
+    least 256), so only one float64 chunk exists beside ``x``; ``x`` may live on the CPU
+    while the products run on ``device`` (default: ``x``'s).
     """
     flat = _flat(x)
     m, d = flat.shape
@@ -141,23 +104,6 @@ def inner_products(
     return gram
 
 
-def sq_distances(gram: Tensor) -> Tensor:
-    """Squared Euclidean distances from inner products: ``||u||^2 + ||v||^2 - 2 u.v``.
-
-    Rounding can make the expression slightly negative; it is clamped at zero and
-    the diagonal is set to exactly zero.
-    """
-    norms = gram.diagonal()
-    dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min_(0)
-    return dist.fill_diagonal_(0)
-
-
-def _distances(gram: Tensor, distance: Distance) -> Tensor:
-    """Pairwise distances from inner products: squared (``"sqeuclidean"``) or not."""
-    dist = sq_distances(gram)
-    return dist if distance == "sqeuclidean" else dist.sqrt_()
-
-
 def _median_scale(dist: Tensor) -> Tensor:
     """Median pairwise distance (off the diagonal), or 1 if all samples coincide."""
     m = len(dist)
@@ -168,15 +114,9 @@ def _median_scale(dist: Tensor) -> Tensor:
     return torch.where(med > 0, med, med.new_ones(()))
 
 
-def _labels_of(x: Tensor) -> Tensor:
-    """Integer ids with equal ids exactly for equal samples (labels or one-hot rows)."""
-    if x.ndim == 1:
-        return x
-    return torch.unique(_flat(x), dim=0, return_inverse=True)[1]
-
-
 def _delta(x: Tensor) -> Tensor:
-    ids = _labels_of(x)
+    """1 where two samples are equal: ids are the labels, or one id per distinct row."""
+    ids = x if x.ndim == 1 else torch.unique(_flat(x), dim=0, return_inverse=True)[1]
     return (ids[:, None] == ids[None, :]).to(torch.float64)
 
 
@@ -192,19 +132,13 @@ def check_distance(distance: str) -> None:
         raise ConfigError(f"unknown distance {distance!r}; choices: {', '.join(DISTANCES)}")
 
 
-def kernel_from_inner_products(
-    gram: Tensor,
-    dim: int,
-    kernel: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    *,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> Tensor:
-    """The Gram matrix of ``kernel`` from the inner products of samples of dimension ``dim``.
+def kernel_from_inner_products(gram: Tensor, dim: int, kernel: Kernel = "gaussian",
+                               sigma: float = DEFAULT_SIGMA, *,
+                               distance: Distance = DEFAULT_DISTANCE) -> Tensor:
+    """The Gram matrix of ``kernel`` from the inner products ``gram`` (float64) of flattened
+    samples of dimension ``dim``.
 
     Args:
-        gram: ``x x^T`` of the flattened samples (float64).
-        dim: the feature dimension ``d`` of the flattened samples.
         kernel: ``"gaussian"``, ``"median"`` or ``"linear"`` (``"delta"`` needs the samples).
         sigma: Gaussian width, in units of ``sqrt(d)``.
         distance: ``"sqeuclidean"`` (``exp(-||u - v||^2 / (2 sigma^2 d))``, Ma, Lewis &
@@ -218,20 +152,20 @@ def kernel_from_inner_products(
         return gram
     if kernel == "delta":
         raise ValueError("the delta kernel compares samples; use kernel_matrix(x, 'delta')")
-    dist = _distances(gram, distance)
+    # ||u||^2 + ||v||^2 - 2 u.v; rounding can make it slightly negative: clamped at zero,
+    # with an exactly zero diagonal.
+    norms = gram.diagonal()
+    dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min_(0).fill_diagonal_(0)
+    if distance == "euclidean":
+        dist = dist.sqrt_()
     # sigma is scaled by sqrt(d) so that, with the squared distance, the width does not
     # depend on the layer's size (with the unsquared one it does).
     scale = _median_scale(dist) if kernel == "median" else sigma**2 * max(dim, 1)
     return torch.exp(-dist / (2 * scale))
 
 
-def kernel_matrix(
-    x: Tensor,
-    kernel: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    *,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> Tensor:
+def kernel_matrix(x: Tensor, kernel: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA, *,
+                  distance: Distance = DEFAULT_DISTANCE) -> Tensor:
     """The ``(m, m)`` float64 Gram matrix of ``kernel`` on samples ``x`` of shape ``(m, ...)``.
 
     ``distance`` as in :func:`kernel_from_inner_products` (ignored by ``"delta"``).
@@ -313,24 +247,18 @@ def soft_projector(k: Tensor, eps: float = DEFAULT_EPS) -> SoftProjector:
     return SoftProjector((matrix + matrix.T) / 2, ratios, eps)
 
 
-def _projector(
-    x: Tensor | SoftProjector, kernel: Kernel, sigma: float, eps: float, distance: Distance
-) -> SoftProjector:
-    if isinstance(x, SoftProjector):
-        return x
-    return soft_projector(kernel_matrix(x, kernel, sigma, distance=distance), eps)
+def _projectors(a: Tensor | SoftProjector, b: Tensor | SoftProjector, *,
+                kernel_a: Kernel = "gaussian", kernel_b: Kernel = "gaussian",
+                sigma: float = DEFAULT_SIGMA, eps: float = DEFAULT_EPS,
+                distance: Distance = DEFAULT_DISTANCE) -> tuple[SoftProjector, SoftProjector]:
+    check_distance(distance)
+    return tuple(  # type: ignore[return-value]
+        x if isinstance(x, SoftProjector)
+        else soft_projector(kernel_matrix(x, kernel, sigma, distance=distance), eps)
+        for x, kernel in ((a, kernel_a), (b, kernel_b)))
 
 
-def nhsic(
-    a: Tensor | SoftProjector,
-    b: Tensor | SoftProjector,
-    *,
-    kernel_a: Kernel = "gaussian",
-    kernel_b: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    eps: float = DEFAULT_EPS,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> float:
+def nhsic(a: Tensor | SoftProjector, b: Tensor | SoftProjector, **options: Any) -> float:
     """Normalized HSIC ``Tr[R_a R_b]`` (Fukumizu, Gretton, Sun & Schölkopf 2007).
 
     It lies between 0 and ``min(Tr R_a, Tr R_b)`` and grows with ``m`` (the
@@ -340,34 +268,22 @@ def nhsic(
     Args:
         a, b: samples of shape ``(m, ...)``, or precomputed :func:`soft_projector` s
             (then their kernel, sigma, eps and distance are the ones they were built with).
-        kernel_a, kernel_b: one of :data:`KERNELS`.
-        sigma: Gaussian width in units of ``sqrt(d)`` (Ma, Lewis & Kleijn 2020 use 5).
-        eps: regulariser of ``K~ + eps m I``.
-        distance: in the Gaussian kernels, ``"sqeuclidean"`` (default) or ``"euclidean"``
-            (see :func:`kernel_from_inner_products`).
+        **options: ``kernel_a``, ``kernel_b`` (each one of :data:`KERNELS`, default
+            ``"gaussian"``); ``sigma``, the Gaussian width in units of ``sqrt(d)`` (Ma,
+            Lewis & Kleijn 2020 use 5); ``eps``, the regulariser of ``K~ + eps m I``;
+            ``distance`` in the Gaussian kernels, ``"sqeuclidean"`` (default) or
+            ``"euclidean"`` (see :func:`kernel_from_inner_products`).
     """
-    check_distance(distance)
-    pa = _projector(a, kernel_a, sigma, eps, distance)
-    return pa.dot(_projector(b, kernel_b, sigma, eps, distance))
+    pa, pb = _projectors(a, b, **options)
+    return pa.dot(pb)
 
 
-def nhsic_scaled(
-    a: Tensor | SoftProjector,
-    b: Tensor | SoftProjector,
-    *,
-    kernel_a: Kernel = "gaussian",
-    kernel_b: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    eps: float = DEFAULT_EPS,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> float:
+def nhsic_scaled(a: Tensor | SoftProjector, b: Tensor | SoftProjector, **options: Any) -> float:
     """``nHSIC(a; b) / sqrt(nHSIC(a; a) nHSIC(b; b))``, in ``[0, 1]`` (Cauchy-Schwarz).
 
     Zero when either side is constant (its ``R`` is zero). Arguments as :func:`nhsic`.
     """
-    check_distance(distance)
-    pa = _projector(a, kernel_a, sigma, eps, distance)
-    pb = _projector(b, kernel_b, sigma, eps, distance)
+    pa, pb = _projectors(a, b, **options)
     norm = (pa.self_nhsic() * pb.self_nhsic()) ** 0.5
     return pa.dot(pb) / norm if norm > 0 else 0.0
 
@@ -400,16 +316,8 @@ def adjust_for_chance(ab: float, aa: float, bb: float, trace_a: float, trace_b: 
     return (ab - chance) / span if span > _SPAN_TOL * top else 0.0
 
 
-def nhsic_adjusted(
-    a: Tensor | SoftProjector,
-    b: Tensor | SoftProjector,
-    *,
-    kernel_a: Kernel = "gaussian",
-    kernel_b: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    eps: float = DEFAULT_EPS,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> float:
+def nhsic_adjusted(a: Tensor | SoftProjector, b: Tensor | SoftProjector,
+                   **options: Any) -> float:
     """nHSIC adjusted for chance, as the adjusted Rand index is (Hubert & Arabie 1985):
 
         (nHSIC(a; b) - chance) / (sqrt(nHSIC(a; a) nHSIC(b; b)) - chance),
@@ -426,22 +334,13 @@ def nhsic_adjusted(
     centring matrix, as any varying set of 2 samples gives), every pairing gives the same
     value, so there is no dependence to measure: 0. Arguments as :func:`nhsic`.
     """
-    check_distance(distance)
-    pa = _projector(a, kernel_a, sigma, eps, distance)
-    pb = _projector(b, kernel_b, sigma, eps, distance)
+    pa, pb = _projectors(a, b, **options)
     return adjust_for_chance(pa.dot(pb), pa.self_nhsic(), pb.self_nhsic(),
                              pa.effective_rank(), pb.effective_rank(), pa.size)
 
 
-def hsic(
-    a: Tensor,
-    b: Tensor,
-    *,
-    kernel_a: Kernel = "gaussian",
-    kernel_b: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> float:
+def hsic(a: Tensor, b: Tensor, *, kernel_a: Kernel = "gaussian", kernel_b: Kernel = "gaussian",
+         sigma: float = DEFAULT_SIGMA, distance: Distance = DEFAULT_DISTANCE) -> float:
     """The biased HSIC estimate ``Tr[K_a H K_b H] / (m - 1)^2`` (Gretton et al. 2005,
     "Measuring statistical dependence with Hilbert-Schmidt norms", ALT).
 
@@ -478,16 +377,10 @@ def linear_cka(a: Tensor, b: Tensor) -> float:
     return kernel_alignment(inner_products(a), inner_products(b).to(a.device))
 
 
-def differentiable_nhsic(
-    a: Tensor,
-    b: Tensor | SoftProjector,
-    *,
-    kernel_a: Kernel = "gaussian",
-    kernel_b: Kernel = "gaussian",
-    sigma: float = DEFAULT_SIGMA,
-    eps: float = DEFAULT_EPS,
-    distance: Distance = DEFAULT_DISTANCE,
-) -> Tensor:
+def differentiable_nhsic(a: Tensor, b: Tensor | SoftProjector, *, kernel_a: Kernel = "gaussian",
+                         kernel_b: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA,
+                         eps: float = DEFAULT_EPS,
+                         distance: Distance = DEFAULT_DISTANCE) -> Tensor:
     """``nHSIC(a; b)`` as a float64 scalar tensor with gradients to ``a`` (and ``b``).
 
     The training-time regulariser of the seed code (a block's local loss minus
@@ -517,9 +410,8 @@ def differentiable_nhsic(
     return (ra * rb.T).sum()  # Tr[Ra Rb] without forming the product
 
 
-def _differentiable_projector(
-    x: Tensor, kernel: Kernel, sigma: float, eps: float, distance: Distance
-) -> Tensor:
+def _differentiable_projector(x: Tensor, kernel: Kernel, sigma: float, eps: float,
+                              distance: Distance) -> Tensor:
     _check_kernel(kernel)
     if not eps > 0:
         raise ValueError(f"eps must be positive; got {eps}")
@@ -541,10 +433,8 @@ def _differentiable_projector(
                     # positive, so a zero one gets a zero gradient rather than nan.
                     positive = dist > 0
                     dist = torch.where(positive, dist.where(positive, 1.0).sqrt(), 0.0)
-                scale = (
-                    _median_scale(dist.detach()) if kernel == "median"
-                    else sigma**2 * flat.shape[1]
-                )
+                scale = (_median_scale(dist.detach()) if kernel == "median"
+                         else sigma**2 * flat.shape[1])
                 k = torch.exp(-dist / (2 * scale))
         kc = k - k.mean(0, keepdim=True)
         kc = kc - kc.mean(1, keepdim=True)

@@ -62,14 +62,8 @@ def predsim_loss(
     Nøkland & Eidnes, "Training Neural Networks with Local Error Signals"
     (ICML 2019): ``(1 - beta) * CE(logits, y) + beta * MSE(S(features), S(onehot(y)))``,
     where ``S`` is :func:`similarity_matrix`, as their code combines the two
-    (anokland/local-loss, ``train.py``, ``loss_sup == 'predsim'``).
-
-    Args:
-        logits: ``(B, num_classes)`` predictions of the auxiliary classifier.
-        features: ``(B, ...)`` the similarity branch's output.
-        labels: ``(B,)`` integer labels.
-        num_classes: number of labels.
-        beta: weight of the similarity-matching term.
+    (anokland/local-loss, ``train.py``, ``loss_sup == 'predsim'``). ``logits`` are the
+    auxiliary classifier's ``(B, num_classes)``, ``features`` the similarity branch's output.
     """
     onehot = F.one_hot(labels, num_classes).float()
     sim = F.mse_loss(similarity_matrix(features), similarity_matrix(onehot))
@@ -89,12 +83,6 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
     With ``base_temperature``, the mean is scaled by ``t / base_temperature``,
     as the authors' code (HobbitLong/SupContrast, ``losses.py``) and the seed
     paper's (keitaroskmt/E2E-info, ``src/models/layer_wise_loss.py``) do.
-
-    Args:
-        z: ``(N, D)`` projections (normalised here).
-        labels: ``(N,)`` their labels.
-        temperature: the softmax temperature ``t``.
-        base_temperature: divides ``t`` in the scale of the loss (None: no scaling).
     """
     z = F.normalize(z.flatten(1).float(), dim=1)
     n = len(z)
@@ -120,25 +108,9 @@ def contrast_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.
     0.07) averages over every anchor of the batch, an anchor without a positive
     counting 0, where :func:`supcon_loss` leaves such anchors out; the two agree
     when every label occurs twice or more in the batch.
-
-    Args:
-        z: ``(N, D)`` projections (normalised here).
-        labels: ``(N,)`` their labels.
-        temperature: the softmax temperature.
     """
     has_positive = (labels[:, None] == labels[None, :]).sum(1) > 1
     return supcon_loss(z, labels, temperature) * has_positive.float().mean()
-
-
-def bce_reconstruction(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of a sigmoid decoder output against an image in [0, 1] (InfoPro).
-
-    Computed in float32 with autocast off: CUDA autocast refuses
-    ``binary_cross_entropy`` outright (it is unsafe in half precision), and in
-    float32 training this is the very same computation.
-    """
-    with torch.autocast(decoded.device.type, enabled=False):
-        return F.binary_cross_entropy(decoded.float(), target.float())
 
 
 def goodness(h: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
@@ -172,10 +144,8 @@ _NEEDS = {"head": None, "out": "classes", "logits": False, "views": 1, "similari
 def register_loss(name: str, **meta: Any):
     """Register a loss-term factory ``f(**options) -> callable(LossInput)`` under ``name``.
 
-    Args:
-        name: what objectives and ``--rule-opt loss=NAME`` call it.
-        **meta: ``summary`` (required), ``paper``, and what it needs (see the module
-            docstring); unspecified needs take their defaults.
+    ``meta``: ``summary`` (required), ``paper``, and what it needs (see the module
+    docstring); unspecified needs take their defaults.
     """
     unknown = sorted(set(meta) - set(_NEEDS) - {"summary", "paper"})
     if unknown:
@@ -264,7 +234,14 @@ def contrast(temperature: float = 0.07):
                      "Learning (ICLR)",
                summary="binary cross-entropy of a decoder's image against the input in [0, 1]")
 def reconstruction():
-    return lambda inp: bce_reconstruction(inp.out, inp.step.image())
+    def term(inp: LossInput) -> torch.Tensor:
+        # float32 with autocast off: CUDA autocast refuses binary_cross_entropy outright
+        # (unsafe in half precision), and in float32 training it is the same computation.
+        target = inp.step.image()
+        with torch.autocast(inp.out.device.type, enabled=False):
+            return F.binary_cross_entropy(inp.out.float(), target.float())
+
+    return term
 
 
 @register_loss("nhsic", head="classifier", train_only=True, input=True,
