@@ -124,15 +124,14 @@ def with_adjusted(record: dict[str, Any]) -> dict[str, Any]:
         for key, (raw, self_term, trace) in _ADJUSTED_FROM.items():
             if key in entry:
                 continue
-            needed = [("plane_config", "m", config.get("m"))]
-            needed += [("plane_config", k, config.get(k)) for k in (self_term, trace)]
-            needed += [(f"plane[{i}]", k, entry.get(k)) for k in (raw, "nhsic_self", "rank")]
-            for where, name, value in needed:
-                ok = _finite(value) and (name != "m" or (isinstance(value, int) and value >= 2))
-                if not ok:
+            needed = [(f"plane_config.{k}", config.get(k)) for k in ("m", self_term, trace)]
+            needed += [(f"plane[{i}].{k}", entry.get(k)) for k in (raw, "nhsic_self", "rank")]
+            for name, value in needed:
+                m_ok = name != "plane_config.m" or (isinstance(value, int) and value >= 2)
+                if not (_finite(value) and m_ok):
                     what = "missing" if value is None else f"malformed ({value!r:.40})"
                     raise DataError(
-                        f"{file}: {where}.{name} is {what}, and --form adjusted needs it "
+                        f"{file}: {name} is {what}, and --form adjusted needs it "
                         f"(or {key} in every entry); draw this record with --form raw, "
                         "scaled or cka")
             entry[key] = adjust_for_chance(entry[raw], config[self_term], entry["nhsic_self"],
@@ -219,17 +218,14 @@ def _setting(record: dict[str, Any]) -> str:
             f"σ = {c.get('sigma')}, ε = {c.get('eps')}")
 
 
-def _chance_lines(ax, form: str, axes: str = "xy") -> None:
-    """Dashed lines at 0 on the chance-adjusted axes: the chance level."""
-    if form == "adjusted":
-        if "x" in axes:
-            ax.axvline(0, color="0.5", lw=0.8, ls="--", zorder=0)
-        if "y" in axes:
-            ax.axhline(0, color="0.5", lw=0.8, ls="--", zorder=0)
+# Dashed lines at 0 on the chance-adjusted axes: the chance level.
+CHANCE = {"color": "0.5", "lw": 0.8, "ls": "--", "zorder": 0}
 
 
 def _draw_plane(ax, record: dict[str, Any], form: str) -> None:
-    _chance_lines(ax, form)
+    if form == "adjusted":
+        ax.axvline(0, **CHANCE)
+        ax.axhline(0, **CHANCE)
     cmap = colormaps[CMAP]
     paths = _trajectories(record, form)
     last = len(paths) - 1
@@ -316,7 +312,7 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
     for ax, i in ((ax_x, 2), (ax_y, 3)):
         ax.set_ylabel(FORMS[form][i])
         if form == "adjusted":  # below 0 is below chance: show it, and where 0 is
-            _chance_lines(ax, form, "y")
+            ax.axhline(0, **CHANCE)
         else:
             ax.set_ylim(bottom=0)  # these forms are >= 0; a floor at 0 keeps gaps in proportion
         if same:
@@ -361,17 +357,11 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    metadata = {".png": {"Software": None}, ".pdf": {"Creator": None, "Date": None},
+                ".svg": {"Date": None}}.get(suffix, {})
     with replacing(path) as tmp, rc_context(STYLE):
-        fig.savefig(tmp, format=suffix[1:], metadata=_metadata(suffix))
+        fig.savefig(tmp, format=suffix[1:], metadata=metadata)
     return path
-
-
-def _metadata(suffix: str) -> dict[str, Any]:
-    if suffix == ".png":
-        return {"Software": None}
-    if suffix in (".pdf", ".svg"):
-        return {"Creator": None, "Date": None} if suffix == ".pdf" else {"Date": None}
-    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,21 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_output(path: Path) -> None:
-    """The figure file can be made: its folder exists, and it is no folder itself.
-
-    Raises:
-        ConfigError: it is a folder, or its folder is missing or a file.
-    """
-    folder = path.parent
-    if path.is_dir():
-        raise ConfigError(f"output {str(path)!r} is a folder; give a file name")
-    if not folder.exists():
-        raise ConfigError(f"output folder {str(folder)!r} does not exist; create it first")
-    if not folder.is_dir():
-        raise ConfigError(f"output folder {str(folder)!r} is a file, not a folder")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
     try:
@@ -409,11 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         suffix = Path(args.output).suffix.lower()
         if suffix not in (".png", ".pdf", ".svg"):
             raise ConfigError(f"output must end in .png, .pdf or .svg; got {args.output!r}")
-        if args.kind is not None and args.kind not in KINDS:
-            raise unknown_name("kind", args.kind, KINDS)
-        if args.form not in FORMS:
-            raise unknown_name("form", args.form, FORMS)
-        check_output(Path(args.output))
+        out, folder = Path(args.output), Path(args.output).parent
+        if out.is_dir():
+            raise ConfigError(f"output {str(out)!r} is a folder; give a file name")
+        if not folder.is_dir():
+            what = ("is a file, not a folder" if folder.exists()
+                    else "does not exist; create it first")
+            raise ConfigError(f"output folder {str(folder)!r} {what}")
         records = [load_record(p) for p in args.records]
         fig = draw(records, args.kind, args.form)
         path = save_figure(fig, args.output)
