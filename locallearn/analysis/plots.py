@@ -202,9 +202,13 @@ def _trajectories(record: dict[str, Any], form: str) -> dict[int, list[tuple[int
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def _block_names(record: dict[str, Any]) -> list[str]:
-    names = {int(e["block"]): str(e.get("name", e["block"])) for e in record["plane"]}
-    return [names[k] for k in sorted(names)]
+def _shared_blocks(records: Sequence[dict[str, Any]]) -> list[str] | None:
+    """The block names, in depth order, when every run has the same (else None)."""
+    names = []
+    for record in records:
+        by_block = {int(e["block"]): str(e.get("name", e["block"])) for e in record["plane"]}
+        names.append([by_block[k] for k in sorted(by_block)])
+    return names[0] if all(n == names[0] for n in names) else None
 
 
 def _setting(record: dict[str, Any]) -> str:
@@ -252,13 +256,12 @@ def _markers_legend(ax, records: Sequence[dict[str, Any]]) -> None:
 
 
 def _depth_colorbar(fig: Figure, axes, records: Sequence[dict[str, Any]]) -> None:
-    names = [_block_names(r) for r in records]
-    same = all(n == names[0] for n in names)
-    if same:
-        norm = Normalize(0, max(len(names[0]) - 1, 1))
+    names = _shared_blocks(records)
+    if names:
+        norm = Normalize(0, max(len(names) - 1, 1))
         bar = fig.colorbar(ScalarMappable(norm, CMAP), ax=axes, label="block (depth)")
-        if len(names[0]) <= _NAMED_TICKS:
-            bar.set_ticks(range(len(names[0])), labels=names[0])
+        if len(names) <= _NAMED_TICKS:
+            bar.set_ticks(range(len(names)), labels=names)
     else:
         fig.colorbar(ScalarMappable(Normalize(0, 1), CMAP), ax=axes,
                      label="relative depth (0 = first block, 1 = last)")
@@ -299,12 +302,11 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
     """Figure (c): each measure against depth at the last epoch, one line per run."""
     fig = Figure(figsize=(9.6, 4.0), layout="constrained")
     ax_x, ax_y = fig.subplots(1, 2)
-    names = [_block_names(r) for r in records]
-    same = all(nm == names[0] for nm in names)
+    names = _shared_blocks(records)
     for record, label in zip(records, _labels(records), strict=True):
         paths = _trajectories(record, form)
         last = len(paths) - 1
-        depth = [k if same else k / max(last, 1) for k in paths]
+        depth = [k if names else k / max(last, 1) for k in paths]
         final = [points[-1] for points in paths.values()]
         epoch = max(p[0] for p in final)
         for ax, i in ((ax_x, 1), (ax_y, 2)):
@@ -315,8 +317,8 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
             ax.axhline(0, **CHANCE)
         else:
             ax.set_ylim(bottom=0)  # these forms are >= 0; a floor at 0 keeps gaps in proportion
-        if same:
-            ax.set_xticks(range(len(names[0])), labels=names[0], rotation=45, ha="right")
+        if names:
+            ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
             ax.set_xlabel("block")
         else:
             ax.set_xlabel("relative depth (0 = first block, 1 = last)")
