@@ -383,10 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        suffix = Path(args.output).suffix.lower()
-        if suffix not in (".png", ".pdf", ".svg"):
-            raise ConfigError(f"output must end in .png, .pdf or .svg; got {args.output!r}")
         out, folder = Path(args.output), Path(args.output).parent
+        if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise ConfigError(f"output must end in .png, .pdf or .svg; got {args.output!r}")
         if out.is_dir():
             raise ConfigError(f"output {str(out)!r} is a folder; give a file name")
         if not folder.is_dir():
