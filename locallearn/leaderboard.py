@@ -25,6 +25,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,6 @@ class Row:
     label: str = ""
     options: str = ""
 
-    def mean(self, values: list[float | None]) -> float | None:
-        """Mean of the values present (None if none is)."""
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
-
     @property
     def seeds(self) -> list[int]:
         return [r.get("seed", 0) for r in self.records]
@@ -101,16 +97,21 @@ class Row:
         """Mean accuracy at each depth that has a prediction, shallow to deep."""
         lists = [r["block_acc"] for r in self.records]
         n = min(len(b) for b in lists)
-        means = [self.mean([b[i] for b in lists]) for i in range(n)]
+        means = [_mean([b[i] for b in lists]) for i in range(n)]
         return [m for m in means if m is not None]
 
     def value(self, key: str) -> float | None:
         """Mean over seeds of one per-record measurement (see :func:`measure`)."""
-        return self.mean([measure(r, key) for r in self.records])
+        return _mean([measure(r, key) for r in self.records])
 
     def hardware(self) -> str:
-        seen = sorted({_hardware(r) for r in self.records})
-        return "; ".join(seen)
+        return "; ".join(sorted({_hardware(r) for r in self.records}))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values present (None if none is)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 @dataclass
@@ -138,11 +139,9 @@ class Table:
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
     def e2e_memory(self) -> float | None:
-        """Saved bytes of the first ``e2e`` row (the ratio's denominator)."""
-        for row in self.rows:
-            if row.rule == "e2e" and row.value("saved_bytes_peak"):
-                return row.value("saved_bytes_peak")
-        return None
+        """Saved bytes of the first ``e2e`` row that has them (the ratio's denominator)."""
+        saved = [r.value("saved_bytes_peak") for r in self.rows if r.rule == "e2e"]
+        return next(filter(None, saved), None)
 
 
 def dataset_label(dataset: str) -> str:
@@ -164,11 +163,8 @@ def measure(record: dict[str, Any], key: str) -> float | None:
     if key in ("saved_bytes_peak", "cuda_max_memory"):
         return record["memory"][key]
     if key in ("nhsic_x", "nhsic_y"):
-        plane = record.get("plane") or []
-        if not plane:
-            return None
-        last = max((e["epoch"], e["block"]) for e in plane)
-        return next(e[key] for e in plane if (e["epoch"], e["block"]) == last)
+        plane = record.get("plane")
+        return max(plane, key=lambda e: (e["epoch"], e["block"]))[key] if plane else None
     if key.startswith("params_"):
         return record["params"].get(key[len("params_"):])
     raise KeyError(key)
@@ -226,12 +222,9 @@ def build_tables(runs: list[tuple[str, dict[str, Any]]]) -> list[Table]:
         table = tables.setdefault(key, Table(*key))
         setting = _ROW_DEFAULTS | {k: v for k, v in c.items() if k not in _NOT_SETTING}
         setting["hardware"] = _hardware(record)  # never average speeds over machines
-        blocks = record["stack"]["num_blocks"]
-        for row in table.rows:
-            if row.setting == setting:
-                break
-        else:
-            row = Row(record["rule"], blocks, setting)
+        row = next((r for r in table.rows if r.setting == setting), None)
+        if row is None:
+            row = Row(record["rule"], record["stack"]["num_blocks"], setting)
             table.rows.append(row)
         row.records.append({**record, "file": name})
     for table in tables.values():
@@ -283,13 +276,6 @@ def depth_text(accs: list[float]) -> str:
     return " ".join(f"{100 * accs[i]:.1f}" for i in picks) + f" ({n} depths)"
 
 
-def _params(row: Row) -> str:
-    b, a = row.value("params_backbone"), row.value("params_auxiliary")
-    # auxiliary = parts - backbone: below 0 when a rule leaves the model's head unused.
-    aux = "0" if not a or a < 0 else _count(a)
-    return f"{_fmt(b, '.2f', 1e-6)}M + {aux}"
-
-
 def _count(n: float) -> str:
     """A parameter count in millions, or thousands below 10k (a small head is not 0.00M)."""
     return f"{n / 1e6:.2f}M" if n >= 1e4 else f"{n / 1e3:.1f}k"
@@ -317,8 +303,11 @@ def _cells(table: Table, row: Row) -> list[str]:
     saved, e2e = row.value("saved_bytes_peak"), table.e2e_memory()
     ratio = _fmt(saved / e2e, ".2f") if saved is not None and e2e else "—"
     epochs = sorted({str(r["config"]["epochs"]) for r in row.records})
+    aux = row.value("params_auxiliary")  # below 0 when a rule leaves the model's head unused
+    params = f"{_fmt(row.value('params_backbone'), '.2f', 1e-6)}M + " + (
+        "0" if not aux or aux < 0 else _count(aux))
     return [
-        row.label, str(len(row.records)), acc, depth_text(row.block_acc()), _params(row),
+        row.label, str(len(row.records)), acc, depth_text(row.block_acc()), params,
         _fmt(row.value("images_per_s"), ".0f"), _fmt(row.value("seconds_per_epoch"), ".1f"),
         _fmt(saved, ".1f", 2 ** -20), ratio, _fmt(row.value("cuda_max_memory"), ".0f", 2 ** -20),
         _fmt(row.value("nhsic_x"), ".3f"), _fmt(row.value("nhsic_y"), ".3f"),
@@ -332,15 +321,14 @@ HEADER = ["rule", "seeds", "test acc %", "acc % by depth", "params (backbone + a
 
 
 def render_markdown(tables: list[Table], apart: list[dict[str, Any]], source: str,
-                    figures: dict[str, str], intro: str = "") -> str:
-    """The leaderboard page: an intro, one section per table (with its figure), the runs apart."""
+                    figures: dict[str, str]) -> str:
+    """The leaderboard page: :data:`INTRO`, one section per table (with its figure in
+    ``figures``, by the table's slug), the runs apart."""
     count = sum(len(r.records) for t in tables for r in t.rows)
     lines = ["# Leaderboard", "",
              f"Generated by `python benchmarks/leaderboard.py` from the run records under "
              f"`{source}` ({count} complete runs, {len(apart)} kept apart). Do not edit by hand: "
-             "change or add records and run it again.", ""]
-    if intro:
-        lines += [intro.rstrip(), ""]
+             "change or add records and run it again.", "", INTRO.rstrip(), ""]
     for table in tables:
         lines += [f"## {_cell(table.title)}", ""]
         if presets := _presets_line(table):
@@ -394,37 +382,20 @@ def render_csv(tables: list[Table]) -> str:
     return out.getvalue()
 
 
-def plane_records(table: Table) -> list[dict[str, Any]]:
-    """One record per row (its lowest seed) with plane entries, labelled by the row."""
-    picked = []
-    for row in table.rows:
-        with_plane = [r for r in row.records if r.get("plane")]
-        if with_plane:
-            record = with_plane[0]
-            picked.append({**record, "rule": row.label,
-                           "dataset": dataset_label(record["dataset"])})
-    return picked
-
-
 def write_all(results: str | Path, docs: str | Path, source: str | None = None,
-              figures: bool = True, intro: str = INTRO, force: bool = False,
+              figures: bool = True, force: bool = False,
               warn: Callable[[str], Any] | None = None) -> list[Path]:
-    """Write ``docs/leaderboard.md``, ``docs/leaderboard.csv`` and ``docs/figures/leaderboard_*``.
+    """Write ``docs/leaderboard.md``, ``docs/leaderboard.csv`` and ``docs/figures/leaderboard_*``
+    from the records under ``results`` (searched recursively); returns the files written.
 
     Everything is checked before anything is written.
 
     Args:
-        results: folder searched for records (recursively).
-        docs: folder of the outputs.
         source: how the page names ``results`` (default: as given).
         figures: draw the common information plane of each table.
-        intro: text put under the page's title.
         force: replace ``docs/leaderboard.csv`` even with fewer rows or runs.
         warn: called, once the files are written, with one line per record kept
             apart as unreadable or malformed.
-
-    Returns:
-        The files written.
 
     Raises:
         DataError: no complete record under ``results``; or the new CSV would drop
@@ -446,20 +417,16 @@ def write_all(results: str | Path, docs: str | Path, source: str | None = None,
     _check_outputs(docs, [docs / "figures" / n for n in names])
     if not force:
         _check_loss(docs / "leaderboard.csv", table_csv, bad)
-    drawn, links = {}, {}
+    drawn = {}  # by table slug: the figure of each row's lowest seed with plane entries
     for table in tables if figures else []:
-        records = plane_records(table)
-        if not records:
-            continue
-        try:
-            fig = draw(records, "compare")
-        except ConfigError:  # measured differently: no common axes
-            continue
-        name = f"leaderboard_{table.slug}.png"
-        drawn[name] = fig
-        links[table.slug] = f"figures/{name}"
-    text = render_markdown(tables, apart, source, links, intro)
-    written = [save_figure(fig, docs / "figures" / name) for name, fig in drawn.items()]
+        records = [{**rs[0], "rule": row.label, "dataset": dataset_label(rs[0]["dataset"])}
+                   for row in table.rows if (rs := [r for r in row.records if r.get("plane")])]
+        with suppress(ConfigError):  # measured differently: no common axes, no figure
+            if records:
+                drawn[table.slug] = draw(records, "compare")
+    links = {slug: f"figures/leaderboard_{slug}.png" for slug in drawn}
+    text = render_markdown(tables, apart, source, links)
+    written = [save_figure(drawn[slug], docs / link) for slug, link in links.items()]
     for name, content in (("leaderboard.md", text), ("leaderboard.csv", table_csv)):
         with replacing(docs / name) as tmp:
             tmp.write_text(content)

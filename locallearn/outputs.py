@@ -170,7 +170,8 @@ def check_paths(args: argparse.Namespace) -> None:
 def resumed_run(args: argparse.Namespace, identity: dict[str, Any], probe: bool = True
                 ) -> str | None:
     """The id of the run ``--resume`` continues (None: a new run); checks the checkpoint
-    folder is free and, unless resuming, empty of checkpoints.
+    folder is free (``probe``: not when this process holds its lock) and, unless resuming,
+    empty of checkpoints.
 
     Raises:
         OutputError, CheckpointError: in use, another run's, or not resumable.
@@ -197,20 +198,12 @@ def resumed_run(args: argparse.Namespace, identity: dict[str, Any], probe: bool 
 
 
 def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = True) -> bool:
-    """Whether this run may write its record (see the module's docstring).
-
-    Args:
-        resumes: the id of the run this one continues, if any.
-        probe: whether to check that no running run holds the record (not when this
-            process holds its lock).
-
-    Returns:
-        Whether the run replaces another run's record (or another file) there by
-        ``--overwrite``: it writes its own beside it until it finishes
-        (:class:`~locallearn.records.RecordWriter`).
+    """Whether the run (continuing the run ``resumes``, if any) replaces another run's
+    record, or another file, by ``--overwrite``; then it writes its own beside it until it
+    finishes (:class:`~locallearn.records.RecordWriter`). ``probe``: as :func:`resumed_run`.
 
     Raises:
-        OutputError: the record is another run's.
+        OutputError: the record is another run's (see the module's docstring).
     """
     path = record_path(args)
     if not path.exists():
@@ -240,7 +233,6 @@ class Claim:
     locks it holds until :meth:`release`."""
 
     run_id: str
-    record: Path
     replaces: bool
     locks: list[Lock]
 
@@ -269,4 +261,4 @@ def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
         for lock in locks:
             lock.release()
         raise
-    return Claim(resumes or uuid.uuid4().hex[:16], path, replaces, locks)
+    return Claim(resumes or uuid.uuid4().hex[:16], replaces, locks)

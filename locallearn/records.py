@@ -47,52 +47,29 @@ def versions() -> dict[str, str | None]:
     import timm
     import torch
 
-    return {
-        "locallearn": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-    }
+    return {"locallearn": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version(),
+            "git_commit": git_commit()}
 
 
 def hardware(accelerator) -> dict[str, Any]:
-    """The device, its name and the number of processes of ``accelerator``."""
-    return {
-        "device": str(accelerator.device),
-        "device_name": device_name(accelerator.device),
-        "num_processes": accelerator.num_processes,
-    }
-
-
-def device_name(device) -> str:
-    """The GPU's name, or the CPU's."""
+    """The device, its name (the GPU's, or the CPU's) and the number of processes."""
     import torch
 
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
-def _is_locallearn(folder: Path) -> bool:
-    """Whether ``folder`` is locallearn's project root (its pyproject.toml names it)."""
-    try:
-        text = (folder / "pyproject.toml").read_text()
-    except OSError:
-        return False
-    return re.search(r'^name\s*=\s*"locallearn"', text, re.MULTILINE) is not None
+    device = accelerator.device
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    return {"device": str(device), "device_name": name,
+            "num_processes": accelerator.num_processes}
 
 
 def git_commit(checkout: str | Path | None = None) -> str:
-    """The commit of locallearn's own checkout, with ``+dirty`` if it has local changes.
+    """The commit of locallearn's own checkout (``checkout``: default, this package's
+    folder), with ``+dirty`` if it has local changes.
 
     ``"unknown"`` when the package is not in a git checkout of its own: an
     installed copy, or a copy inside another repository (whose commit would say
     nothing about this code).
-
-    Args:
-        checkout: the folder holding the package (default: this package's).
     """
     checkout = Path(checkout or Path(__file__).parent.parent).resolve()
 
@@ -103,30 +80,24 @@ def git_commit(checkout: str | Path | None = None) -> str:
 
     try:
         top = git("rev-parse", "--show-toplevel")
-        if top is None or Path(top).resolve() != checkout or not _is_locallearn(checkout):
+        ours = re.search(r'^name\s*=\s*"locallearn"', (checkout / "pyproject.toml").read_text(),
+                         re.MULTILINE)
+        if top is None or Path(top).resolve() != checkout or not ours:
             return "unknown"
-        sha = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git, or no pyproject.toml
         return "unknown"
-    if sha is None:
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
+    return "unknown" if sha is None else sha + ("+dirty" if dirty else "")
 
 
 class Lock:
-    """An exclusive advisory lock on ``path``, held until :meth:`release` or the process ends.
+    """An exclusive advisory lock on the file ``path`` (its folder must exist), held until
+    :meth:`release` or the process ends; ``what`` it guards names it in the OutputError
+    raised when another process holds it.
 
     The lock file keeps the holder's pid, for the message of whoever is refused,
     and is deleted on release (while still locked), so finished runs leave no
     lock files; a killed run's stays behind, unlocked and harmless.
-
-    Args:
-        path: the lock file (created if missing; its folder must exist).
-        what: what it guards, for the message ("checkpoint folder 'ckpt'").
-
-    Raises:
-        OutputError: another process holds it.
     """
 
     def __init__(self, path: str | Path, what: str):
@@ -148,9 +119,7 @@ class Lock:
 
     def release(self, remove: bool = True) -> None:
         """Let go of the lock (and delete its file, unless ``remove`` is false)."""
-        if self._file.closed:
-            return
-        if remove:
+        if remove and not self._file.closed:
             self.path.unlink(missing_ok=True)
         self._file.close()
 
@@ -223,30 +192,21 @@ class Field(NamedTuple):
 # What a reader of records relies on: the fields the tables, the figures and run.py read.
 # tests/test_record_format.py holds docs/records.md to these types.
 FIELDS = (
-    Field("status", "string", "always"),
-    Field("rule", "string", "always"),
-    Field("model", "string", "always"),
-    Field("dataset", "string", "complete"),
-    Field("seed", "integer"),
-    Field("run_id", "string or null"),
-    Field("config", "object", "complete"),
-    Field("config.epochs", "integer", "complete", 1),
+    Field("status", "string", "always"), Field("rule", "string", "always"),
+    Field("model", "string", "always"), Field("dataset", "string", "complete"),
+    Field("seed", "integer"), Field("run_id", "string or null"),
+    Field("config", "object", "complete"), Field("config.epochs", "integer", "complete", 1),
     Field("config.train_subset", "integer or null", "", 1),
-    Field("config.test_subset", "integer or null", "", 1),
-    Field("config.rule_options", "map"),
+    Field("config.test_subset", "integer or null", "", 1), Field("config.rule_options", "map"),
     Field("stack", "object", "complete"),
     Field("stack.num_blocks", "integer or null", "complete", 1),
-    Field("hardware", "object", "complete"),
-    Field("hardware.device", "string", "complete"),
+    Field("hardware", "object", "complete"), Field("hardware.device", "string", "complete"),
     Field("hardware.device_name", "string", "complete"),
     Field("hardware.num_processes", "integer", "complete", 1),
-    Field("params", "object", "complete"),
-    Field("params.backbone", "integer"),
+    Field("params", "object", "complete"), Field("params.backbone", "integer"),
     Field("params.auxiliary", "integer"),  # below 0 where a rule leaves the model's head out
-    Field("history", "list of objects", "complete"),
-    Field("history[]", "object", "always"),
-    Field("history[].seconds", "number"),
-    Field("history[].images_per_s", "number"),
+    Field("history", "list of objects", "complete"), Field("history[]", "object", "always"),
+    Field("history[].seconds", "number"), Field("history[].images_per_s", "number"),
     Field("test_acc", "number or null", "result", 0, 1),
     Field("block_acc", "list of (number or null) or null", "result"),
     Field("block_acc[]", "number or null", "always", 0, 1),
@@ -254,15 +214,12 @@ FIELDS = (
     Field("memory.saved_bytes_peak", "integer or null", "complete"),
     Field("memory.cuda_max_memory", "integer or null", "complete"),
     Field("seconds_per_epoch", "number or null", "complete"),
-    Field("plane_config", "object"),
-    Field("plane", "list of objects"),
-    Field("plane[]", "object", "always"),
-    Field("plane[].epoch", "integer", "always", 0),
-    Field("plane[].block", "integer", "always", 0),
-    Field("plane[].name", "string"),
+    Field("plane_config", "object"), Field("plane", "list of objects"),
+    Field("plane[]", "object", "always"), Field("plane[].epoch", "integer", "always", 0),
+    Field("plane[].block", "integer", "always", 0), Field("plane[].name", "string"),
     *(Field(f"plane[].{key}", "number", "always") for key in PLANE_FORMS),
-    Field("plane[].nhsic_x_adj", "number"),  # older records lack the adjusted form:
-    Field("plane[].nhsic_y_adj", "number"),  # the figures compute it from the others
+    # Older records lack the adjusted form: the figures compute it from the others.
+    Field("plane[].nhsic_x_adj", "number"), Field("plane[].nhsic_y_adj", "number"),
 )
 
 
@@ -376,39 +333,20 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def build_record(
-    values: dict[str, Any],
-    *,
-    run_id: str | None,
-    plugins: list[str],
-    rule_paper: str,
-    rule_options: dict[str, Any],
-    model_options: dict[str, Any],
-    train: dict[str, Any],
-    sources: dict[str, str],
-    stack,
-    parts: list,
-    hardware: dict[str, Any],
-    history: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """A new run record, status ``running``, with no results yet.
+def build_record(values: dict[str, Any], *, run_id: str | None, plugins: list[str],
+                 rule_paper: str, rule_options: dict[str, Any], model_options: dict[str, Any],
+                 train: dict[str, Any], sources: dict[str, str], stack, parts: list,
+                 hardware: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """A new run record, status ``running``, with no results yet (docs/records.md says
+    what each field holds).
 
     Args:
         values: the command line's flags recorded as given, by dest
             (:func:`locallearn.flags.recorded_values`).
-        run_id: the run's id, shared with its checkpoints (None where not known:
-            processes other than the main one, which write nothing).
-        plugins: the ``--plugin`` files and modules loaded.
-        rule_paper: the paper of the rule, from its registry entry.
-        rule_options: the rule's resolved options (``Rule.describe()``).
-        model_options: the keywords given to ``timm.create_model``.
-        train: the loop's resolved settings (the TrainConfig as a dict).
-        sources: where the value of each identity or setting flag of ``values`` that was
-            set came from, by dest: ``"command line"``, ``"preset NAME"`` or ``"rule NAME"``
-            (the rule's ``training_defaults``); one not in it has ``run.py``'s own default.
-        stack: the BlockStack trained.
-        parts: the rule's LocalParts.
-        hardware: see :func:`hardware`.
+        run_id: the run's id, shared with its checkpoints (None on processes other than
+            the main one, which write nothing).
+        sources: where each set flag of ``values`` got its value, by dest
+            (``"command line"``, ``"preset NAME"``, ``"rule NAME"``).
         history: the trainer's history list (the record keeps this very list, so it
             grows with the run).
     """
@@ -417,40 +355,22 @@ def build_record(
     auxiliary = sum(p.numel() for part in parts for p in part.parameters()
                     if id(p) not in in_stack)
     return {
-        "version": RECORD_VERSION,
-        "status": "running",
-        "run_id": run_id,
-        "rule": values["rule"],
-        "rule_paper": rule_paper,
-        "model": values["model"],
-        "dataset": values["dataset"],
-        "seed": values["seed"],
+        "version": RECORD_VERSION, "status": "running", "run_id": run_id,
+        "rule": values["rule"], "rule_paper": rule_paper, "model": values["model"],
+        "dataset": values["dataset"], "seed": values["seed"],
         "deterministic": values["deterministic"],
-        "config": {
-            **values,
-            "plugins": list(plugins),
-            "milestones": list(values["milestones"]),
-            "rule_options": rule_options,
-            "model_options": model_options,
-            "train": train,
-        },
-        "config_sources": dict(sources),
-        "versions": versions(),
-        "hardware": hardware,
+        "config": {**values, "plugins": list(plugins), "milestones": list(values["milestones"]),
+                   "rule_options": rule_options, "model_options": model_options,
+                   "train": train},
+        "config_sources": dict(sources), "versions": versions(), "hardware": hardware,
         "stack": {
             "blocks": stack.names, "granularity": values["granularity"],
             "num_blocks": values["blocks"] or (len(stack) if values.get("split_after") else None),
         },
-        "parts": [
-            {"name": p.part_name, "blocks": p.block_ids,
-             "params": sum(q.numel() for q in p.parameters())}
-            for p in parts
-        ],
+        "parts": [{"name": p.part_name, "blocks": p.block_ids,
+                   "params": sum(q.numel() for q in p.parameters())} for p in parts],
         "params": {"backbone": backbone, "auxiliary": auxiliary},
-        "started": _now(),
-        "history": history,
-        "test_acc": None,
-        "block_acc": None,
+        "started": _now(), "history": history, "test_acc": None, "block_acc": None,
         "seconds": None,
     }
 
@@ -461,11 +381,9 @@ def measurements(history: list[dict[str, Any]]) -> dict[str, Any]:
         return max((e[key] for e in history if key in e), default=None)
 
     seconds = [e["seconds"] for e in history]
-    return {
-        "memory": {"saved_bytes_peak": peak("saved_bytes_peak"),
-                   "cuda_max_memory": peak("cuda_max_memory")},
-        "seconds_per_epoch": round(sum(seconds) / len(seconds), 3) if seconds else None,
-    }
+    return {"memory": {"saved_bytes_peak": peak("saved_bytes_peak"),
+                       "cuda_max_memory": peak("cuda_max_memory")},
+            "seconds_per_epoch": round(sum(seconds) / len(seconds), 3) if seconds else None}
 
 
 def _now() -> str:
@@ -486,16 +404,12 @@ class RecordWriter(Observer):
     started, when it was resumed) goes into checkpoints, so a resumed run's
     record keeps its first start and lists every resume.
 
-    A run that replaces another run's record (``--overwrite``) writes its own to
-    :func:`side_file` and renames it over ``path`` only when it has finished
+    A run that replaces another run's record (``replaces``: ``--overwrite``) writes its
+    own to :func:`side_file` and renames it over ``path`` only when it has finished
     (complete or diverged): until then, the record it replaces stays as it was.
-
-    Args:
-        record: the record, from :func:`build_record`; updated in place.
-        path: the file to write.
-        plane: the information-plane observer whose entries go into the record, if any.
-        main_process: whether this process writes (only the main process does).
-        replaces: whether ``path`` holds a record (or file) this run replaces.
+    ``record`` (from :func:`build_record`) is updated in place; ``plane`` is the
+    information-plane observer whose entries go into it, if any; only the main process
+    writes.
     """
 
     def __init__(self, record: dict[str, Any], path: str | Path, plane=None,
@@ -505,22 +419,18 @@ class RecordWriter(Observer):
 
     def write(self, status: str, **fields: Any) -> None:
         """Set ``status`` and ``fields``, refresh the measurements and plane, write the file."""
-        if status not in STATUSES:
-            raise ValueError(f"record status {status!r} is not one of {STATUSES}")
         record = self.record
         record.update(status=status, **fields, **measurements(record["history"]))
         if self.plane is not None:
             record["plane_config"] = self.plane.describe()
             record["plane"] = self.plane.entries
         record["path"] = str(self.path)
-        if not self.main_process:
-            return
-        if not self.replaces:
+        if self.main_process and not self.replaces:
             write_json(self.path, record)
-            return
-        write_json(side_file(self.path), record)
-        if status in ("complete", "diverged"):  # finished: now it replaces the old record
-            os.replace(side_file(self.path), self.path)
+        elif self.main_process:
+            write_json(side_file(self.path), record)
+            if status in ("complete", "diverged"):  # finished: now it replaces the old record
+                os.replace(side_file(self.path), self.path)
 
     def resumed(self, after_epoch: int) -> None:
         """Note that the run continues from its checkpoint of epoch ``after_epoch``."""

@@ -27,11 +27,7 @@ def tracker_names() -> list[str]:
 
 
 def check_tracker(name: str) -> None:
-    """``name`` is a tracker Accelerate knows and its package is installed.
-
-    Raises:
-        ConfigError: an unknown name (with the valid ones), or a package to install.
-    """
+    """Raise ConfigError unless ``name`` is a tracker Accelerate knows, installed."""
     import accelerate.utils.imports as imports
 
     if name not in tracker_names():
@@ -73,16 +69,12 @@ def plane_scalars(record: dict[str, Any], epoch: int) -> dict[str, float]:
 
 
 class TrackerLog(Observer):
-    """Logs every epoch of a run record to the Accelerator's trackers (main process only).
+    """Logs every epoch of a run record to the Accelerator's trackers (main process only),
+    as the run ``run_name`` (TensorBoard: the folder under the project directory).
 
     Register it after the :class:`~locallearn.records.RecordWriter` of ``record``,
     so each epoch's record is complete when it is logged. The step is the
     epoch; the plane's measurement before training is step 0.
-
-    Args:
-        record: the run record, updated in place by its writer.
-        run_name: the tracker's name for the run (TensorBoard: the folder under
-            the project directory).
     """
 
     def __init__(self, record: dict[str, Any], run_name: str):

@@ -9,29 +9,19 @@ re-exported here. Plain HSIC is :func:`locallearn.hsic.hsic`. Figures live in
 from __future__ import annotations
 
 from ..hsic import (
-    KERNELS,
-    SoftProjector,
-    differentiable_nhsic,
-    kernel_alignment,
-    kernel_matrix,
-    linear_cka,
-    nhsic,
-    nhsic_adjusted,
-    nhsic_scaled,
-    soft_projector,
+                    KERNELS,
+                    SoftProjector,
+                    differentiable_nhsic,
+                    kernel_alignment,
+                    kernel_matrix,
+                    linear_cka,
+                    nhsic,
+                    nhsic_adjusted,
+                    nhsic_scaled,
+                    soft_projector,
 )
 from .plane import InformationPlane
 
-__all__ = [
-    "KERNELS",
-    "InformationPlane",
-    "SoftProjector",
-    "differentiable_nhsic",
-    "kernel_alignment",
-    "kernel_matrix",
-    "linear_cka",
-    "nhsic",
-    "nhsic_adjusted",
-    "nhsic_scaled",
-    "soft_projector",
-]
+__all__ = ["KERNELS", "InformationPlane", "SoftProjector", "differentiable_nhsic",
+           "kernel_alignment", "kernel_matrix", "linear_cka", "nhsic", "nhsic_adjusted",
+           "nhsic_scaled", "soft_projector"]

@@ -124,15 +124,14 @@ def with_adjusted(record: dict[str, Any]) -> dict[str, Any]:
         for key, (raw, self_term, trace) in _ADJUSTED_FROM.items():
             if key in entry:
                 continue
-            needed = [("plane_config", "m", config.get("m"))]
-            needed += [("plane_config", k, config.get(k)) for k in (self_term, trace)]
-            needed += [(f"plane[{i}]", k, entry.get(k)) for k in (raw, "nhsic_self", "rank")]
-            for where, name, value in needed:
-                ok = _finite(value) and (name != "m" or (isinstance(value, int) and value >= 2))
-                if not ok:
+            needed = [(f"plane_config.{k}", config.get(k)) for k in ("m", self_term, trace)]
+            needed += [(f"plane[{i}].{k}", entry.get(k)) for k in (raw, "nhsic_self", "rank")]
+            for name, value in needed:
+                m_ok = name != "plane_config.m" or (isinstance(value, int) and value >= 2)
+                if not (_finite(value) and m_ok):
                     what = "missing" if value is None else f"malformed ({value!r:.40})"
                     raise DataError(
-                        f"{file}: {where}.{name} is {what}, and --form adjusted needs it "
+                        f"{file}: {name} is {what}, and --form adjusted needs it "
                         f"(or {key} in every entry); draw this record with --form raw, "
                         "scaled or cka")
             entry[key] = adjust_for_chance(entry[raw], config[self_term], entry["nhsic_self"],
@@ -203,9 +202,13 @@ def _trajectories(record: dict[str, Any], form: str) -> dict[int, list[tuple[int
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def _block_names(record: dict[str, Any]) -> list[str]:
-    names = {int(e["block"]): str(e.get("name", e["block"])) for e in record["plane"]}
-    return [names[k] for k in sorted(names)]
+def _shared_blocks(records: Sequence[dict[str, Any]]) -> list[str] | None:
+    """The block names, in depth order, when every run has the same (else None)."""
+    names = []
+    for record in records:
+        by_block = {int(e["block"]): str(e.get("name", e["block"])) for e in record["plane"]}
+        names.append([by_block[k] for k in sorted(by_block)])
+    return names[0] if all(n == names[0] for n in names) else None
 
 
 def _setting(record: dict[str, Any]) -> str:
@@ -219,17 +222,14 @@ def _setting(record: dict[str, Any]) -> str:
             f"σ = {c.get('sigma')}, ε = {c.get('eps')}")
 
 
-def _chance_lines(ax, form: str, axes: str = "xy") -> None:
-    """Dashed lines at 0 on the chance-adjusted axes: the chance level."""
-    if form == "adjusted":
-        if "x" in axes:
-            ax.axvline(0, color="0.5", lw=0.8, ls="--", zorder=0)
-        if "y" in axes:
-            ax.axhline(0, color="0.5", lw=0.8, ls="--", zorder=0)
+# Dashed lines at 0 on the chance-adjusted axes: the chance level.
+CHANCE = {"color": "0.5", "lw": 0.8, "ls": "--", "zorder": 0}
 
 
 def _draw_plane(ax, record: dict[str, Any], form: str) -> None:
-    _chance_lines(ax, form)
+    if form == "adjusted":
+        ax.axvline(0, **CHANCE)
+        ax.axhline(0, **CHANCE)
     cmap = colormaps[CMAP]
     paths = _trajectories(record, form)
     last = len(paths) - 1
@@ -256,13 +256,12 @@ def _markers_legend(ax, records: Sequence[dict[str, Any]]) -> None:
 
 
 def _depth_colorbar(fig: Figure, axes, records: Sequence[dict[str, Any]]) -> None:
-    names = [_block_names(r) for r in records]
-    same = all(n == names[0] for n in names)
-    if same:
-        norm = Normalize(0, max(len(names[0]) - 1, 1))
+    names = _shared_blocks(records)
+    if names:
+        norm = Normalize(0, max(len(names) - 1, 1))
         bar = fig.colorbar(ScalarMappable(norm, CMAP), ax=axes, label="block (depth)")
-        if len(names[0]) <= _NAMED_TICKS:
-            bar.set_ticks(range(len(names[0])), labels=names[0])
+        if len(names) <= _NAMED_TICKS:
+            bar.set_ticks(range(len(names)), labels=names)
     else:
         fig.colorbar(ScalarMappable(Normalize(0, 1), CMAP), ax=axes,
                      label="relative depth (0 = first block, 1 = last)")
@@ -303,12 +302,11 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
     """Figure (c): each measure against depth at the last epoch, one line per run."""
     fig = Figure(figsize=(9.6, 4.0), layout="constrained")
     ax_x, ax_y = fig.subplots(1, 2)
-    names = [_block_names(r) for r in records]
-    same = all(nm == names[0] for nm in names)
+    names = _shared_blocks(records)
     for record, label in zip(records, _labels(records), strict=True):
         paths = _trajectories(record, form)
         last = len(paths) - 1
-        depth = [k if same else k / max(last, 1) for k in paths]
+        depth = [k if names else k / max(last, 1) for k in paths]
         final = [points[-1] for points in paths.values()]
         epoch = max(p[0] for p in final)
         for ax, i in ((ax_x, 1), (ax_y, 2)):
@@ -316,11 +314,11 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
     for ax, i in ((ax_x, 2), (ax_y, 3)):
         ax.set_ylabel(FORMS[form][i])
         if form == "adjusted":  # below 0 is below chance: show it, and where 0 is
-            _chance_lines(ax, form, "y")
+            ax.axhline(0, **CHANCE)
         else:
             ax.set_ylim(bottom=0)  # these forms are >= 0; a floor at 0 keeps gaps in proportion
-        if same:
-            ax.set_xticks(range(len(names[0])), labels=names[0], rotation=45, ha="right")
+        if names:
+            ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
             ax.set_xlabel("block")
         else:
             ax.set_xlabel("relative depth (0 = first block, 1 = last)")
@@ -361,17 +359,11 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    metadata = {".png": {"Software": None}, ".pdf": {"Creator": None, "Date": None},
+                ".svg": {"Date": None}}.get(suffix, {})
     with replacing(path) as tmp, rc_context(STYLE):
-        fig.savefig(tmp, format=suffix[1:], metadata=_metadata(suffix))
+        fig.savefig(tmp, format=suffix[1:], metadata=metadata)
     return path
-
-
-def _metadata(suffix: str) -> dict[str, Any]:
-    if suffix == ".png":
-        return {"Software": None}
-    if suffix in (".pdf", ".svg"):
-        return {"Creator": None, "Date": None} if suffix == ".pdf" else {"Date": None}
-    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,33 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_output(path: Path) -> None:
-    """The figure file can be made: its folder exists, and it is no folder itself.
-
-    Raises:
-        ConfigError: it is a folder, or its folder is missing or a file.
-    """
-    folder = path.parent
-    if path.is_dir():
-        raise ConfigError(f"output {str(path)!r} is a folder; give a file name")
-    if not folder.exists():
-        raise ConfigError(f"output folder {str(folder)!r} does not exist; create it first")
-    if not folder.is_dir():
-        raise ConfigError(f"output folder {str(folder)!r} is a file, not a folder")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        suffix = Path(args.output).suffix.lower()
-        if suffix not in (".png", ".pdf", ".svg"):
+        out, folder = Path(args.output), Path(args.output).parent
+        if out.suffix.lower() not in (".png", ".pdf", ".svg"):
             raise ConfigError(f"output must end in .png, .pdf or .svg; got {args.output!r}")
-        if args.kind is not None and args.kind not in KINDS:
-            raise unknown_name("kind", args.kind, KINDS)
-        if args.form not in FORMS:
-            raise unknown_name("form", args.form, FORMS)
-        check_output(Path(args.output))
+        if out.is_dir():
+            raise ConfigError(f"output {str(out)!r} is a folder; give a file name")
+        if not folder.is_dir():
+            what = ("is a file, not a folder" if folder.exists()
+                    else "does not exist; create it first")
+            raise ConfigError(f"output folder {str(folder)!r} {what}")
         records = [load_record(p) for p in args.records]
         fig = draw(records, args.kind, args.form)
         path = save_figure(fig, args.output)
