@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError
 from ..models import rms_normalize
@@ -18,15 +17,8 @@ from .sequential import phase, share_epochs
 
 def embed_labels(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
                  scale: float = 1.0) -> torch.Tensor:
-    """Write each label's one-hot code (times ``scale``) over the first pixels of its image.
-
-    Args:
-        x: ``(B, ...)`` images; the first ``num_classes`` values of each flattened
-            image are replaced.
-        labels: ``(B,)`` the labels to embed.
-        num_classes: number of labels.
-        scale: value of the hot entry.
-    """
+    """Write each label's one-hot code (times ``scale``) over the first ``num_classes``
+    values of its flattened image."""
     flat = x.flatten(1).clone()
     flat[:, :num_classes] = 0
     flat[torch.arange(len(flat), device=flat.device), labels] = scale
@@ -50,17 +42,6 @@ class NormalizedPart(LocalPart):
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         return super().run_blocks(rms_normalize(x))
-
-
-def _check_flat_outputs(stack: nn.Module, example: torch.Tensor) -> None:
-    """Refuse backbones whose layers output feature maps or tokens, not vectors."""
-    outputs = block_outputs(stack, example)
-    for name, block, h in zip(stack.names, stack.blocks, outputs, strict=True):
-        if h.ndim != 2 and any(True for _ in block.parameters()):
-            raise ConfigError(
-                f"rule 'forward_forward' supports fully connected backbones such as ff_mlp; "
-                f"block {name!r} outputs a {h.ndim}-D tensor {tuple(h.shape[1:])} per batch, "
-                "not a vector (convolutional backbones are not supported)")
 
 
 @dataclass
@@ -162,17 +143,22 @@ class ForwardForward(Rule):
     def parts(self, stack, num_classes, example):
         if num_classes > example[0].numel():
             raise ConfigError("rule 'forward_forward': more labels than input values to embed")
-        _check_flat_outputs(stack, example)
-        parts, pending, pending_ids = [], [], []
-        for k, block in enumerate(stack.blocks):
-            pending.append(block)
-            pending_ids.append(k)
+        options = {"theta": self.config.theta, "reduce": self.config.goodness}
+        parts, pending = [], []
+        for k, (block, h) in enumerate(zip(stack.blocks, block_outputs(stack, example),
+                                           strict=True)):
+            pending.append(k)
             if not any(True for _ in block.parameters()):  # e.g. the flattening stem
                 continue
-            options = {"theta": self.config.theta, "reduce": self.config.goodness}
+            if h.ndim != 2:  # feature maps or tokens: the goodness of a layer is of a vector
+                raise ConfigError(
+                    f"rule 'forward_forward' supports fully connected backbones such as ff_mlp; "
+                    f"block {stack.names[k]!r} outputs a {h.ndim}-D tensor {tuple(h.shape[1:])} "
+                    "per batch, not a vector (convolutional backbones are not supported)")
             objective = Objective({}, [Term("goodness", options=options)])
-            parts.append(NormalizedPart(stack.names[k], pending, pending_ids, objective))
-            pending, pending_ids = [], []
+            blocks = [stack.blocks[i] for i in pending]
+            parts.append(NormalizedPart(stack.names[k], blocks, pending, objective))
+            pending = []
         if pending or len(parts) < 2:
             raise ConfigError("rule 'forward_forward' needs at least two layers with parameters, "
                               "the last block among them")
