@@ -43,9 +43,6 @@ class Stage:
     fine: list[tuple[str, nn.Module]]
     module: nn.Module | None = None
 
-    def as_module(self) -> nn.Module:
-        return self.module if self.module is not None else nn.Sequential(*(m for _, m in self.fine))
-
 
 @dataclass
 class Layout:
@@ -56,9 +53,9 @@ class Layout:
     head: nn.Module
 
 
-def _isotropic(blocks: nn.Sequential, prefix: str = "blocks") -> list[Stage]:
+def _isotropic(blocks: nn.Sequential) -> list[Stage]:
     # Transformers have no stages: every block is its own stage.
-    return [Stage(f"{prefix}.{i}", [(f"{prefix}.{i}", b)], b) for i, b in enumerate(blocks)]
+    return [Stage(f"blocks.{i}", [(f"blocks.{i}", b)], b) for i, b in enumerate(blocks)]
 
 
 class ResNetHead(nn.Module):
@@ -78,11 +75,9 @@ class ResNetHead(nn.Module):
 def resnet_layout(model: ResNet) -> Layout:
     """Stem conv1-bn1-act1-maxpool; stages layer1..4 of residual blocks; pool-dropout-fc head."""
     stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
-    stages = []
-    for i in range(1, 5):
-        layer = getattr(model, f"layer{i}")
-        fine = [(f"layer{i}.{j}", block) for j, block in enumerate(layer)]
-        stages.append(Stage(f"layer{i}", fine, layer))
+    layers = (model.layer1, model.layer2, model.layer3, model.layer4)
+    stages = [Stage(f"layer{i}", [(f"layer{i}.{j}", b) for j, b in enumerate(layer)], layer)
+              for i, layer in enumerate(layers, 1)]
     return Layout(stem, stages, ResNetHead(model))
 
 

@@ -1,22 +1,13 @@
 """Split a timm model into an ordered stack of composable blocks.
 
 A :class:`BlockStack` is what every rule partitions and what the analyzer
-probes: ``head(blocks[-1](... blocks[0](x)))`` is the model's forward. The
-blocks share the model's modules and parameters; nothing is copied.
-
-:func:`split` lays a model out per family (:mod:`locallearn.adapters`) at one
-of two granularities, or groups the fine blocks into ``num_blocks`` parts of
-balanced activation memory, or into the parts that end after the fine blocks
-named in ``split_after`` (a published partition, such as InfoPro's table of
-cut points). Block 0 is always the ``"stem"``: the conv stem or the
-patch-embedding step.
-
-- ``"stage"``: the stem, then one block per stage (ResNet ``layer1..4``,
-  ConvNeXt ``stages.i``, VGG runs of convs between max-pools). Isotropic
-  models (ViT, DeiT, MLP-Mixer) have no stages, so for them stage
-  granularity equals block granularity.
-- ``"block"``: the stem, then every residual block, conv unit or transformer
-  block.
+probes: ``head(blocks[-1](... blocks[0](x)))`` is the model's forward, on the
+model's own modules (nothing is copied). Block 0 is always the ``"stem"`` (the
+conv stem or the patch-embedding step). ``"stage"`` granularity is then one
+block per stage (ResNet ``layer1..4``, ConvNeXt ``stages.i``, VGG runs of convs
+between max-pools; isotropic models such as ViT and Mixer have no stages, so it
+equals ``"block"``); ``"block"`` is every residual block, conv unit or
+transformer block.
 
 Every split is proven when it is made: a probe batch goes through the stack
 and through the model, in eval mode and in train mode with one seed (train
@@ -126,7 +117,8 @@ def split(
 
     stem = [("stem", layout.stem)]
     if num_blocks is None and not split_after and granularity == "stage":
-        parts = stem + [(s.name, s.as_module()) for s in layout.stages]
+        parts = stem + [(s.name, nn.Sequential(*(m for _, m in s.fine)) if s.module is None
+                         else s.module) for s in layout.stages]
     else:
         parts = stem + [pair for s in layout.stages for pair in s.fine]
     stack = BlockStack([m for _, m in parts], layout.head, [n for n, _ in parts], name)
@@ -311,9 +303,9 @@ def _probe(*roots: nn.Module) -> Iterator[Callable[[], None]]:
             for b, saved in buffers.items():
                 b.copy_(saved)
 
-    devices = [b.device.index for b in buffers if b.device.type == "cuda"]
-    devices += [p.device.index for r in roots for p in r.parameters() if p.device.type == "cuda"]
-    with torch.random.fork_rng(devices=sorted(set(devices))):
+    devices = {t.device.index for r in roots for t in [*r.parameters(), *r.buffers()]
+               if t.device.type == "cuda"}
+    with torch.random.fork_rng(devices=sorted(devices)):
         try:
             yield restore
         finally:

@@ -140,11 +140,6 @@ def vgg11_cifar(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
     fc_layers=2 --model-opt drop_rate=0.2 --model-opt pool_first=true``.
     """
     no_weights("vgg11_cifar", pretrained)
-    return build_model_with_cfg(
-        CifarVGG,
-        "vgg11_cifar",
-        pretrained,
-        model_cfg=_VGG11,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3, 4, 5)),
-        **kwargs,
-    )
+    return build_model_with_cfg(CifarVGG, "vgg11_cifar", pretrained, model_cfg=_VGG11,
+                                feature_cfg=dict(flatten_sequential=True,
+                                                 out_indices=(0, 1, 2, 3, 4, 5)), **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,7 +13,7 @@ from ..models import rms_normalize
 from ..objectives import Objective, Term
 from ..step import Step
 from .base import LocalPart, Rule, block_outputs, register_rule
-from .sequential import phase, share_epochs
+from .sequential import phase
 
 
 def embed_labels(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -46,24 +47,15 @@ class NormalizedPart(LocalPart):
 
 @dataclass
 class ForwardForwardConfig:
-    """Options of ``forward_forward``.
+    """Options of ``forward_forward``; docs/rules.md describes each.
 
-    Attributes:
-        theta: the goodness threshold of the logistic loss.
-        goodness: ``mean`` (mean squared activity, so ``theta`` is per unit and
-            suits any width) or ``sum`` (the paper's sum of squares).
-        embed_scale: value of the hot pixel of the label embedding. The images
-            are normalised to unit variance per channel (values within about
-            +-2.5), so the default 5 makes the code stand out from the pixels
-            around it, as a one-hot of 1 does on MNIST's mostly black corner.
-        sequential: train the layers one after another (each then frozen)
-            instead of all at once.
-        epochs_per_part: with ``sequential``, the epochs of each layer; empty
-            shares ``--epochs`` out evenly.
+    ``embed_scale``: the images are normalised to unit variance per channel (values
+    within about +-2.5), so the default 5 makes the label's code stand out from the
+    pixels around it, as a one-hot of 1 does on MNIST's mostly black corner.
     """
 
     theta: float = 2.0
-    goodness: Literal["mean", "sum"] = "mean"
+    goodness: Literal["mean", "sum"] = "mean"  # mean: theta is per unit, for any width
     embed_scale: float = 5.0
     sequential: bool = False
     epochs_per_part: tuple[int, ...] = ()
@@ -111,9 +103,7 @@ class ForwardForward(Rule):
     training_defaults = {"model": "ff_mlp", "optimizer": "adamw", "lr": 1e-3,
                          "weight-decay": 0.0, "batch-size": 16, "schedule": "constant"}
 
-    @property
-    def restart_schedule(self) -> bool:
-        return self.config.sequential
+    restart_schedule = property(lambda self: self.config.sequential)
 
     def make_step(self, images, labels, transform, num_classes, generator=None, train=True):
         """Training: positives then negatives; evaluation: each image with every label."""
@@ -128,17 +118,12 @@ class ForwardForward(Rule):
 
     def predictions(self, logits):
         """Goodness of each label summed over the layers after the first (the first: its own)."""
-        out, total = [logits[0]], None
-        for g in logits[1:]:
-            total = g if total is None else total + g
-            out.append(total)
-        return out
+        return [logits[0], *itertools.accumulate(logits[1:])]
 
     def trained_parts(self, epoch, epochs, num_parts):
         if not self.config.sequential:
             return list(range(num_parts))
-        return [phase(epoch, share_epochs(epochs, num_parts, self.config.epochs_per_part,
-                                          "forward_forward"))]
+        return [phase(epoch, epochs, num_parts, self.config.epochs_per_part, "forward_forward")]
 
     def parts(self, stack, num_classes, example):
         if num_classes > example[0].numel():
