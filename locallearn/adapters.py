@@ -35,21 +35,13 @@ from .models import CifarVGG
 
 @dataclass
 class Stage:
-    """One stage: its fine blocks in forward order, and the model's own stage module if any.
-
-    Attributes:
-        name: the stage's name, e.g. ``"layer1"``.
-        fine: ``(name, module)`` per fine block; composing them is the stage.
-        module: the model's module that runs the whole stage (used at stage
-            granularity); ``None`` means an ``nn.Sequential`` of ``fine``.
-    """
+    """A stage (``"layer1"``): ``(name, module)`` per fine block in forward order, and the
+    model's own module running the whole stage (used at stage granularity; None: the fine
+    blocks in an ``nn.Sequential``)."""
 
     name: str
     fine: list[tuple[str, nn.Module]]
     module: nn.Module | None = None
-
-    def as_module(self) -> nn.Module:
-        return self.module if self.module is not None else nn.Sequential(*(m for _, m in self.fine))
 
 
 @dataclass
@@ -61,9 +53,9 @@ class Layout:
     head: nn.Module
 
 
-def _isotropic(blocks: nn.Sequential, prefix: str = "blocks") -> list[Stage]:
+def _isotropic(blocks: nn.Sequential) -> list[Stage]:
     # Transformers have no stages: every block is its own stage.
-    return [Stage(f"{prefix}.{i}", [(f"{prefix}.{i}", b)], b) for i, b in enumerate(blocks)]
+    return [Stage(f"blocks.{i}", [(f"blocks.{i}", b)], b) for i, b in enumerate(blocks)]
 
 
 class ResNetHead(nn.Module):
@@ -71,8 +63,7 @@ class ResNetHead(nn.Module):
 
     def __init__(self, model: ResNet):
         super().__init__()
-        self.global_pool, self.fc = model.global_pool, model.fc
-        self.drop_rate = float(model.drop_rate)
+        self.global_pool, self.fc, self.drop_rate = model.global_pool, model.fc, model.drop_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.global_pool(x)
@@ -84,11 +75,9 @@ class ResNetHead(nn.Module):
 def resnet_layout(model: ResNet) -> Layout:
     """Stem conv1-bn1-act1-maxpool; stages layer1..4 of residual blocks; pool-dropout-fc head."""
     stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
-    stages = []
-    for i in range(1, 5):
-        layer = getattr(model, f"layer{i}")
-        fine = [(f"layer{i}.{j}", block) for j, block in enumerate(layer)]
-        stages.append(Stage(f"layer{i}", fine, layer))
+    layers = (model.layer1, model.layer2, model.layer3, model.layer4)
+    stages = [Stage(f"layer{i}", [(f"layer{i}.{j}", b) for j, b in enumerate(layer)], layer)
+              for i, layer in enumerate(layers, 1)]
     return Layout(stem, stages, ResNetHead(model))
 
 
@@ -114,29 +103,21 @@ def vgg_layout(model: VGG | CifarVGG) -> Layout:
         else:
             units[-1].append(i)
 
-    def name(idx: list[int]) -> str:
-        return f"features.{idx[0]}-{idx[-1]}"
-
     def module(idx: list[int]) -> nn.Module:
         return nn.Sequential(*(model.features[i] for i in idx))
 
     def is_pool(i: int) -> bool:
         return isinstance(model.features[i], nn.MaxPool2d)
 
-    groups, current = [], []
+    groups: list[list[list[int]]] = [[]]  # a stage ends at a max-pool, on either side of it
     for unit in units[1:]:
-        if current and is_pool(unit[0]):
-            groups.append(current)
-            current = []
-        current.append(unit)
+        if groups[-1] and is_pool(unit[0]):
+            groups.append([])
+        groups[-1].append(unit)
         if is_pool(unit[-1]):
-            groups.append(current)
-            current = []
-    if current:
-        groups.append(current)
-    stages = [
-        Stage(f"features.{g[0][0]}-{g[-1][-1]}", [(name(u), module(u)) for u in g]) for g in groups
-    ]
+            groups.append([])
+    stages = [Stage(f"features.{g[0][0]}-{g[-1][-1]}",
+                    [(f"features.{u[0]}-{u[-1]}", module(u)) for u in g]) for g in groups if g]
     tail = [model.features[i] for i in waiting]
     if not getattr(model, "fc_layers", 0):
         return Layout(module(units[0]), stages, nn.Sequential(*tail, model.pre_logits, model.head))

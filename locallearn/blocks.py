@@ -1,22 +1,13 @@
 """Split a timm model into an ordered stack of composable blocks.
 
 A :class:`BlockStack` is what every rule partitions and what the analyzer
-probes: ``head(blocks[-1](... blocks[0](x)))`` is the model's forward. The
-blocks share the model's modules and parameters; nothing is copied.
-
-:func:`split` lays a model out per family (:mod:`locallearn.adapters`) at one
-of two granularities, or groups the fine blocks into ``num_blocks`` parts of
-balanced activation memory, or into the parts that end after the fine blocks
-named in ``split_after`` (a published partition, such as InfoPro's table of
-cut points). Block 0 is always the ``"stem"``: the conv stem or the
-patch-embedding step.
-
-- ``"stage"``: the stem, then one block per stage (ResNet ``layer1..4``,
-  ConvNeXt ``stages.i``, VGG runs of convs between max-pools). Isotropic
-  models (ViT, DeiT, MLP-Mixer) have no stages, so for them stage
-  granularity equals block granularity.
-- ``"block"``: the stem, then every residual block, conv unit or transformer
-  block.
+probes: ``head(blocks[-1](... blocks[0](x)))`` is the model's forward, on the
+model's own modules (nothing is copied). Block 0 is always the ``"stem"`` (the
+conv stem or the patch-embedding step). ``"stage"`` granularity is then one
+block per stage (ResNet ``layer1..4``, ConvNeXt ``stages.i``, VGG runs of convs
+between max-pools; isotropic models such as ViT and Mixer have no stages, so it
+equals ``"block"``); ``"block"`` is every residual block, conv unit or
+transformer block.
 
 Every split is proven when it is made: a probe batch goes through the stack
 and through the model, in eval mode and in train mode with one seed (train
@@ -54,28 +45,15 @@ PROBE_BATCH = 2  # the smallest batch for which train-mode batch norm is defined
 
 
 class BlockStack(nn.Module):
-    """A model as ordered blocks and a head; composing them is the model's forward.
-
-    Args:
-        blocks: the blocks in forward order.
-        head: the classifier part that maps the last block's output to logits.
-        names: one human-readable name per block, e.g. ``"stem"``, ``"layer1.0"``.
-        model_name: the architecture the stack was split from.
+    """A model as ordered blocks (one name each, e.g. ``"layer1.0"``) and a head.
 
     Call ``stack.train()`` / ``stack.eval()`` rather than the model's: some
     head modules (e.g. ResNet's functional dropout) belong to the stack only.
     """
 
-    def __init__(
-        self,
-        blocks: Sequence[nn.Module],
-        head: nn.Module,
-        names: Sequence[str],
-        model_name: str = "",
-    ):
+    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, names: Sequence[str],
+                 model_name: str = ""):
         super().__init__()
-        if len(blocks) != len(names):
-            raise ValueError(f"{len(blocks)} blocks but {len(names)} names")
         self.blocks = nn.ModuleList(blocks)
         self.head = head
         self.names = list(names)
@@ -110,24 +88,14 @@ def split(
     split_after: Sequence[str] | None = None,
     **create_kwargs,
 ) -> BlockStack:
-    """Split a timm model (or model name) into a verified :class:`BlockStack`.
+    """Split a timm model (or a model name, created with ``create_kwargs``) into a proven stack.
 
-    Args:
-        model: a timm model, or a timm model name created with ``create_kwargs``.
-        granularity: ``"stage"`` or ``"block"`` (see the module docstring).
-        num_blocks: if set, group the block-level blocks into this many
-            contiguous parts of balanced activation memory (bytes saved for
-            backward, measured once on a probe batch); ``granularity`` is then unused.
-        input_size: ``(C, H, W)`` of the probe batch; by default the model's
-            ``pretrained_cfg["input_size"]`` (the patch embedding's image size for ViT/Mixer).
-        verify: compare the stack with ``model(x)`` on a probe batch (recommended).
-        split_after: if set, group the block-level blocks into the parts that end
-            after each of these blocks (block-level names such as ``"layer1.4"``,
-            in forward order; see :func:`cut_after`); ``granularity`` is then unused.
-        **create_kwargs: passed to ``timm.create_model`` when ``model`` is a name.
-
-    Returns:
-        A stack sharing the model's modules and parameters.
+    ``num_blocks`` groups the block-level blocks into that many contiguous parts
+    of balanced activation memory (bytes saved for backward, measured once on a
+    probe batch); ``split_after`` into the parts that end after each named
+    block-level block (:func:`cut_after`); either makes ``granularity`` unused.
+    ``input_size`` is the probe batch's ``(C, H, W)``; by default the model's
+    (the patch embedding's image size for ViT/Mixer, else ``pretrained_cfg``).
 
     Raises:
         ConfigError: unknown model name or granularity, ``num_blocks`` out of range,
@@ -149,7 +117,8 @@ def split(
 
     stem = [("stem", layout.stem)]
     if num_blocks is None and not split_after and granularity == "stage":
-        parts = stem + [(s.name, s.as_module()) for s in layout.stages]
+        parts = stem + [(s.name, nn.Sequential(*(m for _, m in s.fine)) if s.module is None
+                         else s.module) for s in layout.stages]
     else:
         parts = stem + [pair for s in layout.stages for pair in s.fine]
     stack = BlockStack([m for _, m in parts], layout.head, [n for n, _ in parts], name)
@@ -179,14 +148,7 @@ def balanced_partition(costs: Sequence[float], k: int) -> list[list[int]]:
 
     Among the cuts with the smallest largest sum, the one with the smallest sum of squared
     group sums wins, so the groups other than the largest are balanced too. Both steps are
-    exact dynamic programmes, O(k n^2) for n costs.
-
-    Args:
-        costs: one cost per item, in order.
-        k: number of groups, ``1 <= k <= len(costs)``.
-
-    Returns:
-        The groups as lists of item indices, in order.
+    exact dynamic programmes, O(k n^2) for n costs. Returns the groups as lists of indices.
     """
     n = len(costs)
     if not 1 <= k <= n:
@@ -203,16 +165,9 @@ def cut_after(names: Sequence[str], after: Sequence[str], model: str = "") -> li
     ``cut_after(["stem", "layer1.0", "layer1.1", "layer2.0"], ["layer1.0"])`` is
     ``[[0, 1], [2, 3]]``: the stem and ``layer1.0``, then the rest. ``len(after) + 1``
     parts; the blocks before the first cut (the stem with them) are the first part.
-
-    Args:
-        names: the block names, in forward order.
-        after: the blocks each part but the last ends with, in forward order.
-        model: the model's name, for messages.
-
-    Raises:
-        ConfigError: an unknown name (the closest names, or all of them, named), a
-            name given twice, names out of forward order, or the last block (whose
-            part would be empty).
+    An unknown name (the closest names, or all of them, named), a name given twice,
+    names out of forward order or the last block (whose part would be empty) are a
+    ConfigError; ``model`` names the model in messages.
     """
     names = list(names)
     at = f" of {model}" if model else ""
@@ -263,19 +218,14 @@ def _best_cut(
     return best[k][n], groups[::-1]
 
 
-def saved_bytes_per_block(
-    stack: BlockStack, input_size: tuple[int, int, int], batch_size: int = PROBE_BATCH
-) -> list[int]:
-    """Bytes each block saves for backward on a random train-mode batch.
-
-    Each block runs on the detached output of the one before, as a local rule
-    runs it. Batch-norm statistics, train/eval modes and the global RNG are
-    left as they were.
-    """
+def saved_bytes_per_block(stack: BlockStack, input_size: tuple[int, int, int]) -> list[int]:
+    """Bytes each block saves for backward on a random train-mode batch, each block on the
+    detached output of the one before (as a local rule runs it); BN statistics, modes and
+    the global RNG are left as they were."""
     costs = []
     with _probe(stack), torch.enable_grad():
         stack.train()
-        x = _probe_batch(stack, input_size, batch_size)
+        x = _probe_batch(stack, input_size)
         for block in stack.blocks:
             with SavedTensorMeter(block) as meter:
                 y = block(x)
@@ -353,9 +303,9 @@ def _probe(*roots: nn.Module) -> Iterator[Callable[[], None]]:
             for b, saved in buffers.items():
                 b.copy_(saved)
 
-    devices = [b.device.index for b in buffers if b.device.type == "cuda"]
-    devices += [p.device.index for r in roots for p in r.parameters() if p.device.type == "cuda"]
-    with torch.random.fork_rng(devices=sorted(set(devices))):
+    devices = {t.device.index for r in roots for t in [*r.parameters(), *r.buffers()]
+               if t.device.type == "cuda"}
+    with torch.random.fork_rng(devices=sorted(devices)):
         try:
             yield restore
         finally:
@@ -364,18 +314,18 @@ def _probe(*roots: nn.Module) -> Iterator[Callable[[], None]]:
                 m.training = training
 
 
-def _probe_batch(module: nn.Module, input_size: Sequence[int], batch_size: int) -> torch.Tensor:
+def _probe_batch(module: nn.Module, input_size: Sequence[int]) -> torch.Tensor:
     p = next(module.parameters(), None)
-    device, dtype = (p.device, p.dtype) if p is not None else (None, None)
     torch.manual_seed(0)
-    return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+    return torch.randn(PROBE_BATCH, *input_size, device=p.device if p is not None else None,
+                       dtype=p.dtype if p is not None else None)
 
 
 def _verify(model: nn.Module, stack: BlockStack, input_size: Sequence[int], name: str) -> None:
     """Refuse unless ``stack(x)`` equals ``model(x)`` in eval and in train mode."""
     with _probe(model, stack) as restore, torch.no_grad():
         try:
-            x = _probe_batch(model, input_size, PROBE_BATCH)
+            x = _probe_batch(model, input_size)
             for training in (False, True):
                 model.train(training)
                 stack.train(training)
@@ -387,16 +337,15 @@ def _verify(model: nn.Module, stack: BlockStack, input_size: Sequence[int], name
                 restore()
                 mode = "train" if training else "eval"
                 if not isinstance(want, torch.Tensor):
-                    raise _refusal(name, f"model output in {mode} mode is a {type(want).__name__}")
+                    raise SplitError(f"model output in {mode} mode is a {type(want).__name__}")
                 if got.shape != want.shape:
-                    why = f"{mode}-mode output shape {tuple(got.shape)} != {tuple(want.shape)}"
-                    raise _refusal(name, why)
+                    raise SplitError(f"{mode}-mode output shape {tuple(got.shape)} != "
+                                     f"{tuple(want.shape)}")
                 if not torch.allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True):
                     diff = (got - want).abs().max().item()
-                    why = f"{mode}-mode output differs from the model's by {diff:.3g}"
-                    raise _refusal(name, why)
-        except SplitError:
-            raise
+                    raise SplitError(f"{mode}-mode output differs from the model's by {diff:.3g}")
+        except SplitError as e:
+            raise _refusal(name, str(e)) from None
         except Exception as e:
             raise _refusal(name, f"probe forward failed with {type(e).__name__}: {e}") from None
 

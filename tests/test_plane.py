@@ -85,8 +85,10 @@ def test_entries_carry_the_chance_adjusted_forms(fitted):
     again = _prepared(trainer)
     entry = again.measure(trainer.stack, 2)[-1]
     k = entry["block"]
+    stack, probe, training = trainer.stack, again._probe, trainer.stack.training
     with torch.no_grad():
-        feats = again._features(trainer.stack, again._probe, [k])[k]
+        feats = stack.eval().features(probe.transform(probe.images))[k].flatten(1)
+    stack.train(training)
     z = H.soft_projector(H.kernel_matrix(feats))
     assert entry["nhsic_x_adj"] == pytest.approx(H.nhsic_adjusted(again._probe.x, z), rel=1e-9)
     assert entry["nhsic_y_adj"] == pytest.approx(H.nhsic_adjusted(again._probe.y, z), rel=1e-9)

@@ -6,7 +6,7 @@ layer's representation ``Z`` sits on the plane ``(nHSIC(X; Z), nHSIC(Y; Z))``
 as training goes on. :class:`InformationPlane` measures that plane for any
 rule, because it sees only the :class:`~locallearn.blocks.BlockStack`: a fixed
 probe set goes through the stack's blocks in eval mode, without autograd, on
-the main process, and temporary forward hooks copy each block's output out.
+the main process, and each block's output is copied out.
 
 Memory. ``nHSIC`` needs the ``m x m`` Gram matrix of every block, and a Gram
 matrix needs every pair of samples, so either all ``m`` feature rows of a block
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,7 @@ class _Probe:
     gram_device: torch.device  # where the float64 matrices live
     x: SoftProjector
     y: SoftProjector
-    x_linear: Tensor  # inner products of the inputs, for CKA
+    x_linear: Tensor  # inner products of the inputs and of the labels, for CKA
     y_linear: Tensor
 
 
@@ -78,33 +79,23 @@ class InformationPlane(Observer):
     Measured before training (epoch 0), after every ``every``-th epoch and after
     the last. ``X`` is the normalised input image, ``Y`` the one-hot label, ``Z_k``
     the flattened output of block ``k``. Each measurement appends one entry per
-    block to :attr:`entries`: ``epoch``, ``block``, ``name``, ``dim`` (of ``Z_k``),
-    ``nhsic_x``, ``nhsic_y``, their scale-free forms ``nhsic_x_scaled`` and
-    ``nhsic_y_scaled`` (``nHSIC(X; Z) / sqrt(nHSIC(X; X) nHSIC(Z; Z))``),
-    ``nhsic_self`` (``nHSIC(Z; Z)``), ``rank`` (``Tr R_Z``, the effective rank: under
-    independence ``nHSIC(X; Z)`` averages ``Tr R_X Tr R_Z / (m - 1)``), the
-    chance-adjusted forms ``nhsic_x_adj`` and ``nhsic_y_adj`` (that chance level taken
-    out of the scale-free form: 0 at chance, 1 at the bound; see
-    :func:`~locallearn.hsic.nhsic_adjusted`), and linear CKA ``cka_x``, ``cka_y``.
-    :meth:`describe` gives the probe set's ``nhsic_xx``, ``nhsic_yy``, ``rank_x``
-    (``Tr R_X``) and ``rank_y``, so each form can be recomputed from a record.
+    block to :attr:`entries`, and :meth:`describe` gives the probe set's reference
+    values, so each form can be recomputed from a record (docs/information_plane.md
+    lists the fields).
 
     Args:
         probe_size: ``m``, the number of probe samples (fewer if the split is smaller).
             nHSIC grows with ``m``: compare raw values only at equal ``m``.
-        every: measure after every ``every``-th epoch (and always after the last).
         split: ``"train"`` (default, without augmentation) or ``"test"``.
         seed: draws the seeded, class-balanced probe set. Fixed by default, not
             the run's seed, so every run measures the same samples.
         sigma: Gaussian width in units of ``sqrt(d)`` (Ma, Lewis & Kleijn 2020).
         eps: regulariser of ``R = K~ (K~ + eps m I)^-1`` (Fukumizu et al. 2007).
-        kernel: kernel on inputs and block outputs (see :mod:`locallearn.hsic`).
-        label_kernel: kernel on the one-hot labels; ``"delta"`` for label equality.
-        distance: the distance in the exponent of the Gaussian kernels (inputs, blocks,
-            labels): ``"sqeuclidean"`` (default; ``||u - v||^2``, as in Ma, Lewis & Kleijn
-            2020) or ``"euclidean"`` (``||u - v||``, as the seed paper's released code,
-            keitaroskmt/E2E-info ``src/hsic/hsic.py``). See :mod:`locallearn.hsic`.
-        batch_size: probe samples per forward batch.
+        kernel, label_kernel: on inputs and block outputs, and on the one-hot labels
+            (``"delta"``: label equality); see :mod:`locallearn.hsic`.
+        distance: in the exponent of the Gaussian kernels: ``"sqeuclidean"`` (default,
+            as Ma, Lewis & Kleijn 2020) or ``"euclidean"`` (as the seed paper's code,
+            keitaroskmt/E2E-info ``src/hsic/hsic.py``).
         memory_budget: bytes of CPU features held at once (see the module docstring).
     """
 
@@ -154,17 +145,10 @@ class InformationPlane(Observer):
         """The settings for the run record's ``plane_config``; ``m`` is the size actually used."""
         return {
             "m": self.m if self.m is not None else self.probe_size,
-            "probe_size": self.probe_size,
-            "split": self.split,
-            "seed": self.seed,
-            "every": self.every,
-            "kernel": self.kernel,
-            "label_kernel": self.label_kernel,
-            "distance": self.distance,
-            "sigma": self.sigma,
-            "eps": self.eps,
-            "input": "normalised images, flattened",
-            **self._reference,
+            "probe_size": self.probe_size, "split": self.split, "seed": self.seed,
+            "every": self.every, "kernel": self.kernel, "label_kernel": self.label_kernel,
+            "distance": self.distance, "sigma": self.sigma, "eps": self.eps,
+            "input": "normalised images, flattened", **self._reference,
             "seconds": [round(s, 3) for s in self.seconds],
         }
 
@@ -197,9 +181,9 @@ class InformationPlane(Observer):
         trainer.accelerator.wait_for_everyone()
 
     def _record(self, trainer: Trainer, epoch: int) -> None:
-        """Measure through the trainer's executor: it measures the blocks each process
-        holds (:meth:`measure_range`: every block on the main process of a serial run, each
-        stage's own of a pipelined one) and gives the main process every entry."""
+        # The executor calls measure_range on the blocks each process holds (every block
+        # on the main process of a serial run, each stage's own in a pipeline) and gives
+        # the main process every entry.
         start = time.perf_counter()
         entries = trainer.executor.run_probe(
             lambda blocks, inputs: self.measure_range(trainer.stack, epoch, blocks, inputs))
@@ -239,11 +223,7 @@ class InformationPlane(Observer):
         }
 
     def measure(self, stack: nn.Module, epoch: int) -> list[dict[str, Any]]:
-        """One entry per block of ``stack`` (a BlockStack) for the prepared probe set.
-
-        Runs in eval mode without autograd or autocast; every module's training
-        flag is restored and every hook removed afterwards.
-        """
+        """One entry per block of ``stack`` (a BlockStack) for the prepared probe set."""
         return self.measure_range(stack, epoch, range(len(stack.blocks)))[0]
 
     def measure_range(self, stack: nn.Module, epoch: int, blocks: range,
@@ -251,33 +231,35 @@ class InformationPlane(Observer):
         """The entries of the consecutive ``blocks`` of ``stack``, and the probe's output of
         the last of them: what a pipeline stage measures and hands to the next stage.
 
-        Args:
-            stack: the BlockStack; only ``blocks`` are run (the others may be elsewhere).
-            epoch: the label of the entries.
-            blocks: consecutive block indices.
-            inputs: the probe set's ``(m, ...)`` float32 input to ``blocks[0]`` (the
-                previous stage's output); None for the normalised probe images, which
-                only the first block takes.
-
-        Returns:
-            The entries, and the last block's ``(m, ...)`` float32 output, on the CPU.
+        Only ``blocks`` run (the others may be on another process). ``inputs`` is the probe
+        set's ``(m, ...)`` float32 input to ``blocks[0]`` (the previous stage's output);
+        None for the normalised probe images, which only block 0 takes. The output is
+        ``(m, ...)`` float32 on the CPU. Runs in eval mode without autograd or autocast;
+        every module's training flag is restored afterwards.
         """
         probe = self._probe
         if probe is None:
             raise RuntimeError("call prepare() (or attach the observer to a Trainer) first")
-        if not len(blocks) or (inputs is None and blocks[0] != 0):
-            raise ValueError(f"blocks {blocks} need their input; only block 0 reads the images")
+
+        def batch(start: int, stop: int) -> Tensor:
+            if inputs is None:
+                return probe.transform(probe.images[start:stop].to(probe.device))
+            return inputs[start:stop].to(probe.device)
+
         modes = [(module, module.training) for module in stack.modules()]
         stack.eval()
         try:
             with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
-                shapes = self._shapes(stack, probe, blocks, inputs)
+                h, shapes = batch(0, 1), {}
+                for k in blocks:  # each block's output shape, from a one-sample forward
+                    h = stack.blocks[k](h)
+                    shapes[k] = tuple(h.shape[1:])
                 dims = {k: math.prod(shape) for k, shape in shapes.items()}
                 entries, out = [], None
                 bar = tqdm(total=len(dims), desc=f"information plane, epoch {epoch}",
                            unit="block", leave=False, disable=None if self.progress else True)
                 for group in _groups(dims, self.m, self.memory_budget):
-                    feats = self._features(stack, probe, group, blocks[0], inputs)
+                    feats = self._features(stack, group, blocks[0], dims, batch)
                     if group[-1] == blocks[-1]:
                         out = feats[group[-1]].reshape(-1, *shapes[group[-1]])
                     for k in group:  # pop: each block's features go as soon as it is measured
@@ -289,52 +271,18 @@ class InformationPlane(Observer):
                 module.train(mode)
         return entries, out
 
-    def _input(self, probe: _Probe, inputs: Tensor | None, start: int, stop: int) -> Tensor:
-        """Probe samples ``start:stop`` as the first measured block takes them."""
-        if inputs is None:
-            return probe.transform(probe.images[start:stop].to(probe.device))
-        return inputs[start:stop].to(probe.device)
-
-    def _shapes(self, stack: nn.Module, probe: _Probe, blocks: range,
-                inputs: Tensor | None) -> dict[int, tuple[int, ...]]:
-        """Each block's output shape for one sample, from a one-sample forward."""
-        h = self._input(probe, inputs, 0, 1)
-        shapes = {}
-        for k in blocks:
-            h = stack.blocks[k](h)
-            shapes[k] = tuple(h.shape[1:])
-        return shapes
-
-    def _features(self, stack: nn.Module, probe: _Probe, group: list[int], first: int = 0,
-                  inputs: Tensor | None = None) -> dict[int, Tensor]:
-        """Run the probe set through the blocks from ``first`` up to the group's last;
-        hooks copy the group's outputs out.
-
-        Returns:
-            Block index -> its ``(m, d)`` float32 features, on the CPU.
-        """
-        m = len(probe.images)
-        feats: dict[int, Tensor] = {}
-        offset = 0  # where the current batch goes; the hooks read it when they fire
-
-        def hook_for(k: int):
-            def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-                rows = output.reshape(len(output), -1).float().cpu()
-                if k not in feats:
-                    feats[k] = torch.empty(m, rows.shape[1], dtype=torch.float32)
-                feats[k][offset:offset + len(rows)] = rows
-
-            return hook
-
-        handles = [stack.blocks[k].register_forward_hook(hook_for(k)) for k in group]
-        try:
-            for offset in range(0, m, self.batch_size):
-                h = self._input(probe, inputs, offset, offset + self.batch_size)
-                for block in stack.blocks[first: group[-1] + 1]:
-                    h = block(h)
-        finally:
-            for handle in handles:
-                handle.remove()
+    def _features(self, stack: nn.Module, group: list[int], first: int, dims: dict[int, int],
+                  batch: Callable[[int, int], Tensor]) -> dict[int, Tensor]:
+        """Run the probe set batch by batch through the blocks from ``first`` up to the
+        group's last, and keep the group's outputs: block -> ``(m, d)`` float32, on the CPU."""
+        m = len(self._probe.images)
+        feats = {k: torch.empty(m, dims[k], dtype=torch.float32) for k in group}
+        for start in range(0, m, self.batch_size):
+            h = batch(start, start + self.batch_size)
+            for k in range(first, group[-1] + 1):
+                h = stack.blocks[k](h)
+                if k in feats:
+                    feats[k][start:start + len(h)] = h.reshape(len(h), -1).float().cpu()
         return feats
 
     def _entry(self, stack: nn.Module, probe: _Probe, epoch: int, k: int, feats: Tensor
@@ -372,13 +320,12 @@ def _scaled(ab: float, aa: float, bb: float) -> float:
 def _groups(dims: dict[int, int], m: int, budget: int) -> list[list[int]]:
     """Consecutive blocks whose float32 features fit the memory budget together."""
     groups: list[list[int]] = []
-    used = 0
+    used = budget + 1  # the first block starts a group
     for k, d in dims.items():
         size = 4 * d * m
-        if groups and used + size <= budget:
-            groups[-1].append(k)
-            used += size
-        else:
-            groups.append([k])
-            used = size
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(k)
+        used += size
     return groups

@@ -12,17 +12,5 @@ from .mlp import FFLayer, FFMlp, ff_mlp, rms_normalize
 from .resnet import resnet18_cifar
 from .vgg import CifarVGG, vgg11_cifar
 
-__all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CifarResNet",
-    "CifarVGG",
-    "FFLayer",
-    "FFMlp",
-    "ff_mlp",
-    "resnet110_cifar",
-    "resnet18_cifar",
-    "resnet32_cifar",
-    "rms_normalize",
-    "vgg11_cifar",
-]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CifarResNet", "CifarVGG", "FFLayer", "FFMlp", "ff_mlp",
+           "resnet110_cifar", "resnet18_cifar", "resnet32_cifar", "rms_normalize", "vgg11_cifar"]

@@ -26,17 +26,12 @@ def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 def no_weights(name: str, pretrained: bool) -> None:
-    """Refuse ``pretrained=True``: no weights exist for these models."""
     if pretrained:
         raise ConfigError(f"no pretrained weights exist for {name}; use pretrained=False")
 
 
 def dropout_rate(name: str, rate: Any) -> float:
-    """Model option ``name``, a dropout rate, checked.
-
-    Raises:
-        ConfigError: ``rate`` is not a number in [0, 1).
-    """
+    """Model option ``name``, a dropout rate, checked to be a number in [0, 1)."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
         raise ConfigError(f"model option {name} must be a dropout rate in [0, 1); got {rate!r}")
     return float(rate)

@@ -35,20 +35,13 @@ from torch import nn
 from ..errors import ConfigError
 from .cifar import cifar_cfg, no_weights
 
-__all__ = ["CifarResNet", "resnet110_cifar", "resnet32_cifar"]
-
 
 class CifarResNet(nn.Module):
     """A 3-stage ResNet for 32x32 images (He et al. 2016, section 4.2), option-B shortcuts.
 
-    Args:
-        blocks: basic blocks per stage (n of the 6n+2 layers).
-        widths: channels of the stem and the stages' blocks.
-        num_classes: classifier outputs; 0 leaves the head an identity.
-        in_chans: input channels.
-        global_pool: pooling type of timm's ``SelectAdaptivePool2d``.
-        zero_init_last: zero the last batch norm weight of every block (timm's default
-            for ImageNet ResNets; not in He et al.).
+    ``blocks`` is n of the 6n+2 layers (basic blocks per stage); ``widths`` are the
+    channels of the stem and the stages; ``zero_init_last`` zeroes the last batch norm
+    weight of every block (timm's default for ImageNet ResNets; not in He et al.).
     """
 
     def __init__(self, blocks: int = 5, widths: tuple[int, int, int] = (16, 32, 64),
@@ -91,17 +84,14 @@ class CifarResNet(nn.Module):
                     m.zero_init_last()
 
     def get_classifier(self) -> nn.Module:
-        """Return the final classifier layer."""
         return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one of ``num_classes`` outputs (0: identity)."""
         self.num_classes = num_classes
         dims = self.num_features * self.global_pool.feat_mult()
         self.fc = nn.Linear(dims, num_classes) if num_classes else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and stages: (B, C, H, W) -> (B, 64, H/4, W/4)."""
         x = self.act1(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
 

@@ -16,8 +16,6 @@ from torch import nn
 
 from .cifar import cifar_cfg, no_weights
 
-__all__ = ["FFLayer", "FFMlp", "ff_mlp", "rms_normalize"]
-
 # register_model reads this module-level name when each entrypoint is decorated.
 default_cfgs = generate_default_cfgs(
     {"ff_mlp": cifar_cfg(pool_size=(1, 1), first_conv="layers.0.fc", classifier="head")}
@@ -55,12 +53,6 @@ class FFMlp(nn.Module):
 
     ``stem`` flattens; ``layers`` are :class:`FFLayer`s; ``head`` is a linear
     classifier (trained by backprop rules; forward-forward predicts by goodness).
-
-    Args:
-        num_classes: classifier outputs.
-        in_chans: image channels.
-        img_size: image side.
-        widths: the hidden layers' widths.
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
@@ -78,11 +70,9 @@ class FFMlp(nn.Module):
         ]
 
     def get_classifier(self) -> nn.Module:
-        """Return the final classifier layer."""
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one of ``num_classes`` outputs (0: identity)."""
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 

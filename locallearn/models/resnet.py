@@ -32,8 +32,6 @@ from torch import nn
 
 from .cifar import cifar_cfg, dropout_rate, no_weights
 
-__all__ = ["resnet18_cifar"]
-
 # register_model reads this module-level name when each entrypoint is decorated.
 default_cfgs = generate_default_cfgs(
     {"resnet18_cifar": cifar_cfg(pool_size=(4, 4), first_conv="conv1", classifier="fc")}

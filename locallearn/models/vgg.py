@@ -22,8 +22,6 @@ from torch import nn
 from ..errors import ConfigError
 from .cifar import cifar_cfg, dropout_rate, no_weights
 
-__all__ = ["CifarVGG", "vgg11_cifar"]
-
 # register_model reads this module-level name when each entrypoint is decorated.
 default_cfgs = generate_default_cfgs(
     {"vgg11_cifar": cifar_cfg(pool_size=(1, 1), first_conv="features.0", classifier="head")}
@@ -45,34 +43,14 @@ class CifarVGG(nn.Module):
     ``pool_first=True``: each max-pool starts the unit after it, so a unit's
     output (what its head and the information plane see) is the conv output
     before the pool, as in the seed, where the pool is an untrained layer
-    between two trained ones.
-
-    Args:
-        cfg: conv widths and ``"M"`` for 2x2 max-pools, as in timm's VGG configs.
-        num_classes: classifier outputs; 0 leaves the head an identity.
-        in_chans: input channels.
-        hidden: width of the hidden fully connected layers.
-        drop_rate: dropout after each hidden fully connected layer.
-        global_pool: pooling type of timm's ``SelectAdaptivePool2d``.
-        drop_conv: dropout after every conv unit's ReLU.
-        fc_layers: hidden fully connected layers as blocks of their own (linear,
-            BatchNorm1d, ReLU, dropout); 0: one hidden layer without batch norm in the head.
-        pool_first: split each max-pool into the unit after it (the last into the
-            first fully connected block, or the head) instead of the unit before it.
+    between two trained ones. ``cfg`` lists conv widths and ``"M"`` for 2x2
+    max-pools, as timm's VGG configs; ``hidden`` is the width of the hidden fully
+    connected layers, each followed by dropout ``drop_rate``.
     """
 
-    def __init__(
-        self,
-        cfg: list[int | str],
-        num_classes: int = 10,
-        in_chans: int = 3,
-        hidden: int = 512,
-        drop_rate: float = 0.0,
-        global_pool: str = "avg",
-        drop_conv: float = 0.0,
-        fc_layers: int = 0,
-        pool_first: bool = False,
-    ):
+    def __init__(self, cfg: list[int | str], num_classes: int = 10, in_chans: int = 3,
+                 hidden: int = 512, drop_rate: float = 0.0, global_pool: str = "avg",
+                 drop_conv: float = 0.0, fc_layers: int = 0, pool_first: bool = False):
         super().__init__()
         if not global_pool:
             raise ConfigError("CifarVGG needs a global pool type, e.g. 'avg' or 'max'")
@@ -83,9 +61,7 @@ class CifarVGG(nn.Module):
             raise ConfigError(f"model option pool_first must be true or false; got {pool_first!r}")
         drop_rate = dropout_rate("drop_rate", drop_rate)
         drop_conv = dropout_rate("drop_conv", drop_conv)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.fc_layers, self.pool_first = fc_layers, pool_first
         self.feature_info: list[dict[str, Any]] = []
         layers: list[nn.Module] = []
@@ -121,9 +97,6 @@ class CifarVGG(nn.Module):
             self.pre_logits = nn.Sequential(
                 pool, nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(drop_rate))
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self) -> None:
         # timm's VGG initialisation, so the two VGGs start alike.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -137,24 +110,18 @@ class CifarVGG(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def get_classifier(self) -> nn.Module:
-        """Return the final classifier layer."""
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one of ``num_classes`` outputs (0: identity)."""
         self.num_classes = num_classes
-        if num_classes > 0:
-            device = self.features[0].weight.device
-            self.head = nn.Linear(self.head_hidden_size, num_classes, device=device)
-        else:
-            self.head = nn.Identity()
+        device = self.features[0].weight.device
+        self.head = (nn.Linear(self.head_hidden_size, num_classes, device=device)
+                     if num_classes > 0 else nn.Identity())
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Conv trunk: (B, C, H, W) -> (B, num_features, H/32, W/32)."""
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, hidden layers and classifier; ``pre_logits=True`` stops before the classifier."""
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
@@ -173,11 +140,6 @@ def vgg11_cifar(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
     fc_layers=2 --model-opt drop_rate=0.2 --model-opt pool_first=true``.
     """
     no_weights("vgg11_cifar", pretrained)
-    return build_model_with_cfg(
-        CifarVGG,
-        "vgg11_cifar",
-        pretrained,
-        model_cfg=_VGG11,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3, 4, 5)),
-        **kwargs,
-    )
+    return build_model_with_cfg(CifarVGG, "vgg11_cifar", pretrained, model_cfg=_VGG11,
+                                feature_cfg=dict(flatten_sequential=True,
+                                                 out_indices=(0, 1, 2, 3, 4, 5)), **kwargs)

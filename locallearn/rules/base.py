@@ -38,49 +38,35 @@ DEFAULTABLE = ("model", *(f.name for f in TRAIN_FLAGS if f.role == IDENTITY and 
 
 
 def register_rule(name: str, **meta: Any):
-    """Register a :class:`Rule` subclass under ``name``.
+    """Register a :class:`Rule` subclass as ``--rule name``.
 
-    Args:
-        name: the name users pass to ``--rule``.
-        **meta: metadata; ``paper`` (the reference implemented) is required,
-            ``summary`` (one line for docs and ``--list-rules``) is expected.
+    ``paper`` (the reference implemented) is required, ``summary`` (one line for docs
+    and ``--list-rules``) expected. The class's ``training_defaults`` must name flags
+    of :data:`DEFAULTABLE` (their values are checked by the flags' parsers when a run
+    resolves them)::
 
-    Example:
-        >>> @register_rule("my_rule", paper="Me et al. 2026", summary="...")
-        ... class MyRule(Rule):
-        ...     Config = MyConfig
-        ...     def parts(self, stack, num_classes, example): ...
-
-    Raises:
-        ConfigError: the class's ``training_defaults`` names a flag not in :data:`DEFAULTABLE`.
+        @register_rule("my_rule", paper="Me et al. 2026", summary="...")
+        class MyRule(Rule): ...
     """
 
     def decorate(cls: type[Rule]) -> type[Rule]:
         if not (isinstance(cls, type) and issubclass(cls, Rule)):
             raise TypeError(f"register_rule({name!r}) decorates a Rule subclass, not {cls!r}")
-        check_training_defaults(name, cls.training_defaults)
+        defaults = cls.training_defaults
+        if not isinstance(defaults, Mapping):
+            raise ConfigError(f"rule {name!r}: training_defaults must map run.py flag names to "
+                              f"values; got {type(defaults).__name__}")
+        for key in defaults:
+            if key not in DEFAULTABLE:
+                raise ConfigError(f"rule {name!r}: unknown training default {key!r}; valid: "
+                                  f"{', '.join(DEFAULTABLE)}")
         cls.name = name
         return RULES.register(name, **meta)(cls)
 
     return decorate
 
 
-def check_training_defaults(name: str, defaults: Any) -> None:
-    """Refuse ``training_defaults`` that are not a mapping of :data:`DEFAULTABLE` flag names.
-
-    The values are checked by the flags' own parsers when a run resolves them.
-    """
-    if not isinstance(defaults, Mapping):
-        raise ConfigError(f"rule {name!r}: training_defaults must map run.py flag names to "
-                          f"values; got {type(defaults).__name__}")
-    for key in defaults:
-        if key not in DEFAULTABLE:
-            raise ConfigError(f"rule {name!r}: unknown training default {key!r}; valid: "
-                              f"{', '.join(DEFAULTABLE)}")
-
-
 def list_rules() -> list[str]:
-    """Names of all registered rules, sorted."""
     return RULES.names()
 
 
@@ -93,26 +79,16 @@ def create_rule(name: str, **options: Any) -> Rule:
 class LocalPart(nn.Module):
     """One trainable unit: consecutive blocks of the stack and the objective that trains them.
 
-    Args:
-        name: shown in logs and records.
-        blocks: the stack's blocks this part runs, in order (shared, not copied).
-        block_ids: their indices in the stack; the part's logits count as the
-            prediction at depth ``block_ids[-1]``. Empty for a part that only
-            holds a head on the previous part's output.
-        objective: module mapping ``(h, step, part_input)`` to a
-            :class:`~locallearn.step.Scored` (usually an
-            :class:`~locallearn.objectives.Objective`).
-        lr_scale: multiplies the learning rate of this part's optimizer.
+    ``blocks`` are shared with the stack, not copied; ``block_ids`` are their indices
+    there, and the part's logits count as the prediction at depth ``block_ids[-1]``
+    (empty for a part that only holds a head on the previous part's output). The
+    ``objective`` maps ``(h, step, part_input)`` to a :class:`~locallearn.step.Scored`
+    (usually an :class:`~locallearn.objectives.Objective`); ``lr_scale`` multiplies
+    the learning rate of the part's optimizer.
     """
 
-    def __init__(
-        self,
-        name: str,
-        blocks: Sequence[nn.Module],
-        block_ids: Sequence[int],
-        objective: nn.Module,
-        lr_scale: float = 1.0,
-    ):
+    def __init__(self, name: str, blocks: Sequence[nn.Module], block_ids: Sequence[int],
+                 objective: nn.Module, lr_scale: float = 1.0):
         super().__init__()
         self.part_name = name
         self.blocks = nn.ModuleList(blocks)
@@ -124,7 +100,7 @@ class LocalPart(nn.Module):
         self.recompute_blocks = False
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """The part's blocks alone, without the objective (a frozen part's forward)."""
+        """The blocks without the objective (a frozen part's forward)."""
         if self.recompute_blocks and torch.is_grad_enabled():
             return run_recomputed(self.blocks, x)
         for block in self.blocks:
@@ -169,39 +145,21 @@ class Rule:
         self.config = config if config is not None else self.Config()
 
     def parts(self, stack: nn.Module, num_classes: int, example: torch.Tensor) -> list[LocalPart]:
-        """Partition ``stack`` into trainable parts with their objectives.
-
-        Args:
-            stack: the BlockStack to train.
-            num_classes: number of labels.
-            example: a small batch of inputs, to read block output shapes.
-        """
+        """Partition the BlockStack into trainable parts with their objectives; ``example`` is
+        a small batch of inputs, to read block output shapes."""
         raise NotImplementedError
 
-    def make_step(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        transform: Any,
-        num_classes: int,
-        generator: torch.Generator | None = None,
-        train: bool = True,
-    ) -> tuple[torch.Tensor, Step]:
+    def make_step(self, images: torch.Tensor, labels: torch.Tensor, transform: Any,
+                  num_classes: int, generator: torch.Generator | None = None,
+                  train: bool = True) -> tuple[torch.Tensor, Step]:
         """The first part's input and the :class:`~locallearn.step.Step` of a batch.
 
-        The default applies ``transform`` (augmentation and normalisation). A
-        rule that changes its inputs overrides it: forward-forward writes labels
-        into the images, supervised contrastive stacks two augmented views. The
-        step's labels are the batch's (one per image), against which the last
-        part's logits are scored.
-
-        Args:
-            images: uint8 ``(B, C, H, W)`` images as the loader yields them.
-            labels: their labels.
-            transform: a :class:`~locallearn.data.BatchTransform` (training or evaluation).
-            num_classes: the number of labels.
-            generator: the random source of augmentation (None at evaluation).
-            train: whether the batch is for training (else for evaluation).
+        ``images`` are uint8 ``(B, C, H, W)`` as the loader yields them; ``transform``
+        is a :class:`~locallearn.data.BatchTransform` drawing augmentation from
+        ``generator`` (None at evaluation). The default applies ``transform``. A rule
+        that changes its inputs overrides it: forward-forward writes labels into the
+        images, supervised contrastive stacks two augmented views. The step's labels
+        are the batch's (one per image), against which the last part's logits are scored.
         """
         return self.stacked_views(images, labels, transform, num_classes, generator, train, 1)
 

@@ -11,21 +11,8 @@ from .local import LocalConfig, LocalRule
 
 @dataclass
 class DGLConfig(LocalConfig):
-    """Options of ``dgl``; see :class:`~.local.LocalConfig` for the shared ones.
-
-    Attributes:
-        aux: the auxiliary network, any registered classifier head: ``cnn``
-            (default: the paper's CNN aux, 3x3 conv-BN-ReLU layers, 2x2 average
-            pooling, BatchNorm, linear), ``mlp_sr`` (the paper's MLP-SR aux),
-            or ``linear`` (pool + linear, the only one for token outputs such
-            as ViT's).
-        aux_depth: conv layers of the ``cnn`` aux net (default 2), or 1x1 conv
-            layers and hidden linear layers of ``mlp_sr`` (3 each); 0 picks
-            each one's default.
-        aux_pool: side of the pooled map the aux net's linear layer or MLP reads (0: 2).
-        loss: the local loss (``ce`` in the paper).
-        lr_scales: per-part learning-rate multipliers, one per part; empty: all 1.
-    """
+    """Options of ``dgl`` (and the shared ones of :class:`~.local.LocalConfig`); docs/rules.md
+    describes each. ``aux`` is the auxiliary network, by default the paper's CNN aux."""
 
     aux: str = "cnn"
     loss: str = "ce"

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError
 from ..models import rms_normalize
 from ..objectives import Objective, Term
 from ..step import Step
 from .base import LocalPart, Rule, block_outputs, register_rule
-from .sequential import phase, share_epochs
+from .sequential import phase
 
 
 def embed_labels(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
                  scale: float = 1.0) -> torch.Tensor:
-    """Write each label's one-hot code (times ``scale``) over the first pixels of its image.
-
-    Args:
-        x: ``(B, ...)`` images; the first ``num_classes`` values of each flattened
-            image are replaced.
-        labels: ``(B,)`` the labels to embed.
-        num_classes: number of labels.
-        scale: value of the hot entry.
-    """
+    """Write each label's one-hot code (times ``scale``) over the first ``num_classes``
+    values of its flattened image."""
     flat = x.flatten(1).clone()
     flat[:, :num_classes] = 0
     flat[torch.arange(len(flat), device=flat.device), labels] = scale
@@ -52,37 +45,17 @@ class NormalizedPart(LocalPart):
         return super().run_blocks(rms_normalize(x))
 
 
-def _check_flat_outputs(stack: nn.Module, example: torch.Tensor) -> None:
-    """Refuse backbones whose layers output feature maps or tokens, not vectors."""
-    outputs = block_outputs(stack, example)
-    for name, block, h in zip(stack.names, stack.blocks, outputs, strict=True):
-        if h.ndim != 2 and any(True for _ in block.parameters()):
-            raise ConfigError(
-                f"rule 'forward_forward' supports fully connected backbones such as ff_mlp; "
-                f"block {name!r} outputs a {h.ndim}-D tensor {tuple(h.shape[1:])} per batch, "
-                "not a vector (convolutional backbones are not supported)")
-
-
 @dataclass
 class ForwardForwardConfig:
-    """Options of ``forward_forward``.
+    """Options of ``forward_forward``; docs/rules.md describes each.
 
-    Attributes:
-        theta: the goodness threshold of the logistic loss.
-        goodness: ``mean`` (mean squared activity, so ``theta`` is per unit and
-            suits any width) or ``sum`` (the paper's sum of squares).
-        embed_scale: value of the hot pixel of the label embedding. The images
-            are normalised to unit variance per channel (values within about
-            +-2.5), so the default 5 makes the code stand out from the pixels
-            around it, as a one-hot of 1 does on MNIST's mostly black corner.
-        sequential: train the layers one after another (each then frozen)
-            instead of all at once.
-        epochs_per_part: with ``sequential``, the epochs of each layer; empty
-            shares ``--epochs`` out evenly.
+    ``embed_scale``: the images are normalised to unit variance per channel (values
+    within about +-2.5), so the default 5 makes the label's code stand out from the
+    pixels around it, as a one-hot of 1 does on MNIST's mostly black corner.
     """
 
     theta: float = 2.0
-    goodness: Literal["mean", "sum"] = "mean"
+    goodness: Literal["mean", "sum"] = "mean"  # mean: theta is per unit, for any width
     embed_scale: float = 5.0
     sequential: bool = False
     epochs_per_part: tuple[int, ...] = ()
@@ -130,9 +103,7 @@ class ForwardForward(Rule):
     training_defaults = {"model": "ff_mlp", "optimizer": "adamw", "lr": 1e-3,
                          "weight-decay": 0.0, "batch-size": 16, "schedule": "constant"}
 
-    @property
-    def restart_schedule(self) -> bool:
-        return self.config.sequential
+    restart_schedule = property(lambda self: self.config.sequential)
 
     def make_step(self, images, labels, transform, num_classes, generator=None, train=True):
         """Training: positives then negatives; evaluation: each image with every label."""
@@ -147,32 +118,32 @@ class ForwardForward(Rule):
 
     def predictions(self, logits):
         """Goodness of each label summed over the layers after the first (the first: its own)."""
-        out, total = [logits[0]], None
-        for g in logits[1:]:
-            total = g if total is None else total + g
-            out.append(total)
-        return out
+        return [logits[0], *itertools.accumulate(logits[1:])]
 
     def trained_parts(self, epoch, epochs, num_parts):
         if not self.config.sequential:
             return list(range(num_parts))
-        return [phase(epoch, share_epochs(epochs, num_parts, self.config.epochs_per_part,
-                                          "forward_forward"))]
+        return [phase(epoch, epochs, num_parts, self.config.epochs_per_part, "forward_forward")]
 
     def parts(self, stack, num_classes, example):
         if num_classes > example[0].numel():
             raise ConfigError("rule 'forward_forward': more labels than input values to embed")
-        _check_flat_outputs(stack, example)
-        parts, pending, pending_ids = [], [], []
-        for k, block in enumerate(stack.blocks):
-            pending.append(block)
-            pending_ids.append(k)
+        options = {"theta": self.config.theta, "reduce": self.config.goodness}
+        parts, pending = [], []
+        for k, (block, h) in enumerate(zip(stack.blocks, block_outputs(stack, example),
+                                           strict=True)):
+            pending.append(k)
             if not any(True for _ in block.parameters()):  # e.g. the flattening stem
                 continue
-            options = {"theta": self.config.theta, "reduce": self.config.goodness}
+            if h.ndim != 2:  # feature maps or tokens: the goodness of a layer is of a vector
+                raise ConfigError(
+                    f"rule 'forward_forward' supports fully connected backbones such as ff_mlp; "
+                    f"block {stack.names[k]!r} outputs a {h.ndim}-D tensor {tuple(h.shape[1:])} "
+                    "per batch, not a vector (convolutional backbones are not supported)")
             objective = Objective({}, [Term("goodness", options=options)])
-            parts.append(NormalizedPart(stack.names[k], pending, pending_ids, objective))
-            pending, pending_ids = [], []
+            blocks = [stack.blocks[i] for i in pending]
+            parts.append(NormalizedPart(stack.names[k], blocks, pending, objective))
+            pending = []
         if pending or len(parts) < 2:
             raise ConfigError("rule 'forward_forward' needs at least two layers with parameters, "
                               "the last block among them")

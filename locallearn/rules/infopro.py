@@ -11,26 +11,12 @@ from .local import LocalConfig, LocalRule
 
 @dataclass
 class InfoProConfig(LocalConfig):
-    """Options of ``infopro``; see :class:`~.local.LocalConfig` for the shared ones.
-
-    Attributes:
-        lambda_first: (lambda1, lambda2) of the first local part; empty: (5, 0.5)
-            when there is a single local part (K = 2), else (5, 0) (the reference's
-            ResNet-110 commands for K = 2 and K = 8).
-        lambda_last: (lambda1, lambda2) of the last local part (part K-1).
-        head: the auxiliary head (``infopro``: the reference code's ``1c2f`` net,
-            conv-BN-ReLU, pool, FC-ReLU, FC), any registered classifier head.
-        aux_loss: the auxiliary loss: ``contrast`` (supervised contrastive on a
-            ``proj_dim`` projection, as every command of the reference code) or
-            ``ce``, or any registered loss scoring a classifier head.
-        temperature: temperature of ``contrast``.
-        decoder_width: channels of the decoder's hidden conv.
-        recompute_heads: keep no activations of the decoder and auxiliary head
-            for backward; each runs again in backward, one at a time
-            (:func:`~locallearn.recompute.recomputed`), so a part's peak holds
-            its blocks plus the larger head, not both. Same gradients; each
-            head runs twice per step. Parts with a single head keep it (its
-            recomputation would not lower their peak).
+    """Options of ``infopro`` (and the shared ones of :class:`~.local.LocalConfig`);
+    docs/rules.md describes each. The empty ``lambda_first`` is (5, 0.5) with a single local
+    part (K = 2), else (5, 0): the reference's ResNet-110 commands for K = 2 and K = 8.
+    ``recompute_heads`` runs the decoder and the auxiliary head again in backward, one at a
+    time (:func:`~locallearn.recompute.recomputed`), so a part's peak holds its blocks plus
+    the larger head, not both; same gradients, each head runs twice per step.
     """
 
     head: str = "infopro"

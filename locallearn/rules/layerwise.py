@@ -10,17 +10,8 @@ from .local import LocalConfig, LocalRule
 
 @dataclass
 class LayerwiseConfig(LocalConfig):
-    """Options of ``layerwise`` (and ``sequential``); see :class:`~.local.LocalConfig` too.
-
-    Attributes:
-        head: the auxiliary head, any registered classifier head
-            (``reduced_linear``, the seed paper's and the default: average pool
-            to at most ``aux_features`` values keeping the spatial layout, then
-            linear; ``linear``: global average pool + linear; ``mlp``, ``conv``,
-            ``cnn``, ``mlp_sr``, ``infopro``, or a plugin's).
-        loss: the local loss, any registered loss that scores a classifier head
-            (``ce``, ``predsim``, ``supcon``, ``contrast``, ``nhsic``, or a plugin's).
-    """
+    """Options of ``layerwise`` and ``sequential`` (and the shared ones of
+    :class:`~.local.LocalConfig`); docs/rules.md describes each."""
 
     head: str = "reduced_linear"
     loss: str = "ce"

@@ -30,25 +30,7 @@ from .base import LocalPart, Rule, block_outputs
 
 @dataclass
 class LocalConfig:
-    """Options every local-objective rule takes.
-
-    Attributes:
-        aux_hidden: hidden width of the auxiliary head (``linear``, ``conv``,
-            ``mlp``, ``mlp_sr``, ``infopro``); 0: the head's default.
-        aux_depth: layers of the ``cnn`` or ``mlp_sr`` head; 0: the head's default.
-        aux_pool: side of the map the ``cnn`` or ``mlp_sr`` head pools to; 0: its default.
-        aux_features: the most values the ``reduced_linear`` head's pooling keeps; 0: 2048.
-        beta: ``predsim``'s weight of similarity matching.
-        temperature: the contrastive losses' softmax temperature.
-        proj_dim: projection size of the contrastive losses' heads.
-        nhsic_lambda: subtract ``nhsic_lambda * nHSIC(aux output; target)`` from each
-            local loss (Sakamoto & Sato 2024's augmenting term).
-        nhsic_target: ``input`` (the network input) or ``block_input`` (the part's input).
-        nhsic_distance: the Gaussian kernel's distance in that term: ``sqeuclidean``
-            (today's default) or ``euclidean`` (the seed's ``src/hsic/hsic.py``).
-        loss_options: ``KEY=VALUE`` options of the local loss beyond the ones
-            above (a plugin loss's own parameters), comma-separated.
-    """
+    """Options every local-objective rule takes; docs/rules.md describes each."""
 
     aux_hidden: int = 0
     aux_depth: int = 0
@@ -85,13 +67,8 @@ class LocalRule(Rule):
         super().__init__(config)
         self._check()
 
-    @property
-    def head(self) -> str:
-        return getattr(self.config, self.head_option)
-
-    @property
-    def loss(self) -> str:
-        return getattr(self.config, self.loss_option)
+    head = property(lambda self: getattr(self.config, self.head_option))
+    loss = property(lambda self: getattr(self.config, self.loss_option))
 
     def _check(self) -> None:
         """Refuse, before anything is built, options and compositions that cannot work."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,60 +13,32 @@ from .base import register_rule
 from .layerwise import Layerwise, LayerwiseConfig
 
 
-def share_epochs(epochs: int, parts: int, given: tuple[int, ...], rule: str) -> list[int]:
-    """Epochs of each of ``parts`` parts trained one after another.
+def phase(epoch: int, epochs: int, parts: int, given: tuple[int, ...], rule: str) -> int:
+    """The part that trains in ``epoch`` (0-based) when ``parts`` parts train in turn.
 
-    ``given`` (the rule's ``epochs_per_part`` option) is checked and returned;
-    empty, the epochs are shared out evenly, the last parts getting one more
+    ``given`` (the rule's ``epochs_per_part`` option) are each part's epochs;
+    empty, the ``epochs`` are shared out evenly, the last parts getting one more
     when they do not divide.
     """
     if given:
         if len(given) != parts or sum(given) != epochs or min(given) < 1:
             raise ConfigError(
                 f"option 'epochs_per_part' of rule '{rule}' needs {parts} positive "
-                f"counts adding up to --epochs {epochs}; got {','.join(map(str, given))}"
-            )
-        return list(given)
-    if epochs < parts:
-        raise ConfigError(
-            f"rule '{rule}' trains {parts} parts one after another and needs "
-            f"--epochs >= {parts}; got {epochs}"
-        )
-    share, extra = divmod(epochs, parts)
-    return [share + (k >= parts - extra) for k in range(parts)]
-
-
-def phase(epoch: int, epochs_per_part: list[int]) -> int:
-    """The part that trains in ``epoch`` (0-based) when parts train in turn."""
-    end = 0
-    for k, count in enumerate(epochs_per_part):
-        end += count
-        if epoch < end:
-            return k
-    raise ValueError(f"epoch {epoch} is past the last part's epochs")
+                f"counts adding up to --epochs {epochs}; got {','.join(map(str, given))}")
+        counts = list(given)
+    elif epochs < parts:
+        raise ConfigError(f"rule '{rule}' trains {parts} parts one after another and needs "
+                          f"--epochs >= {parts}; got {epochs}")
+    else:
+        share, extra = divmod(epochs, parts)
+        counts = [share + (k >= parts - extra) for k in range(parts)]
+    return bisect.bisect_right(list(itertools.accumulate(counts)), epoch)
 
 
 @dataclass
 class SequentialConfig(LayerwiseConfig):
-    """Options of ``sequential``.
-
-    Attributes:
-        epochs_per_part: epochs of each phase, in order (each block part, then
-            the model's head with ``head_phase``); must add up to ``--epochs``.
-            Empty: the epochs are shared out evenly, the last phases getting one
-            more when they do not divide.
-        restart_schedule: each part runs the whole learning-rate schedule over
-            its own epochs, as the seed code does; false: one schedule over the run.
-        cache_features: cache the frozen prefix's outputs on the un-augmented
-            training set once per part, instead of recomputing them every step.
-        frozen_mode: ``eval``: frozen parts run in eval mode; ``train`` (the
-            seed's ``main_lw_seq.py``): the whole model stays in training mode,
-            so frozen blocks' BatchNorm keeps updating its running statistics
-            and their dropout stays active. Either way without autograd.
-        head_phase: train the model's head in a last phase of its own, after
-            every block, on the frozen network (the seed's ``main_lw_seq.py``);
-            false: it trains together with the last block.
-    """
+    """Options of ``sequential``; docs/rules.md describes each. ``frozen_mode=train`` and
+    ``head_phase`` are the seed's ``main_lw_seq.py``."""
 
     epochs_per_part: tuple[int, ...] = ()
     restart_schedule: bool = True
@@ -100,6 +74,11 @@ class Sequential(Layerwise):
     shown = ("head", "aux_hidden", "epochs_per_part", "restart_schedule", "cache_features",
              "frozen_mode", "head_phase")
 
+    # Properties, not attributes set once: a subclass may still override them as class attributes.
+    restart_schedule = property(lambda self: self.config.restart_schedule)
+    cache_inputs = property(lambda self: self.config.cache_features)
+    frozen_train_mode = property(lambda self: self.config.frozen_mode == "train")
+
     def _check(self) -> None:
         super()._check()
         cfg = self.config
@@ -113,26 +92,9 @@ class Sequential(Layerwise):
                               "once, in eval mode, so frozen_mode=train cannot apply; turn one "
                               "of them off")
 
-    @property
-    def restart_schedule(self) -> bool:
-        return self.config.restart_schedule
-
-    @property
-    def cache_inputs(self) -> bool:
-        return self.config.cache_features
-
-    @property
-    def frozen_train_mode(self) -> bool:
-        return self.config.frozen_mode == "train"
-
-    def epochs_per_part(self, epochs: int, blocks: int) -> list[int]:
-        """Epochs of each phase: each of the ``blocks`` block parts, then the head's own."""
-        phases = blocks + self.config.head_phase
-        return share_epochs(epochs, phases, self.config.epochs_per_part, "sequential")
-
     def trained_parts(self, epoch: int, epochs: int, num_parts: int) -> list[int]:
-        blocks = num_parts - 1  # the last part is the model's head
-        k = phase(epoch, self.epochs_per_part(epochs, blocks))
-        if self.config.head_phase:
+        cfg, blocks = self.config, num_parts - 1  # the last part is the model's head
+        k = phase(epoch, epochs, blocks + cfg.head_phase, cfg.epochs_per_part, "sequential")
+        if cfg.head_phase:
             return [k]  # k == blocks: the head's phase
         return [k, num_parts - 1] if k == blocks - 1 else [k]
