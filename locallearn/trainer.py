@@ -193,17 +193,13 @@ class SerialExecutor:
         self.features = (first, acc.prepare(loader))
         return self.features[1], first
 
-    def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None):
-        pass
+    def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None): ...
 
-    def begin_epoch(self) -> None:
-        pass
+    def begin_epoch(self) -> None: ...
 
-    def end_pass(self) -> None:
-        pass
+    def end_pass(self) -> None: ...
 
-    def reduce_grads(self, i: int) -> None:
-        pass  # DDP averages them inside backward
+    def reduce_grads(self, i: int) -> None: ...  # DDP averages them inside backward
 
     def end_epoch(self, trained: list[int]) -> None:
         """Give every process process 0's buffers of the frozen parts before ``trained``.
