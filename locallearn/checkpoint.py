@@ -1,35 +1,19 @@
 """Checkpoints: the whole training state at the end of an epoch, safe to load.
 
-A checkpoint is a folder ``epoch0003/`` holding
-
-- ``model.safetensors``: every parameter and buffer of the stack and of every
-  part's objective (auxiliary heads, decoders), through safetensors, so
-  loading weights runs no code;
-- ``state.pt``: optimizer and scheduler states of the parts that were
-  training, and the RNG states, loaded with ``torch.load(weights_only=True)``;
-- ``meta.json``: the format version, the run's id, the epoch, what was
-  trained (model, rule and its options, data, loop settings, the settings
-  that change results), the seconds of fitting so far, the history so far
-  and the observers' results.
-
-A pipelined run (``--parallel parts``, one stage of parts per process) writes
-the same folder, but each stage writes its own files: ``stage{r}.safetensors``
-(its parts' parameters and buffers, ``part{i}.<name>``) and ``stage{r}.pt``
-(its parts' optimizer and scheduler states by part index, and its process's
-RNG states); ``meta.json`` adds ``stages``, the part indices of each stage, and
-``replicas``. With replicas (``--stages``), replica 0 of each stage writes its
-files, and its ``stage{r}.pt`` holds every replica's RNG states too
-(``replica_rng``). A pipelined checkpoint resumes only a pipelined run of as
-many stages and replicas, cut the same way; a serial one only a serial run.
-Every process must see the one folder (one machine, or a shared file system).
+A checkpoint is a folder ``epoch0003/``: ``model.safetensors`` (every parameter
+and buffer, through safetensors, so loading weights runs no code), ``state.pt``
+(the optimizer, scheduler and fp16 scaler states of the parts still training, and
+the RNG states, read with ``torch.load(weights_only=True)``) and ``meta.json``
+(the run's id, the epoch, the run's identity, the seconds, history and observers'
+results so far). A pipelined run's stages each write ``stage{s}.safetensors`` and
+``stage{s}.pt`` instead (replica 0 of a stage, with every replica's RNG states),
+and ``meta.json`` holds the stage cut; every process must see the one folder.
+docs/reliability.md describes the files and what a resume checks.
 
 It is written under a temporary name and renamed when complete, so a kill
-while saving leaves the previous checkpoint intact (an interrupt removes the
-half-written folder). A checkpoint folder belongs to one run: each checkpoint
-names its run's id, a run holds the folder's lock while it writes there
-(:func:`lock_folder`), and pruning only ever removes the run's own older checkpoints.
-:class:`Checkpointer` is the observer that saves one after every epoch and
-resumes from the newest.
+while saving leaves the previous checkpoint intact. A checkpoint folder belongs
+to one run: a run holds the folder's lock while it writes there
+(:func:`lock_folder`), and pruning only removes the run's own older checkpoints.
 Accelerate's ``save_state`` is not used because its RNG states are pickles,
 which only unrestricted ``torch.load`` reads.
 """

@@ -157,8 +157,6 @@ class PipelineExecutor:
     def __init__(self, balance_by: Literal["time", "memory"] = "time",
                  stages: list[list[int]] | None = None, num_stages: int | None = None,
                  replay_buffer: int | None = None, max_reuse: int | None = None):
-        if balance_by not in ("time", "memory"):
-            raise ConfigError(f"unknown stage balance {balance_by!r}; valid: time, memory")
         self.balance_by, self.given, self.num_stages = balance_by, stages, num_stages
         self.replay_size, self.max_reuse = replay_buffer, max_reuse
         self.waited = 0.0  # seconds this stage waited for messages, this epoch
