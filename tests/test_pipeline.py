@@ -448,25 +448,25 @@ def test_a_rule_with_fewer_parts_than_stages_is_refused():
     ([1, 2], 2, [0, 1]),
 ])
 def test_stages_are_contiguous_nonempty_and_minimise_the_slowest(costs, stages, starts):
-    from locallearn.stages import balance
+    from locallearn.stages import cut
 
-    assert balance(costs, stages) == starts
+    assert [stage[0] for stage in cut(costs, stages, "time")] == starts
 
 
 def test_memory_stages_hold_their_weights_and_one_part_s_step_at_a_time():
-    from locallearn.stages import balance, balance_memory, stage_bytes
+    from locallearn.stages import cut
 
     # Parts a and b save 10 bytes for backward each, c holds 6 bytes of weights.
     resident, transient = [0, 0, 6], [10, 10, 1]
-    # a and b never hold their activations at once: together they need 10, not 20.
-    assert balance_memory(resident, transient, 2) == [0, 2]
-    assert stage_bytes(resident, transient, [[0, 1], [2]]) == [10, 7]
-    assert stage_bytes(resident, transient, [[0], [1, 2]]) == [10, 16]
+    # a and b never hold their activations at once: together they need 10 (c alone 7),
+    # where a alone needs 10 and b with c 16.
+    assert cut(list(zip(resident, transient, strict=True)), 2, "memory") == [[0, 1], [2]]
     # Summing every byte, as for time, would cut elsewhere: the wrong model of memory.
-    assert balance([r + t for r, t in zip(resident, transient, strict=True)], 2) == [0, 1]
+    assert cut([r + t for r, t in zip(resident, transient, strict=True)], 2, "time") == [
+        [0], [1, 2]]
     # Weights add up on a stage: heavy weights go alone.
-    assert balance_memory([1, 1, 20, 1], [5, 5, 1, 5], 2) == [0, 2]
-    assert balance_memory([1, 1, 1], [1, 1, 1], 3) == [0, 1, 2]
+    assert cut([(1, 5), (1, 5), (20, 1), (1, 5)], 2, "memory") == [[0, 1], [2, 3]]
+    assert cut([(1, 1)] * 3, 3, "memory") == [[0], [1], [2]]
 
 
 def test_part_costs_leave_the_weights_as_they_were_and_count_the_optimizer():
