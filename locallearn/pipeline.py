@@ -176,10 +176,9 @@ class PipelineExecutor:
         n = len(trainer.parts)
         check_rule(trainer.rule, trainer.config.epochs, self.stages_count, n)
         if self.given is None:
-            self.costs = measure_costs(trainer, self.balance_by)
-            stages = cut(self.costs, self.stages_count, self.balance_by)
+            stages = cut(measure_costs(trainer, self.balance_by), self.stages_count,
+                         self.balance_by)
         else:
-            self.costs = None  # not measured: the cut is given
             check_cut(self.given, n, self.stages_count)
             stages = self.given
         self.stage_parts = [list(s) for s in stages]
