@@ -1,35 +1,19 @@
 """Checkpoints: the whole training state at the end of an epoch, safe to load.
 
-A checkpoint is a folder ``epoch0003/`` holding
-
-- ``model.safetensors``: every parameter and buffer of the stack and of every
-  part's objective (auxiliary heads, decoders), through safetensors, so
-  loading weights runs no code;
-- ``state.pt``: optimizer and scheduler states of the parts that were
-  training, and the RNG states, loaded with ``torch.load(weights_only=True)``;
-- ``meta.json``: the format version, the run's id, the epoch, what was
-  trained (model, rule and its options, data, loop settings, the settings
-  that change results), the seconds of fitting so far, the history so far
-  and the observers' results.
-
-A pipelined run (``--parallel parts``, one stage of parts per process) writes
-the same folder, but each stage writes its own files: ``stage{r}.safetensors``
-(its parts' parameters and buffers, ``part{i}.<name>``) and ``stage{r}.pt``
-(its parts' optimizer and scheduler states by part index, and its process's
-RNG states); ``meta.json`` adds ``stages``, the part indices of each stage, and
-``replicas``. With replicas (``--stages``), replica 0 of each stage writes its
-files, and its ``stage{r}.pt`` holds every replica's RNG states too
-(``replica_rng``). A pipelined checkpoint resumes only a pipelined run of as
-many stages and replicas, cut the same way; a serial one only a serial run.
-Every process must see the one folder (one machine, or a shared file system).
+A checkpoint is a folder ``epoch0003/``: ``model.safetensors`` (every parameter
+and buffer, through safetensors, so loading weights runs no code), ``state.pt``
+(the optimizer, scheduler and fp16 scaler states of the parts still training, and
+the RNG states, read with ``torch.load(weights_only=True)``) and ``meta.json``
+(the run's id, the epoch, the run's identity, the seconds, history and observers'
+results so far). A pipelined run's stages each write ``stage{s}.safetensors`` and
+``stage{s}.pt`` instead (replica 0 of a stage, with every replica's RNG states),
+and ``meta.json`` holds the stage cut; every process must see the one folder.
+docs/reliability.md describes the files and what a resume checks.
 
 It is written under a temporary name and renamed when complete, so a kill
-while saving leaves the previous checkpoint intact (an interrupt removes the
-half-written folder). A checkpoint folder belongs to one run: each checkpoint
-names its run's id, a run holds the folder's lock while it writes there
-(:func:`lock_folder`), and pruning only ever removes the run's own older checkpoints.
-:class:`Checkpointer` is the observer that saves one after every epoch and
-resumes from the newest.
+while saving leaves the previous checkpoint intact. A checkpoint folder belongs
+to one run: a run holds the folder's lock while it writes there
+(:func:`lock_folder`), and pruning only removes the run's own older checkpoints.
 Accelerate's ``save_state`` is not used because its RNG states are pickles,
 which only unrestricted ``torch.load`` reads.
 """
@@ -86,7 +70,6 @@ class Checkpointer(Observer):
 
     def on_epoch_end(self, trainer, entry: dict[str, Any]) -> None:
         save(trainer, self.directory, entry["epoch"], self.identity, self.keep, self.run_id)
-        trainer.accelerator.wait_for_everyone()
 
     def resume(self, trainer) -> int:
         """Restore ``trainer`` from the newest complete checkpoint, if any.
@@ -272,14 +255,16 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _executor(stages: int, replicas: Any) -> str:
+    return f"pipelined, {stages} stages x {replicas} replicas" if stages else "serial"
+
+
 def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = None,
               stages: int = 0, replicas: int = 1) -> dict[str, Any]:
-    """The validated ``meta.json`` of the checkpoint at ``path``.
-
-    It must be well formed, consistent with itself (its folder's epoch, the
-    history's length and epochs, the run's epochs) and of this run: the same
-    identity, the same run id when ``run_id`` is given, and the same executor:
-    serial (``stages`` 0) or pipelined in ``stages`` stages of ``replicas`` replicas.
+    """The ``meta.json`` of the checkpoint at ``path``, checked to be this run's: the same
+    identity and executor (serial: ``stages`` 0; else pipelined in ``stages`` stages of
+    ``replicas`` replicas), the same run id when ``run_id`` is given, and the epoch of its
+    folder, with that many epochs of history.
 
     Raises:
         CheckpointError: unreadable, damaged, another format, or another run's.
@@ -288,87 +273,44 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
     where = f"checkpoint {str(path)!r}"
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{where} is damaged: unreadable meta.json "
-                              f"({' '.join(str(err).split())[:120]})") from None
+    except (OSError, ValueError):
+        meta = None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} is damaged: meta.json is not a JSON object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{where} has format {_short(meta.get('format'))}; "
                               f"this locallearn reads format {FORMAT}")
-    kinds: dict[str, Callable[[Any], bool]] = {
-        "run_id": lambda v: isinstance(v, str) and bool(v),
-        "epoch": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "identity": lambda v: isinstance(v, dict),
-        "seconds": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-        "history": lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
-        "observers": lambda v: isinstance(v, list) and all(
-            e is None or isinstance(e, dict) for e in v),
-    }
-    for key, ok in kinds.items():
-        if not ok(meta.get(key)):
-            raise CheckpointError(f"{where} is damaged: meta.json has a bad or missing "
-                                  f"{key!r} ({_short(meta.get(key), 40)})")
-    _check_executor(meta, stages, replicas, where)
-    differs = differences(identity, meta["identity"])
+    epoch, history, cut = meta.get("epoch"), meta.get("history"), meta.get("stages", [])
+    bad = next((key for key, ok in (
+        ("run_id", isinstance(meta.get("run_id"), str)),
+        ("identity", isinstance(meta.get("identity"), dict)),
+        ("seconds", isinstance(meta.get("seconds"), (int, float))),
+        ("observers", isinstance(meta.get("observers"), list)),
+        ("epoch", isinstance(epoch, int) and path.name == f"{PREFIX}{epoch:04d}"),
+        ("history", isinstance(history, list) and len(history) == epoch),
+        ("stages", isinstance(cut, list) and all(isinstance(s, list) for s in cut)),
+    ) if not ok), None)
+    if bad:
+        raise CheckpointError(f"{where} is damaged: meta.json has a bad or missing {bad!r} "
+                              f"({_short(meta.get(bad), 40)})")
+    saved = _executor(len(cut), meta.get("replicas", 1))
+    differs = differences(identity | {"executor": _executor(stages, replicas)},
+                          meta["identity"] | {"executor": saved})
+    if run_id is not None and meta["run_id"] != run_id:
+        differs.insert(0, ("run", meta["run_id"], run_id))
     if differs:
         shown = "; ".join(f"{k} is {_short(t)} there, {_short(o)} here" for k, t, o in differs[:4])
         more = f"; and {len(differs) - 4} more" if len(differs) > 4 else ""
         raise CheckpointError(f"{where} is from another run: {shown}{more}")
-    if run_id is not None and meta["run_id"] != run_id:
-        raise CheckpointError(f"{where} is from another run: run {meta['run_id']!r} there, "
-                              f"{run_id!r} here")
-    epoch, history = meta["epoch"], meta["history"]
-    epochs = (identity.get("train") or {}).get("epochs")
-    problem = None
-    if path.name != f"{PREFIX}{epoch:04d}":
-        problem = f"it says epoch {epoch} in folder {path.name}"
-    elif isinstance(epochs, int) and epoch > epochs:
-        problem = f"it says epoch {epoch} of a {epochs}-epoch run"
-    elif [e.get("epoch") for e in history] != list(range(1, epoch + 1)):
-        problem = f"it says epoch {epoch} but holds the history of {len(history)} epoch(s)"
-    if problem:
-        raise CheckpointError(f"{where} is damaged: {problem}")
     return meta
-
-
-def _check_executor(meta: dict[str, Any], stages: int, replicas: int, where: str) -> None:
-    """A serial checkpoint resumes a serial run; a pipelined one, a run of as many stages
-    and replicas."""
-    cut, saved = meta.get("stages"), meta.get("replicas", 1)  # format 2 before replicas: 1
-    if cut is None:
-        if stages:
-            raise CheckpointError(f"{where} was saved by a serial run; resume it without "
-                                  "--parallel parts")
-        return
-    if not (isinstance(cut, list) and cut and all(isinstance(s, list) and s for s in cut)
-            and [i for s in cut for i in s] == list(range(sum(map(len, cut))))):
-        raise CheckpointError(f"{where} is damaged: meta.json has a bad 'stages' "
-                              f"({_short(cut, 40)})")
-    if not (isinstance(saved, int) and not isinstance(saved, bool) and saved >= 1):
-        raise CheckpointError(f"{where} is damaged: meta.json has a bad 'replicas' "
-                              f"({_short(saved, 40)})")
-    launch = f"under torchrun --nproc_per_node {len(cut) * saved}"
-    stages_flag = f"--stages {len(cut)} " if saved > 1 else ""
-    if not stages:
-        shape = f"{len(cut)} stages" + (f" x {saved} replicas" if saved > 1 else "")
-        raise CheckpointError(f"{where} was saved by a pipelined run of {shape}; resume it "
-                              f"with --parallel parts {stages_flag}{launch}")
-    if len(cut) != stages and saved == replicas == 1:
-        raise CheckpointError(f"{where} was saved by a pipelined run of {len(cut)} stages, one "
-                              f"per process; this run has {stages}: resume it {launch}")
-    if (len(cut), saved) != (stages, replicas):
-        raise CheckpointError(f"{where} was saved by a pipelined run of {len(cut)} stages x "
-                              f"{saved} replicas; this run has {stages} x {replicas}: resume "
-                              f"it {'with ' + stages_flag if saved > 1 else 'without --stages '}"
-                              f"{launch}")
 
 
 def saved_stages(directory: str | Path, identity: dict[str, Any], stages: int,
                  replicas: int = 1) -> list[list[int]] | None:
     """The stage cut of the newest checkpoint in ``directory`` (None if there is none), as
     process 0 reads it, on every process of a pipelined run of ``stages`` stages of
-    ``replicas`` replicas: a resumed run cuts its parts as the run it continues did.
+    ``replicas`` replicas: a resumed run cuts its parts as the run it continues did
+    (:class:`~locallearn.pipeline.PipelineExecutor` refuses a cut that is not one).
 
     Raises:
         CheckpointError: on every process, when the newest checkpoint is damaged, another
@@ -389,44 +331,10 @@ def saved_stages(directory: str | Path, identity: dict[str, Any], stages: int,
     return value
 
 
-def _check_state(trainer, state: Any, epoch: int, where: str) -> None:
-    """``state.pt`` must hold the optimizers of exactly the parts still training after
-    ``epoch`` (on a pipeline's stage: of its own parts), each having taken that many
-    epochs' steps."""
-    ex = trainer.executor
-    name = ex.files[1]
-    if not (isinstance(state, dict) and {"optimizers", "schedulers", "rng"} <= state.keys()
-            and isinstance(state["optimizers"], dict) and isinstance(state["schedulers"], dict)
-            and isinstance(state["rng"], dict)):
-        raise CheckpointError(f"{where} is damaged: {name} lacks the optimizer, scheduler "
-                              "or RNG states")
-    replicas = ex.replicas if ex.stage_parts is not None else 1
-    if replicas > 1 and not (isinstance(state.get("replica_rng"), list)
-                             and len(state["replica_rng"]) == replicas
-                             and all(isinstance(r, dict) for r in state["replica_rng"])):
-        raise CheckpointError(f"{where} is damaged: {name} lacks the RNG states of its "
-                              f"{replicas} replicas")
-    done, later = trainer.schedule[:epoch], trainer.schedule[epoch:]
-    expected = {i for i in trainer.owned
-                if any(p.requires_grad for p in trainer.parts[i].parameters())
-                and any(i in s for s in done) and any(i in s for s in later)}
-    if set(state["optimizers"]) != expected or set(state["schedulers"]) != expected:
-        raise CheckpointError(f"{where} is damaged: its optimizer states are of parts "
-                              f"{sorted(state['optimizers'], key=str)}, but after epoch {epoch} "
-                              f"parts {sorted(expected)} are training")
-    steps = len(trainer.train_loader)
-    for i in expected:
-        taken = state["schedulers"][i].get("last_epoch") if isinstance(
-            state["schedulers"][i], dict) else None
-        epochs = sum(i in s for s in done)
-        if not isinstance(taken, int) or not steps * (epochs - 1) < taken <= steps * epochs:
-            raise CheckpointError(
-                f"{where} is damaged: part {trainer.parts[i].part_name!r} has taken "
-                f"{_short(taken, 20)} steps, not the {steps * epochs} of its {epochs} epoch(s) "
-                f"up to epoch {epoch}")
-
-
 def _read(file: Path, reader: Callable[[Path], Any], where: str) -> Any:
+    if not file.is_file():
+        raise CheckpointError(f"{where} has no {file.name}: every process must see the one "
+                              "checkpoint folder (one machine, or a shared file system)")
     try:
         with warnings.catch_warnings():  # a hostile file's warnings are not the user's news
             warnings.simplefilter("ignore")
@@ -441,9 +349,9 @@ def _read(file: Path, reader: Callable[[Path], Any], where: str) -> Any:
 def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None = None) -> int:
     """Restore ``trainer`` from the checkpoint at ``path``; returns the epoch it ends.
 
-    Everything is validated (:func:`read_meta`, the saved state against the
-    epoch) before anything is restored. Under several processes every process
-    calls it, each restoring its own parts; if any fails, all raise its error.
+    Under several processes every process calls it, each restoring its own parts; if
+    any fails, all raise its error (a run that fails to resume stops, so a state
+    restored in part is never trained on).
 
     Raises:
         CheckpointError: a damaged file, another format, or another run's checkpoint.
@@ -462,56 +370,41 @@ def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None
     return epoch
 
 
-def _restore_optimizers(trainer, state: dict[str, Any]) -> None:
-    """The saved parts' optimizers and schedules (and fp16 scalers); this process's parts
-    are made active or frozen as they were when saved."""
-    for i in trainer.owned:
-        if i in state["optimizers"]:  # the parts that were training when it was saved
-            trainer.activate(i)
-            trainer.optimizers[i].load_state_dict(state["optimizers"][i])
-            trainer.schedulers[i].load_state_dict(state["schedulers"][i])
-            if trainer.scalers[i] is not None:
-                trainer.scalers[i].load_state_dict(state["scalers"][i])
-        else:
-            trainer.deactivate(i)
-
-
 def _load(trainer, path: Path, identity: dict[str, Any], run_id: str | None) -> int:
     where = f"checkpoint {str(path)!r}"
     ex = trainer.executor
     staged = ex.stage_parts is not None
     meta = read_meta(path, identity, run_id, len(ex.stage_parts) if staged else 0,
                      ex.replicas if staged else 1)
-    epoch = meta["epoch"]
     weights_file, state_file = ex.files
-    if staged:
-        if meta["stages"] != ex.stage_parts:
-            raise CheckpointError(f"{where} cuts the parts into stages {meta['stages']}, this "
-                                  f"run into {ex.stage_parts}")
-        for name in (weights_file, state_file):
-            if not (path / name).is_file():
-                raise CheckpointError(f"{where} has no {name}: every process must see the one "
-                                      "checkpoint folder (one machine, or a shared file system)")
     weights = _read(path / weights_file, lambda f: load_file(str(f)), where)
     state = _read(path / state_file, lambda f: torch.load(f, weights_only=True), where)
     own = _tensors(trainer)
     if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
         raise CheckpointError(f"{where} holds other weights than this "
                               f"{'stage' if staged else 'model'}'s")
-    _check_state(trainer, state, epoch, where)
     try:
+        optimizers, schedulers = state["optimizers"], state["schedulers"]
+        rng = state["replica_rng"][ex.replica] if staged and ex.replicas > 1 else state["rng"]
         with torch.no_grad():
             for name, t in own.items():
                 t.copy_(weights[name])
-        _restore_optimizers(trainer, state)
-        _set_rng_state(state["replica_rng"][ex.replica] if staged and ex.replicas > 1
-                       else state["rng"])
+        for i in trainer.owned:  # the parts that were training when it was saved train on
+            if i in optimizers:
+                trainer.activate(i)
+                trainer.optimizers[i].load_state_dict(optimizers[i])
+                trainer.schedulers[i].load_state_dict(schedulers[i])
+                if trainer.scalers[i] is not None:
+                    trainer.scalers[i].load_state_dict(state["scalers"][i])
+            else:
+                trainer.deactivate(i)
+        _set_rng_state(rng)
         for obs, obs_state in zip(trainer.observers, meta["observers"], strict=False):
             if obs_state is not None and hasattr(obs, "load_state_dict"):
                 obs.load_state_dict(obs_state)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
         raise CheckpointError(f"{where} is damaged: its saved state does not fit this run "
-                              f"({type(err).__name__}: {_short(str(err), 80)})") from None
+                              f"({_short(err, 100)})") from None
     trainer.history[:] = meta["history"]
     trainer.elapsed = float(meta["seconds"])
-    return epoch
+    return meta["epoch"]

@@ -86,10 +86,6 @@ class SavedTensorMeter:
     def _unpack(saved: _Saved) -> torch.Tensor:
         return saved.tensor
 
-    def reset_peak(self) -> None:
-        """Start a new peak measurement from the bytes alive now."""
-        self.peak = self.current
-
     def __enter__(self) -> SavedTensorMeter:
         self._hooks.__enter__()
         return self

@@ -59,12 +59,7 @@ IN_FLIGHT = 2
 
 def replicas_of(processes: int, stages: int | None) -> int:
     """The data-parallel replicas of each stage when ``processes`` run ``stages`` stages
-    (None: one stage per process).
-
-    Raises:
-        ConfigError: ``stages`` does not divide ``processes`` into stages x replicas of at
-            least 2 stages; the line names the valid stage counts.
-    """
+    (None: one stage per process); refused unless they make at least 2 stages."""
     if stages is None:
         return 1
     valid = [s for s in range(2, processes + 1) if processes % s == 0]
@@ -76,36 +71,26 @@ def replicas_of(processes: int, stages: int | None) -> int:
 
 
 def check_rule(rule: Rule, epochs: int, stages: int, num_parts: int | None = None) -> None:
-    """Refuse what the pipelined executor cannot run, in one line each.
-
-    Args:
-        rule: the rule.
-        epochs: the run's epochs (the schedule is asked for each).
-        stages: the number of stages (one per process unless they have replicas).
-        num_parts: the rule's part count, once known.
-
-    Raises:
-        ConfigError: one process; a schedule that does not train every part in
-            every epoch (sequential); fewer parts than stages (e2e).
-    """
+    """Refuse, in one line each, one process, a schedule that does not train every part in
+    every epoch (sequential) and, once ``num_parts`` is known, fewer parts than stages."""
     if stages < 2:
         raise ConfigError("--parallel parts runs one stage per process: start run.py with "
                           "torchrun --nproc_per_node P (P >= 2); this is 1 process")
     # Before the split, the schedule is asked about a nominal part count; a schedule
     # that refuses that count is asked again with the real one.
     n = num_parts if num_parts is not None else max(3, stages)
-    for epoch in range(epochs):
-        try:
-            trained = list(rule.trained_parts(epoch, epochs, n))
-        except ConfigError:
-            if num_parts is None:
-                break
+    try:
+        whole = all(list(rule.trained_parts(e, epochs, n)) == list(range(n))
+                    for e in range(epochs))
+    except ConfigError:
+        if num_parts is not None:
             raise
-        if trained != list(range(n)):
-            raise ConfigError(f"rule {rule.name!r} does not train all its parts at once (its "
-                              "schedule trains some parts in some epochs), so its stages cannot "
-                              "overlap; --parallel parts takes layerwise, dgl, infopro or a "
-                              "rule whose parts all train in every epoch")
+        whole = True
+    if not whole:
+        raise ConfigError(f"rule {rule.name!r} does not train all its parts at once (its "
+                          "schedule trains some parts in some epochs), so its stages cannot "
+                          "overlap; --parallel parts takes layerwise, dgl, infopro or a "
+                          "rule whose parts all train in every epoch")
     if num_parts is not None and num_parts < stages:
         raise ConfigError(f"rule {rule.name!r} has {num_parts} part{'s' * (num_parts != 1)}, "
                           f"fewer than the {stages} stages; use fewer stages (--stages, or "
@@ -114,28 +99,20 @@ def check_rule(rule: Rule, epochs: int, stages: int, num_parts: int | None = Non
 
 
 def check_args(args: argparse.Namespace, rule: Rule) -> None:
-    """Refuse, before anything is built, what ``--parallel parts`` cannot run yet.
-
-    The part count is only known once the model is split; :class:`PipelineExecutor`
-    checks it then, still before anything is written.
-    """
+    """Refuse, before anything is built, what ``--parallel parts`` cannot run yet (the
+    part count, known once the model is split, is checked by :class:`PipelineExecutor`)."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes >= 2:  # (one process is refused by check_rule, whatever --stages says)
-        replicas_of(processes, args.stages)
-    check_rule(rule, args.epochs, (args.stages or processes) if processes >= 2 else 1)
+    several = processes >= 2  # (one process is refused by check_rule, whatever --stages says)
+    replicas = replicas_of(processes, args.stages) if several else 1
+    check_rule(rule, args.epochs, (args.stages or processes) if several else 1)
     for flag, value in (("channels-last", args.channels_last), ("compile", args.compile)):
         if value not in (False, "no"):
             raise ConfigError(f"--parallel parts does not support --{flag} yet; drop it")
-    check_replay(args.replay_buffer, args.max_reuse,
-                 replicas_of(processes, args.stages) if processes >= 2 else 1)
+    check_replay(args.replay_buffer, args.max_reuse, replicas)
 
 
 def check_replay(size: int | None, max_reuse: int | None, replicas: int) -> None:
-    """Refuse a replay cap without a buffer, and a buffer with data-parallel replicas.
-
-    Raises:
-        ConfigError: one line each.
-    """
+    """Refuse a replay cap without a buffer, and a buffer with data-parallel replicas."""
     if max_reuse is not None and size is None:
         raise ConfigError("--max-reuse caps the draws of each sample from --replay-buffer; add "
                           "--replay-buffer M or drop it")
@@ -146,15 +123,10 @@ def check_replay(size: int | None, max_reuse: int | None, replicas: int) -> None
 
 
 def check_cut(stages: list[list[int]], num_parts: int, count: int) -> None:
-    """Refuse a given stage cut that is not ``count`` contiguous, non-empty groups of
-    the ``num_parts`` parts, in order.
-
-    Raises:
-        ConfigError: naming the cut, the part count and the stage count.
-    """
-    ok = (len(stages) == count and all(stages)
-          and [i for stage in stages for i in stage] == list(range(num_parts)))
-    if not ok:
+    """Refuse a given stage cut (a resumed run's) that is not ``count`` contiguous,
+    non-empty groups of the ``num_parts`` parts, in order."""
+    if not (len(stages) == count and all(stages)
+            and [i for stage in stages for i in stage] == list(range(num_parts))):
         raise ConfigError(f"stage cut {stages} does not split {num_parts} parts into "
                           f"{count} contiguous stages")
 
@@ -185,8 +157,6 @@ class PipelineExecutor:
     def __init__(self, balance_by: Literal["time", "memory"] = "time",
                  stages: list[list[int]] | None = None, num_stages: int | None = None,
                  replay_buffer: int | None = None, max_reuse: int | None = None):
-        if balance_by not in ("time", "memory"):
-            raise ConfigError(f"unknown stage balance {balance_by!r}; valid: time, memory")
         self.balance_by, self.given, self.num_stages = balance_by, stages, num_stages
         self.replay_size, self.max_reuse = replay_buffer, max_reuse
         self.waited = 0.0  # seconds this stage waited for messages, this epoch
@@ -206,10 +176,9 @@ class PipelineExecutor:
         n = len(trainer.parts)
         check_rule(trainer.rule, trainer.config.epochs, self.stages_count, n)
         if self.given is None:
-            self.costs = measure_costs(trainer, self.balance_by)
-            stages = cut(self.costs, self.stages_count, self.balance_by)
+            stages = cut(measure_costs(trainer, self.balance_by), self.stages_count,
+                         self.balance_by)
         else:
-            self.costs = None  # not measured: the cut is given
             check_cut(self.given, n, self.stages_count)
             stages = self.given
         self.stage_parts = [list(s) for s in stages]
@@ -308,12 +277,6 @@ class PipelineExecutor:
         forward sums goodness over layers): then each stage passes the logits of the parts
         before it on with the batch, and the last stage combines them all."""
         return type(self.trainer.rule).predictions is not Rule.predictions
-
-    def _logits_of(self, i: int, z: torch.Tensor | None) -> torch.Tensor:
-        if z is None:
-            raise RuntimeError(f"rule {self.trainer.rule.name!r} combines every part's "
-                               f"logits, but part {self.trainer.parts[i].part_name!r} gives none")
-        return z
 
     def stage_names(self) -> list[list[str]]:
         """The part names of each stage."""
@@ -443,7 +406,7 @@ class PipelineExecutor:
         for h, step, carried in self.batches(t.test_loader, t.eval_transform, None, False):
             out, logits = t.forward(h, step, self.mine)
             if self.combines:  # the last stage combines every part's logits
-                ours = torch.stack([self._logits_of(i, logits[i]) for i in self.mine])
+                ours = torch.stack([logits[i] for i in self.mine])
                 carried = ours if carried is None else torch.cat([carried, ours])
                 if self.last:
                     logits = dict(enumerate(t.rule.predictions(list(carried))))

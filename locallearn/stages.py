@@ -6,14 +6,15 @@ of its parts' times. Its memory is not a sum: a stage holds its parts' weights,
 buffers and optimizer state all the time, but one part's step at a time, and a
 part's activations saved for backward and its gradients are freed when its
 step ends. So a stage's peak is its parts' *resident* bytes summed plus the
-largest of their *transient* bytes (:func:`balance_memory`).
+largest of their *transient* bytes (:func:`cut`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 import torch
@@ -57,36 +58,20 @@ def best_cut(n: int, stages: int, cost: Callable[[int, int], float]) -> list[int
     return starts[::-1]
 
 
-def balance(costs: list[float], stages: int) -> list[int]:
-    """The cut in time: a stage's cost is the sum of its parts' ``costs``."""
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    return best_cut(len(costs), stages, lambda a, b: prefix[b] - prefix[a])
-
-
-def balance_memory(resident: list[float], transient: list[float], stages: int) -> list[int]:
-    """The cut in memory: a stage holds all its parts' ``resident`` bytes (weights,
-    buffers, optimizer state) and the largest of their ``transient`` bytes (one part's
-    activations saved for backward and gradients, while that part steps)."""
-    return best_cut(len(resident), stages,
-                    lambda a, b: stage_bytes(resident, transient, [range(a, b)])[0])
-
-
-def stage_bytes(resident: list[float], transient: list[float],
-                stages: list[Sequence[int]]) -> list[float]:
-    """What each stage of a cut holds at its peak, by :func:`balance_memory`'s count."""
-    return [sum(resident[i] for i in s) + max(transient[i] for i in s) for s in stages]
-
-
 def cut(costs: list[float] | list[tuple[int, int]], count: int, by: str) -> list[list[int]]:
     """The part indices of each of ``count`` stages, balanced by :func:`part_costs`'s
-    ``costs``: seconds (``by="time"``) or (resident, transient) bytes (``"memory"``)."""
+    ``costs``. By time (``by="time"``, seconds) a stage costs the sum of its parts'. By
+    memory (``"memory"``, (resident, transient) bytes) a stage holds all its parts'
+    resident bytes (weights, buffers, optimizer state) and the largest of their
+    transient bytes (one part's activations saved for backward and gradients, while
+    that part steps)."""
     if by == "time":
-        starts = balance(costs, count)
+        prefix = list(itertools.accumulate(costs, initial=0.0))
+        starts = best_cut(len(costs), count, lambda a, b: prefix[b] - prefix[a])
     else:
         resident, transient = zip(*costs, strict=True)
-        starts = balance_memory(resident, transient, count)
+        starts = best_cut(len(costs), count,
+                          lambda a, b: sum(resident[a:b]) + max(transient[a:b]))
     ends = [*starts[1:], len(costs)]
     return [list(range(a, b)) for a, b in zip(starts, ends, strict=True)]
 
@@ -95,7 +80,7 @@ def part_costs(parts: list[nn.Module], h: torch.Tensor, step, config, by: str,
                repeats: int = 3, scale: float = 1.0) -> list[float] | list[tuple[int, int]]:
     """Each part's cost on one batch, the parts run in order from the first one's input
     ``h``: ``by="time"``, the median seconds of ``repeats`` forwards and backwards;
-    ``by="memory"``, the pair (resident, transient) of :func:`balance_memory`, counted
+    ``by="memory"``, the pair (resident, transient) of :func:`cut`, counted
     once: parameters, buffers and the state of the optimizer ``config`` gives the part
     after one step; peak bytes saved for backward times ``scale`` plus the gradients'
     bytes. Activations grow with the batch and weights do not: measured on a smaller

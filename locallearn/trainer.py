@@ -142,19 +142,16 @@ class SerialExecutor:
     def train_batches(self, trained: list[int], generator: torch.Generator
                       ) -> tuple[Iterator[tuple], int]:
         """An epoch's training batches and the part they go to first: the data, or, where
-        the rule caches a frozen prefix's outputs, those (:meth:`cached_inputs`)."""
-        t = self.trainer
-        if t.rule.cache_inputs and trained[0] > 0:
-            return self._cached_steps(trained[0]), trained[0]
-        return self.batches(t.train_loader, t.train_transform, generator, True), 0
+        the rule caches a frozen prefix's outputs, those (:meth:`cached_inputs`) with the
+        step contexts of the (un-augmented) images they came from."""
+        t, first = self.trainer, trained[0]
+        if not (t.rule.cache_inputs and first > 0):
+            return self.batches(t.train_loader, t.train_transform, generator, True), 0
 
-    def _cached_steps(self, first: int) -> Iterator[tuple]:
-        """The cached inputs of part ``first`` with the step contexts of their images."""
-        t = self.trainer
-        loader, _ = self.cached_inputs(first)
-        for x, images, y in loader:  # the (un-augmented) images the features came from
-            _, step = t.make_step(images, y, t.eval_transform)
-            yield t.layout(x), step, None
+        def cached() -> Iterator[tuple]:
+            for x, images, y in self.cached_inputs(first)[0]:
+                yield t.layout(x), t.make_step(images, y, t.eval_transform)[1], None
+        return cached(), first
 
     @torch.no_grad()
     def cached_inputs(self, first: int) -> tuple[Any, int]:
@@ -193,17 +190,13 @@ class SerialExecutor:
         self.features = (first, acc.prepare(loader))
         return self.features[1], first
 
-    def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None):
-        pass
+    def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None): ...
 
-    def begin_epoch(self) -> None:
-        pass
+    def begin_epoch(self) -> None: ...
 
-    def end_pass(self) -> None:
-        pass
+    def end_pass(self) -> None: ...
 
-    def reduce_grads(self, i: int) -> None:
-        pass  # DDP averages them inside backward
+    def reduce_grads(self, i: int) -> None: ...  # DDP averages them inside backward
 
     def end_epoch(self, trained: list[int]) -> None:
         """Give every process process 0's buffers of the frozen parts before ``trained``.

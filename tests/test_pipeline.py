@@ -341,45 +341,40 @@ def _meta(folder, **fields):
     return folder
 
 
-@pytest.mark.parametrize("saved, resuming, message", [
-    ([[0, 1], [2]], 0, "was saved by a pipelined run of 2 stages; resume it with --parallel "
-                       "parts under torchrun --nproc_per_node 2"),
-    ([[0, 1], [2]], 3, "was saved by a pipelined run of 2 stages, one per process; this run "
-                       "has 3: resume it under torchrun --nproc_per_node 2"),
-    (None, 2, "was saved by a serial run; resume it without --parallel parts"),
-    ([[0, 2], [1]], 2, "is damaged: meta.json has a bad 'stages'"),
-    ([[0, 1], []], 2, "is damaged: meta.json has a bad 'stages'"),
+PIPELINED = "'pipelined, {} stages x {} replicas'"
+
+
+@pytest.mark.parametrize("saved, resuming, there, here", [
+    ({"stages": [[0, 1], [2]]}, (0, 1), PIPELINED.format(2, 1), "'serial'"),
+    ({"stages": [[0, 1], [2]]}, (3, 1), PIPELINED.format(2, 1), PIPELINED.format(3, 1)),
+    ({}, (2, 1), "'serial'", PIPELINED.format(2, 1)),
+    ({"stages": [[0, 1], [2]], "replicas": 2}, (2, 1), PIPELINED.format(2, 2),
+     PIPELINED.format(2, 1)),
+    ({"stages": [[0, 1], [2]]}, (2, 2), PIPELINED.format(2, 1), PIPELINED.format(2, 2)),
 ], ids=["pipelined by serial", "other process count", "serial by pipelined",
-        "stages out of order", "empty stage"])
+        "replicated by one replica", "one replica by replicated"])
 def test_a_checkpoint_resumes_only_the_executor_that_saved_it(tmp_path, saved, resuming,
-                                                               message):
+                                                               there, here):
     from locallearn.checkpoint import CheckpointError, read_meta
 
-    folder = _meta(tmp_path / "epoch0001", **({} if saved is None else {"stages": saved}))
-    with pytest.raises(CheckpointError, match=re.escape(message)):
-        read_meta(folder, {}, stages=resuming)
-
-
-@pytest.mark.parametrize("replicas, resuming, message", [
-    (2, (0, 1), "was saved by a pipelined run of 2 stages x 2 replicas; resume it with "
-                "--parallel parts --stages 2 under torchrun --nproc_per_node 4"),
-    (2, (2, 1), "was saved by a pipelined run of 2 stages x 2 replicas; this run has 2 x 1: "
-                "resume it with --stages 2 under torchrun --nproc_per_node 4"),
-    (1, (2, 2), "was saved by a pipelined run of 2 stages x 1 replicas; this run has 2 x 2: "
-                "resume it without --stages under torchrun --nproc_per_node 2"),
-    (0, (2, 1), "is damaged: meta.json has a bad 'replicas' (0)"),
-    ("2", (2, 2), "is damaged: meta.json has a bad 'replicas' ('2')"),
-], ids=["replicated by serial", "replicated by one replica", "one replica by replicated",
-        "no replicas", "replicas as text"])
-def test_a_checkpoint_resumes_only_as_many_replicas(tmp_path, replicas, resuming, message):
-    from locallearn.checkpoint import CheckpointError, read_meta
-
-    folder = _meta(tmp_path / "epoch0001", stages=[[0, 1], [2]], replicas=replicas)
+    folder = _meta(tmp_path / "epoch0001", **saved)
+    message = f"is from another run: executor is {there} there, {here} here"
     with pytest.raises(CheckpointError, match=re.escape(message)):
         read_meta(folder, {}, stages=resuming[0], replicas=resuming[1])
-    folder = _meta(tmp_path / "epoch0002", stages=[[0, 1], [2]], replicas=2, epoch=2,
-                   history=[{"epoch": 1}, {"epoch": 2}])
-    assert read_meta(folder, {}, stages=2, replicas=2)["replicas"] == 2  # the same: accepted
+    assert read_meta(folder, {}, stages=len(saved.get("stages", [])),  # the same: accepted
+                     replicas=saved.get("replicas", 1))["run_id"] == "r"
+
+
+def test_a_bad_stage_cut_is_refused(tmp_path):
+    """A resumed run's cut, read from its checkpoint, must split the parts in order."""
+    from locallearn.errors import ConfigError
+    from locallearn.pipeline import check_cut
+
+    check_cut([[0, 1], [2]], 3, 2)
+    for bad in ([[0, 2], [1]], [[0, 1], []], [[0, 1, 2]]):
+        with pytest.raises(ConfigError, match=re.escape(f"stage cut {bad} does not split 3 "
+                                                        "parts into 2 contiguous stages")):
+            check_cut(bad, 3, 2)
 
 
 REFUSED = [  # (processes, arguments, what the one line says)
@@ -453,25 +448,25 @@ def test_a_rule_with_fewer_parts_than_stages_is_refused():
     ([1, 2], 2, [0, 1]),
 ])
 def test_stages_are_contiguous_nonempty_and_minimise_the_slowest(costs, stages, starts):
-    from locallearn.stages import balance
+    from locallearn.stages import cut
 
-    assert balance(costs, stages) == starts
+    assert [stage[0] for stage in cut(costs, stages, "time")] == starts
 
 
 def test_memory_stages_hold_their_weights_and_one_part_s_step_at_a_time():
-    from locallearn.stages import balance, balance_memory, stage_bytes
+    from locallearn.stages import cut
 
     # Parts a and b save 10 bytes for backward each, c holds 6 bytes of weights.
     resident, transient = [0, 0, 6], [10, 10, 1]
-    # a and b never hold their activations at once: together they need 10, not 20.
-    assert balance_memory(resident, transient, 2) == [0, 2]
-    assert stage_bytes(resident, transient, [[0, 1], [2]]) == [10, 7]
-    assert stage_bytes(resident, transient, [[0], [1, 2]]) == [10, 16]
+    # a and b never hold their activations at once: together they need 10 (c alone 7),
+    # where a alone needs 10 and b with c 16.
+    assert cut(list(zip(resident, transient, strict=True)), 2, "memory") == [[0, 1], [2]]
     # Summing every byte, as for time, would cut elsewhere: the wrong model of memory.
-    assert balance([r + t for r, t in zip(resident, transient, strict=True)], 2) == [0, 1]
+    assert cut([r + t for r, t in zip(resident, transient, strict=True)], 2, "time") == [
+        [0], [1, 2]]
     # Weights add up on a stage: heavy weights go alone.
-    assert balance_memory([1, 1, 20, 1], [5, 5, 1, 5], 2) == [0, 2]
-    assert balance_memory([1, 1, 1], [1, 1, 1], 3) == [0, 1, 2]
+    assert cut([(1, 5), (1, 5), (20, 1), (1, 5)], 2, "memory") == [[0, 1], [2, 3]]
+    assert cut([(1, 1)] * 3, 3, "memory") == [[0], [1], [2]]
 
 
 def test_part_costs_leave_the_weights_as_they_were_and_count_the_optimizer():
@@ -558,10 +553,9 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
 
     before = sorted(tmp_path.rglob("*"))
     for processes, parallel, message in (
-            (1, [], "saved by a pipelined run of 2 stages; resume it with --parallel parts"),
-            (3, ["--parallel", "parts"], "this run has 3: resume it under torchrun"),
-            (4, ["--parallel", "parts", "--stages", "2"],
-             "this run has 2 x 2: resume it without --stages under torchrun --nproc_per_node 2")):
+            (1, [], f"{PIPELINED.format(2, 1)} there, 'serial' here"),
+            (3, ["--parallel", "parts"], f"there, {PIPELINED.format(3, 1)} here"),
+            (4, ["--parallel", "parts", "--stages", "2"], f"there, {PIPELINED.format(2, 2)} here")):
         monkeypatch.setenv("WORLD_SIZE", str(processes))
         assert main([*args, *parallel, "--resume"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
