@@ -146,7 +146,7 @@ def to_flags(args: dict[str, Any]) -> list[str]:
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return ",".join(_text(v) for v in value)
     return str(value)
 
