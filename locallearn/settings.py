@@ -227,18 +227,19 @@ class TrainConfig(Flagged):
     milestones: tuple[float, ...] = _identity(
         (0.5, 0.75), "multistep: fractions of the epochs, e.g. 0.5,0.75", fractions)
     gamma: float = _identity(0.1, "multistep decay factor", bounded(0, low_open=True))
-    max_loss: float = _identity(0.0, "stop as diverged when a part's mean loss exceeds X (0: off)",
-                            bounded(0), metavar="X")
+    max_loss: float = _identity(
+        0.0, "stop as diverged when a part's mean loss exceeds X (0: off)", bounded(0),
+        metavar="X")
     seed: int = _identity(0, "seeds the weights, the subsets and the batches", seed_value,
-                      row=False, presettable=False)  # a preset's seeds give it
+                          row=False, presettable=False)  # a preset's seeds give it
     channels_last: bool = _setting(False, "channels-last memory format for 4-D weights and "
-                                 "inputs (faster convolutions on recent GPUs)")
+                                   "inputs (faster convolutions on recent GPUs)")
     compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = _setting(
         "no", "torch.compile each trained part with its objective, in this inductor mode "
         "(no: eager)")
-    recompute_blocks: bool = _setting(False, "keep only each block's input for backward and run "
-                                    "the block again there: less activation memory for one "
-                                    "more forward of each part")
+    recompute_blocks: bool = _setting(False, "keep only each block's input for backward and "
+                                      "run the block again there: less activation memory for "
+                                      "one more forward of each part")
     optimizer_impl: Literal["auto", "foreach", "fused", "loop"] = _setting(
         "auto", "the optimizer's kernels: auto (torch's choice, foreach on GPUs), foreach, "
         "fused (one kernel per step) or loop (one parameter at a time)")
