@@ -247,19 +247,6 @@ def _finish_trackers(accelerator) -> None:
         tracker.finish()
 
 
-def _preset_flags(argv: list[str]) -> list[str]:
-    """The flags of ``argv``'s ``--preset`` for its ``--rule`` (none without a preset)."""
-    pre = flags.Parser(add_help=False)
-    pre.add_argument("--preset")
-    pre.add_argument("--rule", default="e2e")
-    known, _ = pre.parse_known_args(argv)
-    if known.preset is None:
-        return []
-    from .presets import load_preset
-
-    return load_preset(known.preset).flags_for(known.rule)
-
-
 def rule_flags(rule: str) -> list[str]:
     """The flags of ``rule``'s ``training_defaults`` (none for a rule not registered).
 
@@ -288,12 +275,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     to where its value came from: ``"command line"``, ``"preset NAME"`` or ``"rule NAME"``.
     """
     from .plugins import load_plugins
+    from .presets import load_preset
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    preset = _preset_flags(argv)
-    first = build_parser().parse_args(preset + argv)
-    load_plugins(first.plugin)
-    rule = rule_flags(first.rule)
+    alone = build_parser().parse_args(argv)  # a preset sets neither --preset nor --rule
+    preset = load_preset(alone.preset).flags_for(alone.rule) if alone.preset else []
+    load_plugins(build_parser().parse_args(preset + argv).plugin)  # a preset's plugins too
+    rule = rule_flags(alone.rule)
     args = build_parser().parse_args(rule + preset + argv)
     args.defaults = vars(build_parser().parse_args(rule))  # what the rule runs with; names
     sources: dict[str, str] = {}

@@ -157,8 +157,7 @@ BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}
 
 
 def build_parser(defaults: bool = True) -> Parser:
-    """The parser of ``run.py``, every flag from :data:`FLAGS` (with its default, if
-    ``defaults``; else a flag not given is absent from the namespace)."""
+    """The parser of ``run.py`` (without ``defaults``, a flag not given is left out)."""
     parser = Parser(
         prog="run.py",
         description="Train a timm backbone by a local-learning rule and write a JSON run record.",
@@ -183,13 +182,8 @@ def recorded_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_identity(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: every IDENTITY and SETTING flag, by its
-    identity key.
-
-    Args:
-        args: the parsed command line.
-        resolved: values that replace the given ones, by identity key: the rule's and
-            the model's resolved options and ``"train"``, the loop's resolved settings.
-    """
+    identity key; ``resolved`` replaces the parsed values by key (the rule's and the model's
+    resolved options, and ``"train"``: the loop's resolved settings)."""
     identity: dict[str, Any] = {}
     for flag in FLAGS:
         if flag.role in (IDENTITY, SETTING):
