@@ -73,9 +73,8 @@ def check_setup(rule: Rule, stack: nn.Module, info: DataInfo, *, epochs: int, ba
     """Let ``rule`` build its parts on a copy of ``stack`` and run one training pass (as the
     trainer does: each part on its predecessor's detached output, its loss backpropagated
     at once, no optimizer step) and one evaluation pass of :data:`PROBE_IMAGES` random
-    images; ``epochs``, ``batch_size`` and ``train_size`` are checked against the rule's
-    schedule (:func:`~locallearn.trainer.check_plan`). ``mean``/``std``: the normalisation
-    (None: a neutral one; the images are random). ``model``: its name, for messages.
+    images, after :func:`~locallearn.trainer.check_plan`. ``mean``/``std``: None for a
+    neutral normalisation (the images are random); ``model``: its name, for messages.
 
     The copy keeps the run's stack as it was (the pass moves BatchNorm statistics, leaves
     gradients, and a rule may freeze or hook blocks); the forked random state keeps the
