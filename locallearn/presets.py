@@ -164,7 +164,15 @@ def load_preset(ref: str) -> Preset:
         raise ConfigError(f"{where}: 'runs' must be a non-empty list")
     entries = tuple(_entry(e, i, where) for i, e in enumerate(data["runs"]))
     preset = Preset(name, path, str(data.get("about", "")), args, rule_args, entries, tuple(seeds))
-    _check_parses(preset)
+    # Every run's flags must parse as run.py's (types, choices); names are checked at run time.
+    every = sorted(set(preset.rule_args) | {ALL_RULES})  # "*" alone: no rule_args
+    for entry in preset.entries:
+        for rule in every if entry.rule == ALL_RULES else [entry.rule]:
+            try:
+                build_parser().parse_args(
+                    [*preset.flags_for(rule), "--rule", rule, *to_flags(entry.args)])
+            except ConfigError as err:
+                raise ConfigError(f"preset {name!r}, run {entry.run_id!r}: {err}") from None
     return preset
 
 
@@ -201,15 +209,3 @@ def _entry(entry: Any, index: int, where: str) -> PresetRun:
     if not isinstance(tag, str) or (tag and not _TAG.match(tag)):
         raise ConfigError(f"{where}: 'tag' must be letters, digits, '_', '.', '-'; got {tag!r}")
     return PresetRun(entry["rule"], tag, _check_args(entry.get("args", {}), where))
-
-
-def _check_parses(preset: Preset) -> None:
-    """Every run's flags must parse as run.py's (types, choices); names are checked at run time."""
-    every = sorted(set(preset.rule_args) | {ALL_RULES})  # "*" alone: no rule_args
-    for entry in preset.entries:
-        for rule in every if entry.rule == ALL_RULES else [entry.rule]:
-            argv = preset.flags_for(rule) + ["--rule", rule, *to_flags(entry.args)]
-            try:
-                build_parser().parse_args(argv)
-            except ConfigError as err:
-                raise ConfigError(f"preset {preset.name!r}, run {entry.run_id!r}: {err}") from None
