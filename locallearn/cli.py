@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from . import flags
 from .config import config_dict, parse_assignments
 from .errors import ConfigError, LocallearnError, unknown_name
+from .flags import build_parser
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -36,11 +37,6 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``run.py``, built from the one declaration of its flags."""
-    return flags.build_parser()
-
-
 def _literal(text: str) -> Any:
     """A ``--model-opt`` value: a Python literal, ``true``/``false`` (as presets write
     switches), or else the text itself."""
@@ -52,7 +48,7 @@ def _literal(text: str) -> Any:
         return text
 
 
-@dataclass
+@dataclasses.dataclass
 class Checked:
     """What :func:`_check` built from the arguments."""
 
@@ -68,11 +64,6 @@ class Checked:
         return self.built.model_options
 
 
-def _main_process() -> bool:
-    """Whether this is the main process, before Accelerate is set up (torchrun's RANK)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _check(args: argparse.Namespace) -> Checked:
     """Validate everything a run can check before training: names, options, the data (there
     or downloadable), paths, then build and split the model (once: the run trains it), check
@@ -85,7 +76,7 @@ def _check(args: argparse.Namespace) -> Checked:
     from .outputs import check_paths, check_record, resumed_run
     from .preflight import build_stack, check_setup
     from .rules import create_rule
-    from .settings import TrainConfig
+    from .settings import PlaneSettings, TrainConfig
 
     rule = create_rule(args.rule, **parse_assignments(args.rule_opt))
     if not timm.is_model(args.model):
@@ -112,9 +103,7 @@ def _check(args: argparse.Namespace) -> Checked:
     if args.project_dir and not args.log_with:
         raise ConfigError("--project-dir is the tracker's folder; give --log-with NAME too")
     plane = None if args.no_plane else InformationPlane(
-        probe_size=args.probe_size, every=args.plane_every, split=args.probe_split,
-        seed=0, distance=args.plane_distance,
-    )
+        **dataclasses.asdict(PlaneSettings.from_flags(args)))
     config = TrainConfig.from_flags(args)
     if args.parallel == "parts":
         from .pipeline import check_args
@@ -135,7 +124,8 @@ def _check(args: argparse.Namespace) -> Checked:
         "rule_options": rule.describe(), "model_options": built.model_options,
         "train": config_dict(config) | {"progress": None},
     })
-    if _main_process():  # the others would see the main process's own files
+    if os.environ.get("RANK", "0") == "0":  # the main process (torchrun's RANK; Accelerate
+        # is not set up yet): the others would see the main process's own files
         check_record(args, resumed_run(args, identity))
     # Last, as the dearest check: the rule's parts on the stack, on a probe batch.
     check_setup(rule, built.stack, info, epochs=args.epochs, batch_size=args.batch_size,
@@ -257,25 +247,6 @@ def _finish_trackers(accelerator) -> None:
         tracker.finish()
 
 
-def _preset_flags(argv: list[str]) -> list[str]:
-    """The flags of ``argv``'s ``--preset`` for its ``--rule`` (none without a preset)."""
-    pre = flags.Parser(add_help=False)
-    pre.add_argument("--preset")
-    pre.add_argument("--rule", default="e2e")
-    known, _ = pre.parse_known_args(argv)
-    if known.preset is None:
-        return []
-    from .presets import load_preset
-
-    return load_preset(known.preset).flags_for(known.rule)
-
-
-def _with_preset(argv: list[str] | None) -> list[str]:
-    """``argv`` with its ``--preset``'s flags (for its ``--rule``) put first: given flags win."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return _preset_flags(argv) + argv
-
-
 def rule_flags(rule: str) -> list[str]:
     """The flags of ``rule``'s ``training_defaults`` (none for a rule not registered).
 
@@ -287,8 +258,7 @@ def rule_flags(rule: str) -> list[str]:
 
     if rule not in RULES:
         return []  # the checks name the unknown rule
-    defaults = RULES.get(rule).factory.training_defaults
-    out = to_flags({k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()})
+    out = to_flags(RULES.get(rule).factory.training_defaults)
     try:
         build_parser().parse_args(out)
     except ConfigError as err:
@@ -305,12 +275,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     to where its value came from: ``"command line"``, ``"preset NAME"`` or ``"rule NAME"``.
     """
     from .plugins import load_plugins
+    from .presets import load_preset
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    preset = _preset_flags(argv)
-    first = build_parser().parse_args(preset + argv)
-    load_plugins(first.plugin)
-    rule = rule_flags(first.rule)
+    alone = build_parser().parse_args(argv)  # a preset sets neither --preset nor --rule
+    preset = load_preset(alone.preset).flags_for(alone.rule) if alone.preset else []
+    load_plugins(build_parser().parse_args(preset + argv).plugin)  # a preset's plugins too
+    rule = rule_flags(alone.rule)
     args = build_parser().parse_args(rule + preset + argv)
     args.defaults = vars(build_parser().parse_args(rule))  # what the rule runs with; names
     sources: dict[str, str] = {}
@@ -325,32 +296,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _from_rule_and_preset(args: argparse.Namespace) -> list[str]:
     """What ``--check`` adds: one line per rule or preset that gave values (``from rule R:
     --lr 0.001 ...``), and the rule's declared defaults that something else overrode."""
+    from .presets import to_flags
     from .rules.base import RULES
 
-    sources = getattr(args, "config_sources", {})
-    groups: dict[str, list[str]] = {}
-    for flag in flags.FLAGS:
-        source = sources.get(flag.dest, "command line")
+    groups: dict[str, dict[str, Any]] = {}
+    for dest, source in args.config_sources.items():
         if source != "command line":
-            groups.setdefault(source, []).append(_as_flag(flag, getattr(args, flag.dest)))
-    lines = [f"from {source}: {' '.join(given)}" for source, given in groups.items()]
-    declared = RULES.get(args.rule).factory.training_defaults if args.rule in RULES else {}
+            groups.setdefault(source, {})[dest.replace("_", "-")] = getattr(args, dest)
+    lines = [f"from {source}: {' '.join(to_flags(given))}" for source, given in groups.items()]
     overridden = []
-    for name in declared:
-        source = sources.get(name.replace("-", "_"))  # None: the rule's value is the flag's
+    for name in RULES.get(args.rule).factory.training_defaults:
+        source = args.config_sources.get(name.replace("-", "_"))  # None: the flag's default
         if source not in (None, f"rule {args.rule}"):
             overridden.append(f"--{name} (by the {source})")
     if overridden:
         lines.append(f"rule {args.rule}'s defaults overridden: {', '.join(overridden)}")
     return lines
-
-
-def _as_flag(flag: flags.Flag, value: Any) -> str:
-    if flag.kind == "switch":
-        return f"--{flag.name}"
-    if isinstance(value, (list, tuple)):
-        value = ",".join(map(str, value))
-    return f"--{flag.name} {value}"
 
 
 def _has_gpu() -> bool:
@@ -411,24 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM is handled like Ctrl-C: the record says ``interrupted``, the exit
     status is 143 (130 for Ctrl-C), and one line says why.
     """
-    prog = "run.py"
     handler = None
     if threading.current_thread() is threading.main_thread():
         handler = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return _main(prog, argv)
-    except Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
-
-
-def _main(prog: str, argv: list[str] | None) -> int:
     try:
         args = parse_args(argv)
         listed = [kind for kind in ("rules", "heads", "losses") if getattr(args, f"list_{kind}")]
@@ -441,15 +387,24 @@ def _main(prog: str, argv: list[str] | None) -> int:
             return 0
         started = time.perf_counter()
         record = run(args)
+        from accelerate.state import PartialState
+
+        if PartialState().is_main_process:
+            print(summary(record))
+            print(f"wall time {time.perf_counter() - started:.1f}s")
+        return 0
     except LocallearnError as err:
         from .trainer import Diverged
 
         line = " ".join(str(err).splitlines())  # user text may hold line breaks
-        print(f"{prog}: error: {line}", file=sys.stderr)
+        print(f"run.py: error: {line}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_BAD_INPUT
-    from accelerate.state import PartialState
-
-    if PartialState().is_main_process:
-        print(summary(record))
-        print(f"wall time {time.perf_counter() - started:.1f}s")
-    return 0
+    except Terminated:
+        print("run.py: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print("run.py: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)

@@ -70,26 +70,15 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
 
 
 def build_config(cls: type, options: Mapping[str, Any], owner: str) -> Any:
-    """Build dataclass ``cls`` from ``options``, converting strings to the declared types.
-
-    Args:
-        cls: a dataclass type.
-        options: field name -> value (a string from the command line, or a typed value).
-        owner: what the options belong to, for messages ("rule 'layerwise'").
+    """Build dataclass ``cls`` from ``options`` (name -> a string from the command line, or a
+    typed value), converting strings to the declared types; ``owner`` is what the options
+    belong to, for messages ("rule 'layerwise'").
 
     Raises:
         ConfigError: an unknown option (close matches named) or a value of the wrong type.
     """
-    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    values = {}
-    for key, value in options.items():
-        if key not in fields:
-            if not fields:
-                raise ConfigError(f"{owner} takes no options; got {key!r}")
-            raise unknown_name("option", key, fields, owner)
-        values[key] = _convert(value, hints[key], f"option {key!r} of {owner}")
-    return cls(**values)
+    return cls(**_typed(options, typing.get_type_hints(cls), fields, owner))
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -99,24 +88,25 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def call_options(fn: Any, items: Iterable[str], owner: str) -> dict[str, Any]:
-    """``KEY=VALUE`` items typed by the annotated parameters of ``fn`` (a factory).
-
-    Args:
-        fn: a function whose keyword parameters are the options.
-        items: ``KEY=VALUE`` strings (e.g. the ``loss_options`` of a rule).
-        owner: what the options belong to, for messages ("loss 'focal'").
+    """``KEY=VALUE`` items (e.g. the ``loss_options`` of a rule) typed by the annotated
+    keyword parameters of ``fn`` (a factory); ``owner`` as for :func:`build_config`.
 
     Raises:
         ConfigError: a malformed item, an option ``fn`` does not take (close
             matches named) or a value of the wrong type.
     """
-    hints = typing.get_type_hints(fn)
-    params = set(inspect.signature(fn).parameters)
+    options = parse_assignments(items, f"option of {owner}")
+    return _typed(options, typing.get_type_hints(fn), set(inspect.signature(fn).parameters),
+                  owner)
+
+
+def _typed(options: Mapping[str, Any], hints: dict[str, Any], names: set[str], owner: str
+           ) -> dict[str, Any]:
     out = {}
-    for key, value in parse_assignments(items, f"option of {owner}").items():
-        if key not in params:
-            if not params:
+    for key, value in options.items():
+        if key not in names:
+            if not names:
                 raise ConfigError(f"{owner} takes no options; got {key!r}")
-            raise unknown_name("option", key, params, owner)
+            raise unknown_name("option", key, names, owner)
         out[key] = _convert(value, hints.get(key, str), f"option {key!r} of {owner}")
     return out

@@ -29,19 +29,17 @@ class SplitError(LocallearnError):
     """A model that cannot be split into a block stack correctly."""
 
 
-def unknown_name(
-    kind: str, name: str, choices: Iterable[str], owner: str = "", limit: int = 12
-) -> ConfigError:
-    """Build the error for an unknown ``name`` of ``kind`` (of ``owner``), naming close matches
-    or the choices."""
+def unknown_name(kind: str, name: str, choices: Iterable[str], owner: str = "") -> ConfigError:
+    """The error for an unknown ``name`` of ``kind`` (of ``owner``), naming close matches,
+    else the choices (or a dozen of them)."""
     choices = sorted(choices)
     close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
     if close:
         hint = "did you mean " + ", ".join(close) + "?"
-    elif len(choices) <= limit:
+    elif len(choices) <= 12:
         hint = "choices: " + ", ".join(choices)
     else:
-        hint = f"{len(choices)} choices, e.g. " + ", ".join(choices[:limit])
+        hint = f"{len(choices)} choices, e.g. " + ", ".join(choices[:12])
     where = f" for {owner}" if owner else ""
     return ConfigError(f"unknown {kind} {name!r}{where}; {hint}")
 

@@ -1,12 +1,13 @@
-"""Every flag of ``benchmarks/run.py``, declared once.
+"""Every flag of ``benchmarks/run.py``, declared once in :data:`FLAGS`.
 
-The loop's flags are :class:`~locallearn.settings.TrainConfig`'s fields
-(:data:`~locallearn.settings.TRAIN_FLAGS`); the others (what is trained besides
-the loop, the information plane, outputs, commands) are declared here. The
-command line's parser, the presets' checks, the leaderboard's idea of a setting,
-the record's config and the identity a checkpoint must match are all read from
-:data:`FLAGS`. A flag's role (``IDENTITY``, ``SETTING``, ``OUTPUT``,
-``COMMAND``) says what it is; see :mod:`locallearn.settings`.
+The loop's and the information plane's flags are fields of
+:class:`~locallearn.settings.TrainConfig` and
+:class:`~locallearn.settings.PlaneSettings`; the others (what is trained besides
+the loop, outputs, commands) are declared here. The command line's parser, the
+presets' checks, the leaderboard's idea of a setting, the record's config and
+the identity a checkpoint must match are all read from :data:`FLAGS`. A flag's
+role (``IDENTITY``, ``SETTING``, ``OUTPUT``, ``COMMAND``) says what it is; see
+:mod:`locallearn.settings`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .settings import (
+from .settings import (  # noqa: F401 - the flags' vocabulary, re-exported
     COMMAND,
     IDENTITY,
     OUTPUT,
+    PLANE_FLAGS,
     SETTING,
     TRAIN,
     TRAIN_FLAGS,
@@ -26,11 +28,6 @@ from .settings import (
     _parsed,
     positive_int,
 )
-
-__all__ = [
-    "COMMAND", "FLAGS", "IDENTITY", "OUTPUT", "SETTING", "TRAIN", "Flag", "Parser",
-    "build_parser", "given", "positive_int", "recorded_values", "run_identity",
-]
 
 
 def block_names(text: str) -> list[str]:
@@ -52,14 +49,9 @@ def per_channel(positive: bool = False):
     """
     noun = "comma-separated finite numbers, one per channel (R,G,B)" + (
         ", above 0" if positive else "")
-
-    def parse(text: str) -> list[float]:
-        values = _parsed(text, lambda t: [float(v) for v in t.split(",")], noun)
-        if not all(abs(v) < float("inf") for v in values) or (positive and min(values) <= 0):
-            raise argparse.ArgumentTypeError(f"must be {noun}; got {text!r}")
-        return values
-
-    return parse
+    return lambda text: _parsed(text, lambda t: [float(v) for v in t.split(",")], noun,
+                                lambda vs: all(abs(v) < float("inf") for v in vs)
+                                and not (positive and min(vs) <= 0))
 
 
 def _datasets_help() -> str:
@@ -116,16 +108,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("norm-std", IDENTITY, "normalisation std in [0, 1] units (default: measured on the "
          "training split)", type=per_channel(positive=True), metavar="R,G,B"),
     *TRAIN_FLAGS,  # the loop's: TrainConfig's fields (locallearn/settings.py)
-    Flag("plane-every", SETTING, "information plane: before training, every N epochs and after "
-         "the last", 1, type=positive_int, metavar="N", row=False),
-    Flag("probe-size", SETTING, "samples in the information-plane probe set", 1000,
-         type=positive_int, metavar="M", row=False),
-    Flag("probe-split", SETTING, "where the probe set comes from (un-augmented)", "train",
-         choices=("train", "test"), row=False),
-    Flag("plane-distance", SETTING, "information plane: the Gaussian kernel of the squared "
-         "distance (sqeuclidean, as the HSIC-bottleneck code) or of the distance (euclidean, "
-         "as the seed paper's code)", "sqeuclidean", choices=("sqeuclidean", "euclidean"),
-         row=False),
+    *PLANE_FLAGS,  # the information plane's: PlaneSettings' fields (settings.py)
     Flag("no-plane", SETTING, "skip the information plane", kind="switch", row=False),
     Flag("mixed-precision", SETTING, "autocast precision, through Accelerate (fp16: a "
          "gradient scaler per part; needs a GPU)", "no", choices=("no", "fp16", "bf16")),
@@ -174,8 +157,7 @@ BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}
 
 
 def build_parser(defaults: bool = True) -> Parser:
-    """The parser of ``run.py``, every flag from :data:`FLAGS` (with its default, if
-    ``defaults``; else a flag not given is absent from the namespace)."""
+    """The parser of ``run.py`` (without ``defaults``, a flag not given is left out)."""
     parser = Parser(
         prog="run.py",
         description="Train a timm backbone by a local-learning rule and write a JSON run record.",
@@ -200,13 +182,8 @@ def recorded_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_identity(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: every IDENTITY and SETTING flag, by its
-    identity key.
-
-    Args:
-        args: the parsed command line.
-        resolved: values that replace the given ones, by identity key: the rule's and
-            the model's resolved options and ``"train"``, the loop's resolved settings.
-    """
+    identity key; ``resolved`` replaces the parsed values by key (the rule's and the model's
+    resolved options, and ``"train"``: the loop's resolved settings)."""
     identity: dict[str, Any] = {}
     for flag in FLAGS:
         if flag.role in (IDENTITY, SETTING):

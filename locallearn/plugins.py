@@ -63,20 +63,17 @@ def load_plugin(spec: str) -> list[str]:
     before = _registered()
     try:
         if _is_path(spec):
-            path = Path(spec)
-            if not path.is_file():
+            if not Path(spec).is_file():
                 raise ConfigError(f"plugin file {spec!r} not found")
-            _import_file(path)
+            _import_file(Path(spec))
+        elif importlib.util.find_spec(spec.split(".")[0]) is None:
+            raise ConfigError(f"plugin module {spec!r} not found; give a .py path or an "
+                              "importable module name")
         else:
-            if importlib.util.find_spec(spec.split(".")[0]) is None:
-                raise ConfigError(f"plugin module {spec!r} not found; give a .py path or an "
-                                  "importable module name")
             importlib.import_module(spec)
-    except ConfigError as err:
-        if str(err).startswith("plugin "):
-            raise
-        raise ConfigError(f"plugin {spec!r}: {err}") from None
     except LocallearnError as err:
+        if str(err).startswith(f"plugin {spec!r}"):
+            raise
         raise ConfigError(f"plugin {spec!r}: {err}") from None
     except (Exception, SystemExit) as err:
         raise ConfigError(f"plugin {spec!r} failed to import: {_one_line(err)}") from None
@@ -93,14 +90,11 @@ def _registered() -> set[tuple[str, str]]:
 
 def _already_loaded(spec: str) -> bool:
     """Whether a plugin imported before (so it registered nothing new this time) defines any."""
-    for entry in (entry for registry in REGISTRIES for entry in registry):
-        module = getattr(entry.factory, "__module__", "")
-        if _is_path(spec):
-            if module.startswith(f"locallearn_plugin_{Path(spec).stem}_"):
-                return True
-        elif module == spec:
-            return True
-    return False
+    modules = {getattr(entry.factory, "__module__", "") for registry in REGISTRIES
+               for entry in registry}
+    if _is_path(spec):
+        return any(m.startswith(f"locallearn_plugin_{Path(spec).stem}_") for m in modules)
+    return spec in modules
 
 
 def load_plugins(specs: list[str]) -> list[str]:

@@ -8,15 +8,16 @@ outputs — fails here instead, in one line, in the time it takes to build the
 model and push two images through it.
 
 The model is built and split once per run (:func:`build_stack`, from the data
-set's metadata, so ``--check`` loads no data); the probe runs on that very
-stack and puts back everything it touches (weights, buffers, gradients,
-train/eval modes, the random state; :func:`check_setup`), so the run that
-follows is the same as without it.
+set's metadata, so ``--check`` loads no data). The probe runs on a copy of that
+stack under a forked random state (:func:`check_setup`), so the run that follows
+is the same as without it: its weights, buffers, gradients, modes and random
+state are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,9 +58,6 @@ def build_stack(model: str, model_options: dict[str, Any], info: DataInfo, *,
     The caller's random state is kept (the work runs under a forked one); the state
     after the split comes back in :attr:`Built.rng`, so a run that sets it before
     building its rule's parts continues exactly as if it had built the model itself.
-
-    Raises:
-        LocallearnError: one line naming what fails: the model, its options or the split.
     """
     with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
@@ -72,107 +70,59 @@ def build_stack(model: str, model_options: dict[str, Any], info: DataInfo, *,
 def check_setup(rule: Rule, stack: nn.Module, info: DataInfo, *, epochs: int, batch_size: int,
                 train_size: int, mean: Sequence[float] | None = None,
                 std: Sequence[float] | None = None, model: str = "") -> None:
-    """Let ``rule`` build its parts on ``stack`` and run them once (:func:`probe_rule`),
-    leaving ``stack`` and the random state exactly as they were.
+    """Let ``rule`` build its parts on a copy of ``stack`` and run one training pass (as the
+    trainer does: each part on its predecessor's detached output, its loss backpropagated
+    at once, no optimizer step) and one evaluation pass of :data:`PROBE_IMAGES` random
+    images, after :func:`~locallearn.trainer.check_plan`. ``mean``/``std``: None for a
+    neutral normalisation (the images are random); ``model``: its name, for messages.
 
-    Args:
-        rule: the rule the run trains by.
-        stack: the run's own stack (:func:`build_stack`).
-        info: the data set's classes and image size (:func:`~locallearn.data.dataset_info`).
-        epochs, batch_size, train_size: what the rule's schedule and the batches are
-            checked against (:func:`~locallearn.trainer.check_plan`).
-        mean, std: the normalisation (None: a neutral one; the probe's images are random).
-        model: the model's name, for messages.
-
-    Raises:
-        LocallearnError: one line naming what fails: the rule's parts or schedule, or (as
-            a :class:`ConfigError`) any other error the rule's parts raise on the probe
-            batch, with the rule, the model and its first line.
-    """
-    with torch.random.fork_rng(devices=[]), _one_thread(), _kept(stack):
-        probe_rule(rule, stack, info, epochs=epochs, batch_size=batch_size,
-                   train_size=train_size, mean=mean, std=std, model=model)
-
-
-@contextlib.contextmanager
-def _kept(module: nn.Module):
-    """Puts ``module``'s weights, buffers, gradients, ``requires_grad`` flags and train/eval
-    modes back as they were on the way out: the probe trains one step without an
-    optimizer, which moves BatchNorm statistics and leaves gradients."""
-    params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in module.parameters()]
-    buffers = [(b, b.clone()) for b in module.buffers()]
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, value, grad, requires_grad in params:
-                p.copy_(value)
-                p.grad, p.requires_grad = grad, requires_grad
-            for b, value in buffers:
-                b.copy_(value)
-        for m, training in modes:
-            m.training = training
-
-
-def probe_rule(rule: Rule, stack: nn.Module, info: DataInfo, *, epochs: int, batch_size: int,
-               train_size: int, mean: Sequence[float] | None = None,
-               std: Sequence[float] | None = None, model: str = "") -> None:
-    """Let ``rule`` build its parts on ``stack`` and run one training and one evaluation pass
-    of :data:`PROBE_IMAGES` random images (backward included, no optimizer step).
+    The copy keeps the run's stack as it was (the pass moves BatchNorm statistics, leaves
+    gradients, and a rule may freeze or hook blocks); the forked random state keeps the
+    run's draws (the rule's heads are drawn here too).
 
     Raises:
         LocallearnError: as the rule raised it, or a one-line :class:`ConfigError` for any
             other error, naming the rule, the model and the error's first line.
     """
-    channels = info.image_size[0]
+    channels, num_classes = info.image_size[0], info.num_classes
     transform = BatchTransform(mean or (0.5,) * channels, std or (0.25,) * channels)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (PROBE_IMAGES, *info.image_size), generator=g,
-                           dtype=torch.uint8)
-    labels = torch.arange(PROBE_IMAGES) % info.num_classes
-    try:
-        parts = rule.parts(stack, info.num_classes, transform(images))
-        check_plan(rule, parts, epochs, batch_size, train_size)
-        _train_pass(rule, parts, images, labels, transform, info.num_classes)
-        _eval_pass(rule, parts, images, labels, transform, info.num_classes)
-    except LocallearnError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a rule (a plugin's too) may raise anything
-        first = " ".join(str(err).split("\n", 1)[0].split())[:200]
-        on = f" on model {model!r}" if model else ""
-        size = "x".join(map(str, info.image_size))
-        raise ConfigError(f"rule {rule.name!r}{on} fails on a probe batch of {PROBE_IMAGES} "
-                          f"{size} images: {type(err).__name__}: {first}") from err
-
-
-def _train_pass(rule: Rule, parts, images, labels, transform, num_classes: int) -> None:
-    """Every part trains, as the trainer runs them: on its predecessor's detached output,
-    its loss backpropagated at once."""
-    x, step = rule.make_step(images, labels, transform, num_classes, None, train=True)
-    for part in parts:
-        part.train()
-        x, scored = part(x.detach(), step)
-        if scored.loss.requires_grad:
-            scored.loss.backward()
-
-
-@torch.no_grad()
-def _eval_pass(rule: Rule, parts, images, labels, transform, num_classes: int) -> None:
-    """Every part in eval mode, then the rule's predictions, as the trainer evaluates."""
-    x, step = rule.make_step(images, labels, transform, num_classes, None, train=False)
-    logits = []
-    for part in parts:
-        part.eval()
-        x, scored = part(x, step)
-        logits.append(scored.logits)
-    predictions = rule.predictions(logits)
-    if not predictions or predictions[-1] is None:
-        raise RuntimeError("the last part gives no logits, so the network predicts nothing")
-    for z in predictions:
-        if z is not None and tuple(z.shape) != (len(labels), num_classes):
-            raise RuntimeError(f"a prediction has shape {tuple(z.shape)}; expected "
-                               f"({len(labels)}, {num_classes}): one score per class")
+    images = torch.randint(0, 256, (PROBE_IMAGES, *info.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(PROBE_IMAGES) % num_classes
+    with torch.random.fork_rng(devices=[]), _one_thread():
+        try:
+            parts = rule.parts(copy.deepcopy(stack), num_classes, transform(images))
+            check_plan(rule, parts, epochs, batch_size, train_size)
+            x, step = rule.make_step(images, labels, transform, num_classes, None, train=True)
+            for part in parts:
+                part.train()
+                x, scored = part(x.detach(), step)
+                if scored.loss.requires_grad:
+                    scored.loss.backward()
+            with torch.no_grad():
+                x, step = rule.make_step(images, labels, transform, num_classes, None,
+                                         train=False)
+                logits = []
+                for part in parts:
+                    x, scored = part.eval()(x, step)
+                    logits.append(scored.logits)
+            predictions = rule.predictions(logits)
+            if not predictions or predictions[-1] is None:
+                raise RuntimeError("the last part gives no logits, so the network predicts "
+                                   "nothing")
+            for z in predictions:
+                if z is not None and tuple(z.shape) != (PROBE_IMAGES, num_classes):
+                    raise RuntimeError(f"a prediction has shape {tuple(z.shape)}; expected "
+                                       f"({PROBE_IMAGES}, {num_classes}): one score per class")
+        except LocallearnError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a rule (a plugin's too) may raise anything
+            first = " ".join(str(err).split("\n", 1)[0].split())[:200]
+            on = f" on model {model!r}" if model else ""
+            size = "x".join(map(str, info.image_size))
+            raise ConfigError(f"rule {rule.name!r}{on} fails on a probe batch of "
+                              f"{PROBE_IMAGES} {size} images: {type(err).__name__}: "
+                              f"{first}") from err
 
 
 @contextlib.contextmanager
@@ -203,19 +153,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _hub_offline(offline: bool):
-    """Hugging Face Hub downloads switched off (only the local cache is read) inside."""
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = before or offline
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
-
-
 def create_model(name: str, num_classes: int, options: dict[str, Any], image_size) -> nn.Module:
     """The model of :func:`build_model`, without the options it was built with."""
     return build_model(name, num_classes, options, image_size)[0]
@@ -237,15 +174,13 @@ def build_model(name: str, num_classes: int, options: dict[str, Any], image_size
     model = _create(name, num_classes, options)
     failure = _fails_on(model, image_size)
     if failure and "img_size" not in options:
-        side = image_size[1] if image_size[1] == image_size[2] else tuple(image_size[1:])
-        sized = {**options, "img_size": side}
+        sized = {**options, "img_size": image_size[1] if image_size[1] == image_size[2]
+                 else tuple(image_size[1:])}
         torch.set_rng_state(state)  # initialised as if given img_size from the start
-        try:
+        with contextlib.suppress(Exception):  # it takes no img_size: the first failure stands
             model = _create(name, num_classes, sized)
-        except Exception:  # noqa: BLE001 - it takes no img_size: the first failure stands
-            model = None
-        if model is not None and not _fails_on(model, image_size):
-            return model, sized
+            if not _fails_on(model, image_size):
+                return model, sized
     if failure:
         cause = " with --model-opt " + _given(options) if options else ""
         raise ConfigError(f"model {name!r}{cause} fails on the data's "
@@ -259,13 +194,14 @@ def _given(options: dict[str, Any]) -> str:
 
 def _create(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
     import timm
+    from huggingface_hub import constants
 
     offline = bool(options.get("pretrained")) and not _hub_reachable()
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline  # the cache only: no minute of retries
     try:
-        with _hub_offline(offline):  # the cache only: no minute of retries
-            return timm.create_model(name, num_classes=num_classes, **options)
+        return timm.create_model(name, num_classes=num_classes, **options)
     except Exception as err:  # noqa: BLE001 - timm and the hub raise many kinds
-        first = " ".join(str(err).split())[:160] or type(err).__name__
         if offline:
             raise ConfigError(f"model {name!r}: the Hugging Face Hub is unreachable and its "
                               "pretrained weights are not cached; download them where there "
@@ -273,7 +209,9 @@ def _create(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
         if not options:
             raise
         raise ConfigError(f"model {name!r} rejected --model-opt {_given(options)}: "
-                          f"{first}") from None
+                          f"{_first_line(err)}") from None
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _fails_on(model: nn.Module, image_size) -> str | None:
@@ -282,5 +220,9 @@ def _fails_on(model: nn.Module, image_size) -> str | None:
         with torch.no_grad():
             model.eval()(torch.zeros(2, *image_size))
     except Exception as err:  # noqa: BLE001 - whatever the options or the data broke
-        return " ".join(str(err).split())[:160] or type(err).__name__
+        return _first_line(err)
     return None
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:160] or type(err).__name__

@@ -1,30 +1,9 @@
 """Presets: named grids of ``run.py`` runs, one small JSON file each in ``benchmarks/presets/``.
 
-A preset gives the flags every run shares, a per-rule table of flags (a rule
-that needs its own backbone, such as ``forward_forward``), the runs (a rule
-and its own flags; rule ``"*"`` is every registered rule) and the seeds::
-
-    {
-      "about": "one line: what the preset is for (docs/presets.md says why)",
-      "args": {"model": "resnet18", "epochs": 5, "rule-opt": {"aux_hidden": 0}},
-      "rule_args": {"forward_forward": {"model": "ff_mlp", "optimizer": "adamw"}},
-      "runs": [{"rule": "*"}, {"rule": "layerwise", "tag": "K4", "args": {"blocks": 4}}],
-      "seeds": [0, 1]
-    }
-
-Keys of ``args`` are ``run.py``'s long flags without the dashes. A value is a
-number or string, ``true`` for a switch (``"no-plane": true``), a list for a
-comma-separated value (``"milestones": [0.5, 0.75]``) or a repeatable flag
-(``"plugin"``), and an object for ``rule-opt`` / ``model-opt``. The flags a
-run gets are, later ones winning: ``args``, ``rule_args[rule]``, the run's
-``args``. ``run.py --preset NAME --rule R`` takes the first two as defaults
-that the flags given on its command line override, and that override the
-rule's own ``training_defaults``.
-
-JSON, not TOML: ``tomllib`` needs Python 3.11 and the project supports 3.10
-without a TOML dependency; JSON is in every Python, and is strict. ``about``
-is one line, which ``suite.py --dry-run`` prints; the prose on why a preset
-sets what it does lives in docs/presets.md, a section per preset.
+A preset gives the flags every run shares (``args``), a per-rule table of flags
+(``rule_args``), the runs (a rule, a ``tag`` and its own ``args``; rule ``"*"`` is
+every registered rule) and the ``seeds``. The file format, and why each preset
+sets what it does, are in docs/presets.md.
 """
 
 from __future__ import annotations
@@ -61,13 +40,9 @@ def list_presets() -> list[str]:
 
 @dataclass(frozen=True)
 class PresetRun:
-    """One entry of a preset's grid (before seeds).
-
-    Attributes:
-        rule: the rule's registered name.
-        tag: what tells this run apart from other runs of the rule ("" if none).
-        args: the run's own flags (on top of the preset's ``args`` and ``rule_args``).
-    """
+    """One entry of a preset's grid (before seeds): ``tag`` tells it apart from other runs
+    of its rule, ``args`` are its own flags (on top of the preset's ``args`` and
+    ``rule_args``)."""
 
     rule: str
     tag: str = ""
@@ -110,12 +85,11 @@ class Preset:
                 runs.append(entry)
             else:
                 skipped.append(f"{entry.run_id}: rule {entry.rule!r} is not registered; skipped")
-        seen: dict[str, PresetRun] = {}
-        for run in runs:
-            if run.run_id in seen:
-                raise ConfigError(f"preset {self.name!r}: two runs named {run.run_id!r}; give one "
+        ids = [run.run_id for run in runs]
+        for run_id in ids:
+            if ids.count(run_id) > 1:
+                raise ConfigError(f"preset {self.name!r}: two runs named {run_id!r}; give one "
                                   "of them a 'tag'")
-            seen[run.run_id] = run
         return runs, skipped
 
     def argv(self, run: PresetRun, ref: str | None = None) -> list[str]:
@@ -146,32 +120,27 @@ def to_flags(args: dict[str, Any]) -> list[str]:
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return ",".join(_text(v) for v in value)
     return str(value)
 
 
-def find_preset(ref: str) -> Path:
-    """The file of preset ``ref``: a name in :func:`preset_dir`, or a path to a ``.json`` file."""
-    if ref.endswith(".json") or os.sep in ref:
-        path = Path(ref)
-        if not path.is_file():
-            raise ConfigError(f"preset file {ref!r} not found")
-        return path
-    path = preset_dir() / f"{ref}.json"
-    if not path.is_file():
-        raise unknown_name("preset", ref, list_presets())
-    return path
-
-
 def load_preset(ref: str) -> Preset:
-    """Load and validate preset ``ref`` (a name or a path to a ``.json`` file).
+    """Load and validate preset ``ref``: a name in :func:`preset_dir`, or a path to a
+    ``.json`` file.
 
     Raises:
         ConfigError: unknown preset (the choices named), malformed JSON, an unknown
             key, or a flag ``run.py`` does not take or would reject.
     """
-    path = find_preset(ref)
+    if ref.endswith(".json") or os.sep in ref:
+        path = Path(ref)
+        if not path.is_file():
+            raise ConfigError(f"preset file {ref!r} not found")
+    else:
+        path = preset_dir() / f"{ref}.json"
+        if not path.is_file():
+            raise unknown_name("preset", ref, list_presets())
     name = path.stem
     try:
         data = json.loads(path.read_text())
@@ -195,7 +164,15 @@ def load_preset(ref: str) -> Preset:
         raise ConfigError(f"{where}: 'runs' must be a non-empty list")
     entries = tuple(_entry(e, i, where) for i, e in enumerate(data["runs"]))
     preset = Preset(name, path, str(data.get("about", "")), args, rule_args, entries, tuple(seeds))
-    _check_parses(preset)
+    # Every run's flags must parse as run.py's (types, choices); names are checked at run time.
+    every = sorted(set(preset.rule_args) | {ALL_RULES})  # "*" alone: no rule_args
+    for entry in preset.entries:
+        for rule in every if entry.rule == ALL_RULES else [entry.rule]:
+            try:
+                build_parser().parse_args(
+                    [*preset.flags_for(rule), "--rule", rule, *to_flags(entry.args)])
+            except ConfigError as err:
+                raise ConfigError(f"preset {name!r}, run {entry.run_id!r}: {err}") from None
     return preset
 
 
@@ -232,15 +209,3 @@ def _entry(entry: Any, index: int, where: str) -> PresetRun:
     if not isinstance(tag, str) or (tag and not _TAG.match(tag)):
         raise ConfigError(f"{where}: 'tag' must be letters, digits, '_', '.', '-'; got {tag!r}")
     return PresetRun(entry["rule"], tag, _check_args(entry.get("args", {}), where))
-
-
-def _check_parses(preset: Preset) -> None:
-    """Every run's flags must parse as run.py's (types, choices); names are checked at run time."""
-    every = sorted(set(preset.rule_args) | {ALL_RULES})  # "*" alone: no rule_args
-    for entry in preset.entries:
-        for rule in every if entry.rule == ALL_RULES else [entry.rule]:
-            argv = preset.flags_for(rule) + ["--rule", rule, *to_flags(entry.args)]
-            try:
-                build_parser().parse_args(argv)
-            except ConfigError as err:
-                raise ConfigError(f"preset {preset.name!r}, run {entry.run_id!r}: {err}") from None

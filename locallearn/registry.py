@@ -23,12 +23,8 @@ class Entry:
 
 
 class Registry:
-    """Maps names to factories.
-
-    Args:
-        kind: what is registered, used in error messages ("rule").
-        required: metadata keys every entry must give (e.g. "paper").
-    """
+    """Maps names to factories; ``kind`` names what is registered in messages ("rule"),
+    ``required`` the metadata keys every entry must give (e.g. "paper")."""
 
     def __init__(self, kind: str, required: tuple[str, ...] = ()):
         self.kind = kind

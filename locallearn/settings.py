@@ -1,14 +1,14 @@
-"""The training loop's settings, declared once: :class:`TrainConfig`.
+"""Settings declared once: dataclass fields that are also flags of ``run.py``.
 
-Each field of TrainConfig that carries flag metadata is one setting of the loop
-*and* one flag of ``run.py``: its type gives the flag's kind (``bool``: a
-switch; ``Literal[...]``: its choices), its metadata the help, the value
-parser and the flag's role. :mod:`locallearn.flags` turns the fields into
-:class:`Flag`\\ s (:data:`TRAIN_FLAGS`) beside the flags that are not the
-loop's, the command line builds a TrainConfig from the parsed flags without
-naming them (:meth:`TrainConfig.from_flags`), and the checkpoint identity and
-the record hold the resolved TrainConfig as a dict. So adding a loop setting
-is adding one field here.
+A field with flag metadata (:func:`_flag`) is one setting *and* one flag: its
+type gives the flag's kind (``bool``: a switch; ``Literal[...]``: its choices),
+its metadata the help, the value parser and the flag's role. The loop's
+settings are :class:`TrainConfig` (:data:`TRAIN_FLAGS`), the information
+plane's :class:`PlaneSettings` (:data:`PLANE_FLAGS`); :mod:`locallearn.flags`
+puts them beside the other flags, the command line fills both from the parsed
+flags without naming them (:meth:`Flagged.from_flags`), and the checkpoint
+identity and the record hold the resolved TrainConfig as a dict. So adding a
+setting is adding one field.
 
 This module sits low (it imports only :mod:`locallearn.errors`), so the
 trainer takes its config from here and a rule's declared training defaults
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,82 +47,63 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _parsed(text: str, kind: Callable[[str], Any], noun: str) -> Any:
-    """``kind(text)``, or the argparse error "must be NOUN"."""
+def _parsed(text: str, kind: Callable[[str], Any], noun: str,
+            ok: Callable[[Any], bool] = lambda value: True, bad: str | None = None) -> Any:
+    """``kind(text)``, or the argparse error "must be NOUN" (or "must be BAD" where the
+    value is not ``ok``)."""
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {noun}; got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {bad or noun}; got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer above zero."""
-    value = _parsed(text, int, "a positive integer")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
-    return value
+    return _parsed(text, int, "a positive integer", lambda v: v > 0)
 
 
 def number(text: str) -> float:
     """argparse type: a finite float."""
-    value = _parsed(text, float, "a number")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be finite; got {text!r}")
-    return value
+    return _parsed(text, float, "a number", math.isfinite, "finite")
 
 
-def bounded(low: float, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = True) -> Callable[[str], float]:
-    """argparse type: a finite float in the interval from ``low`` to ``high`` (None: no bound)."""
-    left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
-    span = f"{left}{low:g}, {'inf' if high is None else f'{high:g}'}{right}"
+def bounded(low: float, high: float | None = None, *, low_open: bool = False
+            ) -> Callable[[str], float]:
+    """argparse type: a finite float from ``low`` (left out if ``low_open``) to below ``high``
+    (None: no bound)."""
+    span = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'})"
 
-    def parse(text: str) -> float:
-        value = number(text)
-        above = value > low if low_open else value >= low
-        below = high is None or (value < high if high_open else value <= high)
-        if not (above and below):
-            raise argparse.ArgumentTypeError(f"must be in {span}; got {text!r}")
-        return value
+    def inside(v: float) -> bool:
+        return (v > low if low_open else v >= low) and (high is None or v < high)
 
-    return parse
+    return lambda text: _parsed(text, number, "a number", inside, f"in {span}")
 
 
 def seed_value(text: str) -> int:
     """argparse type: an integer seed in [0, 2**32), what NumPy's seeding takes."""
-    value = _parsed(text, int, "an integer")
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32); got {text!r}")
-    return value
+    return _parsed(text, int, "an integer", lambda v: 0 <= v < 2**32, "in [0, 2**32)")
 
 
 def fractions(text: str) -> tuple[float, ...]:
     """argparse type: comma-separated fractions in (0, 1)."""
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers; got {text!r}") from None
-    if not all(0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"must be fractions of the epochs in (0, 1); got {text!r}")
-    return values
+    return _parsed(text, lambda t: tuple(float(v) for v in t.split(",") if v.strip()),
+                   "comma-separated numbers", lambda vs: all(0 < v < 1 for v in vs),
+                   "fractions of the epochs in (0, 1)")
 
 
 @dataclass(frozen=True)
 class Flag:
-    """One flag of ``run.py``.
+    """One flag of ``run.py``: ``name`` is the long flag without its dashes, ``type``
+    argparse's, ``help`` a text or a function giving it when the parser is built.
 
     Attributes:
-        name: the long flag without its dashes, e.g. ``"train-subset"``.
-        role: ``IDENTITY``, ``SETTING``, ``OUTPUT`` or ``COMMAND``.
-        help: the help text, or a function giving it when the parser is built.
-        default: the value when the flag is not given.
-        type: turns the text into the value (argparse ``type``).
-        choices: the allowed values.
-        metavar: the value's name in the help.
         kind: ``"value"``; ``"switch"`` (no value, true when given); ``"list"``
             (repeatable, collected in a list); ``"options"`` (repeatable ``KEY=VALUE``).
-        identity_key: its key in the checkpoint identity (IDENTITY flags; default: its
-            dest); ``"train"`` for a loop setting, held there by the resolved TrainConfig.
+        identity_key: its key in the checkpoint identity (default: its dest); ``"train"``
+            for a loop setting, held there by the resolved TrainConfig.
         recorded: whether its value goes into the run record's ``config`` as given
             (options are recorded resolved, by the rule and the model).
         row: whether runs that differ in it are different rows of a leaderboard table
@@ -156,7 +139,10 @@ class Flag:
         """Add this flag to ``parser`` (without a default, if not ``defaults``)."""
         text = self.help() if callable(self.help) else self.help
         if self.kind == "value" and self.default is not None and "default" not in (text or ""):
-            text = f"{text} (default: {_shown(self.default)})"
+            shown = self.default
+            if isinstance(shown, (list, tuple)):
+                shown = ",".join(map(str, shown))
+            text = f"{text} (default: {shown})"
         kw: dict[str, Any] = {"help": text}
         if self.kind == "switch":
             kw["action"] = "store_true"
@@ -171,32 +157,51 @@ class Flag:
         parser.add_argument(f"--{self.name}", **kw)
 
 
-def _shown(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
 def _flag(role: str, default: Any, help: str, parse: Callable[[str], Any] | None = None,
           **kw: Any) -> Any:
-    """A TrainConfig field that is also a flag of ``run.py`` (see :data:`TRAIN_FLAGS`).
+    """A dataclass field that is also a flag of ``run.py`` (see :class:`Flagged`).
 
-    ``kw`` are :class:`Flag` attributes; ``run_default`` is the flag's default where it
-    differs from the field's (a Python caller's quick default against a real run's).
+    ``kw`` are :class:`Flag` attributes, plus ``name`` (the flag's name where it is not
+    the field's) and ``run_default`` (the flag's default where it differs from the
+    field's: a Python caller's quick default against a real run's).
     """
     return field(default=default, metadata={"flag": dict(role=role, help=help, type=parse, **kw)})
 
 
-def _loop(default: Any, help: str, parse: Callable[[str], Any] | None = None, **kw: Any) -> Any:
-    """A setting of what the loop trains (an identity flag)."""
-    return _flag(IDENTITY, default, help, parse, **kw)
+_identity = functools.partial(_flag, IDENTITY)  # what is trained
+_setting = functools.partial(_flag, SETTING)  # how it is trained or looked at
 
 
-def _speed(default: Any, help: str, **kw: Any) -> Any:
-    """How the loop runs, not what it computes (speed, memory: a setting flag)."""
-    return _flag(SETTING, default, help, **kw)
+class Flagged:
+    """A dataclass whose fields with flag metadata are flags of ``run.py``: a ``bool``
+    field is a switch, a ``Literal`` field's values are its choices."""
+
+    @classmethod
+    def flags(cls, identity_key: str | None = None) -> tuple[Flag, ...]:
+        """The fields' flags, in field order (``identity_key``: see :attr:`Flag.identity_key`)."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            if "flag" in f.metadata:
+                meta, hint = dict(f.metadata["flag"]), hints[f.name]
+                literal = typing.get_origin(hint) is Literal
+                out.append(Flag(meta.pop("name", f.name.replace("_", "-")),
+                                default=meta.pop("run_default", f.default),
+                                choices=typing.get_args(hint) if literal else None,
+                                kind="switch" if hint is bool else "value",
+                                identity_key=identity_key, **meta))
+        return tuple(out)
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, **rest: Any):
+        """``cls`` from ``run.py``'s parsed flags, each flag field from its flag."""
+        names = [f.name for f in dataclasses.fields(cls) if "flag" in f.metadata]
+        return cls(**{name: getattr(args, flag.dest)
+                      for name, flag in zip(names, cls.flags(), strict=True)}, **rest)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Flagged):
     """Options of the loop shared by every rule; each field with a help text is a flag of
     ``run.py`` (``--batch-size`` for ``batch_size``), the rest are Python's only.
 
@@ -207,34 +212,35 @@ class TrainConfig:
         compile_backend: the backend of ``torch.compile`` where ``compile`` is not "no".
     """
 
-    epochs: int = _loop(1, "training epochs", positive_int, row=False, run_default=10)
-    batch_size: int = _loop(128, "training batch size (per process)", positive_int)
-    eval_batch_size: int | None = _loop(
+    epochs: int = _identity(1, "training epochs", positive_int, row=False, run_default=10)
+    batch_size: int = _identity(128, "training batch size (per process)", positive_int)
+    eval_batch_size: int | None = _identity(
         None, "evaluation batch size (default: twice --batch-size)", positive_int, row=False)
-    lr: float = _loop(0.1, "peak learning rate", bounded(0, low_open=True))
-    optimizer: Literal["sgd", "adamw"] = _loop(
+    lr: float = _identity(0.1, "peak learning rate", bounded(0, low_open=True))
+    optimizer: Literal["sgd", "adamw"] = _identity(
         "sgd", "sgd (with --momentum, --nesterov) or adamw")
-    momentum: float = _loop(0.9, "SGD momentum", bounded(0, 1))
-    nesterov: bool = _loop(False, "Nesterov momentum (SGD)")
-    weight_decay: float = _loop(5e-4, "weight decay (decoupled under adamw)", bounded(0))
-    schedule: Literal["cosine", "multistep", "constant"] = _loop(
+    momentum: float = _identity(0.9, "SGD momentum", bounded(0, 1))
+    nesterov: bool = _identity(False, "Nesterov momentum (SGD)")
+    weight_decay: float = _identity(5e-4, "weight decay (decoupled under adamw)", bounded(0))
+    schedule: Literal["cosine", "multistep", "constant"] = _identity(
         "cosine", "learning-rate schedule (cosine per batch, multistep per epoch)")
-    milestones: tuple[float, ...] = _loop(
+    milestones: tuple[float, ...] = _identity(
         (0.5, 0.75), "multistep: fractions of the epochs, e.g. 0.5,0.75", fractions)
-    gamma: float = _loop(0.1, "multistep decay factor", bounded(0, low_open=True))
-    max_loss: float = _loop(0.0, "stop as diverged when a part's mean loss exceeds X (0: off)",
-                            bounded(0), metavar="X")
-    seed: int = _loop(0, "seeds the weights, the subsets and the batches", seed_value,
-                      row=False, presettable=False)  # a preset's seeds give it
-    channels_last: bool = _speed(False, "channels-last memory format for 4-D weights and "
-                                 "inputs (faster convolutions on recent GPUs)")
-    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = _speed(
+    gamma: float = _identity(0.1, "multistep decay factor", bounded(0, low_open=True))
+    max_loss: float = _identity(
+        0.0, "stop as diverged when a part's mean loss exceeds X (0: off)", bounded(0),
+        metavar="X")
+    seed: int = _identity(0, "seeds the weights, the subsets and the batches", seed_value,
+                          row=False, presettable=False)  # a preset's seeds give it
+    channels_last: bool = _setting(False, "channels-last memory format for 4-D weights and "
+                                   "inputs (faster convolutions on recent GPUs)")
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = _setting(
         "no", "torch.compile each trained part with its objective, in this inductor mode "
         "(no: eager)")
-    recompute_blocks: bool = _speed(False, "keep only each block's input for backward and run "
-                                    "the block again there: less activation memory for one "
-                                    "more forward of each part")
-    optimizer_impl: Literal["auto", "foreach", "fused", "loop"] = _speed(
+    recompute_blocks: bool = _setting(False, "keep only each block's input for backward and "
+                                      "run the block again there: less activation memory for "
+                                      "one more forward of each part")
+    optimizer_impl: Literal["auto", "foreach", "fused", "loop"] = _setting(
         "auto", "the optimizer's kernels: auto (torch's choice, foreach on GPUs), foreach, "
         "fused (one kernel per step) or loop (one parameter at a time)")
     progress: bool = True
@@ -243,25 +249,29 @@ class TrainConfig:
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace) -> TrainConfig:
-        """The loop's settings from ``run.py``'s parsed flags: each flag field by its name."""
-        return cls(**{f.dest: getattr(args, f.dest) for f in TRAIN_FLAGS},
-                   progress=not args.no_progress)
-
-
-def _train_flags() -> tuple[Flag, ...]:
-    hints = typing.get_type_hints(TrainConfig)
-    out = []
-    for f in dataclasses.fields(TrainConfig):
-        if "flag" not in f.metadata:
-            continue
-        meta, hint = dict(f.metadata["flag"]), hints[f.name]
-        literal = typing.get_origin(hint) is Literal
-        out.append(Flag(f.name.replace("_", "-"), default=meta.pop("run_default", f.default),
-                        choices=typing.get_args(hint) if literal else None,
-                        kind="switch" if hint is bool else "value", identity_key=TRAIN,
-                        **meta))
-    return tuple(out)
+        return super().from_flags(args, progress=not args.no_progress)
 
 
 #: The loop's flags, in TrainConfig's field order.
-TRAIN_FLAGS: tuple[Flag, ...] = _train_flags()
+TRAIN_FLAGS: tuple[Flag, ...] = TrainConfig.flags(identity_key=TRAIN)
+
+
+@dataclass
+class PlaneSettings(Flagged):
+    """The keywords of :class:`~locallearn.analysis.InformationPlane` that are flags of
+    ``run.py`` (``--no-plane`` is one of :mod:`locallearn.flags`)."""
+
+    every: int = _setting(1, "information plane: before training, every N epochs and after "
+                          "the last", positive_int, name="plane-every", metavar="N", row=False)
+    probe_size: int = _setting(1000, "samples in the information-plane probe set", positive_int,
+                               metavar="M", row=False)
+    split: Literal["train", "test"] = _setting(
+        "train", "where the probe set comes from (un-augmented)", name="probe-split", row=False)
+    distance: Literal["sqeuclidean", "euclidean"] = _setting(
+        "sqeuclidean", "information plane: the Gaussian kernel of the squared distance "
+        "(sqeuclidean, as the HSIC-bottleneck code) or of the distance (euclidean, as the seed "
+        "paper's code)", name="plane-distance", row=False)
+
+
+#: The information plane's flags, in PlaneSettings' field order.
+PLANE_FLAGS: tuple[Flag, ...] = PlaneSettings.flags()

@@ -176,7 +176,7 @@ def _state(stack):
 
 
 @pytest.mark.parametrize("rule", ["layerwise", "sequential"])
-def test_the_probe_runs_on_the_runs_own_stack_and_leaves_it_as_it_was(rule):
+def test_the_probe_leaves_the_runs_own_stack_as_it_was(rule):
     # The check trains the parts one step (BatchNorm statistics move, gradients appear)
     # and builds heads (random draws): none of it may reach the run that follows.
     import torch

@@ -160,3 +160,25 @@ def test_the_loops_flags_are_train_configs_fields_and_build_it():
                                  0.5, 9.0, 4, True, "default", True, "loop", progress=False)
     # every field was given a value other than its default, so each is read from its flag
     assert all(getattr(config, name) != f.default for name, f in fields.items())
+
+
+def test_the_planes_flags_are_plane_settings_fields_and_build_it():
+    # One declaration: run.py builds the InformationPlane from PlaneSettings' flags, each a
+    # keyword of the plane with the plane's own default.
+    import dataclasses
+    import inspect
+
+    from locallearn.analysis import InformationPlane
+    from locallearn.settings import PLANE_FLAGS, PlaneSettings
+
+    assert [f.name for f in PLANE_FLAGS] == ["plane-every", "probe-size", "probe-split",
+                                             "plane-distance"]
+    keywords = inspect.signature(InformationPlane).parameters
+    for field in dataclasses.fields(PlaneSettings):
+        assert field.default == keywords[field.name].default, field.name
+    argv = ["--plane-every", "3", "--probe-size", "64", "--probe-split", "test",
+            "--plane-distance", "euclidean"]
+    settings = PlaneSettings.from_flags(flags.build_parser().parse_args(argv))
+    plane = InformationPlane(**dataclasses.asdict(settings))
+    assert (plane.every, plane.probe_size, plane.split, plane.distance) == (
+        3, 64, "test", "euclidean")

@@ -138,7 +138,7 @@ def test_a_preset_run_trains_a_step(name, run, tiny_folder, tmp_path, fresh_acce
 
 def test_given_flags_override_the_preset():
     def parse(*argv):
-        return cli.build_parser().parse_args(cli._with_preset(list(argv)))
+        return cli.parse_args(list(argv))
 
     args = parse("--preset", "cpu-smoke")
     assert (args.model, args.probe_size, args.preset) == ("resnet18", 500, "cpu-smoke")
