@@ -1,20 +1,18 @@
 """Checkpoints: the whole training state at the end of an epoch, safe to load.
 
-A checkpoint is a folder ``epoch0003/``: ``model.safetensors`` (every parameter
-and buffer, through safetensors, so loading weights runs no code), ``state.pt``
-(the optimizer, scheduler and fp16 scaler states of the parts still training, and
-the RNG states, read with ``torch.load(weights_only=True)``) and ``meta.json``
-(the run's id, the epoch, the run's identity, the seconds, history and observers'
-results so far). A pipelined run's stages each write ``stage{s}.safetensors`` and
-``stage{s}.pt`` instead (replica 0 of a stage, with every replica's RNG states),
-and ``meta.json`` holds the stage cut; every process must see the one folder.
-docs/reliability.md describes the files and what a resume checks.
+A checkpoint is a folder ``epoch0003/``: ``model.safetensors`` (the weights, through
+safetensors, so loading them runs no code), ``state.pt`` (the trainer's optimizer,
+scheduler and scaler states, :meth:`Trainer.state_dict`, and the RNG states, read with
+``torch.load(weights_only=True)``) and ``meta.json`` (run id, epoch, identity, and the
+trainer's seconds, history and observers' states). A pipelined run's stages each write
+``stage{s}.safetensors`` and ``stage{s}.pt`` (the executor's ``files``; replica 0 of a
+stage, with every replica's RNG states), and ``meta.json`` holds the stage cut; every
+process must see the one folder. docs/reliability.md describes what a resume checks.
 
-It is written under a temporary name and renamed when complete, so a kill
-while saving leaves the previous checkpoint intact. A checkpoint folder belongs
-to one run: a run holds the folder's lock while it writes there
-(:func:`lock_folder`), and pruning only removes the run's own older checkpoints.
-Accelerate's ``save_state`` is not used because its RNG states are pickles,
+It is written under a temporary name and renamed when complete, so a kill while
+saving leaves the previous checkpoint intact. A checkpoint folder belongs to one run:
+the run holds its lock (:func:`lock_folder`), and pruning only removes the run's own
+checkpoints. Accelerate's ``save_state`` is not used: its RNG states are pickles,
 which only unrestricted ``torch.load`` reads.
 """
 
@@ -41,6 +39,7 @@ from .records import Lock, file_mode, write_json
 FORMAT = 2  # 2: meta.json names the run (run_id)
 PREFIX = "epoch"
 LOCK = ".lock"
+META = ("history", "seconds", "observers")  # the trainer's state kept in meta.json
 
 
 class CheckpointError(LocallearnError):
@@ -48,19 +47,12 @@ class CheckpointError(LocallearnError):
 
 
 class Checkpointer(Observer):
-    """Saves the training state after every epoch; resumes from the newest checkpoint.
+    """Saves the training state after every epoch (the newest ``keep`` checkpoints of run
+    ``run_id``, each with the run's ``identity``: model, rule, data and settings, which a
+    resumed run must match); resumes from the newest checkpoint.
 
-    Register it after the observers whose state it saves (the information plane)
-    and after the record writer, so a checkpoint never holds an epoch the record
-    has not shown yet.
-
-    Args:
-        directory: where the checkpoints go.
-        keep: how many to keep (the newest).
-        identity: model, rule, data and settings, stored with each checkpoint; a
-            checkpoint is resumed only under the same identity.
-        run_id: the run's id, stored with each checkpoint; pruning only removes
-            checkpoints with this id.
+    Register it after the observers whose state it saves (the information plane) and
+    after the record writer, so a checkpoint never holds an epoch the record has not shown.
     """
 
     def __init__(self, directory: str | Path, keep: int, identity: dict[str, Any],
@@ -72,38 +64,50 @@ class Checkpointer(Observer):
         save(trainer, self.directory, entry["epoch"], self.identity, self.keep, self.run_id)
 
     def resume(self, trainer) -> int:
-        """Restore ``trainer`` from the newest complete checkpoint, if any.
-
-        Call it after every observer is registered (their states are restored too).
-
-        Returns:
-            The epochs already done (``trainer.start_epoch``).
+        """Restore ``trainer`` from the newest checkpoint, if any (call it once every
+        observer is registered: their states are restored too); returns the epochs done.
 
         Raises:
             CheckpointError: the newest checkpoint is damaged or from another run.
         """
-        found = complete(self.directory)
-        newest = _from_main(found[-1] if found else None)  # every process reads process 0's
+        newest = _newest(self.directory)
         if newest is not None:
-            trainer.start_epoch = load(trainer, newest, self.identity, self.run_id)
+            load(trainer, newest, self.identity, self.run_id)
         return trainer.start_epoch
 
 
+def _world() -> tuple[int, int]:
+    """This process's rank and the number of processes."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _from_main(value: Any) -> Any:
-    """Process 0's ``value``, on every process (of several)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
+    """Process 0's ``value``, on every process."""
     shared = [value]
-    dist.broadcast_object_list(shared, 0)
+    if _world()[1] > 1:
+        dist.broadcast_object_list(shared, 0)
     return shared[0]
 
 
-def _tensors(trainer) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer, each stored once even when several modules share it
-    (on a pipeline's stage: those of its own parts)."""
+def _newest(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``directory`` as process 0 sees it, on every process."""
+    found = complete(directory)
+    return _from_main(found[-1] if found else None)
+
+
+def _executor(ex) -> tuple[int, int]:
+    """(stages, replicas) of the executor ``ex``: (0, 1) when serial."""
+    return (0, 1) if ex.stage_parts is None else (len(ex.stage_parts), ex.replicas)
+
+
+def _tensors(executor) -> dict[str, torch.Tensor]:
+    """The parameters and buffers this process saves, each once (the stack and the parts
+    share them)."""
     named: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for prefix, module in trainer.executor.saved_modules():
+    for prefix, module in executor.saved_modules():
         for name, t in module.state_dict(keep_vars=True).items():
             if id(t) not in seen:
                 seen.add(id(t))
@@ -132,94 +136,71 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def _meta(trainer, epoch: int, identity: dict[str, Any], run_id: str) -> dict[str, Any]:
-    meta = {
-        "format": FORMAT, "run_id": run_id, "epoch": epoch, "identity": identity,
-        "seconds": trainer.fit_seconds(), "history": trainer.history,
-        "observers": [o.state_dict() if hasattr(o, "state_dict") else None
-                      for o in trainer.observers],
-    }
-    if trainer.executor.stage_parts is not None:  # pipelined
-        meta["stages"], meta["replicas"] = trainer.executor.stage_parts, trainer.executor.replicas
-    return meta
-
-
-def _write_state(trainer, folder: Path) -> None:
-    """This process's weights file and state file, into ``folder`` (a pipeline's replicas
-    of a stage hold replica 0's weights: only it writes, with every replica's RNG)."""
-    ex = trainer.executor
-    weights, state = ex.files
-    rngs = None
-    if ex.stage_parts is not None and ex.replicas > 1:
-        rngs = [None] * ex.replicas
-        dist.all_gather_object(rngs, _rng_state(), group=ex.group)
-    if not ex.writes:
-        return
-    save_file({k: v.contiguous() for k, v in _tensors(trainer).items()}, str(folder / weights))
-    os.chmod(folder / weights, file_mode())  # safetensors writes it 0600
-    # The parts still training (a part drops its optimizer after its last epoch).
-    torch.save({
-        "optimizers": {i: o.state_dict() for i, o in enumerate(trainer.optimizers) if o},
-        "schedulers": {i: s.state_dict() for i, s in enumerate(trainer.schedulers) if s},
-        "scalers": {i: s.state_dict() for i, s in enumerate(trainer.scalers) if s},  # fp16
-        "rng": _rng_state(),
-        **({"replica_rng": rngs} if rngs else {}),
-    }, folder / state)
-
-
 def save(trainer, directory: str | Path, epoch: int, identity: dict[str, Any], keep: int,
          run_id: str) -> Path:
     """Write the state after ``epoch`` (1-based) into ``directory``; keep the newest ``keep``
-    of run ``run_id``'s checkpoints (other runs' are never touched).
-
-    Every process calls it: process 0 makes the temporary folder, each process that
-    writes files (the serial run's first; a pipeline's every stage) writes its own into
-    it, then process 0 writes ``meta.json``, renames the folder into place and prunes;
-    it returns on every process once the checkpoint is in place.
-    """
+    of run ``run_id``'s checkpoints (never another run's). Every process calls it; each
+    that ``writes`` (the serial run's first; replica 0 of each stage, with every replica's
+    RNG) writes its files, then process 0 writes ``meta.json`` and renames the folder."""
+    rank, processes = _world()
+    ex, state = trainer.executor, trainer.state_dict()
+    meta = {"format": FORMAT, "run_id": run_id, "epoch": epoch, "identity": identity,
+            **{key: state.pop(key) for key in META}}
+    state["rng"] = _rng_state()
+    stages, replicas = _executor(ex)
+    if stages:
+        meta["stages"], meta["replicas"] = ex.stage_parts, replicas
+    if replicas > 1:
+        state["replica_rng"] = [None] * replicas
+        dist.all_gather_object(state["replica_rng"], state["rng"], group=ex.group)
     directory = Path(directory)
     final = directory / f"{PREFIX}{epoch:04d}"
-    several = trainer.accelerator.num_processes > 1
-    main = trainer.accelerator.is_main_process
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     try:
-        if main:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         tmp = Path(_from_main(str(tmp)))  # made before any process writes into it
-        _write_state(trainer, tmp)
-        if several:
+        if ex.writes:
+            weights, states = ex.files
+            save_file({k: v.contiguous() for k, v in _tensors(ex).items()}, str(tmp / weights))
+            os.chmod(tmp / weights, file_mode())  # safetensors writes it 0600
+            torch.save(state, tmp / states)
+        if processes > 1:
             dist.barrier()  # every process's files are written
-        if main:
-            write_json(tmp / "meta.json", _meta(trainer, epoch, identity, run_id))
+        if rank == 0:
+            write_json(tmp / "meta.json", meta)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
     except BaseException:  # an interrupt or a full disk: leave no half-written folder
-        if main:  # (a stage that fails alone leaves it to the next run that takes the folder)
+        if rank == 0:  # (a stage that fails alone leaves it to the next run that takes the folder)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if main:
+    if rank == 0:
         own = [p for p in complete(directory) if run_of(p) == run_id]
         for old in own[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    if several:
+    if processes > 1:
         dist.barrier()
     return final
 
 
-def run_of(path: str | Path) -> str | None:
-    """The id of the run that wrote the checkpoint at ``path`` (None if unreadable)."""
+def _meta_json(path: str | Path) -> Any:
     try:
-        meta = json.loads((Path(path) / "meta.json").read_text())
+        return json.loads((Path(path) / "meta.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def run_of(path: str | Path) -> str | None:
+    """The id of the run that wrote the checkpoint at ``path`` (None if unreadable)."""
+    meta = _meta_json(path)
     return meta.get("run_id") if isinstance(meta, dict) else None
 
 
 def lock_folder(directory: str | Path) -> Lock:
-    """Take the checkpoint folder for this process (made if missing): returns the lock,
-    held while the run writes there. Half-written checkpoints left by a killed run
-    are removed (holding the lock, no one else is writing them).
+    """Take the checkpoint folder (made if missing): its lock, held while the run writes
+    there. Half-written checkpoints a killed run left are removed (no one else writes them).
 
     Raises:
         OutputError: another running run holds the folder.
@@ -234,12 +215,8 @@ def lock_folder(directory: str | Path) -> Lock:
 
 def complete(directory: str | Path) -> list[Path]:
     """The complete checkpoints in ``directory``, oldest first (half-written ones are skipped)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    pattern = f"{PREFIX}[0-9][0-9][0-9][0-9]"
-    found = [p for p in directory.glob(pattern) if (p / "meta.json").is_file()]
-    return sorted(found)
+    found = Path(directory).glob(f"{PREFIX}[0-9][0-9][0-9][0-9]")  # none if not a folder
+    return sorted(p for p in found if (p / "meta.json").is_file())
 
 
 def differences(ours: Any, theirs: Any, key: str = "") -> list[tuple[str, Any, Any]]:
@@ -255,7 +232,7 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _executor(stages: int, replicas: Any) -> str:
+def _described(stages: int, replicas: Any) -> str:
     return f"pipelined, {stages} stages x {replicas} replicas" if stages else "serial"
 
 
@@ -269,12 +246,8 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
     Raises:
         CheckpointError: unreadable, damaged, another format, or another run's.
     """
-    path = Path(path)
+    path, meta = Path(path), _meta_json(path)
     where = f"checkpoint {str(path)!r}"
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError):
-        meta = None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} is damaged: meta.json is not a JSON object")
     if meta.get("format") != FORMAT:
@@ -293,8 +266,8 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
     if bad:
         raise CheckpointError(f"{where} is damaged: meta.json has a bad or missing {bad!r} "
                               f"({_short(meta.get(bad), 40)})")
-    saved = _executor(len(cut), meta.get("replicas", 1))
-    differs = differences(identity | {"executor": _executor(stages, replicas)},
+    saved = _described(len(cut), meta.get("replicas", 1))
+    differs = differences(identity | {"executor": _described(stages, replicas)},
                           meta["identity"] | {"executor": saved})
     if run_id is not None and meta["run_id"] != run_id:
         differs.insert(0, ("run", meta["run_id"], run_id))
@@ -307,27 +280,31 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
 
 def saved_stages(directory: str | Path, identity: dict[str, Any], stages: int,
                  replicas: int = 1) -> list[list[int]] | None:
-    """The stage cut of the newest checkpoint in ``directory`` (None if there is none), as
-    process 0 reads it, on every process of a pipelined run of ``stages`` stages of
-    ``replicas`` replicas: a resumed run cuts its parts as the run it continues did
-    (:class:`~locallearn.pipeline.PipelineExecutor` refuses a cut that is not one).
+    """The stage cut of the newest checkpoint in ``directory`` (None if none), which a
+    resumed pipelined run of ``stages`` x ``replicas`` processes reuses.
 
     Raises:
-        CheckpointError: on every process, when the newest checkpoint is damaged, another
-            run's, or not of a pipelined run of as many stages and replicas.
+        CheckpointError: on every process: damaged, another run's, or another executor's.
     """
-    answer: tuple[str, Any] = ("cut", None)
-    if dist.get_rank() == 0:
-        found = complete(directory)
-        try:
-            if found:
-                answer = ("cut", read_meta(found[-1], identity, stages=stages,
-                                           replicas=replicas)["stages"])
-        except CheckpointError as err:
-            answer = ("error", str(err))
-    kind, value = _from_main(answer)
-    if kind == "error":
-        raise CheckpointError(value)
+    newest = _newest(directory)
+    return _everywhere(lambda: newest and read_meta(newest, identity, stages=stages,
+                                                    replicas=replicas)["stages"])
+
+
+def _everywhere(read: Callable[[], Any]) -> Any:
+    """``read()`` on every process; if it fails on any, all raise its error (a run that
+    fails to resume stops everywhere, so a state restored in part is never trained on)."""
+    try:
+        value, error = read(), None
+    except CheckpointError as err:
+        value, error = None, str(err)
+    errors = [error]
+    if _world()[1] > 1:
+        errors = [None] * _world()[1]
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise CheckpointError(first)
     return value
 
 
@@ -347,64 +324,34 @@ def _read(file: Path, reader: Callable[[Path], Any], where: str) -> Any:
 
 
 def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None = None) -> int:
-    """Restore ``trainer`` from the checkpoint at ``path``; returns the epoch it ends.
-
-    Under several processes every process calls it, each restoring its own parts; if
-    any fails, all raise its error (a run that fails to resume stops, so a state
-    restored in part is never trained on).
+    """Restore ``trainer`` from the checkpoint at ``path`` (every process its own parts);
+    returns the epoch it ends.
 
     Raises:
-        CheckpointError: a damaged file, another format, or another run's checkpoint.
+        CheckpointError: on every process, when any finds a damaged file, another format,
+            or another run's checkpoint.
     """
-    if trainer.accelerator.num_processes == 1:
-        return _load(trainer, Path(path), identity, run_id)
-    try:
-        epoch, error = _load(trainer, Path(path), identity, run_id), None
-    except CheckpointError as err:
-        epoch, error = 0, str(err)
-    errors: list[str | None] = [None] * trainer.accelerator.num_processes
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise CheckpointError(first)
-    return epoch
+    return _everywhere(lambda: _load(trainer, Path(path), identity, run_id))
 
 
 def _load(trainer, path: Path, identity: dict[str, Any], run_id: str | None) -> int:
-    where = f"checkpoint {str(path)!r}"
-    ex = trainer.executor
-    staged = ex.stage_parts is not None
-    meta = read_meta(path, identity, run_id, len(ex.stage_parts) if staged else 0,
-                     ex.replicas if staged else 1)
+    where, ex = f"checkpoint {str(path)!r}", trainer.executor
+    stages, replicas = _executor(ex)
+    meta = read_meta(path, identity, run_id, stages, replicas)
     weights_file, state_file = ex.files
     weights = _read(path / weights_file, lambda f: load_file(str(f)), where)
     state = _read(path / state_file, lambda f: torch.load(f, weights_only=True), where)
-    own = _tensors(trainer)
+    own = _tensors(ex)
     if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
         raise CheckpointError(f"{where} holds other weights than this "
-                              f"{'stage' if staged else 'model'}'s")
+                              f"{'stage' if stages else 'model'}'s")
     try:
-        optimizers, schedulers = state["optimizers"], state["schedulers"]
-        rng = state["replica_rng"][ex.replica] if staged and ex.replicas > 1 else state["rng"]
         with torch.no_grad():
             for name, t in own.items():
                 t.copy_(weights[name])
-        for i in trainer.owned:  # the parts that were training when it was saved train on
-            if i in optimizers:
-                trainer.activate(i)
-                trainer.optimizers[i].load_state_dict(optimizers[i])
-                trainer.schedulers[i].load_state_dict(schedulers[i])
-                if trainer.scalers[i] is not None:
-                    trainer.scalers[i].load_state_dict(state["scalers"][i])
-            else:
-                trainer.deactivate(i)
-        _set_rng_state(rng)
-        for obs, obs_state in zip(trainer.observers, meta["observers"], strict=False):
-            if obs_state is not None and hasattr(obs, "load_state_dict"):
-                obs.load_state_dict(obs_state)
+        trainer.load_state_dict(state | {key: meta[key] for key in META})
+        _set_rng_state(state["replica_rng"][ex.replica] if replicas > 1 else state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
         raise CheckpointError(f"{where} is damaged: its saved state does not fit this run "
                               f"({_short(err, 100)})") from None
-    trainer.history[:] = meta["history"]
-    trainer.elapsed = float(meta["seconds"])
     return meta["epoch"]

@@ -321,6 +321,40 @@ class Trainer:
         now = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
         return self.elapsed + now
 
+    def state_dict(self) -> dict[str, Any]:
+        """What this process must save to resume exactly, beside the weights
+        (``executor.saved_modules()``) and the RNG: the optimizer, schedule and fp16 scaler
+        states of its parts still training (a part drops them after its last epoch), the
+        history, the seconds of fitting and the observers' states."""
+        return {
+            "optimizers": {i: o.state_dict() for i, o in enumerate(self.optimizers) if o},
+            "schedulers": {i: s.state_dict() for i, s in enumerate(self.schedulers) if s},
+            "scalers": {i: s.state_dict() for i, s in enumerate(self.scalers) if s},
+            "history": self.history, "seconds": self.fit_seconds(),
+            "observers": [o.state_dict() if hasattr(o, "state_dict") else None
+                          for o in self.observers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s ``state``: the parts that were training then train on
+        (activated), the others are deactivated; fit() goes on after its history."""
+        optimizers, schedulers = state["optimizers"], state["schedulers"]
+        for i in self.owned:
+            if i in optimizers:
+                self.activate(i)
+                self.optimizers[i].load_state_dict(optimizers[i])
+                self.schedulers[i].load_state_dict(schedulers[i])
+                if self.scalers[i] is not None:
+                    self.scalers[i].load_state_dict(state["scalers"][i])
+            else:
+                self.deactivate(i)
+        for obs, obs_state in zip(self.observers, state["observers"], strict=False):
+            if obs_state is not None and hasattr(obs, "load_state_dict"):
+                obs.load_state_dict(obs_state)
+        self.history[:] = state["history"]
+        self.elapsed = float(state["seconds"])
+        self.start_epoch = len(self.history)
+
     def activate(self, i: int) -> None:
         """Prepare part ``i`` and give it an optimizer and a schedule (before it first trains)."""
         part, acc, cfg = self.parts[i], self.accelerator, self.config

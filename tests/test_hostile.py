@@ -81,15 +81,16 @@ def test_a_new_run_refuses_a_folder_of_another_runs_checkpoints(done, tmp_path, 
 
 
 def _saved_trainer(history):
-    """The least a checkpoint saves: a one-process serial trainer of no parts."""
+    """The least a checkpoint saves: a serial trainer's state (of no parts) and its weights."""
     from locallearn.trainer import SerialExecutor
 
-    one = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
-    trainer = SimpleNamespace(stack=torch.nn.Linear(2, 2), parts=[], optimizers=[], scalers=[],
-                              schedulers=[], history=history, observers=[], accelerator=one,
-                              fit_seconds=lambda: 1.0, executor=SerialExecutor())
-    trainer.executor.bind(trainer)
-    return trainer
+    executor = SerialExecutor()
+    executor.stack, executor.writes = torch.nn.Linear(2, 2), True
+    executor.saved_modules = lambda: [("stack", executor.stack)]
+    state = {"optimizers": {}, "schedulers": {}, "scalers": {}, "seconds": 1.0,
+             "observers": []}
+    return SimpleNamespace(executor=executor, history=history,
+                           state_dict=lambda: state | {"history": history})
 
 
 def test_pruning_only_removes_the_runs_own_checkpoints(tmp_path):
