@@ -16,6 +16,14 @@ processes) and running one stage of them per process
 where its batches come from and where its outputs go, how a step's gradients are
 reduced, how it evaluates, which blocks it measures on the information plane and
 which files it checkpoints.
+
+A part is prepared (wrapped for DDP under several processes) and gets its
+optimizer when it first trains, and is unwrapped and loses its optimizer state
+after it last trains, so a frozen part holds no graph, no gradients and no
+optimizer state. Under fp16 each trained part has a gradient scaler of its own:
+a step one part skips for an overflow lowers only that part's scale, and the
+scale of every part grows on its own steps (one shared scaler would be updated
+K times per batch, and one part's overflow would shrink the others' scale).
 """
 
 from __future__ import annotations
@@ -261,16 +269,6 @@ class Trainer:
         observers: called at fit start, epoch end and fit end.
         executor: runs the parts: :class:`SerialExecutor` (default) or
             :class:`~locallearn.pipeline.PipelineExecutor`.
-
-    A part is prepared (wrapped for DDP under several processes) and gets its
-    optimizer when it first trains, and is unwrapped and loses its optimizer
-    state after it last trains, so a frozen part holds no graph, no gradients
-    and no optimizer state.
-
-    Under fp16 each trained part has a gradient scaler of its own: a step one
-    part skips for an overflow lowers only that part's scale, and the scale
-    of every part grows on its own steps (one shared scaler would be updated
-    K times per batch, and one part's overflow would shrink the others' scale).
     """
 
     def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
@@ -318,14 +316,13 @@ class Trainer:
 
     def fit_seconds(self) -> float:
         """Seconds of fitting so far, earlier processes of a resumed run included."""
-        now = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
-        return self.elapsed + now
+        running = self._fit_start is not None
+        return self.elapsed + (time.perf_counter() - self._fit_start if running else 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        """What this process must save to resume exactly, beside the weights
-        (``executor.saved_modules()``) and the RNG: the optimizer, schedule and fp16 scaler
-        states of its parts still training (a part drops them after its last epoch), the
-        history, the seconds of fitting and the observers' states."""
+        """What this process saves to resume exactly, beside its weights and the RNG: its
+        training parts' optimizer, schedule and fp16 scaler states (dropped after a part's
+        last epoch), the history, the seconds of fitting and the observers' states."""
         return {
             "optimizers": {i: o.state_dict() for i, o in enumerate(self.optimizers) if o},
             "schedulers": {i: s.state_dict() for i, s in enumerate(self.schedulers) if s},
@@ -370,16 +367,9 @@ class Trainer:
             optimizer.scaler = None
             kwargs = acc.scaler_handler.to_kwargs() if acc.scaler_handler else {}
             self.scalers[i] = torch.amp.GradScaler(acc.device.type, **kwargs)
-        epochs = [e for e, trained in enumerate(self.schedule) if i in trained]
-        steps = len(self.train_loader)
-        if self.rule.restart_schedule:  # the schedule runs over this part's own epochs
-            offset, horizon = 0, len(epochs)
-        else:  # one schedule over the whole run, read at this part's epochs
-            offset, horizon = epochs[0] * steps, cfg.epochs
         self.optimizers[i] = optimizer
-        self.schedulers[i] = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(cfg, offset + s, steps, horizon)
-        )
+        self.schedulers[i] = part_schedule(optimizer, cfg, self.schedule, i,
+                                           len(self.train_loader), self.rule.restart_schedule)
 
     def deactivate(self, i: int) -> None:
         """Unwrap part ``i`` and drop its optimizer state (after it last trains)."""
@@ -400,20 +390,12 @@ class Trainer:
         return self.accelerator.mixed_precision == "fp16"
 
     def autocast(self):
-        """Mixed precision for every part alike, prepared or not."""
-        acc = self.accelerator
-        if acc.mixed_precision == "no":
-            return nullcontext()
-        if self.fp16 and acc.scaler is None:  # Accelerate autocasts fp16 only where it scales
-            return torch.autocast(acc.device.type, dtype=torch.float16)
-        return acc.autocast()
+        """Mixed precision for every part alike, prepared or not (:func:`autocast`)."""
+        return autocast(self.accelerator)
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in the memory format of the weights (channels-last for a 4-D input under
-        ``channels_last``)."""
-        if self.config.channels_last and x.ndim == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+        """``x`` in the weights' memory format (:func:`in_layout`)."""
+        return in_layout(x, self.config.channels_last)
 
     def train_step(
         self, x: torch.Tensor, step: Step, trained: list[int], start: int = 0
@@ -489,11 +471,7 @@ class Trainer:
         last = len(self.parts) - 1
         if last not in acc:
             raise RuntimeError(f"rule {self.rule.name!r}: the last part gives no logits")
-        block_acc: list[float | None] = [None] * len(self.stack.blocks)
-        for i, part in enumerate(self.parts):
-            if part.block_ids and i in acc:
-                block_acc[part.block_ids[-1]] = acc[i]
-        return acc[last], block_acc
+        return acc[last], depth_accuracy(self.parts, len(self.stack.blocks), acc)
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` epochs; returns the results for the run record."""
@@ -579,6 +557,44 @@ class Trainer:
             if not any(i in later for later in self.schedule[epoch + 1:]):
                 self.deactivate(i)
         return epoch_entry(self, epoch, trained, mine)
+
+
+def depth_accuracy(parts: list[LocalPart], blocks: int, acc: dict[int, float]
+                   ) -> list[float | None]:
+    """The accuracy at each block's depth: a part's, at its last block (None elsewhere)."""
+    out: list[float | None] = [None] * blocks
+    for i, part in enumerate(parts):
+        if part.block_ids and i in acc:
+            out[part.block_ids[-1]] = acc[i]
+    return out
+
+
+def autocast(acc: Accelerator):
+    """Mixed precision for every part alike, prepared or not: Accelerate autocasts fp16 only
+    where it holds the scaler, and each part here has its own."""
+    if acc.mixed_precision == "no":
+        return nullcontext()
+    if acc.mixed_precision == "fp16" and acc.scaler is None:
+        return torch.autocast(acc.device.type, dtype=torch.float16)
+    return acc.autocast()
+
+
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` in the memory format of the weights (channels-last for a 4-D input)."""
+    if channels_last and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def part_schedule(optimizer, cfg: TrainConfig, schedule: list[list[int]], i: int, steps: int,
+                  restart: bool) -> torch.optim.lr_scheduler.LambdaLR:
+    """Part ``i``'s learning-rate schedule, stepped once per optimizer step: over its own
+    epochs where the rule restarts it (``restart``), else one schedule over the whole run
+    read at the epochs part ``i`` trains."""
+    epochs = [e for e, trained in enumerate(schedule) if i in trained]
+    offset, horizon = (0, len(epochs)) if restart else (epochs[0] * steps, cfg.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg, offset + s, steps, horizon))
 
 
 class EpochSums:
