@@ -709,4 +709,4 @@ def epoch_line(entry: dict[str, Any], epochs: int) -> str:
     where = f"stages {entry['stages']}" if "stages" in entry else \
         ", ".join(entry["trained_parts"])
     return (f"epoch {entry['epoch']}/{epochs} [{where}]: loss {entry['train_loss']:.4f} "
-            f"test acc {entry['test_acc']:.4f} | per depth {blocks}")
+            f"final-head acc {entry['test_acc']:.4f} | per depth {blocks}")

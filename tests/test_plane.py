@@ -310,7 +310,7 @@ def test_each_measurement_and_epoch_is_logged_with_or_without_progress_bars(
     assert f"information plane: {M} probe images (train split) prepared in" in out
     for epoch in (0, 1):
         assert f"information plane, epoch {epoch}: 5 blocks measured in" in out
-    assert "epoch 1/1 [" in out and "test acc" in out
+    assert "epoch 1/1 [" in out and "final-head acc" in out
     drawn = terminal.getvalue()  # the bars of the epoch and of each measurement
     assert ("epoch 1/1" in drawn and "information plane, epoch 1" in drawn) is progress
     assert progress or drawn == ""
