@@ -27,10 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ("e2e", "layerwise", "sequential", "dgl", "infopro", "forward_forward")
-# Fields that differ between any two runs (clocks, places, machines), not by behaviour.
+# Fields that differ between any two runs (clocks, places, file names, machines), not by
+# behaviour.
 UNCOMPARED = {"seconds", "images_per_s", "eval_seconds", "started", "finished", "path",
               "run_id", "versions", "hardware", "seconds_per_epoch", "config_sources",
-              "output", "plane_seconds", "measure_seconds"}
+              "output", "name", "cache_dir", "data_root", "plane_seconds", "measure_seconds"}
 
 
 def run(out: Path, data: str, tree: Path) -> int:
