@@ -51,8 +51,6 @@ _CACHE_VERSION = "1"
 # torchvision's urlopen has no timeout, so a firewall that drops packets would hang a
 # download for minutes; a default socket timeout bounds every step of it.
 _DOWNLOAD_TIMEOUT_S = 20.0
-# torchvision's IMG_EXTENSIONS, matched case-insensitively as its make_dataset does.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -134,13 +132,12 @@ def check_subset(split: str, n: int | None, total: int, name: str) -> None:
 def check_dataset(spec: str, root: str | Path = "data") -> None:
     """Validate a dataset spec cheaply, before anything is built or written.
 
-    An image folder is listed (no image is opened): its layout, classes and
-    symbolic links are checked here.
+    An image folder is listed (no image is opened): its layout and classes are checked here.
 
     Raises:
         ConfigError: the name is unknown (close matches are named).
         DataError: an image folder is missing, lacks ``train/`` and ``test/`` (or ``val/``),
-            has fewer than 2 classes, an empty class or a symbolic-link loop.
+            has fewer than 2 classes or an empty class.
     """
     if spec.startswith("imagefolder:"):
         _list_folder(_folder_path(spec))
@@ -342,67 +339,30 @@ def _load_imagefolder(path: Path, cache_dir: Path) -> ImageData:
 
 def _list_folder(path: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     """Classes and ``(file, label)`` lists of the train and test splits of an image folder
-    (whose layout :func:`_folder_path` checked); refuses with a one-line :class:`DataError`
-    a split or class without images, a single class, test classes that train/ lacks."""
+    (whose layout :func:`_folder_path` checked), as torchvision's ``make_dataset`` lists them
+    (a sorted walk, links followed; the image cache's key depends on that order). Refuses
+    with a one-line :class:`DataError` a split or class without images, a single class,
+    test classes that train/ lacks."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     train_dir, test_dir = path / "train", _test_dir(path)
-    classes = _class_names(train_dir)
-    if not classes:
-        raise DataError(f"no class folders in {str(train_dir)!r}; expected {_FOLDER_LAYOUT}")
-    train_files = _image_files(train_dir, classes)
-    empty = sorted(set(classes) - {classes[y] for _, y in train_files})
-    if empty:
-        raise DataError(f"class folder(s) {', '.join(empty)} in {str(train_dir)!r} hold no "
-                        f"images ({' '.join(IMAGE_EXTENSIONS)}); add images or remove them")
+    try:  # torchvision's errors are one line: no class folder, a class without images
+        classes, index = find_classes(train_dir)
+        train_files = make_dataset(train_dir, index, IMG_EXTENSIONS)
+        extra = sorted(set(find_classes(test_dir)[0]) - set(classes))
+        test_files = make_dataset(test_dir, index, IMG_EXTENSIONS, allow_empty=True)
+    except OSError as err:
+        raise DataError(f"image folder {str(path)!r}: {str(err).strip()} (expected "
+                        f"{_FOLDER_LAYOUT})") from err
     if len(classes) < 2:
         raise DataError(f"image folder {str(path)!r} has 1 class ({classes[0]}) in train/; "
                         "a classifier needs at least 2 classes")
-    extra = sorted(set(_class_names(test_dir)) - set(classes))
     if extra:
         raise DataError(f"{test_dir.name}/ of {str(path)!r} has classes that train/ "
                         f"lacks: {', '.join(extra)}")
-    test_files = _image_files(test_dir, classes)
     if not test_files:
         raise DataError(f"no images found in {str(test_dir)!r}; expected {_FOLDER_LAYOUT}")
     return classes, train_files, test_files
-
-
-def _class_names(split_dir: Path) -> list[str]:
-    """Sorted names of the subfolders (links followed), as torchvision's ``find_classes``."""
-    try:
-        with os.scandir(split_dir) as entries:
-            return sorted(e.name for e in entries if e.is_dir())
-    except OSError as err:
-        raise DataError(f"cannot list {str(split_dir)!r}: {err}") from err
-
-
-def _image_files(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """``(file, label)`` of the images under ``split_dir/<class>/``, label = index in ``classes``.
-
-    The same files in the same order as torchvision's ``make_dataset`` (sorted
-    walk, links followed), which the image cache's key depends on; but a
-    directory reached twice is refused (a :class:`DataError`), where ``os.walk``
-    would follow a link to a parent again and again and list the same images
-    thousands of times.
-    """
-    files: list[tuple[str, int]] = []
-    seen: dict[str, str] = {}  # real path of each directory walked -> the path it was reached by
-    for label, name in enumerate(classes):
-        walked = []
-        for root, dirs, names in os.walk(os.path.join(split_dir, name), followlinks=True):
-            dirs.sort()  # a deterministic walk, so errors name the same paths every time
-            real, parent = os.path.realpath(root), os.path.realpath(os.path.dirname(root))
-            if real == parent or parent.startswith(os.path.join(real, "")):  # "/" ends in "/"
-                raise DataError(f"image folder {str(split_dir)!r}: {root!r} is a symbolic-link "
-                                f"loop (it leads back to {real!r}); remove the link")
-            if real in seen:
-                raise DataError(f"image folder {str(split_dir)!r}: {root!r} and {seen[real]!r} "
-                                "are the same directory (a symbolic-link loop or duplicate "
-                                "link); each image must be listed once, remove the link")
-            seen[real] = root
-            walked.append((root, names))
-        files += [(os.path.join(root, f), label) for root, names in sorted(walked)
-                  for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return files
 
 
 def _cached_split(split_dir: Path, paths: list[str], cache_dir: Path) -> torch.Tensor:
@@ -442,28 +402,23 @@ def _decode_images(paths: list[str], split_dir: Path) -> np.ndarray:
     the cache makes decoding a one-time cost.
     """
     out = np.empty(0)
-    with warnings.catch_warnings():
-        # Past Image.MAX_IMAGE_PIXELS PIL only warns; past twice that it raises. Refuse both.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for i, p in enumerate(tqdm(paths, desc=f"decoding {split_dir.name}", unit="img",
-                                   disable=None, leave=True)):  # shows how long it took
-            try:
-                with Image.open(p) as im:  # closes the file on every error too
-                    # Sizes are in the header: a mismatch fails before any pixel is decoded.
-                    if i and im.size != (out.shape[2], out.shape[1]):
-                        raise DataError(
-                            f"images in {str(split_dir)!r} differ in size: {out.shape[2]}x"
-                            f"{out.shape[1]} ({paths[0]}) vs {im.size[0]}x{im.size[1]} ({p}); "
-                            "resize them to one size")
-                    pixels = np.asarray(im.convert("RGB"))  # grayscale repeats, alpha is dropped
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                raise DataError(f"refusing image {p!r}: {str(err).rstrip('.')} (PIL's "
-                                "decompression-bomb check); resize it") from err
-            except (OSError, ValueError, EOFError, SyntaxError) as err:
-                raise DataError(f"cannot read image {p!r}: {err}") from err
-            if i == 0:
-                out = np.empty((len(paths), *pixels.shape), np.uint8)
-            out[i] = pixels
+    for i, p in enumerate(tqdm(paths, desc=f"decoding {split_dir.name}", unit="img",
+                               disable=None, leave=True)):  # shows how long it took
+        try:
+            with Image.open(p) as im:  # closes the file on every error too
+                # Sizes are in the header: a mismatch fails before any pixel is decoded.
+                if i and im.size != (out.shape[2], out.shape[1]):
+                    raise DataError(
+                        f"images in {str(split_dir)!r} differ in size: {out.shape[2]}x"
+                        f"{out.shape[1]} ({paths[0]}) vs {im.size[0]}x{im.size[1]} ({p}); "
+                        "resize them to one size")
+                pixels = np.asarray(im.convert("RGB"))  # grayscale repeats, alpha is dropped
+        # PIL's own one-line errors: unreadable, truncated, past its decompression-bomb limit.
+        except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as err:
+            raise DataError(f"cannot read image {p!r}: {err}") from err
+        if i == 0:
+            out = np.empty((len(paths), *pixels.shape), np.uint8)
+        out[i] = pixels
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 

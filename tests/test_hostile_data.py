@@ -1,4 +1,4 @@
-"""Hostile data: a last batch of one image, decompression bombs, symbolic-link loops, one class."""
+"""Hostile data: a last batch of one image, decompression bombs, links, one class."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from locallearn import cli, create_rule, split
 from locallearn import data as D
@@ -154,12 +153,11 @@ def test_batch_size_one_is_refused_before_training(monkeypatch):
 
 # Decompression bombs and huge images.
 
-@pytest.mark.parametrize("side", [20000, 10000], ids=["error", "warning"])
-def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, side):
-    # 20000^2 pixels is past twice PIL's limit (an error); 10000^2 only past it (a warning).
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path):
+    # 20000^2 pixels is past twice PIL's limit: PIL refuses it on opening, before decoding.
     root = make_folder(tmp_path / "imgs")
-    bomb = png_header(root / "train" / "a" / "bomb.png", side, side)
-    with pytest.raises(DataError, match="decompression-bomb") as err:
+    bomb = png_header(root / "train" / "a" / "bomb.png", 20000, 20000)
+    with pytest.raises(DataError, match="decompression bomb") as err:
         D.load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
     assert str(bomb) in str(err.value) and "\n" not in str(err.value)
 
@@ -185,54 +183,23 @@ def test_a_broken_link_to_an_image_is_a_data_error(tmp_path):
         D.load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
 
 
-# Symbolic links.
+# Links.
 
-@pytest.mark.parametrize("target", ["..", ".", "../../..", "/"])
-def test_a_symlink_loop_is_refused_at_check_time(tmp_path, target):
-    root = make_folder(tmp_path / "imgs")
-    link = root / "train" / "a" / "loop"
-    link.symlink_to(target)
-    with pytest.raises(DataError, match="symbolic-link loop") as err:
-        D.check_dataset(f"imagefolder:{root}")
-    assert repr(str(link)) in str(err.value) and "\n" not in str(err.value)
-
-
-def test_a_symlink_loop_is_one_line_at_check(capsys, tmp_path):
-    root = make_folder(tmp_path / "imgs")
-    (root / "test" / "b" / "up").symlink_to("../..")
-    line = assert_refused(capsys, tmp_path, "symbolic-link loop", "--check", "--dataset",
-                          f"imagefolder:{root}")
-    assert "up'" in line
-
-
-def test_two_links_to_one_directory_are_refused(tmp_path):
-    root = make_folder(tmp_path / "imgs")
-    (root / "train" / "a" / "also_b").symlink_to("../b")
-    with pytest.raises(DataError, match="same directory .*duplicate") as err:
-        D.check_dataset(f"imagefolder:{root}")
-    assert "also_b" in str(err.value)
-
-
-def test_listing_matches_torchvision_with_links_to_files_and_outside(tmp_path):
+def test_links_to_files_and_outside_are_followed(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=("b", "a", "c"), per_class=2)
     outside = tmp_path / "elsewhere"
     (outside / "deep").mkdir(parents=True)
     for name in ("x.PNG", "deep/y.JpG", "notes.txt"):
         Image.new("RGB", (8, 8)).save(outside / name, format="PNG")
-    (root / "train" / "a" / "ext").symlink_to(outside)  # reached once: allowed
+    (root / "train" / "a" / "ext").symlink_to(outside)
     (root / "train" / "c" / "copy.png").symlink_to(root / "train" / "b" / "00.png")
     (root / "train" / "b" / "sub" / "z").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(root / "train" / "b" / "sub" / "z" / "w.BMP")
     (root / "train" / "b" / "README").write_text("not an image")
     (root / "train" / "b" / ".hidden.png").write_bytes((root / "train/b/00.png").read_bytes())
-    for split_name in ("train", "test"):
-        classes, class_to_idx = find_classes(root / split_name)
-        assert D._class_names(root / split_name) == classes
-        want = make_dataset(root / split_name, class_to_idx, IMG_EXTENSIONS)
-        assert D._image_files(root / split_name, classes) == want
-    assert D.IMAGE_EXTENSIONS == IMG_EXTENSIONS
     data = D.load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
     assert data.classes == ["a", "b", "c"] and len(data.train_labels) == 6 + 2 + 2 + 1
+    assert data.train_labels.tolist() == [0] * 4 + [1] * 4 + [2] * 3
 
 
 # Classes.
@@ -252,7 +219,7 @@ def test_an_empty_class_folder_is_refused(tmp_path, junk):
         f.unlink()
     if junk:
         (root / "train" / "b" / junk).write_text("no image")
-    with pytest.raises(DataError, match=r"class folder\(s\) b in .* hold no images") as err:
+    with pytest.raises(DataError, match=r"no valid file for the classes b\. ") as err:
         D.check_dataset(f"imagefolder:{root}")
     assert "\n" not in str(err.value)
 
@@ -263,8 +230,8 @@ def test_a_train_split_without_class_folders_is_refused(tmp_path):
         for f in d.iterdir():
             f.unlink()
         d.rmdir()
-    with pytest.raises(DataError, match="no class folders in"):
+    with pytest.raises(DataError, match="find any class folder in"):
         D.check_dataset(f"imagefolder:{root}")
     os.mkdir(root / "train" / "a")  # one empty class: the empty class is named first
-    with pytest.raises(DataError, match="a in .* hold no images"):
+    with pytest.raises(DataError, match="no valid file for the classes a"):
         D.check_dataset(f"imagefolder:{root}")
