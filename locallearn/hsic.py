@@ -1,9 +1,9 @@
-"""Kernel dependence measures on samples: normalized HSIC, plain HSIC, linear CKA.
+"""Kernel dependence measures on samples: normalized HSIC and centred kernel alignment.
 
 Every function takes samples as tensors of shape ``(m, ...)`` (one row per
-sample, flattened), works in float64 with autocast off, and never builds an
-``(m, m, d)`` tensor: squared distances come from the inner products
-``||u||^2 + ||v||^2 - 2 u.v``, accumulated over chunks of features.
+sample, flattened to dimension ``d``), works in float64 with autocast off, and
+never builds an ``(m, m, d)`` tensor: squared distances come from the inner
+products ``||u||^2 + ||v||^2 - 2 u.v``, accumulated over chunks of features.
 
 Normalized HSIC (Fukumizu, Gretton, Sun & Schölkopf 2007, "Kernel measures of
 conditional dependence", NeurIPS) is
@@ -17,32 +17,22 @@ That is how it is computed here (a symmetric eigendecomposition, eigenvalues
 clamped at zero, never an explicit inverse), once per sample set; a
 :class:`SoftProjector` can be passed instead of samples, so the input and the
 labels of a probe set are decomposed once and reused for every block and
-epoch.
+epoch. Raw nHSIC has a chance level, ``Tr R_A Tr R_B / (m - 1)``
+(:func:`nhsic_chance`), that grows with the effective ranks ``Tr R``;
+:func:`nhsic_adjusted` takes it out (0 is chance, 1 the Cauchy-Schwarz bound).
 
-Raw nHSIC has a chance level, ``Tr R_A Tr R_B / (m - 1)`` (its mean over random
-pairings of the samples), that grows with the effective ranks ``Tr R``. Beside it:
-the scale-free form :func:`nhsic_scaled` (divided by the Cauchy-Schwarz bound) and
-the chance-adjusted form :func:`nhsic_adjusted` (chance taken out of both, so 0 is
-chance and 1 the bound).
-
-Defaults follow the HSIC-bottleneck code (Ma, Lewis & Kleijn 2020, "The HSIC
-Bottleneck: Deep Learning without Back-Propagation", AAAI): a Gaussian kernel
-``exp(-||u - v||^2 / (2 sigma^2 d))`` of the *squared* distance on the flattened
-samples of dimension ``d``, ``sigma = 5``, ``eps = 1e-5``, labels one-hot.
-
-``distance="euclidean"`` puts the *unsquared* distance in the exponent instead,
-``exp(-||u - v|| / (2 sigma^2 d))``: that is what the only HSIC code released with
-the seed paper (Sakamoto & Sato 2024, "End-to-End Training Induces Information
-Bottleneck through Layer-Role Differentiation", TMLR; keitaroskmt/E2E-info,
+Kernels (``kernel=``), with ``D(u, v)`` the *squared* distance ``||u - v||^2``:
+``"gaussian"`` ``exp(-D / (2 sigma^2 d))``, ``"median"`` ``exp(-D / (2 s))`` with ``s``
+the median pairwise ``D`` (Gretton et al. 2005), ``"linear"`` ``u.v`` and ``"delta"``
+(1 where two samples are equal; for 1-D integer labels or one-hot rows it is the
+label-equality kernel). Defaults follow the HSIC-bottleneck code (Ma, Lewis &
+Kleijn 2020, "The HSIC Bottleneck", AAAI): Gaussian, ``sigma = 5``, ``eps = 1e-5``,
+labels one-hot. ``distance="euclidean"`` makes ``D`` the *unsquared* distance
+``||u - v||`` in the two Gaussian kernels: that is what the only HSIC code released
+with the seed paper (Sakamoto & Sato 2024, TMLR; keitaroskmt/E2E-info,
 ``src/hsic/hsic.py``, ``NormalizedHSIC._gaussian_kernel``) computes. The two can
-order representations differently; the squared form is the default.
-
-Kernels (``kernel=``): ``"gaussian"`` (the above), ``"median"`` (Gaussian with
-the median heuristic, ``exp(-||u - v||^2 / (2 s^2))`` with ``s`` the median
-pairwise distance, as in Gretton et al. 2005; with ``distance="euclidean"``,
-``exp(-||u - v|| / (2 s))``), ``"linear"`` (``u.v``) and ``"delta"`` (1 where two
-samples are equal; for 1-D integer labels or one-hot rows it is the
-label-equality kernel). ``distance`` matters only to the two Gaussian kernels.
+order representations differently; the squared form is the default
+(docs/information_plane.md).
 """
 
 from __future__ import annotations
@@ -135,17 +125,9 @@ def check_distance(distance: str) -> None:
 def kernel_from_inner_products(gram: Tensor, dim: int, kernel: Kernel = "gaussian",
                                sigma: float = DEFAULT_SIGMA, *,
                                distance: Distance = DEFAULT_DISTANCE) -> Tensor:
-    """The Gram matrix of ``kernel`` from the inner products ``gram`` (float64) of flattened
-    samples of dimension ``dim``.
-
-    Args:
-        kernel: ``"gaussian"``, ``"median"`` or ``"linear"`` (``"delta"`` needs the samples).
-        sigma: Gaussian width, in units of ``sqrt(d)``.
-        distance: ``"sqeuclidean"`` (``exp(-||u - v||^2 / (2 sigma^2 d))``, Ma, Lewis &
-            Kleijn 2020) or ``"euclidean"`` (``exp(-||u - v|| / (2 sigma^2 d))``, the
-            seed paper's released code); the median kernel takes the median of the same
-            distance. Ignored by the linear kernel.
-    """
+    """The Gram matrix of ``kernel`` (see the module docstring; ``"delta"`` needs the
+    samples) from the inner products ``gram`` (float64) of flattened samples of dimension
+    ``dim``; ``sigma`` is the Gaussian width in units of ``sqrt(d)``."""
     _check_kernel(kernel)
     check_distance(distance)
     if kernel == "linear":
@@ -166,10 +148,7 @@ def kernel_from_inner_products(gram: Tensor, dim: int, kernel: Kernel = "gaussia
 
 def kernel_matrix(x: Tensor, kernel: Kernel = "gaussian", sigma: float = DEFAULT_SIGMA, *,
                   distance: Distance = DEFAULT_DISTANCE) -> Tensor:
-    """The ``(m, m)`` float64 Gram matrix of ``kernel`` on samples ``x`` of shape ``(m, ...)``.
-
-    ``distance`` as in :func:`kernel_from_inner_products` (ignored by ``"delta"``).
-    """
+    """The ``(m, m)`` float64 Gram matrix of ``kernel`` on samples ``x`` of shape ``(m, ...)``."""
     _check_kernel(kernel)
     check_distance(distance)
     if kernel == "delta":
@@ -263,29 +242,16 @@ def nhsic(a: Tensor | SoftProjector, b: Tensor | SoftProjector, **options: Any) 
 
     It lies between 0 and ``min(Tr R_a, Tr R_b)`` and grows with ``m`` (the
     effective rank of a rich representation is close to ``m - 1``), so compare
-    values only at equal ``m``, or use :func:`nhsic_scaled`.
+    values only at equal ``m``, or use :func:`nhsic_adjusted`.
 
     Args:
         a, b: samples of shape ``(m, ...)``, or precomputed :func:`soft_projector` s
             (then their kernel, sigma, eps and distance are the ones they were built with).
         **options: ``kernel_a``, ``kernel_b`` (each one of :data:`KERNELS`, default
-            ``"gaussian"``); ``sigma``, the Gaussian width in units of ``sqrt(d)`` (Ma,
-            Lewis & Kleijn 2020 use 5); ``eps``, the regulariser of ``K~ + eps m I``;
-            ``distance`` in the Gaussian kernels, ``"sqeuclidean"`` (default) or
-            ``"euclidean"`` (see :func:`kernel_from_inner_products`).
+            ``"gaussian"``), ``sigma``, ``eps``, ``distance`` (see the module docstring).
     """
     pa, pb = _projectors(a, b, **options)
     return pa.dot(pb)
-
-
-def nhsic_scaled(a: Tensor | SoftProjector, b: Tensor | SoftProjector, **options: Any) -> float:
-    """``nHSIC(a; b) / sqrt(nHSIC(a; a) nHSIC(b; b))``, in ``[0, 1]`` (Cauchy-Schwarz).
-
-    Zero when either side is constant (its ``R`` is zero). Arguments as :func:`nhsic`.
-    """
-    pa, pb = _projectors(a, b, **options)
-    norm = (pa.self_nhsic() * pb.self_nhsic()) ** 0.5
-    return pa.dot(pb) / norm if norm > 0 else 0.0
 
 
 def nhsic_chance(trace_a: float, trace_b: float, m: int) -> float:
@@ -327,8 +293,8 @@ def nhsic_adjusted(a: Tensor | SoftProjector, b: Tensor | SoftProjector,
     ``sqrt(nHSIC(a; a) nHSIC(b; b))`` as the most it can be. Both are unchanged by a
     pairing, so the form averages exactly 0 over random pairings; it is 1 when ``R_a``
     and ``R_b`` are proportional (``a = b``, for one), and negative below chance. It is
-    the scale-free form (:func:`nhsic_scaled`) with its own chance level taken out:
-    ``(s - c) / (1 - c)`` for ``s`` the scaled value and ``c`` chance over the same bound.
+    the scale-free form ``s = nHSIC(a; b) / sqrt(nHSIC(a; a) nHSIC(b; b))`` with its own
+    chance level taken out: ``(s - c) / (1 - c)``, ``c`` chance over the same bound.
 
     Where the bound equals chance (``R_a`` or ``R_b`` zero, or a multiple of the
     centring matrix, as any varying set of 2 samples gives), every pairing gives the same
@@ -339,24 +305,11 @@ def nhsic_adjusted(a: Tensor | SoftProjector, b: Tensor | SoftProjector,
                              pa.effective_rank(), pb.effective_rank(), pa.size)
 
 
-def hsic(a: Tensor, b: Tensor, *, kernel_a: Kernel = "gaussian", kernel_b: Kernel = "gaussian",
-         sigma: float = DEFAULT_SIGMA, distance: Distance = DEFAULT_DISTANCE) -> float:
-    """The biased HSIC estimate ``Tr[K_a H K_b H] / (m - 1)^2`` (Gretton et al. 2005,
-    "Measuring statistical dependence with Hilbert-Schmidt norms", ALT).
-
-    ``distance`` as in :func:`kernel_from_inner_products`."""
-    ka = kernel_matrix(a, kernel_a, sigma, distance=distance)
-    kb = kernel_matrix(b, kernel_b, sigma, distance=distance)
-    m = len(ka)
-    if len(kb) != m:
-        raise ValueError(f"sample counts differ: {m} vs {len(kb)}")
-    return float((centre(ka) * kb).sum()) / max(m - 1, 1) ** 2
-
-
 def kernel_alignment(ka: Tensor, kb: Tensor) -> float:
     """Centred kernel alignment ``<K~a, K~b> / (|K~a| |K~b|)`` of two Gram matrices, in [0, 1].
 
-    With linear kernels it is linear CKA. Zero if a side is constant up to rounding.
+    With linear kernels (:func:`inner_products`) it is linear CKA (Kornblith, Norouzi, Lee &
+    Hinton 2019, ICML). Zero if a side is constant up to rounding.
     """
     ca, cb = centre(ka), centre(kb)
     na, nb = ca.norm(), cb.norm()
@@ -365,16 +318,6 @@ def kernel_alignment(ka: Tensor, kb: Tensor) -> float:
     if na <= tiny * ka.abs().max() or nb <= tiny * kb.abs().max():
         return 0.0
     return float((ca * cb).sum() / (na * nb))
-
-
-def linear_cka(a: Tensor, b: Tensor) -> float:
-    """Linear centred kernel alignment (Kornblith, Norouzi, Lee & Hinton 2019,
-    "Similarity of Neural Network Representations Revisited", ICML), in ``[0, 1]``.
-
-    ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with linear kernels, computed from
-    the ``(m, m)`` Gram matrices, so wide features cost no ``d x d`` matrix.
-    """
-    return kernel_alignment(inner_products(a), inner_products(b).to(a.device))
 
 
 def differentiable_nhsic(a: Tensor, b: Tensor | SoftProjector, *, kernel_a: Kernel = "gaussian",
@@ -386,13 +329,12 @@ def differentiable_nhsic(a: Tensor, b: Tensor | SoftProjector, *, kernel_a: Kern
     The training-time regulariser of the seed code (a block's local loss minus
     ``lambda * nHSIC(Z; X)``; Sakamoto & Sato 2024, keitaroskmt/E2E-info,
     ``src/models/layer_wise_loss.py``, which uses ``distance="euclidean"``) is built
-    on it. Gradients through an
-    eigendecomposition are undefined at repeated eigenvalues, which a centred
-    Gram matrix always has, so ``R`` is instead ``(K~ + eps m I)^-1 K~`` by a
-    Cholesky solve (``K~ + eps m I`` is positive definite); ``R_a`` and
-    ``K~ + eps m I`` commute, so it is the same ``R``. The median bandwidth, if
-    used, is treated as a constant. With ``distance="euclidean"`` the gradient of
-    a zero distance (the diagonal, or two equal samples) is taken as zero.
+    on it. Gradients through an eigendecomposition are undefined at repeated
+    eigenvalues, which a centred Gram matrix always has, so ``R`` is instead
+    ``(K~ + eps m I)^-1 K~`` by a Cholesky solve (``K~ + eps m I`` is positive
+    definite); ``R_a`` and ``K~ + eps m I`` commute, so it is the same ``R``. The
+    median bandwidth, if used, is treated as a constant. With ``distance="euclidean"``
+    the gradient of a zero distance (the diagonal, or two equal samples) is taken as zero.
 
     Args:
         a: samples ``(m, ...)``, e.g. a block's auxiliary output.

@@ -2,8 +2,8 @@
 
 The measures themselves are pure functions in :mod:`locallearn.hsic`, a floor below
 the rules (which use the differentiable nHSIC term); the ones the plane uses are
-re-exported here. Plain HSIC is :func:`locallearn.hsic.hsic`. Figures live in
-:mod:`locallearn.analysis.plots` (imported on demand: it needs matplotlib).
+re-exported here. Figures live in :mod:`locallearn.analysis.plots` (imported on
+demand: it needs matplotlib).
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ from ..hsic import (
                     differentiable_nhsic,
                     kernel_alignment,
                     kernel_matrix,
-                    linear_cka,
                     nhsic,
                     nhsic_adjusted,
-                    nhsic_scaled,
                     soft_projector,
 )
 from .plane import InformationPlane
 
 __all__ = ["KERNELS", "InformationPlane", "SoftProjector", "differentiable_nhsic",
-           "kernel_alignment", "kernel_matrix", "linear_cka", "nhsic", "nhsic_adjusted",
-           "nhsic_scaled", "soft_projector"]
+           "kernel_alignment", "kernel_matrix", "nhsic", "nhsic_adjusted", "soft_projector"]
