@@ -48,9 +48,6 @@ _TORCHVISION = {
 _SYNTHETIC = {"classes": 10, "side": 16, "train": 256, "test": 128}
 _FOLDER_LAYOUT = "PATH/train/<class>/<image> and PATH/test/<class>/<image> (or val/)"
 _CACHE_VERSION = "1"
-# torchvision's urlopen has no timeout, so a firewall that drops packets would hang a
-# download for minutes; a default socket timeout bounds every step of it.
-_DOWNLOAD_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -129,37 +126,19 @@ def check_subset(split: str, n: int | None, total: int, name: str) -> None:
                           f"{split} images of {name}")
 
 
-def check_dataset(spec: str, root: str | Path = "data") -> None:
-    """Validate a dataset spec cheaply, before anything is built or written.
-
-    An image folder is listed (no image is opened): its layout and classes are checked here.
+def dataset_info(spec: str, root: str | Path = "data", download: bool = True) -> DataInfo:
+    """Check a data set is there (or can be downloaded) and say what it holds, cheaply,
+    before anything is built or written: for a torchvision set its files (looked for, not
+    read) or else a connection to its download host, for an image folder its listing and
+    the first image's header (no pixel is decoded).
 
     Raises:
         ConfigError: the name is unknown (close matches are named).
-        DataError: an image folder is missing, lacks ``train/`` and ``test/`` (or ``val/``),
-            has fewer than 2 classes or an empty class.
+        DataError: the data is neither there nor downloadable (naming the folder and how
+            to supply it), or an image folder is missing, lacks ``train/`` and ``test/`` (or
+            ``val/``), has fewer than 2 classes or an empty class.
     """
     if spec.startswith("imagefolder:"):
-        _list_folder(_folder_path(spec))
-        return
-    if _canonical_name(spec) is None:
-        raise unknown_name("dataset", spec, DATASETS)
-    if Path(root).is_file():
-        raise DataError(f"data root {str(root)!r} is a file, not a directory")
-
-
-def dataset_info(spec: str, root: str | Path = "data", download: bool = True) -> DataInfo:
-    """Check a data set is there (or can be downloaded) and say what it holds, without
-    loading it: :func:`check_dataset`, then for a torchvision set its files (no checksum)
-    or else a connection to its download host, for an image folder its listing and the
-    first image's header.
-
-    Raises:
-        ConfigError: the name is unknown.
-        DataError: the data is neither there nor downloadable (naming the folder and how
-            to supply it), or an image folder is unusable (see :func:`check_dataset`).
-    """
-    if spec.startswith("imagefolder:"):  # check_dataset's checks, listing the folder once
         path = _folder_path(spec)
         classes, train_files, test_files = _list_folder(path)
         first = train_files[0][0]
@@ -170,8 +149,7 @@ def dataset_info(spec: str, root: str | Path = "data", download: bool = True) ->
             raise DataError(f"cannot read image {first!r}: {err}") from err
         return DataInfo(f"imagefolder:{path.resolve()}", len(classes), (3, height, width),
                         len(train_files), len(test_files))
-    check_dataset(spec, root)
-    name = _canonical_name(spec)
+    name = _known_name(spec, root)
     if name == "synthetic":
         side = _SYNTHETIC["side"]
         return DataInfo(name, _SYNTHETIC["classes"], (3, side, side), _SYNTHETIC["train"],
@@ -188,16 +166,12 @@ def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
 
     cls_name, display = _TORCHVISION[name][:2]
     cls = getattr(torchvision.datasets, cls_name)
-    if hasattr(cls, "base_folder"):  # CIFAR: the unpacked batches
-        folder = root / cls.base_folder
-        names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        urls = [cls.url]
-    else:  # MNIST and its kin: the unpacked raw files
-        folder = root / cls.__name__ / "raw"
-        names = [os.path.splitext(os.path.basename(f))[0] for f, _ in cls.resources]
-        urls = list(cls.mirrors)
+    cifar = hasattr(cls, "base_folder")  # CIFAR's unpacked batches, else MNIST's raw files
+    folder = root / (cls.base_folder if cifar else f"{cls.__name__}/raw")
+    names = ([f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]] if cifar
+             else [os.path.splitext(os.path.basename(f))[0] for f, _ in cls.resources])
     missing = [f for f in names if not (folder / f).is_file()]
-    if not missing or (download and _download_reachable(urls)):
+    if not missing or (download and _download_reachable([cls.url] if cifar else cls.mirrors)):
         return  # torchvision downloads it when the run loads it
     why = ("no download host answers" if download else "downloading is off")
     lacks = (folder / missing[0]).relative_to(root)
@@ -209,21 +183,26 @@ def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
 
 def _download_reachable(urls: Sequence[str], timeout: float = 3.0) -> bool:
     """Whether any of ``urls``' hosts accepts a TCP connection within ``timeout`` seconds."""
-    for url in urls:
-        parsed = urlparse(url)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    for url in map(urlparse, urls):
+        port = url.port or (443 if url.scheme == "https" else 80)
         try:
-            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
             return True
         except (OSError, UnicodeError):  # no route, no name, refused, timed out
             continue
     return False
 
 
-def _canonical_name(spec: str) -> str | None:
-    """The name in :data:`DATASETS` that ``spec`` spells, ignoring case, ``-`` and ``_``."""
+def _known_name(spec: str, root: str | Path) -> str:
+    """The name in :data:`DATASETS` that ``spec`` spells, ignoring case, ``-`` and ``_``;
+    refuses an unknown name, or a data root that is a file."""
     squash = spec.lower().replace("-", "").replace("_", "")
-    return next((n for n in DATASETS if n.replace("_", "") == squash), None)
+    name = next((n for n in DATASETS if n.replace("_", "") == squash), None)
+    if name is None:
+        raise unknown_name("dataset", spec, DATASETS)
+    if Path(root).is_file():
+        raise DataError(f"data root {str(root)!r} is a file, not a directory")
+    return name
 
 
 def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | None = None,
@@ -251,12 +230,10 @@ def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | No
         if cache_dir is None:
             cache_dir = os.environ.get("LOCALLEARN_CACHE") or Path.home() / ".cache" / "locallearn"
         data = _load_imagefolder(_folder_path(spec), Path(cache_dir))
+    elif (name := _known_name(spec, root)) == "synthetic":
+        data = _synthetic()
     else:
-        check_dataset(spec, root)
-        if _canonical_name(spec) == "synthetic":
-            data = _synthetic()
-        else:
-            data = _load_torchvision(_canonical_name(spec), Path(root), download)
+        data = _load_torchvision(name, Path(root), download)
     for split, n in (("train", train_subset), ("test", test_subset)):
         if n is None:
             continue
@@ -273,9 +250,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
 
     cls_name, display, augment = _TORCHVISION[name][:3]
     cls = getattr(torchvision.datasets, cls_name)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
-    try:
+    try:  # no timeout of ours: the check refused a host that did not answer (dataset_info)
         train, test = (cls(root, train=t, download=download) for t in (True, False))
     except (OSError, RuntimeError, EOFError) as err:  # URLError is an OSError
         problem = ("find or download {} in {!r} (no network?); download it on a machine with "
@@ -283,8 +258,6 @@ def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
                    "find {} in {!r} (downloading is off); put it into that folder")
         raise DataError(f"could not {problem.format(display, str(root))}, or pass --dataset "
                         "imagefolder:PATH for an image-folder copy") from err
-    finally:
-        socket.setdefaulttimeout(old)
 
     def images(ds) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(ds.data))

@@ -208,7 +208,7 @@ def test_a_single_class_is_refused_at_check_time(capsys, tmp_path):
     root = make_folder(tmp_path / "imgs", classes=("only",))
     with pytest.raises(DataError, match=r"has 1 class \(only\) in train/; a classifier needs "
                                         r"at least 2"):
-        D.check_dataset(f"imagefolder:{root}")
+        D.dataset_info(f"imagefolder:{root}")
     assert_refused(capsys, tmp_path, "has 1 class", "--check", "--dataset", f"imagefolder:{root}")
 
 
@@ -220,7 +220,7 @@ def test_an_empty_class_folder_is_refused(tmp_path, junk):
     if junk:
         (root / "train" / "b" / junk).write_text("no image")
     with pytest.raises(DataError, match=r"no valid file for the classes b\. ") as err:
-        D.check_dataset(f"imagefolder:{root}")
+        D.dataset_info(f"imagefolder:{root}")
     assert "\n" not in str(err.value)
 
 
@@ -231,7 +231,7 @@ def test_a_train_split_without_class_folders_is_refused(tmp_path):
             f.unlink()
         d.rmdir()
     with pytest.raises(DataError, match="find any class folder in"):
-        D.check_dataset(f"imagefolder:{root}")
+        D.dataset_info(f"imagefolder:{root}")
     os.mkdir(root / "train" / "a")  # one empty class: the empty class is named first
     with pytest.raises(DataError, match="no valid file for the classes a"):
-        D.check_dataset(f"imagefolder:{root}")
+        D.dataset_info(f"imagefolder:{root}")
