@@ -127,7 +127,9 @@ def kernel_from_inner_products(gram: Tensor, dim: int, kernel: Kernel = "gaussia
                                distance: Distance = DEFAULT_DISTANCE) -> Tensor:
     """The Gram matrix of ``kernel`` (see the module docstring; ``"delta"`` needs the
     samples) from the inner products ``gram`` (float64) of flattened samples of dimension
-    ``dim``; ``sigma`` is the Gaussian width in units of ``sqrt(d)``."""
+    ``dim``; ``sigma`` is the Gaussian width in units of ``sqrt(d)``. Differentiable in
+    ``gram`` (:func:`differentiable_nhsic`): the median bandwidth is taken as a constant,
+    and the gradient of a zero distance (the diagonal, two equal samples) as zero."""
     _check_kernel(kernel)
     check_distance(distance)
     if kernel == "linear":
@@ -135,14 +137,18 @@ def kernel_from_inner_products(gram: Tensor, dim: int, kernel: Kernel = "gaussia
     if kernel == "delta":
         raise ValueError("the delta kernel compares samples; use kernel_matrix(x, 'delta')")
     # ||u||^2 + ||v||^2 - 2 u.v; rounding can make it slightly negative: clamped at zero,
-    # with an exactly zero diagonal.
+    # with an exactly zero diagonal (masked, which keeps its rounding out of a gradient).
     norms = gram.diagonal()
-    dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min_(0).fill_diagonal_(0)
+    off = 1 - torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0) * off
     if distance == "euclidean":
-        dist = dist.sqrt_()
+        # sqrt has an infinite slope at 0: take it only where the distance is positive,
+        # so a zero one gets a zero gradient rather than nan.
+        positive = dist > 0
+        dist = torch.where(positive, dist.where(positive, 1.0).sqrt(), 0.0)
     # sigma is scaled by sqrt(d) so that, with the squared distance, the width does not
     # depend on the layer's size (with the unsquared one it does).
-    scale = _median_scale(dist) if kernel == "median" else sigma**2 * max(dim, 1)
+    scale = _median_scale(dist.detach()) if kernel == "median" else sigma**2 * max(dim, 1)
     return torch.exp(-dist / (2 * scale))
 
 
@@ -332,9 +338,7 @@ def differentiable_nhsic(a: Tensor, b: Tensor | SoftProjector, *, kernel_a: Kern
     on it. Gradients through an eigendecomposition are undefined at repeated
     eigenvalues, which a centred Gram matrix always has, so ``R`` is instead
     ``(K~ + eps m I)^-1 K~`` by a Cholesky solve (``K~ + eps m I`` is positive
-    definite); ``R_a`` and ``K~ + eps m I`` commute, so it is the same ``R``. The
-    median bandwidth, if used, is treated as a constant. With ``distance="euclidean"``
-    the gradient of a zero distance (the diagonal, or two equal samples) is taken as zero.
+    definite); ``R_a`` and ``K~ + eps m I`` commute, so it is the same ``R``.
 
     Args:
         a: samples ``(m, ...)``, e.g. a block's auxiliary output.
@@ -362,22 +366,8 @@ def _differentiable_projector(x: Tensor, kernel: Kernel, sigma: float, eps: floa
             k = _delta(x.detach())
         else:
             flat = _flat(x).to(torch.float64)
-            gram = flat @ flat.T
-            if kernel == "linear":
-                k = gram
-            else:
-                norms = gram.diagonal()
-                off = 1 - torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-                # Masking the diagonal keeps its rounding noise out of the gradient.
-                dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min(0) * off
-                if distance == "euclidean":
-                    # sqrt has an infinite slope at 0: take it only where the distance is
-                    # positive, so a zero one gets a zero gradient rather than nan.
-                    positive = dist > 0
-                    dist = torch.where(positive, dist.where(positive, 1.0).sqrt(), 0.0)
-                scale = (_median_scale(dist.detach()) if kernel == "median"
-                         else sigma**2 * flat.shape[1])
-                k = torch.exp(-dist / (2 * scale))
+            k = kernel_from_inner_products(flat @ flat.T, flat.shape[1], kernel, sigma,
+                                           distance=distance)
         kc = k - k.mean(0, keepdim=True)
         kc = kc - kc.mean(1, keepdim=True)
         m = len(kc)
