@@ -262,14 +262,9 @@ def nhsic(a: Tensor | SoftProjector, b: Tensor | SoftProjector, **options: Any) 
 
 def nhsic_chance(trace_a: float, trace_b: float, m: int) -> float:
     """``Tr R_a Tr R_b / (m - 1)``: the mean of ``nHSIC(a; b)`` over every pairing of
-    ``b``'s samples with ``a``'s (0 for ``m < 2``).
-
-    ``R_a`` and ``R_b`` are symmetric with rows summing to zero (``K~`` is centred).
-    Under a uniformly random permutation ``P``, ``E[Tr(R_a P R_b P^T)]`` sums a diagonal
-    part, ``sum_i (R_a)_ii`` times the mean diagonal entry of ``R_b``, ``Tr R_b / m``, and an
-    off-diagonal part, ``sum_{i != j} (R_a)_ij = -Tr R_a`` times the mean off-diagonal
-    entry of ``R_b``, ``-Tr R_b / (m (m - 1))``: together ``Tr R_a Tr R_b / (m - 1)``.
-    The traces are sums of the projectors' ``ratios`` (:meth:`SoftProjector.effective_rank`).
+    ``b``'s samples with ``a``'s, exactly (0 for ``m < 2``; derived in
+    docs/information_plane.md, "Chance level"). The traces are sums of the projectors'
+    ``ratios`` (:meth:`SoftProjector.effective_rank`).
     """
     return trace_a * trace_b / (m - 1) if m > 1 else 0.0
 
@@ -294,17 +289,11 @@ def nhsic_adjusted(a: Tensor | SoftProjector, b: Tensor | SoftProjector,
 
         (nHSIC(a; b) - chance) / (sqrt(nHSIC(a; a) nHSIC(b; b)) - chance),
 
-    with ``chance = Tr R_a Tr R_b / (m - 1)`` (:func:`nhsic_chance`), the mean of
-    ``nHSIC(a; b)`` over every pairing of the samples, and the Cauchy-Schwarz bound
-    ``sqrt(nHSIC(a; a) nHSIC(b; b))`` as the most it can be. Both are unchanged by a
-    pairing, so the form averages exactly 0 over random pairings; it is 1 when ``R_a``
-    and ``R_b`` are proportional (``a = b``, for one), and negative below chance. It is
-    the scale-free form ``s = nHSIC(a; b) / sqrt(nHSIC(a; a) nHSIC(b; b))`` with its own
-    chance level taken out: ``(s - c) / (1 - c)``, ``c`` chance over the same bound.
-
-    Where the bound equals chance (``R_a`` or ``R_b`` zero, or a multiple of the
-    centring matrix, as any varying set of 2 samples gives), every pairing gives the same
-    value, so there is no dependence to measure: 0. Arguments as :func:`nhsic`.
+    with ``chance`` from :func:`nhsic_chance` and the Cauchy-Schwarz bound as the most it
+    can be. It averages exactly 0 over random pairings of the samples, is 1 when ``R_a``
+    and ``R_b`` are proportional (``a = b``, for one) and negative below chance; where the
+    bound equals chance (``R`` zero, or a multiple of the centring matrix) there is no
+    dependence to measure: 0 (docs/information_plane.md). Arguments as :func:`nhsic`.
     """
     pa, pb = _projectors(a, b, **options)
     return adjust_for_chance(pa.dot(pb), pa.self_nhsic(), pb.self_nhsic(),
