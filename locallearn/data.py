@@ -52,11 +52,8 @@ _CACHE_VERSION = "1"
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a run needs to know of a data set before loading it (see :func:`dataset_info`).
-
-    Attributes:
-        image_size: ``(C, H, W)`` of every image, as loaded (always 3 channels).
-    """
+    """What a run needs to know of a data set before loading it (:func:`dataset_info`);
+    ``image_size`` is ``(C, H, W)`` as loaded (always 3 channels)."""
 
     name: str
     num_classes: int
@@ -128,7 +125,7 @@ def check_subset(split: str, n: int | None, total: int, name: str) -> None:
 
 def dataset_info(spec: str, root: str | Path = "data", download: bool = True) -> DataInfo:
     """Check a data set is there (or can be downloaded) and say what it holds, cheaply,
-    before anything is built or written: for a torchvision set its files (looked for, not
+    before anything is built or written: for a torchvision set its folder (looked for, not
     read) or else a connection to its download host, for an image folder its listing and
     the first image's header (no pixel is decoded).
 
@@ -160,22 +157,20 @@ def dataset_info(spec: str, root: str | Path = "data", download: bool = True) ->
 
 
 def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
-    """Refuse a torchvision set whose files are not in ``root`` and that cannot be downloaded
-    (downloading is off, or no download host answers)."""
+    """Refuse a torchvision set whose folder is not in ``root`` and that cannot be downloaded
+    (downloading is off, or no download host answers). An incomplete folder fails while
+    loading, still before anything is written."""
     import torchvision.datasets  # slow import, only needed here
 
     cls_name, display = _TORCHVISION[name][:2]
     cls = getattr(torchvision.datasets, cls_name)
     cifar = hasattr(cls, "base_folder")  # CIFAR's unpacked batches, else MNIST's raw files
-    folder = root / (cls.base_folder if cifar else f"{cls.__name__}/raw")
-    names = ([f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]] if cifar
-             else [os.path.splitext(os.path.basename(f))[0] for f, _ in cls.resources])
-    missing = [f for f in names if not (folder / f).is_file()]
-    if not missing or (download and _download_reachable([cls.url] if cifar else cls.mirrors)):
+    folder = cls.base_folder if cifar else f"{cls.__name__}/raw"
+    if (root / folder).is_dir() or (download and _download_reachable(
+            [cls.url] if cifar else cls.mirrors)):
         return  # torchvision downloads it when the run loads it
     why = ("no download host answers" if download else "downloading is off")
-    lacks = (folder / missing[0]).relative_to(root)
-    raise DataError(f"{display} is not in {str(root)!r} ({lacks} is missing) and {why}; on a "
+    raise DataError(f"{display} is not in {str(root)!r} (no {folder}/) and {why}; on a "
                     f"machine with internet run torchvision.datasets.{cls_name}({str(root)!r}, "
                     "download=True) and copy that folder here, point --data-root at a copy, or "
                     "pass --dataset imagefolder:PATH for an image-folder copy")

@@ -164,6 +164,14 @@ def test_missing_torchvision_data_without_download(tmp_path):
     assert "\n" not in str(err.value) and "imagefolder:PATH" in str(err.value)
 
 
+def test_an_incomplete_torchvision_folder_fails_in_one_line_while_loading(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    assert D.dataset_info("cifar10", tmp_path, download=False).num_classes == 10  # looked for
+    with pytest.raises(DataError, match="could not find CIFAR-10") as err:
+        D.load_dataset("cifar10", tmp_path, download=False)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(("name", "cls", "attr"), [
     ("cifar10", "CIFAR10", "url"), ("mnist", "MNIST", "mirrors"),
 ])
