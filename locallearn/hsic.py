@@ -28,11 +28,9 @@ the median pairwise ``D`` (Gretton et al. 2005), ``"linear"`` ``u.v`` and ``"del
 label-equality kernel). Defaults follow the HSIC-bottleneck code (Ma, Lewis &
 Kleijn 2020, "The HSIC Bottleneck", AAAI): Gaussian, ``sigma = 5``, ``eps = 1e-5``,
 labels one-hot. ``distance="euclidean"`` makes ``D`` the *unsquared* distance
-``||u - v||`` in the two Gaussian kernels: that is what the only HSIC code released
-with the seed paper (Sakamoto & Sato 2024, TMLR; keitaroskmt/E2E-info,
-``src/hsic/hsic.py``, ``NormalizedHSIC._gaussian_kernel``) computes. The two can
-order representations differently; the squared form is the default
-(docs/information_plane.md).
+``||u - v||`` in the two Gaussian kernels, as the seed paper's released code does
+(Sakamoto & Sato 2024, TMLR); the two can order representations differently
+(docs/information_plane.md, "The kernel's distance").
 """
 
 from __future__ import annotations
