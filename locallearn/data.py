@@ -123,7 +123,7 @@ def check_subset(split: str, n: int | None, total: int, name: str) -> None:
                           f"{split} images of {name}")
 
 
-def dataset_info(spec: str, root: str | Path = "data", download: bool = True) -> DataInfo:
+def dataset_info(spec: str, root: str | Path = "data") -> DataInfo:
     """Check a data set is there (or can be downloaded) and say what it holds, cheaply,
     before anything is built or written: for a torchvision set its folder (looked for, not
     read) or else a connection to its download host, for an image folder its listing and
@@ -151,29 +151,26 @@ def dataset_info(spec: str, root: str | Path = "data", download: bool = True) ->
         side = _SYNTHETIC["side"]
         return DataInfo(name, _SYNTHETIC["classes"], (3, side, side), _SYNTHETIC["train"],
                         _SYNTHETIC["test"])
-    _check_torchvision_files(name, Path(root), download)
+    _check_torchvision_files(name, Path(root))
     classes, side, train_size, test_size = _TORCHVISION[name][3:]
     return DataInfo(name, classes, (3, side, side), train_size, test_size)
 
 
-def _check_torchvision_files(name: str, root: Path, download: bool) -> None:
-    """Refuse a torchvision set whose folder is not in ``root`` and that cannot be downloaded
-    (downloading is off, or no download host answers). An incomplete folder fails while
-    loading, still before anything is written."""
+def _check_torchvision_files(name: str, root: Path) -> None:
+    """Refuse a torchvision set whose folder is not in ``root`` when no download host
+    answers. An incomplete folder fails while loading, still before anything is written."""
     import torchvision.datasets  # slow import, only needed here
 
     cls_name, display = _TORCHVISION[name][:2]
     cls = getattr(torchvision.datasets, cls_name)
     cifar = hasattr(cls, "base_folder")  # CIFAR's unpacked batches, else MNIST's raw files
     folder = cls.base_folder if cifar else f"{cls.__name__}/raw"
-    if (root / folder).is_dir() or (download and _download_reachable(
-            [cls.url] if cifar else cls.mirrors)):
+    if (root / folder).is_dir() or _download_reachable([cls.url] if cifar else cls.mirrors):
         return  # torchvision downloads it when the run loads it
-    why = ("no download host answers" if download else "downloading is off")
-    raise DataError(f"{display} is not in {str(root)!r} (no {folder}/) and {why}; on a "
-                    f"machine with internet run torchvision.datasets.{cls_name}({str(root)!r}, "
-                    "download=True) and copy that folder here, point --data-root at a copy, or "
-                    "pass --dataset imagefolder:PATH for an image-folder copy")
+    raise DataError(f"{display} is not in {str(root)!r} (no {folder}/) and no download host "
+                    f"answers; on a machine with internet run torchvision.datasets.{cls_name}("
+                    f"{str(root)!r}, download=True) and copy that folder here, point --data-root "
+                    "at a copy, or pass --dataset imagefolder:PATH for an image-folder copy")
 
 
 def _download_reachable(urls: Sequence[str], timeout: float = 3.0) -> bool:
@@ -202,20 +199,19 @@ def _known_name(spec: str, root: str | Path) -> str:
 
 def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | None = None,
                  test_subset: int | None = None, seed: int = 0,
-                 cache_dir: str | Path | None = None, download: bool = True) -> ImageData:
+                 cache_dir: str | Path | None = None) -> ImageData:
     """Load a data set into memory.
 
     Args:
         spec: one of :data:`DATASETS`; ``imagefolder:PATH`` reads ``PATH/train`` and
             ``PATH/test`` (or ``PATH/val``), one subfolder per class.
-        root: folder of the torchvision data sets.
+        root: folder of the torchvision data sets (downloaded there when missing).
         train_subset: keep a class-balanced subset of this many training images
             (see :func:`balanced_subset`); ``mean``/``std`` still describe the full split.
         test_subset: the same for the test split.
         seed: seeds the subsets.
         cache_dir: where decoded image folders are cached; default ``$LOCALLEARN_CACHE``
             or ``~/.cache/locallearn``.
-        download: let torchvision download missing data sets.
 
     Raises:
         ConfigError: unknown name, or a subset larger than its split.
@@ -228,7 +224,7 @@ def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | No
     elif (name := _known_name(spec, root)) == "synthetic":
         data = _synthetic()
     else:
-        data = _load_torchvision(name, Path(root), download)
+        data = _load_torchvision(name, Path(root))
     for split, n in (("train", train_subset), ("test", test_subset)):
         if n is None:
             continue
@@ -240,19 +236,17 @@ def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | No
     return data
 
 
-def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
+def _load_torchvision(name: str, root: Path) -> ImageData:
     import torchvision.datasets  # slow import, only needed here
 
     cls_name, display, augment = _TORCHVISION[name][:3]
     cls = getattr(torchvision.datasets, cls_name)
     try:  # no timeout of ours: the check refused a host that did not answer (dataset_info)
-        train, test = (cls(root, train=t, download=download) for t in (True, False))
+        train, test = (cls(root, train=t, download=True) for t in (True, False))
     except (OSError, RuntimeError, EOFError) as err:  # URLError is an OSError
-        problem = ("find or download {} in {!r} (no network?); download it on a machine with "
-                   "internet into that folder" if download else
-                   "find {} in {!r} (downloading is off); put it into that folder")
-        raise DataError(f"could not {problem.format(display, str(root))}, or pass --dataset "
-                        "imagefolder:PATH for an image-folder copy") from err
+        raise DataError(f"could not find or download {display} in {str(root)!r} (no network?); "
+                        "download it on a machine with internet into that folder, or pass "
+                        "--dataset imagefolder:PATH for an image-folder copy") from err
 
     def images(ds) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(ds.data))

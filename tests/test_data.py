@@ -158,18 +158,13 @@ def test_dataset_info_accepts_known_spellings(tmp_path, monkeypatch):
     assert (info.num_classes, info.image_size, info.train_size) == (3, (3, 5, 6), 12)
 
 
-def test_missing_torchvision_data_without_download(tmp_path):
-    with pytest.raises(DataError, match="could not find .*CIFAR-10 in ") as err:
-        D.load_dataset("cifar10", tmp_path, download=False)
-    assert "\n" not in str(err.value) and "imagefolder:PATH" in str(err.value)
-
-
-def test_an_incomplete_torchvision_folder_fails_in_one_line_while_loading(tmp_path):
+def test_an_incomplete_torchvision_folder_fails_in_one_line_while_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", "http://example.invalid/")
     (tmp_path / "cifar-10-batches-py").mkdir()
-    assert D.dataset_info("cifar10", tmp_path, download=False).num_classes == 10  # looked for
-    with pytest.raises(DataError, match="could not find CIFAR-10") as err:
-        D.load_dataset("cifar10", tmp_path, download=False)
-    assert "\n" not in str(err.value)
+    assert D.dataset_info("cifar10", tmp_path).num_classes == 10  # looked for, not read
+    with pytest.raises(DataError, match="could not find or download CIFAR-10 in ") as err:
+        D.load_dataset("cifar10", tmp_path)
+    assert "\n" not in str(err.value) and "imagefolder:PATH" in str(err.value)
 
 
 @pytest.mark.parametrize(("name", "cls", "attr"), [
@@ -180,7 +175,7 @@ def test_failed_download_is_one_line_data_error(tmp_path, monkeypatch, name, cls
     url = "http://example.invalid/"
     monkeypatch.setattr(getattr(torchvision.datasets, cls), attr, url if attr == "url" else [url])
     with pytest.raises(DataError, match="could not find or download") as err:
-        D.load_dataset(name, tmp_path, download=True)
+        D.load_dataset(name, tmp_path)
     assert "\n" not in str(err.value)
 
 
