@@ -136,8 +136,8 @@ def dataset_info(spec: str, root: str | Path = "data") -> DataInfo:
             ``val/``), has fewer than 2 classes or an empty class.
     """
     if spec.startswith("imagefolder:"):
-        path = _folder_path(spec)
-        classes, train_files, test_files = _list_folder(path)
+        path, test_dir = _folder_path(spec)
+        classes, train_files, test_files = _list_folder(path, test_dir)
         first = train_files[0][0]
         try:
             with Image.open(first) as im:  # the header only: no pixel is decoded
@@ -220,7 +220,7 @@ def load_dataset(spec: str, root: str | Path = "data", *, train_subset: int | No
     if spec.startswith("imagefolder:"):
         if cache_dir is None:
             cache_dir = os.environ.get("LOCALLEARN_CACHE") or Path.home() / ".cache" / "locallearn"
-        data = _load_imagefolder(_folder_path(spec), Path(cache_dir))
+        data = _load_imagefolder(*_folder_path(spec), Path(cache_dir))
     elif (name := _known_name(spec, root)) == "synthetic":
         data = _synthetic()
     else:
@@ -262,30 +262,27 @@ def _load_torchvision(name: str, root: Path) -> ImageData:
         list(train.classes), mean, std, augment)
 
 
-def _folder_path(spec: str) -> Path:
-    """The folder of an ``imagefolder:PATH`` spec, once its layout is checked."""
+def _folder_path(spec: str) -> tuple[Path, Path]:
+    """The folder of an ``imagefolder:PATH`` spec and its test split (``test/`` or ``val/``),
+    once its layout is checked."""
     raw = spec[len("imagefolder:"):]
     if not raw:
         raise ConfigError("imagefolder needs a path: --dataset imagefolder:PATH")
     path = Path(raw).expanduser()
+    test_dir = next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
     if not path.is_dir():
         problem = "does not exist" if not path.exists() else "is not a directory"
     elif not (path / "train").is_dir():
         problem = "has no train/ directory"
-    elif _test_dir(path) is None:
+    elif test_dir is None:
         problem = "has neither test/ nor val/ directory"
     else:
-        return path
+        return path, test_dir
     raise DataError(f"image folder {str(path)!r} {problem}; expected {_FOLDER_LAYOUT}")
 
 
-def _test_dir(path: Path) -> Path | None:
-    return next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
-
-
-def _load_imagefolder(path: Path, cache_dir: Path) -> ImageData:
-    classes, train_files, test_files = _list_folder(path)
-    test_dir = _test_dir(path)
+def _load_imagefolder(path: Path, test_dir: Path, cache_dir: Path) -> ImageData:
+    classes, train_files, test_files = _list_folder(path, test_dir)
     train_images = _cached_split(path / "train", [p for p, _ in train_files], cache_dir)
     test_images = _cached_split(test_dir, [p for p, _ in test_files], cache_dir)
     if train_images.shape[1:] != test_images.shape[1:]:
@@ -299,7 +296,8 @@ def _load_imagefolder(path: Path, cache_dir: Path) -> ImageData:
                      labels[1], classes, mean, std, "crop_flip")
 
 
-def _list_folder(path: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+def _list_folder(path: Path, test_dir: Path
+                 ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     """Classes and ``(file, label)`` lists of the train and test splits of an image folder
     (whose layout :func:`_folder_path` checked), as torchvision's ``make_dataset`` lists them
     (a sorted walk, links followed; the image cache's key depends on that order). Refuses
@@ -307,7 +305,7 @@ def _list_folder(path: Path) -> tuple[list[str], list[tuple[str, int]], list[tup
     test classes that train/ lacks."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    train_dir, test_dir = path / "train", _test_dir(path)
+    train_dir = path / "train"
     try:  # torchvision's errors are one line: no class folder, a class without images
         classes, index = find_classes(train_dir)
         train_files = make_dataset(train_dir, index, IMG_EXTENSIONS)
