@@ -202,7 +202,7 @@ def test_a_smaller_leaderboard_needs_force(results, tmp_path, capsys):
     capsys.readouterr()
     (results / OTHERS[0]).unlink()
     _refused(capsys, argv, docs,
-             "would drop 1 of the 3 rows and 1 of the 3 runs of ")
+             "would drop 1 of the 3 runs of ")
     assert board.main([*argv, "--force"]) == 0
     assert "| layerwise |" not in (docs / "leaderboard.md").read_text()
 

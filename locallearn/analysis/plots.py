@@ -46,9 +46,9 @@ from matplotlib.lines import Line2D
 from ..errors import ConfigError, DataError, LocallearnError, unknown_name
 from ..flags import Parser
 from ..hsic import adjust_for_chance
-from ..records import LARGEST, read_record, replacing
+from ..records import read_record, replacing
 
-__all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "save_figure", "with_adjusted"]
+__all__ = ["FORMS", "KINDS", "draw", "main", "save_figure", "with_adjusted"]
 
 KINDS = ("plane", "compare", "depth")
 #: form -> (entry key on x, entry key on y, x label, y label)
@@ -91,62 +91,34 @@ CMAP = "viridis"
 _NAMED_TICKS = 16  # at most this many blocks get their names on the colour bar
 
 
-def load_record(path: str | Path) -> dict[str, Any]:
-    """Read a run record (:func:`~locallearn.records.read_record`) that has information-plane
-    entries.
-
-    Raises:
-        DataError: not a readable, well-formed run record, or one without ``plane`` entries.
-    """
-    record = read_record(path)
-    if not record.get("plane"):
-        raise DataError(f"{path}: the record has no 'plane' entries (was it run with --no-plane?)")
-    record["file"] = str(path)  # where it was read from, for messages and labels
-    return record
-
-
 def with_adjusted(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with ``nhsic_x_adj`` and ``nhsic_y_adj`` in every ``plane`` entry.
 
     An entry that lacks them (a record made before the form was stored) gets them
     computed, exactly as the observer would, from its ``nhsic_x``, ``nhsic_y``,
     ``nhsic_self``, ``rank`` and the ``plane_config``'s ``m``, ``nhsic_xx``, ``nhsic_yy``,
-    ``rank_x``, ``rank_y``. The record is not changed; a new one is returned.
+    ``rank_x``, ``rank_y`` (whose types :func:`~locallearn.records.read_record` checks).
+    The record is not changed; a new one is returned.
 
     Raises:
-        DataError: a field the form needs is missing or malformed, named in one line.
+        DataError: a field the form needs is missing, named in one line.
     """
-    file = record.get("file", "record")
-    config = record.get("plane_config") or {}
-    entries = []
+    config, entries = record.get("plane_config") or {}, []
     for i, entry in enumerate(record["plane"]):
         entry = dict(entry)
         for key, (raw, self_term, trace) in _ADJUSTED_FROM.items():
             if key in entry:
                 continue
-            needed = [(f"plane_config.{k}", config.get(k)) for k in ("m", self_term, trace)]
-            needed += [(f"plane[{i}].{k}", entry.get(k)) for k in (raw, "nhsic_self", "rank")]
-            for name, value in needed:
-                m_ok = name != "plane_config.m" or (isinstance(value, int) and value >= 2)
-                if not (_finite(value) and m_ok):
-                    what = "missing" if value is None else f"malformed ({value!r:.40})"
-                    raise DataError(
-                        f"{file}: {name} is {what}, and --form adjusted needs it "
-                        f"(or {key} in every entry); draw this record with --form raw, "
-                        "scaled or cka")
+            needed = [f"plane_config.{k}" for k in ("m", self_term, trace) if k not in config]
+            needed += [f"plane[{i}].{k}" for k in ("nhsic_self", "rank") if k not in entry]
+            if needed:
+                raise DataError(f"{record.get('file', 'record')}: {needed[0]} is missing, and "
+                                f"--form adjusted needs it (or {key} in every entry); draw this "
+                                "record with --form raw, scaled or cka")
             entry[key] = adjust_for_chance(entry[raw], config[self_term], entry["nhsic_self"],
                                            config[trace], entry["rank"], config["m"])
-            if not _finite(entry[key]):
-                raise DataError(f"{file}: plane[{i}].{key} computes to {entry[key]}; draw this "
-                                "record with --form raw, scaled or cka")
         entries.append(entry)
     return {**record, "plane": entries}
-
-
-def _finite(value: Any) -> bool:
-    """A number (not a bool) a figure can draw: finite, and far from overflowing the axes."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and -LARGEST <= value <= LARGEST)
 
 
 def _measured(config: dict[str, Any], key: str) -> Any:
@@ -337,6 +309,10 @@ def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str =
         raise unknown_name("kind", kind, KINDS)
     if not records:
         raise ConfigError("no records given")
+    for record in records:
+        if not record.get("plane"):
+            raise DataError(f"{record.get('file', 'record')}: the record has no 'plane' entries "
+                            "(was it run with --no-plane?)")
     _check_alike(records)
     if form == "adjusted":
         records = [with_adjusted(r) for r in records]
@@ -392,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             what = ("is a file, not a folder" if folder.exists()
                     else "does not exist; create it first")
             raise ConfigError(f"output folder {str(folder)!r} {what}")
-        records = [load_record(p) for p in args.records]
+        records = [read_record(p) | {"file": p} for p in args.records]  # "file": for messages
         fig = draw(records, args.kind, args.form)
         path = save_figure(fig, args.output)
     except (LocallearnError, OSError) as err:  # OSError: the figure file cannot be written
