@@ -1,27 +1,13 @@
-"""Rule-independent analysis: kernel dependence measures, the information-plane observer, plots.
+"""Rule-independent analysis: the information-plane observer and its figures.
 
-The measures themselves are pure functions in :mod:`locallearn.hsic`, a floor below
-the rules (which use the differentiable nHSIC term); the ones the plane uses are
-re-exported here. Plain HSIC is :func:`locallearn.hsic.hsic`. Figures live in
+The dependence measures are pure functions in :mod:`locallearn.hsic`, a floor below the
+rules (which use the differentiable nHSIC term). Figures live in
 :mod:`locallearn.analysis.plots` (imported on demand: it needs matplotlib).
 """
 
 from __future__ import annotations
 
-from ..hsic import (
-                    KERNELS,
-                    SoftProjector,
-                    differentiable_nhsic,
-                    kernel_alignment,
-                    kernel_matrix,
-                    linear_cka,
-                    nhsic,
-                    nhsic_adjusted,
-                    nhsic_scaled,
-                    soft_projector,
-)
+from ..hsic import nhsic
 from .plane import InformationPlane
 
-__all__ = ["KERNELS", "InformationPlane", "SoftProjector", "differentiable_nhsic",
-           "kernel_alignment", "kernel_matrix", "linear_cka", "nhsic", "nhsic_adjusted",
-           "nhsic_scaled", "soft_projector"]
+__all__ = ["InformationPlane", "nhsic"]

@@ -1,31 +1,18 @@
 """Information-plane figures drawn from run records (``record["plane"]``).
 
-Three kinds, after Sakamoto & Sato (2024, TMLR):
+Three kinds (``plane``: one run; ``compare``: runs side by side on shared axes; ``depth``:
+each measure against depth at the last epoch), after Sakamoto & Sato (2024, TMLR), in four
+forms (``raw`` nHSIC, ``scaled``, ``adjusted``, linear ``cka``): docs/information_plane.md,
+"Reading the figures". Every form depends on the probe set (``m``, the kernels and their
+widths), so a figure only puts together records measured alike. Figures are built on a bare
+:class:`~matplotlib.figure.Figure` (no pyplot state) under fixed settings and saved without
+version metadata, so the same records give the same file.
 
-- ``plane``: one run; one trajectory per block over the measured epochs, on
-  the plane ``(nHSIC(X; Z), nHSIC(Y; Z))``, coloured by depth, epoch 0 drawn
-  as an open circle and the last epoch as a filled square.
-- ``compare``: several runs side by side on shared axes (e.g. every rule on
-  one backbone): the common information plane.
-- ``depth``: ``nHSIC(X; Z)`` and ``nHSIC(Y; Z)`` against depth at each run's
-  last measured epoch, one line per run.
-
-Forms (``--form``): ``raw`` nHSIC, ``scaled`` (over the Cauchy-Schwarz bound),
-``adjusted`` (chance taken out too: 0 at chance, 1 at the bound; computed from the
-stored raw values, self terms and traces for records made before it was stored) and
-linear ``cka``. Every form of the measure depends on the probe set (``m``, the kernels and
-their widths), so a figure only puts together records measured alike; see
-``docs/information_plane.md``. Figures are built on a bare
-:class:`~matplotlib.figure.Figure` (no pyplot state) under fixed settings and
-saved without version metadata, so the same records give the same file.
-
-``plane.py`` draws exactly the records it is given, so it refuses the whole
-command, in one line naming the file and the field, when any of them cannot be
-drawn (not a run record, no or malformed ``plane`` entries, a wrong-typed field
-a figure reads: :func:`~locallearn.records.read_record`), when the records were measured
-differently, or when the output is not a ``.png``/``.pdf``/``.svg`` file in an
-existing folder. Nothing is written then; a figure is written whole or not at
-all (a temp file, then a rename).
+``plane.py`` draws exactly the records it is given, so it refuses the whole command in one
+line naming the file and the field, writing nothing, when any of them cannot be drawn
+(:func:`~locallearn.records.read_record` refuses it, or it has no ``plane`` entries), when
+they were measured differently, or when the output is not a ``.png``/``.pdf``/``.svg`` file
+in an existing folder.
 """
 
 from __future__ import annotations
@@ -75,18 +62,10 @@ MEASURED_ALIKE = ("m", "split", "kernel", "label_kernel", "distance", "sigma", "
 #: The value a key had before records stated it: records made before the Gaussian
 #: kernel's distance was an option used the squared distance.
 MEASURED_BEFORE = {"distance": "sqeuclidean"}
-STYLE = {
-    "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs everywhere
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "legend.fontsize": 8,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "figure.dpi": 100,
-    "savefig.dpi": 150,
-    "savefig.facecolor": "white",
-    "text.parse_math": False,  # names from records are text: a "$" is no formula
-}
+STYLE = {"font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs everywhere
+         "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "axes.grid": True,
+         "grid.alpha": 0.3, "figure.dpi": 100, "savefig.dpi": 150, "savefig.facecolor": "white",
+         "text.parse_math": False}  # names from records are text: a "$" is no formula
 CMAP = "viridis"
 _NAMED_TICKS = 16  # at most this many blocks get their names on the colour bar
 
@@ -239,24 +218,14 @@ def _depth_colorbar(fig: Figure, axes, records: Sequence[dict[str, Any]]) -> Non
                      label="relative depth (0 = first block, 1 = last)")
 
 
-def plane_figure(record: dict[str, Any], form: str = "raw") -> Figure:
-    """Figure (a): one run's trajectory per block over epochs."""
-    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    _draw_plane(ax, record, form)
-    ax.set_title(f"{record.get('rule', '?')} · {record.get('model', '?')} · "
-                 f"{record.get('dataset', '?')}\n{_setting(record)}")
-    _markers_legend(ax, [record])
-    _depth_colorbar(fig, ax, [record])
-    return fig
-
-
 def compare_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure:
-    """Figure (b): several runs side by side on shared axes."""
+    """Figures (a) and (b): each run's trajectory per block over epochs, side by side on
+    shared axes."""
     n = len(records)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(3.4 * cols + 1.2, 3.2 * rows + 0.6), layout="constrained")
+    size = (6.4, 4.8) if n == 1 else (3.4 * cols + 1.2, 3.2 * rows + 0.6)
+    fig = Figure(figsize=size, layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
     for ax, record, label in zip(axes.flat, records, _labels(records), strict=False):
         _draw_plane(ax, record, form)
@@ -266,7 +235,7 @@ def compare_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figu
         ax.set_visible(False)
     _markers_legend(axes.flat[0], records)
     _depth_colorbar(fig, axes, records)
-    fig.suptitle(_shared(records))
+    fig.suptitle(_shared(records), wrap=True)  # one run's title is wider than its panel
     return fig
 
 
@@ -316,15 +285,11 @@ def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str =
     _check_alike(records)
     if form == "adjusted":
         records = [with_adjusted(r) for r in records]
+    if kind == "plane" and len(records) != 1:
+        raise ConfigError(f"--kind plane draws one record; got {len(records)} "
+                          "(use --kind compare or depth)")
     with rc_context(STYLE):
-        if kind == "plane":
-            if len(records) != 1:
-                raise ConfigError(f"--kind plane draws one record; got {len(records)} "
-                                  "(use --kind compare or depth)")
-            return plane_figure(records[0], form)
-        if kind == "compare":
-            return compare_figure(records, form)
-        return depth_figure(records, form)
+        return (depth_figure if kind == "depth" else compare_figure)(records, form)
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
