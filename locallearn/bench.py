@@ -44,14 +44,9 @@ def trainer_for(
     return Trainer(stack, create_rule(rule, **(rule_options or {})), data, cfg, accelerator)
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock times measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(step: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of ``step`` takes, device work included."""
+    """Seconds one call of ``step`` takes, device work included (queued GPU work waited for)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     sync(device)
     t0 = time.perf_counter()
     step()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
+import statistics
 from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
@@ -80,10 +80,7 @@ class Row:
     def acc(self) -> tuple[float, float | None]:
         """Test accuracy: mean and sample standard deviation over seeds (None for one seed)."""
         accs = [float(r["test_acc"]) for r in self.records]
-        mean = sum(accs) / len(accs)
-        if len(accs) < 2:
-            return mean, None
-        return mean, math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1))
+        return sum(accs) / len(accs), statistics.stdev(accs) if len(accs) > 1 else None
 
     def block_acc(self) -> list[float]:
         """Mean accuracy at each depth that has a prediction, shallow to deep."""

@@ -246,16 +246,10 @@ def read_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecordError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise RecordError(f"{path}: a folder, not a run record file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecordError(f"{path}: cannot read: {err}") from None
-    except json.JSONDecodeError as err:
+    except OSError as err:  # missing, a folder, not readable
+        raise RecordError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8 or not JSON, truncated, too deep
         raise RecordError(f"{path}: not a JSON run record, or truncated ({err})") from None
-    except RecursionError:
-        raise RecordError(f"{path}: nested too deeply to be a run record") from None
     if not isinstance(record, dict) or "version" not in record:
         raise RecordError(f"{path}: not a run record (no version)")
     if record["version"] != RECORD_VERSION:

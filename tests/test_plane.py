@@ -244,7 +244,7 @@ def test_the_adjusted_form_of_an_older_record_is_computed_as_the_observer_stores
 
 
 @pytest.mark.parametrize("args, message", [
-    (["missing.json"], "missing.json: no such file"),
+    (["missing.json"], "missing.json: cannot read: No such file"),
     (["{bare}"], "has no 'plane' entries"),
     (["{e2e}", "--kind", "trajectory"], "unknown kind 'trajectory'"),
     (["{e2e}", "--form", "log"], "unknown form 'log'"),
