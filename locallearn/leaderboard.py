@@ -146,18 +146,13 @@ def measure(record: dict[str, Any], key: str) -> float | None:
     ``nhsic_x`` / ``nhsic_y`` (last block, last measured epoch), ``params_backbone``,
     ``params_auxiliary``."""
     if key == "images_per_s":
-        values = [e["images_per_s"] for e in record["history"] if "images_per_s" in e]
-        return sum(values) / len(values) if values else None
-    if key == "seconds_per_epoch":
-        return record["seconds_per_epoch"]
-    if key in ("saved_bytes_peak", "cuda_max_memory"):
-        return record["memory"][key]
+        return _mean([e.get("images_per_s") for e in record["history"]])
     if key in ("nhsic_x", "nhsic_y"):
         plane = record.get("plane")
         return max(plane, key=lambda e: (e["epoch"], e["block"]))[key] if plane else None
     if key.startswith("params_"):
-        return record["params"].get(key[len("params_"):])
-    raise KeyError(key)
+        return record["params"].get(key.removeprefix("params_"))
+    return record["memory"][key] if key in ("saved_bytes_peak", "cuda_max_memory") else record[key]
 
 
 def _hardware(record: dict[str, Any]) -> str:

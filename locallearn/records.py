@@ -298,16 +298,16 @@ def _places(value: Any, parts: list[str], name: str = "") -> Iterator[tuple[str,
                 yield from _places(item, parts[1:], f"{name}[{i}]")
 
 
+_TYPES = {"integer": int, "number": (int, float), "string": str, "object": dict, "map": dict}
+
+
 def _fits(value: Any, field: Field) -> bool:
     kind = field.type.removesuffix(" or null")
     if value is None:
         return kind != field.type
-    if kind in ("integer", "number"):
-        if isinstance(value, bool) or not isinstance(value, int if kind == "integer" else
-                                                     (int, float)):
-            return False
-        return field.low <= value <= field.high  # NaN fails this too
-    return isinstance(value, {"string": str, "object": dict, "map": dict}.get(kind, list))
+    if isinstance(value, bool) or not isinstance(value, _TYPES.get(kind, list)):
+        return False  # a list type: "list of ...", its items checked by their own lines
+    return not isinstance(value, (int, float)) or field.low <= value <= field.high  # NaN fails
 
 
 def _expected(field: Field) -> str:

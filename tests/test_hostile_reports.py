@@ -312,7 +312,7 @@ def test_plane_refuses_a_malformed_record_naming_the_file_and_the_field(
     ([], "the following arguments are required: RECORD, -o/--output"),
     (["-o", "{tmp}/fig.png"], "the following arguments are required: RECORD"),
     (["{tmp}", "-o", "{tmp}/fig.png"], "{tmp}: cannot read: Is a directory"),
-    (["{tmp}/missing.json", "-o", "{tmp}/fig.png"], "{tmp}/missing.json: cannot read: No such file"),
+    (["{tmp}/missing.json", "-o", "{tmp}/fig.png"], "missing.json: cannot read: No such file"),
     (["{tmp}/deep.json", "-o", "{tmp}/fig.png"], "deep.json: not a JSON run record"),
     (["{record}", "-o", "{tmp}/missing/fig.png"],
      "output folder '{tmp}/missing' does not exist; create it first"),

@@ -17,7 +17,6 @@ in an existing folder.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -307,7 +306,8 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
     p = Parser(prog="plane.py", description="Draw information-plane figures from run records.")
     p.add_argument("records", nargs="+", metavar="RECORD", help="run record JSON files")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
@@ -317,13 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", default="raw",
                    help="raw nHSIC (default), scaled (nHSIC / sqrt of the self terms), "
                         "adjusted (the scaled form with chance taken out) or cka")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        args = p.parse_args(argv)
         out, folder = Path(args.output), Path(args.output).parent
         if out.suffix.lower() not in (".png", ".pdf", ".svg"):
             raise ConfigError(f"output must end in .png, .pdf or .svg; got {args.output!r}")
