@@ -288,18 +288,13 @@ class InformationPlane(Observer):
         xz, yz = probe.x.dot(z), probe.y.dot(z)
         ref, m = self._reference, z.size
         return {
-            "epoch": epoch,
-            "block": k,
-            "name": stack.names[k],
-            "dim": feats.shape[1],
-            "nhsic_x": xz,
-            "nhsic_y": yz,
+            "epoch": epoch, "block": k, "name": stack.names[k], "dim": feats.shape[1],
+            "nhsic_x": xz, "nhsic_y": yz,
             "nhsic_x_scaled": _scaled(xz, ref["nhsic_xx"], zz),
             "nhsic_y_scaled": _scaled(yz, ref["nhsic_yy"], zz),
             "nhsic_x_adj": adjust_for_chance(xz, ref["nhsic_xx"], zz, ref["rank_x"], rank, m),
             "nhsic_y_adj": adjust_for_chance(yz, ref["nhsic_yy"], zz, ref["rank_y"], rank, m),
-            "nhsic_self": zz,
-            "rank": rank,
+            "nhsic_self": zz, "rank": rank,
             "cka_x": kernel_alignment(probe.x_linear, gram),
             "cka_y": kernel_alignment(probe.y_linear, gram),
         }
