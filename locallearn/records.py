@@ -212,16 +212,16 @@ FIELDS = (
     Field("memory.cuda_max_memory", "integer or null", "complete"),
     Field("seconds_per_epoch", "number or null", "complete"),
     Field("plane_config", "object"), Field("plane_config.m", "integer", "", 2),
-    # What the adjusted form is computed from where a record lacks it (plots.with_adjusted).
-    *(Field(f"plane_config.{key}", "number", "", 0) for key in ("nhsic_xx", "nhsic_yy",
-                                                                 "rank_x", "rank_y")),
-    Field("plane[].nhsic_self", "number", "", 0), Field("plane[].rank", "number", "", 0),
     Field("plane", "list of objects"),
     Field("plane[]", "object", "always"), Field("plane[].epoch", "integer", "always", 0),
     Field("plane[].block", "integer", "always", 0), Field("plane[].name", "string"),
     *(Field(f"plane[].{key}", "number", "always") for key in PLANE_FORMS),
-    # Older records lack the adjusted form: the figures compute it from the others.
+    # Older records lack the adjusted form: the figures compute it (plots.with_adjusted)
+    # from the self terms and traces.
     Field("plane[].nhsic_x_adj", "number"), Field("plane[].nhsic_y_adj", "number"),
+    Field("plane[].nhsic_self", "number", "", 0), Field("plane[].rank", "number", "", 0),
+    *(Field(f"plane_config.{key}", "number", "", 0) for key in ("nhsic_xx", "nhsic_yy",
+                                                                 "rank_x", "rank_y")),
 )
 
 
