@@ -44,14 +44,9 @@ def trainer_for(
     return Trainer(stack, create_rule(rule, **(rule_options or {})), data, cfg, accelerator)
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock times measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(step: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of ``step`` takes, device work included."""
+    """Seconds one call of ``step`` takes, device work included (queued GPU work waited for)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     sync(device)
     t0 = time.perf_counter()
     step()
@@ -65,13 +60,9 @@ def median_time(step: Callable[[], object], repeats: int, device: torch.device) 
 
 
 def state_bytes(trainer: Trainer) -> int:
-    """Bytes of the trainer's parameters, buffers and optimizer state, each storage once.
-
-    What a step starts from and leaves behind: weights (backbone and auxiliary
-    nets) and the optimizer state of the parts that have one. Counted from the
-    tensors, so it is the same on any device (optimizers fill their state in
-    their first step: count after one).
-    """
+    """Bytes of the trainer's weights (backbone and auxiliary nets) and optimizer state, each
+    storage once (:func:`~locallearn.stages.held_bytes`): what a step starts from and leaves
+    behind. Optimizers fill their state in their first step: count after one."""
     return held_bytes(trainer.parts, [opt for opt in trainer.optimizers if opt is not None])
 
 

@@ -1,19 +1,11 @@
 """Leaderboard tables built from run records: one table per (dataset, backbone, budget).
 
-Every number comes from the records (DESIGN principle 9). A row is one
-setting (rule, its options, ``--blocks K`` and whatever else differs) averaged
-over its seeds; only records with status ``complete`` are averaged, the rest
-are listed apart. Records are read in sorted order and every number is
-formatted with a fixed precision, so the same records give byte-identical
-files (figures included: :func:`~locallearn.analysis.plots.save_figure`
-strips the varying metadata).
-
-A record the tables cannot read (not a run record, or a field of the wrong
-type: :func:`~locallearn.records.read_record`) does not stop the others: it is listed apart with
-the reason. :func:`write_all` refuses, writing nothing, when there is no
-complete record at all, or when the new ``leaderboard.csv`` would lose rows or
-runs the existing one has (unless ``force``). Each file is written whole or
-not at all (a temp file, then a rename).
+Every number comes from the records (DESIGN principle 9). A row is one setting (rule, its
+options, ``--blocks K`` and whatever else differs) averaged over its seeds; only complete
+records are averaged, the rest (and those :func:`~locallearn.records.read_record` refuses)
+are listed apart with the reason. Records are read in sorted order and every number has a
+fixed precision, so the same records give byte-identical files (figures included:
+:func:`~locallearn.analysis.plots.save_figure` strips the varying metadata).
 """
 
 from __future__ import annotations
@@ -21,8 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
+import statistics
 from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
@@ -88,10 +80,7 @@ class Row:
     def acc(self) -> tuple[float, float | None]:
         """Test accuracy: mean and sample standard deviation over seeds (None for one seed)."""
         accs = [float(r["test_acc"]) for r in self.records]
-        mean = sum(accs) / len(accs)
-        if len(accs) < 2:
-            return mean, None
-        return mean, math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1))
+        return sum(accs) / len(accs), statistics.stdev(accs) if len(accs) > 1 else None
 
     def block_acc(self) -> list[float]:
         """Mean accuracy at each depth that has a prediction, shallow to deep."""
@@ -138,10 +127,11 @@ class Table:
         text = f"{self.dataset}_{self.model}_{self.epochs}ep_{self.train_subset or 'all'}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
-    def e2e_memory(self) -> float | None:
-        """Saved bytes of the first ``e2e`` row that has them (the ratio's denominator)."""
-        saved = [r.value("saved_bytes_peak") for r in self.rows if r.rule == "e2e"]
-        return next(filter(None, saved), None)
+    def saved_ratio(self, row: Row) -> float | None:
+        """``row``'s saved bytes over those of the table's first ``e2e`` row that has them."""
+        e2e = [r.value("saved_bytes_peak") for r in self.rows if r.rule == "e2e"]
+        saved, e2e = row.value("saved_bytes_peak"), next(filter(None, e2e), None)
+        return saved / e2e if saved is not None and e2e else None
 
 
 def dataset_label(dataset: str) -> str:
@@ -156,18 +146,13 @@ def measure(record: dict[str, Any], key: str) -> float | None:
     ``nhsic_x`` / ``nhsic_y`` (last block, last measured epoch), ``params_backbone``,
     ``params_auxiliary``."""
     if key == "images_per_s":
-        values = [e["images_per_s"] for e in record["history"] if "images_per_s" in e]
-        return sum(values) / len(values) if values else None
-    if key == "seconds_per_epoch":
-        return record["seconds_per_epoch"]
-    if key in ("saved_bytes_peak", "cuda_max_memory"):
-        return record["memory"][key]
+        return _mean([e.get("images_per_s") for e in record["history"]])
     if key in ("nhsic_x", "nhsic_y"):
         plane = record.get("plane")
         return max(plane, key=lambda e: (e["epoch"], e["block"]))[key] if plane else None
     if key.startswith("params_"):
-        return record["params"].get(key[len("params_"):])
-    raise KeyError(key)
+        return record["params"].get(key.removeprefix("params_"))
+    return record["memory"][key] if key in ("saved_bytes_peak", "cuda_max_memory") else record[key]
 
 
 def _hardware(record: dict[str, Any]) -> str:
@@ -191,11 +176,8 @@ def collect(root: str | Path) -> tuple[list[tuple[str, dict[str, Any]]], list[di
         try:
             record = read_record(path)
         except RecordError as err:
-            read = err.record or {}
-            shown = {k: read[k] for k in ("rule", "model", "seed")
-                     if isinstance(read.get(k), (str, int)) and not isinstance(read[k], bool)}
-            apart.append({"file": name, **shown,
-                          "status": "unreadable" if err.record is None else "malformed",
+            status = "unreadable" if err.record is None else "malformed"
+            apart.append({"file": name, "status": status,
                           "why": str(err).replace(str(path), name)})  # no machine's own path
             continue
         status = record["status"]
@@ -263,8 +245,8 @@ def _cell(text: Any) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
-    return "—" if value is None else format(value * scale, spec)
+def _fmt(value: float | None, spec: str, scale: float = 1.0, none: str = "—") -> str:
+    return none if value is None else format(value * scale, spec)
 
 
 def depth_text(accs: list[float]) -> str:
@@ -300,8 +282,6 @@ def _presets_line(table: Table) -> str:
 def _cells(table: Table, row: Row) -> list[str]:
     mean, std = row.acc()
     acc = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
-    saved, e2e = row.value("saved_bytes_peak"), table.e2e_memory()
-    ratio = _fmt(saved / e2e, ".2f") if saved is not None and e2e else "—"
     epochs = sorted({str(r["config"]["epochs"]) for r in row.records})
     aux = row.value("params_auxiliary")  # below 0 when a rule leaves the model's head unused
     params = f"{_fmt(row.value('params_backbone'), '.2f', 1e-6)}M + " + (
@@ -309,7 +289,8 @@ def _cells(table: Table, row: Row) -> list[str]:
     return [
         row.label, str(len(row.records)), acc, depth_text(row.block_acc()), params,
         _fmt(row.value("images_per_s"), ".0f"), _fmt(row.value("seconds_per_epoch"), ".1f"),
-        _fmt(saved, ".1f", 2 ** -20), ratio, _fmt(row.value("cuda_max_memory"), ".0f", 2 ** -20),
+        _fmt(row.value("saved_bytes_peak"), ".1f", 2 ** -20), _fmt(table.saved_ratio(row), ".2f"),
+        _fmt(row.value("cuda_max_memory"), ".0f", 2 ** -20),
         _fmt(row.value("nhsic_x"), ".3f"), _fmt(row.value("nhsic_y"), ".3f"),
         "/".join(epochs), row.hardware(), row.options or "—",
     ]
@@ -350,34 +331,29 @@ def render_markdown(tables: list[Table], apart: list[dict[str, Any]], source: st
     return "\n".join(lines)
 
 
+# The measurements in leaderboard.csv, each with its format (counts as integers).
+_CSV_MEASURES = {"images_per_s": ".6f", "seconds_per_epoch": ".6f", "saved_bytes_peak": ".0f",
+                 "cuda_max_memory": ".0f", "nhsic_x": ".6f", "nhsic_y": ".6f",
+                 "params_backbone": ".0f", "params_auxiliary": ".0f"}
+
+
 def render_csv(tables: list[Table]) -> str:
     """One line per row of every table, full precision (6 decimals)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    keys = ["images_per_s", "seconds_per_epoch", "saved_bytes_peak", "cuda_max_memory",
-            "nhsic_x", "nhsic_y", "params_backbone", "params_auxiliary"]
     writer.writerow(["dataset", "model", "epochs", "train_subset", "test_subset", "rule", "blocks",
                      "options", "rule_options", "seeds", "test_acc_mean", "test_acc_std",
-                     "block_acc", *keys, "saved_ratio_e2e", "hardware"])
-
-    def num(v: float | None, spec: str = ".6f") -> str:
-        return "" if v is None else format(v, spec)
-
-    counts = {"saved_bytes_peak", "cuda_max_memory", "params_backbone", "params_auxiliary"}
-
+                     "block_acc", *_CSV_MEASURES, "saved_ratio_e2e", "hardware"])
     for table in tables:
-        e2e = table.e2e_memory()
         for row in table.rows:
-            mean, std = row.acc()
-            saved = row.value("saved_bytes_peak")
             writer.writerow([
                 table.dataset, table.model, table.epochs, table.train_subset or "",
                 table.test_subset or "", row.rule, row.blocks or "", row.options,
                 json.dumps(row.setting.get("rule_options") or {}, sort_keys=True),
-                " ".join(map(str, row.seeds)), num(mean), num(std),
+                " ".join(map(str, row.seeds)), *(_fmt(v, ".6f", none="") for v in row.acc()),
                 " ".join(f"{a:.6f}" for a in row.block_acc()),
-                *(num(row.value(k), ".0f" if k in counts else ".6f") for k in keys),
-                num(saved / e2e if saved is not None and e2e else None), row.hardware(),
+                *(_fmt(row.value(k), spec, none="") for k, spec in _CSV_MEASURES.items()),
+                _fmt(table.saved_ratio(row), ".6f", none=""), row.hardware(),
             ])
     return out.getvalue()
 
@@ -458,35 +434,25 @@ def _check_outputs(docs: Path, figures: list[Path]) -> None:
             raise ConfigError(f"{str(path)!r} is a folder; cannot write the file there")
 
 
-def _row_counts(text: str) -> tuple[Counter, Counter]:
-    """Rows and runs (seeds) of a ``leaderboard.csv``, by what makes a row."""
-    reader = csv.DictReader(io.StringIO(text))
-    if not {*_ROW_KEY, "seeds"} <= set(reader.fieldnames or ()):
-        raise ValueError("not a leaderboard CSV")
-    rows, runs = Counter(), Counter()
-    for line in reader:
-        key = tuple(line[k] for k in _ROW_KEY)
-        rows[key] += 1
-        runs[key] += len((line["seeds"] or "").split())
-    return rows, runs
+def _runs(text: str) -> Counter:
+    """The runs (seeds) of a ``leaderboard.csv``, counted by what makes a row."""
+    runs = Counter()
+    for line in csv.DictReader(io.StringIO(text)):
+        runs[tuple(line[k] for k in _ROW_KEY)] += len(line["seeds"].split())
+    return runs
 
 
 def _check_loss(path: Path, new: str, bad: list[str]) -> None:
-    """Refuse to replace ``path`` by ``new`` when rows or runs of ``path`` would be lost."""
+    """Refuse to replace ``path`` by ``new`` when runs of ``path`` would be lost (rows merged
+    because their options no longer differ lose no run)."""
     if not path.is_file():
         return
     try:
-        old_rows, old_runs = _row_counts(path.read_text())
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError):
+        old = _runs(path.read_text())
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, AttributeError):
         raise DataError(f"{str(path)!r} is not a leaderboard CSV to compare with; pass --force "
                         "to replace it") from None
-    new_rows, new_runs = _row_counts(new)
-    rows = sum((old_rows - new_rows).values())
-    runs = sum((old_runs - new_runs).values())
-    if not runs:  # rows lost without a run lost: rows merged (options that no longer differ)
-        return
-    n_rows, n_runs = sum(old_rows.values()), sum(old_runs.values())
-    lost = (f"{rows} of the {n_rows} rows and " if rows else "") + f"{runs} of the {n_runs} runs"
-    why = f"; unreadable or malformed records: {len(bad)}, e.g. {bad[0]}" if bad else ""
-    raise DataError(f"the new leaderboard would drop {lost} of {str(path)!r}{why}; "
-                    "pass --force to replace it anyway")
+    if lost := sum((old - _runs(new)).values()):
+        why = f"; unreadable or malformed records: {len(bad)}, e.g. {bad[0]}" if bad else ""
+        raise DataError(f"the new leaderboard would drop {lost} of the {sum(old.values())} runs "
+                        f"of {str(path)!r}{why}; pass --force to replace it anyway")

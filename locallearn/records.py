@@ -64,12 +64,11 @@ def hardware(accelerator) -> dict[str, Any]:
 
 
 def git_commit(checkout: str | Path | None = None) -> str:
-    """The commit of locallearn's own checkout (``checkout``: default, this package's
-    folder), with ``+dirty`` if it has local changes.
+    """The commit of locallearn's own checkout (``checkout``: default, the folder above this
+    package), with ``+dirty`` if it has local changes.
 
-    ``"unknown"`` when the package is not in a git checkout of its own: an
-    installed copy, or a copy inside another repository (whose commit would say
-    nothing about this code).
+    ``"unknown"`` when that folder is not the top of a git checkout: an installed copy, or a
+    copy inside another repository (whose commit would say nothing about this code).
     """
     checkout = Path(checkout or Path(__file__).parent.parent).resolve()
 
@@ -80,12 +79,10 @@ def git_commit(checkout: str | Path | None = None) -> str:
 
     try:
         top = git("rev-parse", "--show-toplevel")
-        ours = re.search(r'^name\s*=\s*"locallearn"', (checkout / "pyproject.toml").read_text(),
-                         re.MULTILINE)
-        if top is None or Path(top).resolve() != checkout or not ours:
+        if top is None or Path(top).resolve() != checkout:
             return "unknown"
         sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):  # no git, or no pyproject.toml
+    except (OSError, subprocess.SubprocessError):  # no git, or no such folder
         return "unknown"
     return "unknown" if sha is None else sha + ("+dirty" if dirty else "")
 
@@ -214,12 +211,17 @@ FIELDS = (
     Field("memory.saved_bytes_peak", "integer or null", "complete"),
     Field("memory.cuda_max_memory", "integer or null", "complete"),
     Field("seconds_per_epoch", "number or null", "complete"),
-    Field("plane_config", "object"), Field("plane", "list of objects"),
+    Field("plane_config", "object"), Field("plane_config.m", "integer", "", 2),
+    Field("plane", "list of objects"),
     Field("plane[]", "object", "always"), Field("plane[].epoch", "integer", "always", 0),
     Field("plane[].block", "integer", "always", 0), Field("plane[].name", "string"),
     *(Field(f"plane[].{key}", "number", "always") for key in PLANE_FORMS),
-    # Older records lack the adjusted form: the figures compute it from the others.
+    # Older records lack the adjusted form: the figures compute it (plots.with_adjusted)
+    # from the self terms and traces.
     Field("plane[].nhsic_x_adj", "number"), Field("plane[].nhsic_y_adj", "number"),
+    Field("plane[].nhsic_self", "number", "", 0), Field("plane[].rank", "number", "", 0),
+    *(Field(f"plane_config.{key}", "number", "", 0) for key in ("nhsic_xx", "nhsic_yy",
+                                                                 "rank_x", "rank_y")),
 )
 
 
@@ -244,16 +246,10 @@ def read_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecordError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise RecordError(f"{path}: a folder, not a run record file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecordError(f"{path}: cannot read: {err}") from None
-    except json.JSONDecodeError as err:
+    except OSError as err:  # missing, a folder, not readable
+        raise RecordError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8 or not JSON, truncated, too deep
         raise RecordError(f"{path}: not a JSON run record, or truncated ({err})") from None
-    except RecursionError:
-        raise RecordError(f"{path}: nested too deeply to be a run record") from None
     if not isinstance(record, dict) or "version" not in record:
         raise RecordError(f"{path}: not a run record (no version)")
     if record["version"] != RECORD_VERSION:
@@ -271,51 +267,47 @@ def problem(record: dict[str, Any]) -> str | None:
     complete = record.get("status") == "complete" and record.get("test_acc") is not None
     for field in FIELDS:
         required = field.when == "always" or (complete and field.when in ("complete", "result"))
-        for name, value in _places(record, field.path):
+        for name, value in _places(record, field.path.split(".")):
             if value is _ABSENT:
                 if required:
                     return f"{name}: missing"
             elif value is None and complete and field.when == "result":
                 return f"{name}: null in a complete record"
             elif not _fits(value, field):
-                return f"{name}: expected {_expected(field)}, got {_shown(value)}"
+                return f"{name}: expected {_expected(field)}, got {value!r:.40}"
     if record["status"] not in STATUSES:
-        return f"status: expected one of {', '.join(STATUSES)}, got {_shown(record['status'])}"
+        return f"status: expected one of {', '.join(STATUSES)}, got {record['status']!r:.40}"
     return None
 
 
 _ABSENT = object()
 
 
-def _places(record: dict[str, Any], path: str) -> list[tuple[str, Any]]:
-    """``(name, value)`` of each place ``path`` names in ``record`` (``_ABSENT`` if absent)."""
-    places = [("", record)]
-    for part in path.split("."):
-        key = part.removesuffix("[]")
-        found = []
-        for above, parent in places:
-            if not isinstance(parent, dict):  # absent or null: its own line checks it
-                continue
-            name = f"{above}.{key}" if above else key
-            value = parent.get(key, _ABSENT)
-            if part == key:
-                found.append((name, value))
-            elif isinstance(value, list):
-                found += [(f"{name}[{i}]", item) for i, item in enumerate(value)]
-        places = found
-    return places
+def _places(value: Any, parts: list[str], name: str = "") -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of each place the path ``parts`` names in ``value`` (``_ABSENT`` if
+    absent); nothing below a parent that is absent or null (its own line checks it)."""
+    if not parts:
+        yield name, value
+    elif isinstance(value, dict):
+        key = parts[0].removesuffix("[]")
+        child, name = value.get(key, _ABSENT), f"{name}.{key}" if name else key
+        if parts[0] == key:
+            yield from _places(child, parts[1:], name)
+        elif isinstance(child, list):
+            for i, item in enumerate(child):
+                yield from _places(item, parts[1:], f"{name}[{i}]")
+
+
+_TYPES = {"integer": int, "number": (int, float), "string": str, "object": dict, "map": dict}
 
 
 def _fits(value: Any, field: Field) -> bool:
     kind = field.type.removesuffix(" or null")
     if value is None:
         return kind != field.type
-    if kind in ("integer", "number"):
-        if isinstance(value, bool) or not isinstance(value, int if kind == "integer" else
-                                                     (int, float)):
-            return False
-        return field.low <= value <= field.high  # NaN fails this too
-    return isinstance(value, {"string": str, "object": dict, "map": dict}.get(kind, list))
+    if isinstance(value, bool) or not isinstance(value, _TYPES.get(kind, list)):
+        return False  # a list type: "list of ...", its items checked by their own lines
+    return not isinstance(value, (int, float)) or field.low <= value <= field.high  # NaN fails
 
 
 def _expected(field: Field) -> str:
@@ -326,11 +318,6 @@ def _expected(field: Field) -> str:
     if field.high < LARGEST:
         return f"{text} in [{field.low:g}, {field.high:g}]"
     return f"{text} >= {field.low:g}" if field.low > -LARGEST else text
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def build_record(values: dict[str, Any], *, run_id: str | None, plugins: list[str],

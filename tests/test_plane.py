@@ -16,7 +16,7 @@ from locallearn import hsic as H
 from locallearn.analysis import InformationPlane, plots
 from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
-from locallearn.records import RECORD_VERSION
+from locallearn.records import RECORD_VERSION, read_record
 from locallearn.trainer import TrainConfig, Trainer
 
 M = 64  # probe size: small, so each measurement takes a fraction of a second
@@ -235,8 +235,8 @@ def test_the_adjusted_form_of_an_older_record_is_computed_as_the_observer_stores
         args = [str(records[name]), "-o", str(figures[-1]), "--kind", kind, "--form", "adjusted"]
         assert plots.main(args) == 0
     assert figures[0].read_bytes() == figures[1].read_bytes()
-    stored = plots.load_record(records["e2e"])
-    computed = plots.with_adjusted(plots.load_record(records["old"]))
+    stored = read_record(records["e2e"])
+    computed = plots.with_adjusted(read_record(records["old"]))
     for a, b in zip(stored["plane"], computed["plane"], strict=True):
         assert a == b  # exactly: the same formula on the same stored numbers
     # the other forms do not need it
@@ -244,7 +244,7 @@ def test_the_adjusted_form_of_an_older_record_is_computed_as_the_observer_stores
 
 
 @pytest.mark.parametrize("args, message", [
-    (["missing.json"], "missing.json: no such file"),
+    (["missing.json"], "missing.json: cannot read: No such file"),
     (["{bare}"], "has no 'plane' entries"),
     (["{e2e}", "--kind", "trajectory"], "unknown kind 'trajectory'"),
     (["{e2e}", "--form", "log"], "unknown form 'log'"),

@@ -8,16 +8,9 @@ rule, because it sees only the :class:`~locallearn.blocks.BlockStack`: a fixed
 probe set goes through the stack's blocks in eval mode, without autograd, on
 the main process, and each block's output is copied out.
 
-Memory. ``nHSIC`` needs the ``m x m`` Gram matrix of every block, and a Gram
-matrix needs every pair of samples, so either all ``m`` feature rows of a block
-exist at once or the forward runs again for every pair of sample batches. The
-probe therefore keeps each block's flattened features on the *CPU* in float32
-(one float32 row per sample, nothing on the accelerator beyond one batch) and
-builds the float64 Gram matrix from them chunk by chunk over features. When
-the features of all blocks would exceed ``memory_budget`` bytes, the blocks are
-measured in several passes over the probe set, each holding a group of
-consecutive blocks: ``resnet18_cifar`` at block granularity and ``m = 1000``
-needs 1.2 GB and takes one pass; a ViT-B/16 at 224 pixels takes several.
+Memory: each measured block's ``m`` feature rows are kept together on the CPU in
+float32, in several passes over the probe set when all blocks' would exceed
+``memory_budget`` (why: docs/information_plane.md, "The observer").
 """
 
 from __future__ import annotations
@@ -295,18 +288,13 @@ class InformationPlane(Observer):
         xz, yz = probe.x.dot(z), probe.y.dot(z)
         ref, m = self._reference, z.size
         return {
-            "epoch": epoch,
-            "block": k,
-            "name": stack.names[k],
-            "dim": feats.shape[1],
-            "nhsic_x": xz,
-            "nhsic_y": yz,
+            "epoch": epoch, "block": k, "name": stack.names[k], "dim": feats.shape[1],
+            "nhsic_x": xz, "nhsic_y": yz,
             "nhsic_x_scaled": _scaled(xz, ref["nhsic_xx"], zz),
             "nhsic_y_scaled": _scaled(yz, ref["nhsic_yy"], zz),
             "nhsic_x_adj": adjust_for_chance(xz, ref["nhsic_xx"], zz, ref["rank_x"], rank, m),
             "nhsic_y_adj": adjust_for_chance(yz, ref["nhsic_yy"], zz, ref["rank_y"], rank, m),
-            "nhsic_self": zz,
-            "rank": rank,
+            "nhsic_self": zz, "rank": rank,
             "cka_x": kernel_alignment(probe.x_linear, gram),
             "cka_y": kernel_alignment(probe.y_linear, gram),
         }

@@ -1,36 +1,22 @@
 """Information-plane figures drawn from run records (``record["plane"]``).
 
-Three kinds, after Sakamoto & Sato (2024, TMLR):
+Three kinds (``plane``: one run; ``compare``: runs side by side on shared axes; ``depth``:
+each measure against depth at the last epoch), after Sakamoto & Sato (2024, TMLR), in four
+forms (``raw`` nHSIC, ``scaled``, ``adjusted``, linear ``cka``): docs/information_plane.md,
+"Reading the figures". Every form depends on the probe set (``m``, the kernels and their
+widths), so a figure only puts together records measured alike. Figures are built on a bare
+:class:`~matplotlib.figure.Figure` (no pyplot state) under fixed settings and saved without
+version metadata, so the same records give the same file.
 
-- ``plane``: one run; one trajectory per block over the measured epochs, on
-  the plane ``(nHSIC(X; Z), nHSIC(Y; Z))``, coloured by depth, epoch 0 drawn
-  as an open circle and the last epoch as a filled square.
-- ``compare``: several runs side by side on shared axes (e.g. every rule on
-  one backbone): the common information plane.
-- ``depth``: ``nHSIC(X; Z)`` and ``nHSIC(Y; Z)`` against depth at each run's
-  last measured epoch, one line per run.
-
-Forms (``--form``): ``raw`` nHSIC, ``scaled`` (over the Cauchy-Schwarz bound),
-``adjusted`` (chance taken out too: 0 at chance, 1 at the bound; computed from the
-stored raw values, self terms and traces for records made before it was stored) and
-linear ``cka``. Every form of the measure depends on the probe set (``m``, the kernels and
-their widths), so a figure only puts together records measured alike; see
-``docs/information_plane.md``. Figures are built on a bare
-:class:`~matplotlib.figure.Figure` (no pyplot state) under fixed settings and
-saved without version metadata, so the same records give the same file.
-
-``plane.py`` draws exactly the records it is given, so it refuses the whole
-command, in one line naming the file and the field, when any of them cannot be
-drawn (not a run record, no or malformed ``plane`` entries, a wrong-typed field
-a figure reads: :func:`~locallearn.records.read_record`), when the records were measured
-differently, or when the output is not a ``.png``/``.pdf``/``.svg`` file in an
-existing folder. Nothing is written then; a figure is written whole or not at
-all (a temp file, then a rename).
+``plane.py`` draws exactly the records it is given, so it refuses the whole command in one
+line naming the file and the field, writing nothing, when any of them cannot be drawn
+(:func:`~locallearn.records.read_record` refuses it, or it has no ``plane`` entries), when
+they were measured differently, or when the output is not a ``.png``/``.pdf``/``.svg`` file
+in an existing folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -46,9 +32,9 @@ from matplotlib.lines import Line2D
 from ..errors import ConfigError, DataError, LocallearnError, unknown_name
 from ..flags import Parser
 from ..hsic import adjust_for_chance
-from ..records import LARGEST, read_record, replacing
+from ..records import read_record, replacing
 
-__all__ = ["FORMS", "KINDS", "draw", "load_record", "main", "save_figure", "with_adjusted"]
+__all__ = ["FORMS", "KINDS", "draw", "main", "save_figure", "with_adjusted"]
 
 KINDS = ("plane", "compare", "depth")
 #: form -> (entry key on x, entry key on y, x label, y label)
@@ -75,34 +61,12 @@ MEASURED_ALIKE = ("m", "split", "kernel", "label_kernel", "distance", "sigma", "
 #: The value a key had before records stated it: records made before the Gaussian
 #: kernel's distance was an option used the squared distance.
 MEASURED_BEFORE = {"distance": "sqeuclidean"}
-STYLE = {
-    "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs everywhere
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "legend.fontsize": 8,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "figure.dpi": 100,
-    "savefig.dpi": 150,
-    "savefig.facecolor": "white",
-    "text.parse_math": False,  # names from records are text: a "$" is no formula
-}
+STYLE = {"font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs everywhere
+         "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "axes.grid": True,
+         "grid.alpha": 0.3, "figure.dpi": 100, "savefig.dpi": 150, "savefig.facecolor": "white",
+         "text.parse_math": False}  # names from records are text: a "$" is no formula
 CMAP = "viridis"
 _NAMED_TICKS = 16  # at most this many blocks get their names on the colour bar
-
-
-def load_record(path: str | Path) -> dict[str, Any]:
-    """Read a run record (:func:`~locallearn.records.read_record`) that has information-plane
-    entries.
-
-    Raises:
-        DataError: not a readable, well-formed run record, or one without ``plane`` entries.
-    """
-    record = read_record(path)
-    if not record.get("plane"):
-        raise DataError(f"{path}: the record has no 'plane' entries (was it run with --no-plane?)")
-    record["file"] = str(path)  # where it was read from, for messages and labels
-    return record
 
 
 def with_adjusted(record: dict[str, Any]) -> dict[str, Any]:
@@ -111,42 +75,28 @@ def with_adjusted(record: dict[str, Any]) -> dict[str, Any]:
     An entry that lacks them (a record made before the form was stored) gets them
     computed, exactly as the observer would, from its ``nhsic_x``, ``nhsic_y``,
     ``nhsic_self``, ``rank`` and the ``plane_config``'s ``m``, ``nhsic_xx``, ``nhsic_yy``,
-    ``rank_x``, ``rank_y``. The record is not changed; a new one is returned.
+    ``rank_x``, ``rank_y`` (whose types :func:`~locallearn.records.read_record` checks).
+    The record is not changed; a new one is returned.
 
     Raises:
-        DataError: a field the form needs is missing or malformed, named in one line.
+        DataError: a field the form needs is missing, named in one line.
     """
-    file = record.get("file", "record")
-    config = record.get("plane_config") or {}
-    entries = []
+    config, entries = record.get("plane_config") or {}, []
     for i, entry in enumerate(record["plane"]):
         entry = dict(entry)
         for key, (raw, self_term, trace) in _ADJUSTED_FROM.items():
             if key in entry:
                 continue
-            needed = [(f"plane_config.{k}", config.get(k)) for k in ("m", self_term, trace)]
-            needed += [(f"plane[{i}].{k}", entry.get(k)) for k in (raw, "nhsic_self", "rank")]
-            for name, value in needed:
-                m_ok = name != "plane_config.m" or (isinstance(value, int) and value >= 2)
-                if not (_finite(value) and m_ok):
-                    what = "missing" if value is None else f"malformed ({value!r:.40})"
-                    raise DataError(
-                        f"{file}: {name} is {what}, and --form adjusted needs it "
-                        f"(or {key} in every entry); draw this record with --form raw, "
-                        "scaled or cka")
+            needed = [f"plane_config.{k}" for k in ("m", self_term, trace) if k not in config]
+            needed += [f"plane[{i}].{k}" for k in ("nhsic_self", "rank") if k not in entry]
+            if needed:
+                raise DataError(f"{record.get('file', 'record')}: {needed[0]} is missing, and "
+                                f"--form adjusted needs it (or {key} in every entry); draw this "
+                                "record with --form raw, scaled or cka")
             entry[key] = adjust_for_chance(entry[raw], config[self_term], entry["nhsic_self"],
                                            config[trace], entry["rank"], config["m"])
-            if not _finite(entry[key]):
-                raise DataError(f"{file}: plane[{i}].{key} computes to {entry[key]}; draw this "
-                                "record with --form raw, scaled or cka")
         entries.append(entry)
     return {**record, "plane": entries}
-
-
-def _finite(value: Any) -> bool:
-    """A number (not a bool) a figure can draw: finite, and far from overflowing the axes."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and -LARGEST <= value <= LARGEST)
 
 
 def _measured(config: dict[str, Any], key: str) -> Any:
@@ -267,24 +217,14 @@ def _depth_colorbar(fig: Figure, axes, records: Sequence[dict[str, Any]]) -> Non
                      label="relative depth (0 = first block, 1 = last)")
 
 
-def plane_figure(record: dict[str, Any], form: str = "raw") -> Figure:
-    """Figure (a): one run's trajectory per block over epochs."""
-    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    _draw_plane(ax, record, form)
-    ax.set_title(f"{record.get('rule', '?')} · {record.get('model', '?')} · "
-                 f"{record.get('dataset', '?')}\n{_setting(record)}")
-    _markers_legend(ax, [record])
-    _depth_colorbar(fig, ax, [record])
-    return fig
-
-
 def compare_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure:
-    """Figure (b): several runs side by side on shared axes."""
+    """Figures (a) and (b): each run's trajectory per block over epochs, side by side on
+    shared axes."""
     n = len(records)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(3.4 * cols + 1.2, 3.2 * rows + 0.6), layout="constrained")
+    size = (6.4, 4.8) if n == 1 else (3.4 * cols + 1.2, 3.2 * rows + 0.6)
+    fig = Figure(figsize=size, layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
     for ax, record, label in zip(axes.flat, records, _labels(records), strict=False):
         _draw_plane(ax, record, form)
@@ -294,7 +234,7 @@ def compare_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figu
         ax.set_visible(False)
     _markers_legend(axes.flat[0], records)
     _depth_colorbar(fig, axes, records)
-    fig.suptitle(_shared(records))
+    fig.suptitle(_shared(records), wrap=True)  # one run's title is wider than its panel
     return fig
 
 
@@ -337,18 +277,18 @@ def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str =
         raise unknown_name("kind", kind, KINDS)
     if not records:
         raise ConfigError("no records given")
+    for record in records:
+        if not record.get("plane"):
+            raise DataError(f"{record.get('file', 'record')}: the record has no 'plane' entries "
+                            "(was it run with --no-plane?)")
     _check_alike(records)
     if form == "adjusted":
         records = [with_adjusted(r) for r in records]
+    if kind == "plane" and len(records) != 1:
+        raise ConfigError(f"--kind plane draws one record; got {len(records)} "
+                          "(use --kind compare or depth)")
     with rc_context(STYLE):
-        if kind == "plane":
-            if len(records) != 1:
-                raise ConfigError(f"--kind plane draws one record; got {len(records)} "
-                                  "(use --kind compare or depth)")
-            return plane_figure(records[0], form)
-        if kind == "compare":
-            return compare_figure(records, form)
-        return depth_figure(records, form)
+        return (depth_figure if kind == "depth" else compare_figure)(records, form)
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -366,7 +306,8 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
     p = Parser(prog="plane.py", description="Draw information-plane figures from run records.")
     p.add_argument("records", nargs="+", metavar="RECORD", help="run record JSON files")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
@@ -376,13 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", default="raw",
                    help="raw nHSIC (default), scaled (nHSIC / sqrt of the self terms), "
                         "adjusted (the scaled form with chance taken out) or cka")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python benchmarks/plane.py RECORDS... -o FILE``; returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        args = p.parse_args(argv)
         out, folder = Path(args.output), Path(args.output).parent
         if out.suffix.lower() not in (".png", ".pdf", ".svg"):
             raise ConfigError(f"output must end in .png, .pdf or .svg; got {args.output!r}")
@@ -392,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             what = ("is a file, not a folder" if folder.exists()
                     else "does not exist; create it first")
             raise ConfigError(f"output folder {str(folder)!r} {what}")
-        records = [load_record(p) for p in args.records]
+        records = [read_record(p) | {"file": p} for p in args.records]  # "file": for messages
         fig = draw(records, args.kind, args.form)
         path = save_figure(fig, args.output)
     except (LocallearnError, OSError) as err:  # OSError: the figure file cannot be written
