@@ -16,10 +16,10 @@ import threading
 import time
 from typing import Any
 
-from . import flags
+from . import settings
 from .config import config_dict, parse_assignments
 from .errors import ConfigError, LocallearnError, unknown_name
-from .flags import build_parser
+from .settings import build_parser
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -120,7 +120,7 @@ def _check(args: argparse.Namespace) -> Checked:
     # The model the run trains, built once; before the identity, which holds its options.
     built = build_stack(args.model, model_opts, info, granularity=args.granularity,
                         num_blocks=args.blocks, split_after=args.split_after, seed=args.seed)
-    identity = flags.run_identity(args, {
+    identity = settings.run_identity(args, {
         "rule_options": rule.describe(), "model_options": built.model_options,
         "train": config_dict(config) | {"progress": None},
     })
@@ -197,7 +197,7 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, taken) -> dict[str
     accelerator, plane = trainer.accelerator, checked.plane
     run_id = taken.run_id if taken else None
     data = trainer.data  # the augmentation and normalisation used, defaults resolved
-    values = flags.recorded_values(args) | {
+    values = settings.recorded_values(args) | {
         "augment": data.augment, "norm_mean": list(data.mean), "norm_std": list(data.std)}
     record = build_record(
         values, run_id=run_id, plugins=args.plugin,
@@ -287,9 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sources: dict[str, str] = {}
     for layer, source in ((rule, f"rule {args.rule}"), (preset, f"preset {args.preset}"),
                           (argv, "command line")):  # lowest first: a later layer wins
-        sources.update(dict.fromkeys(flags.given(layer), source))
-    args.config_sources = {f.dest: sources[f.dest] for f in flags.FLAGS if f.dest in sources
-                           and f.recorded and f.role in (flags.IDENTITY, flags.SETTING)}
+        sources.update(dict.fromkeys(settings.given(layer), source))
+    args.config_sources = {f.dest: sources[f.dest] for f in settings.FLAGS if f.dest in sources
+                           and f.recorded and f.role in (settings.IDENTITY, settings.SETTING)}
     return args
 
 

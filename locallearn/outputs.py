@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import flags
+from . import settings
 from .checkpoint import LOCK, complete, lock_folder, read_meta
 from .config import parse_assignments
 from .errors import OutputError
@@ -65,10 +65,10 @@ def identity_tags(args: argparse.Namespace) -> list[str]:
     The defaults are the flags' own, or the rule's ``training_defaults``
     (``args.defaults``, set by :func:`locallearn.cli.parse_args`).
     """
-    defaults = getattr(args, "defaults", None) or vars(flags.build_parser().parse_args([]))
+    defaults = getattr(args, "defaults", None) or vars(settings.build_parser().parse_args([]))
     tags: list[str] = []
-    for flag in flags.FLAGS:
-        if flag.role != flags.IDENTITY or flag.dest in IN_NAME:
+    for flag in settings.FLAGS:
+        if flag.role != settings.IDENTITY or flag.dest in IN_NAME:
             continue
         if flag.dest == "rule_opt":
             tags += [_tag(k, v) for k, v in _rule_options(args).items()]
@@ -93,9 +93,9 @@ def _rule_options(args: argparse.Namespace) -> dict[str, object]:
 def flag_tags(argv: list[str]) -> list[str]:
     """``NAME-VALUE`` for each identity or setting flag that ``argv`` gives, in ``run.py
     --help`` order: what a grid's extra flags change in every run of it."""
-    given = vars(flags.build_parser(defaults=False).parse_args(argv))
-    return [_tag(f.name, given[f.dest]) for f in flags.FLAGS
-            if f.dest in given and f.role in (flags.IDENTITY, flags.SETTING)]
+    given = vars(settings.build_parser(defaults=False).parse_args(argv))
+    return [_tag(f.name, given[f.dest]) for f in settings.FLAGS
+            if f.dest in given and f.role in (settings.IDENTITY, settings.SETTING)]
 
 
 def _tag(name: str, value: object) -> str:
