@@ -177,17 +177,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       executor)
     # The files are taken (and checked again, now under their locks) just before the
     # first is written, so a run that fails to start leaves nothing behind.
-    taken = claim(args, checked.identity) if accelerator.is_main_process else None
+    run_id, replaces, locks = claim(args, checked.identity) if accelerator.is_main_process \
+        else (None, False, [])
     try:
-        return _fit(args, checked, trainer, taken)
+        return _fit(args, checked, trainer, run_id, replaces)
     finally:
-        if taken is not None:
-            taken.release()
+        for lock in locks:
+            lock.release()
 
 
-def _fit(args: argparse.Namespace, checked: Checked, trainer, taken) -> dict[str, Any]:
-    """Write the record and the checkpoints around ``trainer.fit()`` (``taken``: the files
-    :func:`~locallearn.outputs.claim` took; None on processes other than the main one)."""
+def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None,
+         replaces: bool) -> dict[str, Any]:
+    """Write the record and the checkpoints around ``trainer.fit()`` (``run_id``, ``replaces``:
+    as :func:`~locallearn.outputs.claim` took the files; None, False on other processes)."""
     from .checkpoint import Checkpointer
     from .outputs import record_path
     from .records import RecordWriter, build_record, hardware
@@ -195,7 +197,6 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, taken) -> dict[str
     from .trainer import Diverged
 
     accelerator, plane = trainer.accelerator, checked.plane
-    run_id = taken.run_id if taken else None
     data = trainer.data  # the augmentation and normalisation used, defaults resolved
     values = settings.recorded_values(args) | {
         "augment": data.augment, "norm_mean": list(data.mean), "norm_std": list(data.std)}
@@ -208,7 +209,7 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, taken) -> dict[str
         history=trainer.history,
     )
     writer = RecordWriter(record, record_path(args), plane, accelerator.is_main_process,
-                          replaces=taken is not None and taken.replaces)
+                          replaces=replaces)
     trainer.observers = (*trainer.observers, writer)  # the record shows the plane's epoch
     if args.checkpoint_dir:
         checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints,

@@ -16,12 +16,12 @@ belong to one run, named by its id (``run_id``, kept in both). A run refuses
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,35 +112,26 @@ def _lock_of(record: Path) -> Path:
 
 def check_folder(path: str | Path, flag: str) -> None:
     """``path`` is a folder the run can create or write into: tried, not guessed (as root,
-    ``os.access`` says yes to ``/proc``), by making a folder in it, or in the folder it
-    would be made in, and removing it again.
+    ``os.access`` says yes to ``/proc``), by making it and a folder in it, then removing
+    what was made.
 
     Raises:
-        OutputError: it is a file, or it (or the folder it would be made in) is not writable.
+        OutputError: it is a file, or it cannot be made or written into (the system's why).
     """
     path = Path(path).expanduser()
-    if "\0" in str(path):
-        raise OutputError(f"{flag} {str(path)!r}: a path cannot hold a NUL character")
-    probe = path
+    if path.is_file():
+        raise OutputError(f"{flag} {str(path)!r} is a file; give a folder")
+    made = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
     try:
-        while not probe.exists():
-            if probe.is_symlink():
-                raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is a broken link")
-            probe = probe.parent
-    except OSError as err:  # a name too long for the file system
-        raise OutputError(f"{flag} {str(path)!r}: {err.strerror}") from None
-    if not probe.is_dir():
-        what = "is a file" if probe == path else f"would be made in {str(probe)!r}, a file"
-        raise OutputError(f"{flag} {str(path)!r} {what}; give a folder")
-    try:
-        longest = os.pathconf(probe, "PC_NAME_MAX")
-        os.rmdir(tempfile.mkdtemp(prefix=".locallearn-check-", dir=probe))
-    except OSError:
-        raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is not writable") from None
-    for name in path.relative_to(probe).parts:  # the folders still to be made
-        if len(os.fsencode(name)) > longest:
-            raise OutputError(f"{flag} {str(path)!r}: a folder name is over the "
-                              f"{longest} bytes the file system allows")
+        path.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".locallearn-check-", dir=path))
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        why = getattr(err, "strerror", None) or str(err)
+        raise OutputError(f"{flag} {str(path)!r} cannot be made or written: {why}") from None
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError, ValueError):
+                folder.rmdir()
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -227,22 +218,10 @@ def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = Tr
                       "another --name or --output")
 
 
-@dataclass
-class Claim:
-    """The files a run has taken: its id, whether it replaces another run's record, and the
-    locks it holds until :meth:`release`."""
-
-    run_id: str
-    replaces: bool
-    locks: list[Lock]
-
-    def release(self) -> None:
-        for lock in self.locks:
-            lock.release()
-
-
-def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
-    """Take the record and the checkpoint folder for this run (the main process only).
+def claim(args: argparse.Namespace, identity: dict[str, Any]
+          ) -> tuple[str, bool, list[Lock]]:
+    """Take the record and the checkpoint folder for this run (the main process only):
+    its run id, whether it replaces another run's record, and the locks it holds.
 
     Locks first, then checks again under the locks, so two runs started at
     once cannot both pass. A record left beside this one by a replacing run that
@@ -261,4 +240,4 @@ def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
         for lock in locks:
             lock.release()
         raise
-    return Claim(resumes or uuid.uuid4().hex[:16], replaces, locks)
+    return resumes or uuid.uuid4().hex[:16], replaces, locks
