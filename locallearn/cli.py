@@ -58,11 +58,6 @@ class Checked:
     config: Any  # the loop's TrainConfig
     identity: dict[str, Any]  # what a checkpoint must match
 
-    @property
-    def model_opts(self) -> dict[str, Any]:
-        """The model's options as it was built (``img_size`` added where it needed it)."""
-        return self.built.model_options
-
 
 def _check(args: argparse.Namespace) -> Checked:
     """Validate everything a run can check before training: names, options, the data (there
@@ -203,7 +198,7 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
     record = build_record(
         values, run_id=run_id, plugins=args.plugin,
         rule_paper=RULES.get(args.rule).meta["paper"], rule_options=checked.rule.describe(),
-        model_options=checked.model_opts, train=config_dict(checked.config),
+        model_options=checked.built.model_options, train=config_dict(checked.config),
         sources=getattr(args, "config_sources", {}),
         stack=trainer.stack, parts=trainer.parts, hardware=hardware(accelerator),
         history=trainer.history,
@@ -225,27 +220,19 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
             print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
     try:
         result = trainer.fit()
-    except Diverged as err:
-        writer.write("diverged", error=str(err))
-        _finish_trackers(accelerator)
-        accelerator.wait_for_everyone()
-        raise
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
-        writer.write("interrupted")
-        _finish_trackers(accelerator)
+    except (Diverged, KeyboardInterrupt) as err:  # KeyboardInterrupt: Ctrl-C, or SIGTERM
+        fields = {"error": str(err)} if isinstance(err, Diverged) else {}
+        writer.write("diverged" if fields else "interrupted", **fields)
+        for tracker in accelerator.trackers:  # end_training does it for a finished run
+            tracker.finish()
+        if fields:
+            accelerator.wait_for_everyone()
         raise
     writer.write("complete", test_acc=result["test_acc"], block_acc=result["block_acc"],
                  seconds=result["seconds"])
     accelerator.wait_for_everyone()
     accelerator.end_training()  # under several processes: tear the process group down
     return record
-
-
-def _finish_trackers(accelerator) -> None:
-    """Flush and close the trackers of a run that stopped early (``end_training`` does it
-    for a finished one)."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
 
 
 def rule_flags(rule: str) -> list[str]:
@@ -296,23 +283,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _from_rule_and_preset(args: argparse.Namespace) -> list[str]:
     """What ``--check`` adds: one line per rule or preset that gave values (``from rule R:
-    --lr 0.001 ...``), and the rule's declared defaults that something else overrode."""
+    --lr 0.001 ...``)."""
     from .presets import to_flags
-    from .rules.base import RULES
 
     groups: dict[str, dict[str, Any]] = {}
     for dest, source in args.config_sources.items():
         if source != "command line":
             groups.setdefault(source, {})[dest.replace("_", "-")] = getattr(args, dest)
-    lines = [f"from {source}: {' '.join(to_flags(given))}" for source, given in groups.items()]
-    overridden = []
-    for name in RULES.get(args.rule).factory.training_defaults:
-        source = args.config_sources.get(name.replace("-", "_"))  # None: the flag's default
-        if source not in (None, f"rule {args.rule}"):
-            overridden.append(f"--{name} (by the {source})")
-    if overridden:
-        lines.append(f"rule {args.rule}'s defaults overridden: {', '.join(overridden)}")
-    return lines
+    return [f"from {source}: {' '.join(to_flags(given))}" for source, given in groups.items()]
 
 
 def _has_gpu() -> bool:
