@@ -1,19 +1,10 @@
 """Checkpoints: the whole training state at the end of an epoch, safe to load.
 
-A checkpoint is a folder ``epoch0003/``: ``model.safetensors`` (the weights, through
-safetensors, so loading them runs no code), ``state.pt`` (the trainer's optimizer,
-scheduler and scaler states, :meth:`Trainer.state_dict`, and the RNG states, read with
-``torch.load(weights_only=True)``) and ``meta.json`` (run id, epoch, identity, and the
-trainer's seconds, history and observers' states). A pipelined run's stages each write
-``stage{s}.safetensors`` and ``stage{s}.pt`` (the executor's ``files``; replica 0 of a
-stage, with every replica's RNG states), and ``meta.json`` holds the stage cut; every
-process must see the one folder. docs/reliability.md describes what a resume checks.
-
-It is written under a temporary name and renamed when complete, so a kill while
-saving leaves the previous checkpoint intact. A checkpoint folder belongs to one run:
-the run holds its lock (:func:`lock_folder`), and pruning only removes the run's own
-checkpoints. Accelerate's ``save_state`` is not used: its RNG states are pickles,
-which only unrestricted ``torch.load`` reads.
+A folder ``epoch0003/`` of the executor's ``files`` (weights through safetensors, the
+trainer's state and RNG states for ``torch.load(weights_only=True)``) and a
+``meta.json``; written under a temporary name and renamed when complete. The files,
+what a resume checks and why no pickle is loaded (so not Accelerate's ``save_state``):
+docs/reliability.md.
 """
 
 from __future__ import annotations

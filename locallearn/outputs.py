@@ -1,16 +1,9 @@
 """What a run writes, checked and taken before any work: the record and the checkpoints.
 
-Every path is checked when the arguments are (``run.py --check`` too): a
-folder that is a file, cannot be created or written, a bad ``--name``. Then a
-run takes its files (:func:`claim`): the record and the checkpoint folder
-belong to one run, named by its id (``run_id``, kept in both). A run refuses
-
-- a record or a checkpoint folder a running run is writing (always);
-- a finished run's record, unless ``--overwrite`` (and then that record stays
-  until the new run has finished: :class:`~locallearn.records.RecordWriter`);
-- an unfinished run's record (interrupted, or killed while running), unless
-  it resumes that run (``--resume``) or ``--overwrite``;
-- a checkpoint folder holding checkpoints, unless it resumes them.
+Every path is checked with the arguments (``run.py --check`` too); then a run takes
+its files (:func:`claim`): the record and the checkpoint folder belong to one run,
+named by its ``run_id``. Which files a run refuses, and why: docs/reliability.md
+("A record and a checkpoint folder belong to one run").
 """
 
 from __future__ import annotations
