@@ -283,14 +283,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _from_rule_and_preset(args: argparse.Namespace) -> list[str]:
     """What ``--check`` adds: one line per rule or preset that gave values (``from rule R:
-    --lr 0.001 ...``)."""
+    --lr 0.001 ...``), and the rule's declared defaults that something else overrode."""
     from .presets import to_flags
+    from .rules.base import RULES
 
     groups: dict[str, dict[str, Any]] = {}
     for dest, source in args.config_sources.items():
         if source != "command line":
             groups.setdefault(source, {})[dest.replace("_", "-")] = getattr(args, dest)
-    return [f"from {source}: {' '.join(to_flags(given))}" for source, given in groups.items()]
+    lines = [f"from {source}: {' '.join(to_flags(given))}" for source, given in groups.items()]
+    overridden = [f"--{name} (by the {args.config_sources[name.replace('-', '_')]})"
+                  for name in RULES.get(args.rule).factory.training_defaults
+                  if args.config_sources.get(name.replace("-", "_"), f"rule {args.rule}")
+                  != f"rule {args.rule}"]  # not given: the rule's own default
+    if overridden:
+        lines.append(f"rule {args.rule}'s defaults overridden: {', '.join(overridden)}")
+    return lines
 
 
 def _has_gpu() -> bool:
