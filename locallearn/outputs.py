@@ -9,10 +9,10 @@ named by its ``run_id``. Which files a run refuses, and why: docs/reliability.md
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -105,26 +105,26 @@ def _lock_of(record: Path) -> Path:
 
 def check_folder(path: str | Path, flag: str) -> None:
     """``path`` is a folder the run can create or write into: tried, not guessed (as root,
-    ``os.access`` says yes to ``/proc``), by making it and a folder in it, then removing
-    what was made.
+    ``os.access`` says yes to ``/proc``), in a temporary folder of its own made in the
+    nearest folder that exists (never removing a folder another process may be making):
+    the folders still to be made are made there, then it is removed.
 
     Raises:
         OutputError: it is a file, or it cannot be made or written into (the system's why).
     """
     path = Path(path).expanduser()
-    if path.is_file():
-        raise OutputError(f"{flag} {str(path)!r} is a file; give a folder")
-    made = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".locallearn-check-", dir=path))
+        if path.is_file():
+            raise OutputError(f"{flag} {str(path)!r} is a file; give a folder")
+        there = next(p for p in (path, *path.parents) if p.exists())
+        tmp = tempfile.mkdtemp(prefix=".locallearn-check-", dir=there)
+        try:
+            Path(tmp, path.relative_to(there)).mkdir(parents=True, exist_ok=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     except (OSError, ValueError) as err:  # ValueError: a NUL in the path
         why = getattr(err, "strerror", None) or str(err)
         raise OutputError(f"{flag} {str(path)!r} cannot be made or written: {why}") from None
-    finally:
-        for folder in made:
-            with contextlib.suppress(OSError, ValueError):
-                folder.rmdir()
 
 
 def check_paths(args: argparse.Namespace) -> None:
