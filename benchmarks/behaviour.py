@@ -96,7 +96,7 @@ def compare(old: Path, new: Path, rtol: float) -> int:
 
 def main() -> int:
     from locallearn.errors import LocallearnError
-    from locallearn.flags import Parser
+    from locallearn.settings import Parser
 
     parser = Parser(prog="behaviour.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None, cuda: bool):
     """The options, checked; bad input raises ConfigError."""
     from locallearn.config import parse_assignments
     from locallearn.errors import ConfigError, unknown_name
-    from locallearn.flags import Parser, positive_int
+    from locallearn.settings import Parser, positive_int
 
     p = Parser(prog="gpu.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18_cifar")

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     from locallearn.errors import ConfigError, LocallearnError
-    from locallearn.flags import Parser
     from locallearn.leaderboard import write_all
+    from locallearn.settings import Parser
 
     p = Parser(prog="leaderboard.py", description=__doc__.splitlines()[0])
     p.add_argument("--results", metavar="DIR",

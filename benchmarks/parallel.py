@@ -226,9 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     import locallearn.models  # noqa: F401 - registers the small-image backbones in timm
     from locallearn.errors import ConfigError, unknown_name
-    from locallearn.flags import Parser, positive_int
     from locallearn.pipeline import check_rule
     from locallearn.rules import create_rule
+    from locallearn.settings import Parser, positive_int
 
     p = Parser(prog="parallel.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18_cifar")

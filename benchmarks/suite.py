@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from locallearn.flags import Parser, positive_int
+from locallearn.settings import Parser, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "benchmarks" / "run.py"

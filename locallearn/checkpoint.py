@@ -1,19 +1,10 @@
 """Checkpoints: the whole training state at the end of an epoch, safe to load.
 
-A checkpoint is a folder ``epoch0003/``: ``model.safetensors`` (the weights, through
-safetensors, so loading them runs no code), ``state.pt`` (the trainer's optimizer,
-scheduler and scaler states, :meth:`Trainer.state_dict`, and the RNG states, read with
-``torch.load(weights_only=True)``) and ``meta.json`` (run id, epoch, identity, and the
-trainer's seconds, history and observers' states). A pipelined run's stages each write
-``stage{s}.safetensors`` and ``stage{s}.pt`` (the executor's ``files``; replica 0 of a
-stage, with every replica's RNG states), and ``meta.json`` holds the stage cut; every
-process must see the one folder. docs/reliability.md describes what a resume checks.
-
-It is written under a temporary name and renamed when complete, so a kill while
-saving leaves the previous checkpoint intact. A checkpoint folder belongs to one run:
-the run holds its lock (:func:`lock_folder`), and pruning only removes the run's own
-checkpoints. Accelerate's ``save_state`` is not used: its RNG states are pickles,
-which only unrestricted ``torch.load`` reads.
+A folder ``epoch0003/`` of the executor's ``files`` (weights through safetensors, the
+trainer's state and RNG states for ``torch.load(weights_only=True)``) and a
+``meta.json``; written under a temporary name and renamed when complete. The files,
+what a resume checks and why no pickle is loaded (so not Accelerate's ``save_state``):
+docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -40,6 +31,9 @@ FORMAT = 2  # 2: meta.json names the run (run_id)
 PREFIX = "epoch"
 LOCK = ".lock"
 META = ("history", "seconds", "observers")  # the trainer's state kept in meta.json
+# meta.json's fields and their types ("stages": pipelined runs only)
+_FIELDS = {"run_id": str, "epoch": int, "identity": dict, "seconds": (int, float),
+           "observers": list, "history": list, "stages": list}
 
 
 class CheckpointError(LocallearnError):
@@ -248,27 +242,20 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
     """
     path, meta = Path(path), _meta_json(path)
     where = f"checkpoint {str(path)!r}"
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{where} is damaged: meta.json is not a JSON object")
-    if meta.get("format") != FORMAT:
+    if isinstance(meta, dict) and meta.get("format") != FORMAT:
         raise CheckpointError(f"{where} has format {_short(meta.get('format'))}; "
                               f"this locallearn reads format {FORMAT}")
-    epoch, history, cut = meta.get("epoch"), meta.get("history"), meta.get("stages", [])
-    bad = next((key for key, ok in (
-        ("run_id", isinstance(meta.get("run_id"), str)),
-        ("identity", isinstance(meta.get("identity"), dict)),
-        ("seconds", isinstance(meta.get("seconds"), (int, float))),
-        ("observers", isinstance(meta.get("observers"), list)),
-        ("epoch", isinstance(epoch, int) and path.name == f"{PREFIX}{epoch:04d}"),
-        ("history", isinstance(history, list) and len(history) == epoch),
-        ("stages", isinstance(cut, list) and all(isinstance(s, list) for s in cut)),
-    ) if not ok), None)
-    if bad:
-        raise CheckpointError(f"{where} is damaged: meta.json has a bad or missing {bad!r} "
-                              f"({_short(meta.get(bad), 40)})")
-    saved = _described(len(cut), meta.get("replicas", 1))
+    # A damaged or hand-edited meta.json is one line, whichever field is off.
+    if not (isinstance(meta, dict) and all(
+            isinstance(meta.get(k, [] if k == "stages" else None), kind)
+            for k, kind in _FIELDS.items())
+            and path.name == f"{PREFIX}{meta['epoch']:04d}"
+            and len(meta["history"]) == meta["epoch"]):
+        raise CheckpointError(f"{where} is damaged: its meta.json is not one this run wrote")
+    cut = meta.get("stages", [])
     differs = differences(identity | {"executor": _described(stages, replicas)},
-                          meta["identity"] | {"executor": saved})
+                          meta["identity"] | {"executor": _described(len(cut),
+                                                                     meta.get("replicas", 1))})
     if run_id is not None and meta["run_id"] != run_id:
         differs.insert(0, ("run", meta["run_id"], run_id))
     if differs:
@@ -308,21 +295,6 @@ def _everywhere(read: Callable[[], Any]) -> Any:
     return value
 
 
-def _read(file: Path, reader: Callable[[Path], Any], where: str) -> Any:
-    if not file.is_file():
-        raise CheckpointError(f"{where} has no {file.name}: every process must see the one "
-                              "checkpoint folder (one machine, or a shared file system)")
-    try:
-        with warnings.catch_warnings():  # a hostile file's warnings are not the user's news
-            warnings.simplefilter("ignore")
-            return reader(file)
-    except Exception as err:  # noqa: BLE001 - any failure to read a file is damage
-        # Not the loader's own text: torch's advice to load with weights_only=False
-        # (running arbitrary code) must not be shown next to a file that may be hostile.
-        raise CheckpointError(f"{where} is damaged: {file.name} cannot be read safely "
-                              f"({type(err).__name__})") from None
-
-
 def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None = None) -> int:
     """Restore ``trainer`` from the checkpoint at ``path`` (every process its own parts);
     returns the epoch it ends.
@@ -335,23 +307,26 @@ def load(trainer, path: str | Path, identity: dict[str, Any], run_id: str | None
 
 
 def _load(trainer, path: Path, identity: dict[str, Any], run_id: str | None) -> int:
-    where, ex = f"checkpoint {str(path)!r}", trainer.executor
+    ex = trainer.executor
     stages, replicas = _executor(ex)
     meta = read_meta(path, identity, run_id, stages, replicas)
     weights_file, state_file = ex.files
-    weights = _read(path / weights_file, lambda f: load_file(str(f)), where)
-    state = _read(path / state_file, lambda f: torch.load(f, weights_only=True), where)
     own = _tensors(ex)
-    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
-        raise CheckpointError(f"{where} holds other weights than this "
-                              f"{'stage' if stages else 'model'}'s")
     try:
+        with warnings.catch_warnings():  # a hostile file's warnings are not the user's news
+            warnings.simplefilter("ignore")
+            weights = load_file(str(path / weights_file))
+            state = torch.load(path / state_file, weights_only=True)
+        if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+            raise ValueError("other weights")  # copy_ would broadcast a smaller tensor
         with torch.no_grad():
             for name, t in own.items():
                 t.copy_(weights[name])
         trainer.load_state_dict(state | {key: meta[key] for key in META})
         _set_rng_state(state["replica_rng"][ex.replica] if replicas > 1 else state["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-        raise CheckpointError(f"{where} is damaged: its saved state does not fit this run "
-                              f"({_short(err, 100)})") from None
+    except Exception as err:  # noqa: BLE001 - a file missing, unreadable or not this run's
+        # Not the loader's own text: torch's advice to load with weights_only=False
+        # (running arbitrary code) must not be shown next to a file that may be hostile.
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its files cannot be "
+                              f"loaded safely into this run ({type(err).__name__})") from None
     return meta["epoch"]

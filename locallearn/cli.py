@@ -16,10 +16,10 @@ import threading
 import time
 from typing import Any
 
-from . import flags
+from . import settings
 from .config import config_dict, parse_assignments
 from .errors import ConfigError, LocallearnError, unknown_name
-from .flags import build_parser
+from .settings import build_parser
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -57,11 +57,6 @@ class Checked:
     plane: Any
     config: Any  # the loop's TrainConfig
     identity: dict[str, Any]  # what a checkpoint must match
-
-    @property
-    def model_opts(self) -> dict[str, Any]:
-        """The model's options as it was built (``img_size`` added where it needed it)."""
-        return self.built.model_options
 
 
 def _check(args: argparse.Namespace) -> Checked:
@@ -120,7 +115,7 @@ def _check(args: argparse.Namespace) -> Checked:
     # The model the run trains, built once; before the identity, which holds its options.
     built = build_stack(args.model, model_opts, info, granularity=args.granularity,
                         num_blocks=args.blocks, split_after=args.split_after, seed=args.seed)
-    identity = flags.run_identity(args, {
+    identity = settings.run_identity(args, {
         "rule_options": rule.describe(), "model_options": built.model_options,
         "train": config_dict(config) | {"progress": None},
     })
@@ -177,17 +172,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       executor)
     # The files are taken (and checked again, now under their locks) just before the
     # first is written, so a run that fails to start leaves nothing behind.
-    taken = claim(args, checked.identity) if accelerator.is_main_process else None
+    run_id, replaces, locks = claim(args, checked.identity) if accelerator.is_main_process \
+        else (None, False, [])
     try:
-        return _fit(args, checked, trainer, taken)
+        return _fit(args, checked, trainer, run_id, replaces)
     finally:
-        if taken is not None:
-            taken.release()
+        for lock in locks:
+            lock.release()
 
 
-def _fit(args: argparse.Namespace, checked: Checked, trainer, taken) -> dict[str, Any]:
-    """Write the record and the checkpoints around ``trainer.fit()`` (``taken``: the files
-    :func:`~locallearn.outputs.claim` took; None on processes other than the main one)."""
+def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None,
+         replaces: bool) -> dict[str, Any]:
+    """Write the record and the checkpoints around ``trainer.fit()`` (``run_id``, ``replaces``:
+    as :func:`~locallearn.outputs.claim` took the files; None, False on other processes)."""
     from .checkpoint import Checkpointer
     from .outputs import record_path
     from .records import RecordWriter, build_record, hardware
@@ -195,20 +192,19 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, taken) -> dict[str
     from .trainer import Diverged
 
     accelerator, plane = trainer.accelerator, checked.plane
-    run_id = taken.run_id if taken else None
     data = trainer.data  # the augmentation and normalisation used, defaults resolved
-    values = flags.recorded_values(args) | {
+    values = settings.recorded_values(args) | {
         "augment": data.augment, "norm_mean": list(data.mean), "norm_std": list(data.std)}
     record = build_record(
         values, run_id=run_id, plugins=args.plugin,
         rule_paper=RULES.get(args.rule).meta["paper"], rule_options=checked.rule.describe(),
-        model_options=checked.model_opts, train=config_dict(checked.config),
+        model_options=checked.built.model_options, train=config_dict(checked.config),
         sources=getattr(args, "config_sources", {}),
         stack=trainer.stack, parts=trainer.parts, hardware=hardware(accelerator),
         history=trainer.history,
     )
     writer = RecordWriter(record, record_path(args), plane, accelerator.is_main_process,
-                          replaces=taken is not None and taken.replaces)
+                          replaces=replaces)
     trainer.observers = (*trainer.observers, writer)  # the record shows the plane's epoch
     if args.checkpoint_dir:
         checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints,
@@ -224,27 +220,19 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, taken) -> dict[str
             print(f"resuming after epoch {trainer.start_epoch} from {args.checkpoint_dir}")
     try:
         result = trainer.fit()
-    except Diverged as err:
-        writer.write("diverged", error=str(err))
-        _finish_trackers(accelerator)
-        accelerator.wait_for_everyone()
-        raise
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
-        writer.write("interrupted")
-        _finish_trackers(accelerator)
+    except (Diverged, KeyboardInterrupt) as err:  # KeyboardInterrupt: Ctrl-C, or SIGTERM
+        fields = {"error": str(err)} if isinstance(err, Diverged) else {}
+        writer.write("diverged" if fields else "interrupted", **fields)
+        for tracker in accelerator.trackers:  # end_training does it for a finished run
+            tracker.finish()
+        if fields:
+            accelerator.wait_for_everyone()
         raise
     writer.write("complete", test_acc=result["test_acc"], block_acc=result["block_acc"],
                  seconds=result["seconds"])
     accelerator.wait_for_everyone()
     accelerator.end_training()  # under several processes: tear the process group down
     return record
-
-
-def _finish_trackers(accelerator) -> None:
-    """Flush and close the trackers of a run that stopped early (``end_training`` does it
-    for a finished one)."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
 
 
 def rule_flags(rule: str) -> list[str]:
@@ -287,9 +275,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sources: dict[str, str] = {}
     for layer, source in ((rule, f"rule {args.rule}"), (preset, f"preset {args.preset}"),
                           (argv, "command line")):  # lowest first: a later layer wins
-        sources.update(dict.fromkeys(flags.given(layer), source))
-    args.config_sources = {f.dest: sources[f.dest] for f in flags.FLAGS if f.dest in sources
-                           and f.recorded and f.role in (flags.IDENTITY, flags.SETTING)}
+        sources.update(dict.fromkeys(settings.given(layer), source))
+    args.config_sources = {f.dest: sources[f.dest] for f in settings.FLAGS if f.dest in sources
+                           and f.recorded and f.role in (settings.IDENTITY, settings.SETTING)}
     return args
 
 
@@ -304,11 +292,10 @@ def _from_rule_and_preset(args: argparse.Namespace) -> list[str]:
         if source != "command line":
             groups.setdefault(source, {})[dest.replace("_", "-")] = getattr(args, dest)
     lines = [f"from {source}: {' '.join(to_flags(given))}" for source, given in groups.items()]
-    overridden = []
-    for name in RULES.get(args.rule).factory.training_defaults:
-        source = args.config_sources.get(name.replace("-", "_"))  # None: the flag's default
-        if source not in (None, f"rule {args.rule}"):
-            overridden.append(f"--{name} (by the {source})")
+    overridden = [f"--{name} (by the {args.config_sources[name.replace('-', '_')]})"
+                  for name in RULES.get(args.rule).factory.training_defaults
+                  if args.config_sources.get(name.replace("-", "_"), f"rule {args.rule}")
+                  != f"rule {args.rule}"]  # not given: the rule's own default
     if overridden:
         lines.append(f"rule {args.rule}'s defaults overridden: {', '.join(overridden)}")
     return lines

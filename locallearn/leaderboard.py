@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .flags import FLAGS
 from .outputs import check_folder
 from .records import RecordError, read_record, replacing
+from .settings import FLAGS
 
 __all__ = ["INTRO", "Row", "Table", "build_tables", "collect", "render_csv", "render_markdown",
            "write_all"]
 
 # Config keys that do not make a row: the flags that are not part of a row (outputs,
-# commands, the table, the seed, what changes no trained number; see flags.Flag.row),
+# commands, the table, the seed, what changes no trained number; see settings.Flag.row),
 # the loop's settings again as one dict ("train") and the --plugin list ("plugins").
 _NOT_SETTING = {f.dest for f in FLAGS if not f.in_row} | {"train", "plugins"}
 # A row flag's value in a record made before the flag existed: its default.

@@ -1,16 +1,9 @@
 """What a run writes, checked and taken before any work: the record and the checkpoints.
 
-Every path is checked when the arguments are (``run.py --check`` too): a
-folder that is a file, cannot be created or written, a bad ``--name``. Then a
-run takes its files (:func:`claim`): the record and the checkpoint folder
-belong to one run, named by its id (``run_id``, kept in both). A run refuses
-
-- a record or a checkpoint folder a running run is writing (always);
-- a finished run's record, unless ``--overwrite`` (and then that record stays
-  until the new run has finished: :class:`~locallearn.records.RecordWriter`);
-- an unfinished run's record (interrupted, or killed while running), unless
-  it resumes that run (``--resume``) or ``--overwrite``;
-- a checkpoint folder holding checkpoints, unless it resumes them.
+Every path is checked with the arguments (``run.py --check`` too); then a run takes
+its files (:func:`claim`): the record and the checkpoint folder belong to one run,
+named by its ``run_id``. Which files a run refuses, and why: docs/reliability.md
+("A record and a checkpoint folder belong to one run").
 """
 
 from __future__ import annotations
@@ -19,13 +12,13 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import flags
+from . import settings
 from .checkpoint import LOCK, complete, lock_folder, read_meta
 from .config import parse_assignments
 from .errors import OutputError
@@ -65,10 +58,10 @@ def identity_tags(args: argparse.Namespace) -> list[str]:
     The defaults are the flags' own, or the rule's ``training_defaults``
     (``args.defaults``, set by :func:`locallearn.cli.parse_args`).
     """
-    defaults = getattr(args, "defaults", None) or vars(flags.build_parser().parse_args([]))
+    defaults = getattr(args, "defaults", None) or vars(settings.build_parser().parse_args([]))
     tags: list[str] = []
-    for flag in flags.FLAGS:
-        if flag.role != flags.IDENTITY or flag.dest in IN_NAME:
+    for flag in settings.FLAGS:
+        if flag.role != settings.IDENTITY or flag.dest in IN_NAME:
             continue
         if flag.dest == "rule_opt":
             tags += [_tag(k, v) for k, v in _rule_options(args).items()]
@@ -93,9 +86,9 @@ def _rule_options(args: argparse.Namespace) -> dict[str, object]:
 def flag_tags(argv: list[str]) -> list[str]:
     """``NAME-VALUE`` for each identity or setting flag that ``argv`` gives, in ``run.py
     --help`` order: what a grid's extra flags change in every run of it."""
-    given = vars(flags.build_parser(defaults=False).parse_args(argv))
-    return [_tag(f.name, given[f.dest]) for f in flags.FLAGS
-            if f.dest in given and f.role in (flags.IDENTITY, flags.SETTING)]
+    given = vars(settings.build_parser(defaults=False).parse_args(argv))
+    return [_tag(f.name, given[f.dest]) for f in settings.FLAGS
+            if f.dest in given and f.role in (settings.IDENTITY, settings.SETTING)]
 
 
 def _tag(name: str, value: object) -> str:
@@ -112,35 +105,26 @@ def _lock_of(record: Path) -> Path:
 
 def check_folder(path: str | Path, flag: str) -> None:
     """``path`` is a folder the run can create or write into: tried, not guessed (as root,
-    ``os.access`` says yes to ``/proc``), by making a folder in it, or in the folder it
-    would be made in, and removing it again.
+    ``os.access`` says yes to ``/proc``), in a temporary folder of its own made in the
+    nearest folder that exists (never removing a folder another process may be making):
+    the folders still to be made are made there, then it is removed.
 
     Raises:
-        OutputError: it is a file, or it (or the folder it would be made in) is not writable.
+        OutputError: it is a file, or it cannot be made or written into (the system's why).
     """
     path = Path(path).expanduser()
-    if "\0" in str(path):
-        raise OutputError(f"{flag} {str(path)!r}: a path cannot hold a NUL character")
-    probe = path
     try:
-        while not probe.exists():
-            if probe.is_symlink():
-                raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is a broken link")
-            probe = probe.parent
-    except OSError as err:  # a name too long for the file system
-        raise OutputError(f"{flag} {str(path)!r}: {err.strerror}") from None
-    if not probe.is_dir():
-        what = "is a file" if probe == path else f"would be made in {str(probe)!r}, a file"
-        raise OutputError(f"{flag} {str(path)!r} {what}; give a folder")
-    try:
-        longest = os.pathconf(probe, "PC_NAME_MAX")
-        os.rmdir(tempfile.mkdtemp(prefix=".locallearn-check-", dir=probe))
-    except OSError:
-        raise OutputError(f"{flag} {str(path)!r}: {str(probe)!r} is not writable") from None
-    for name in path.relative_to(probe).parts:  # the folders still to be made
-        if len(os.fsencode(name)) > longest:
-            raise OutputError(f"{flag} {str(path)!r}: a folder name is over the "
-                              f"{longest} bytes the file system allows")
+        if path.is_file():
+            raise OutputError(f"{flag} {str(path)!r} is a file; give a folder")
+        there = next(p for p in (path, *path.parents) if p.exists())
+        tmp = tempfile.mkdtemp(prefix=".locallearn-check-", dir=there)
+        try:
+            Path(tmp, path.relative_to(there)).mkdir(parents=True, exist_ok=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        why = getattr(err, "strerror", None) or str(err)
+        raise OutputError(f"{flag} {str(path)!r} cannot be made or written: {why}") from None
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -227,22 +211,10 @@ def check_record(args: argparse.Namespace, resumes: str | None, probe: bool = Tr
                       "another --name or --output")
 
 
-@dataclass
-class Claim:
-    """The files a run has taken: its id, whether it replaces another run's record, and the
-    locks it holds until :meth:`release`."""
-
-    run_id: str
-    replaces: bool
-    locks: list[Lock]
-
-    def release(self) -> None:
-        for lock in self.locks:
-            lock.release()
-
-
-def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
-    """Take the record and the checkpoint folder for this run (the main process only).
+def claim(args: argparse.Namespace, identity: dict[str, Any]
+          ) -> tuple[str, bool, list[Lock]]:
+    """Take the record and the checkpoint folder for this run (the main process only):
+    its run id, whether it replaces another run's record, and the locks it holds.
 
     Locks first, then checks again under the locks, so two runs started at
     once cannot both pass. A record left beside this one by a replacing run that
@@ -261,4 +233,4 @@ def claim(args: argparse.Namespace, identity: dict[str, Any]) -> Claim:
         for lock in locks:
             lock.release()
         raise
-    return Claim(resumes or uuid.uuid4().hex[:16], replaces, locks)
+    return resumes or uuid.uuid4().hex[:16], replaces, locks

@@ -52,15 +52,14 @@ def _import_file(path: Path) -> None:
         raise
 
 
-def load_plugin(spec: str) -> list[str]:
-    """Import the plugin ``spec`` (a ``.py`` path or a module name); returns the names it added.
+def load_plugin(spec: str) -> None:
+    """Import the plugin ``spec`` (a ``.py`` path or a module name); loading it again is
+    harmless. A plugin that registers nothing is not refused: its rule is an unknown name.
 
     Raises:
-        ConfigError: a missing file or module, an error while importing, a
-            name clash with a registered rule, head or loss, or a plugin that
-            registers nothing.
+        ConfigError: a missing file or module, an error while importing, or a name clash
+            with a registered rule, head or loss.
     """
-    before = _registered()
     try:
         if _is_path(spec):
             if not Path(spec).is_file():
@@ -77,37 +76,11 @@ def load_plugin(spec: str) -> list[str]:
         raise ConfigError(f"plugin {spec!r}: {err}") from None
     except (Exception, SystemExit) as err:
         raise ConfigError(f"plugin {spec!r} failed to import: {_one_line(err)}") from None
-    added = sorted(_registered() - before)
-    if not added and not _already_loaded(spec):
-        raise ConfigError(f"plugin {spec!r} registered no rule, head or loss; decorate them with "
-                          "@locallearn.register_rule, register_head or register_loss")
-    return [name for _, name in added]
 
 
-def _registered() -> set[tuple[str, str]]:
-    return {(registry.kind, name) for registry in REGISTRIES for name in registry.names()}
-
-
-def _already_loaded(spec: str) -> bool:
-    """Whether a plugin imported before (so it registered nothing new this time) defines any."""
-    modules = {getattr(entry.factory, "__module__", "") for registry in REGISTRIES
-               for entry in registry}
-    if _is_path(spec):
-        return any(m.startswith(f"locallearn_plugin_{Path(spec).stem}_") for m in modules)
-    return spec in modules
-
-
-def load_plugins(specs: list[str]) -> list[str]:
-    """Load every plugin in ``specs`` and the installed entry points; returns the names added."""
-    added = load_entry_points()
-    for spec in dict.fromkeys(specs):
-        added += load_plugin(spec)
-    return added
-
-
-def load_entry_points() -> list[str]:
-    """Import the modules named in the ``locallearn.rules`` entry-point group."""
-    before = _registered()
+def load_plugins(specs: list[str]) -> None:
+    """Load the installed entry points (the ``locallearn.rules`` group), then every plugin in
+    ``specs``."""
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()
@@ -117,4 +90,5 @@ def load_entry_points() -> list[str]:
             raise ConfigError(
                 f"entry point {ep.name!r} ({ep.value}) failed to import: {_one_line(err)}"
             ) from None
-    return [name for _, name in sorted(_registered() - before)]
+    for spec in dict.fromkeys(specs):
+        load_plugin(spec)

@@ -1,17 +1,8 @@
-"""What a run checks before it loads data or writes a file: the model it will train, the
-block stack and the rule's parts, tried once on a probe batch.
-
-A setup that would fail seconds into training — a schedule that needs more
-epochs, a head that cannot read a block's output, a plugin rule that refuses
-an option only when it builds its parts, a loss that breaks on the model's
-outputs — fails here instead, in one line, in the time it takes to build the
-model and push two images through it.
-
-The model is built and split once per run (:func:`build_stack`, from the data
-set's metadata, so ``--check`` loads no data). The probe runs on a copy of that
-stack under a forked random state (:func:`check_setup`), so the run that follows
-is the same as without it: its weights, buffers, gradients, modes and random
-state are never touched.
+"""What a run checks before it loads data or writes a file: the model it will train, built
+and split once (:func:`build_stack`), and the rule's parts tried on a probe batch
+(:func:`check_setup`), so a setup that would fail seconds into training fails here, in
+one line. docs/architecture.md ("Errors") says what is tried and why the run after it
+is the same as without it.
 """
 
 from __future__ import annotations
@@ -75,10 +66,7 @@ def check_setup(rule: Rule, stack: nn.Module, info: DataInfo, *, epochs: int, ba
     at once, no optimizer step) and one evaluation pass of :data:`PROBE_IMAGES` random
     images, after :func:`~locallearn.trainer.check_plan`. ``mean``/``std``: None for a
     neutral normalisation (the images are random); ``model``: its name, for messages.
-
-    The copy keeps the run's stack as it was (the pass moves BatchNorm statistics, leaves
-    gradients, and a rule may freeze or hook blocks); the forked random state keeps the
-    run's draws (the rule's heads are drawn here too).
+    The copy and a forked random state keep the run's stack and draws as they were.
 
     Raises:
         LocallearnError: as the rule raised it, or a one-line :class:`ConfigError` for any
@@ -151,11 +139,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
-
-
-def create_model(name: str, num_classes: int, options: dict[str, Any], image_size) -> nn.Module:
-    """The model of :func:`build_model`, without the options it was built with."""
-    return build_model(name, num_classes, options, image_size)[0]
 
 
 def build_model(name: str, num_classes: int, options: dict[str, Any], image_size

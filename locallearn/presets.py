@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, unknown_name
-from .flags import BY_NAME, build_parser
+from .settings import BY_NAME, build_parser
 
 __all__ = ["Preset", "PresetRun", "list_presets", "load_preset", "preset_dir"]
 

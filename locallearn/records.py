@@ -329,7 +329,7 @@ def build_record(values: dict[str, Any], *, run_id: str | None, plugins: list[st
 
     Args:
         values: the command line's flags recorded as given, by dest
-            (:func:`locallearn.flags.recorded_values`).
+            (:func:`locallearn.settings.recorded_values`).
         run_id: the run's id, shared with its checkpoints (None on processes other than
             the main one, which write nothing).
         sources: where each set flag of ``values`` got its value, by dest

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from locallearn import cli, flags
+from locallearn import cli, settings
 from locallearn.data import AUGMENTS, load_dataset
 from locallearn.errors import ConfigError
 
@@ -19,42 +19,42 @@ IDENTITY_KEYS = {"model", "model_options", "rule", "rule_options", "dataset", "t
 
 
 def test_every_flag_is_declared_once_with_a_role():
-    names = [f.name for f in flags.FLAGS]
+    names = [f.name for f in settings.FLAGS]
     assert len(names) == len(set(names))
-    assert {f.role for f in flags.FLAGS} == {flags.IDENTITY, flags.SETTING, flags.OUTPUT,
-                                             flags.COMMAND}
-    parser = flags.build_parser()
+    assert {f.role for f in settings.FLAGS} == {settings.IDENTITY, settings.SETTING,
+                                                settings.OUTPUT, settings.COMMAND}
+    parser = settings.build_parser()
     given = {o for a in parser._actions for o in a.option_strings} - {"-h", "--help"}
     assert given == {f"--{n}" for n in names}
 
 
 def test_the_checkpoint_identity_comes_from_the_identity_and_setting_roles():
-    args = flags.build_parser().parse_args(["--blocks", "4", "--rule-opt", "aux_hidden=8"])
+    args = settings.build_parser().parse_args(["--blocks", "4", "--rule-opt", "aux_hidden=8"])
     train = {"epochs": 10, "seed": 0, "progress": None}
-    identity = flags.run_identity(args, {"rule_options": {"aux_hidden": 8},
+    identity = settings.run_identity(args, {"rule_options": {"aux_hidden": 8},
                                          "model_options": {}, "train": train})
     assert set(identity) == IDENTITY_KEYS
     assert identity["num_blocks"] == 4 and identity["rule_options"] == {"aux_hidden": 8}
     assert identity["train"] is train and identity["model"] == "resnet18_cifar"
     # Outputs and commands may change between a run and its resume; settings may not.
-    other = flags.build_parser().parse_args(
+    other = settings.build_parser().parse_args(
         ["--blocks", "4", "--output", "elsewhere", "--resume", "--no-progress", "--overwrite"])
     resolved = {"rule_options": {"aux_hidden": 8}, "model_options": {}, "train": train}
-    assert flags.run_identity(other, resolved) == identity
-    probe = flags.build_parser().parse_args(["--blocks", "4", "--probe-size", "64"])
-    assert flags.run_identity(probe, resolved)["probe_size"] == 64
+    assert settings.run_identity(other, resolved) == identity
+    probe = settings.build_parser().parse_args(["--blocks", "4", "--probe-size", "64"])
+    assert settings.run_identity(probe, resolved)["probe_size"] == 64
 
 
 def test_recorded_values_leave_out_commands_and_unresolved_options():
-    args = flags.build_parser().parse_args(["--rule-opt", "a=1", "--check"])
-    values = flags.recorded_values(args)
+    args = settings.build_parser().parse_args(["--rule-opt", "a=1", "--check"])
+    values = settings.recorded_values(args)
     assert not {"rule_opt", "model_opt", "plugin", "check", "list_rules"} & set(values)
     assert values["rule"] == "e2e" and values["milestones"] == (0.5, 0.75)
 
 
 def test_parser_errors_are_config_errors():
     with pytest.raises(ConfigError, match="--epochs: must be a positive integer; got '0'"):
-        flags.build_parser().parse_args(["--epochs", "0"])
+        settings.build_parser().parse_args(["--epochs", "0"])
 
 
 SEED_NORM = ["--augment", "flip", "--norm-mean", "0.4914,0.4822,0.4465",
@@ -62,13 +62,13 @@ SEED_NORM = ["--augment", "flip", "--norm-mean", "0.4914,0.4822,0.4465",
 
 
 def test_data_settings_parse_and_default_to_the_data_sets_own():
-    args = flags.build_parser().parse_args(SEED_NORM)
+    args = settings.build_parser().parse_args(SEED_NORM)
     # lists, as a checkpoint's stored identity gives them back
     assert args.augment == "flip" and args.norm_mean == [0.4914, 0.4822, 0.4465]
     assert args.norm_std == [0.2023, 0.1994, 0.2010]
-    plain = flags.build_parser().parse_args([])
+    plain = settings.build_parser().parse_args([])
     assert plain.augment is plain.norm_mean is plain.norm_std is None
-    assert flags.BY_NAME["augment"].choices == AUGMENTS
+    assert settings.BY_NAME["augment"].choices == AUGMENTS
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -83,7 +83,7 @@ def test_data_settings_parse_and_default_to_the_data_sets_own():
 ])
 def test_bad_data_settings_are_one_line_refusals(argv, message):
     with pytest.raises(ConfigError) as info:
-        flags.build_parser().parse_args(argv)
+        settings.build_parser().parse_args(argv)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -124,7 +124,7 @@ def test_model_option_switches_read_as_presets_write_them():
 
 
 def test_help_describes_every_flag_and_shows_every_default():
-    from locallearn.flags import FLAGS, build_parser
+    from locallearn.settings import FLAGS, build_parser
 
     text = " ".join(build_parser().format_help().split())
     assert "None" not in text
@@ -145,7 +145,7 @@ def test_the_loops_flags_are_train_configs_fields_and_build_it():
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig) if "flag" in f.metadata}
     assert [f.dest for f in TRAIN_FLAGS] == list(fields)
-    assert {f.dest for f in flags.FLAGS if f.identity_key == flags.TRAIN} == set(fields)
+    assert {f.dest for f in settings.FLAGS if f.identity_key == settings.TRAIN} == set(fields)
     hints = typing.get_type_hints(TrainConfig)
     for flag in TRAIN_FLAGS:
         assert (flag.kind == "switch") == (hints[flag.dest] is bool)
@@ -155,7 +155,7 @@ def test_the_loops_flags_are_train_configs_fields_and_build_it():
             "--schedule", "multistep", "--milestones", "0.3", "--gamma", "0.5", "--max-loss",
             "9", "--seed", "4", "--channels-last", "--compile", "default",
             "--recompute-blocks", "--optimizer-impl", "loop", "--no-progress"]
-    config = TrainConfig.from_flags(flags.build_parser().parse_args(argv))
+    config = TrainConfig.from_flags(settings.build_parser().parse_args(argv))
     assert config == TrainConfig(3, 8, 5, 0.5, "adamw", 0.5, True, 0.0, "multistep", (0.3,),
                                  0.5, 9.0, 4, True, "default", True, "loop", progress=False)
     # every field was given a value other than its default, so each is read from its flag
@@ -178,7 +178,7 @@ def test_the_planes_flags_are_plane_settings_fields_and_build_it():
         assert field.default == keywords[field.name].default, field.name
     argv = ["--plane-every", "3", "--probe-size", "64", "--probe-split", "test",
             "--plane-distance", "euclidean"]
-    settings = PlaneSettings.from_flags(flags.build_parser().parse_args(argv))
-    plane = InformationPlane(**dataclasses.asdict(settings))
+    chosen = PlaneSettings.from_flags(settings.build_parser().parse_args(argv))
+    plane = InformationPlane(**dataclasses.asdict(chosen))
     assert (plane.every, plane.probe_size, plane.split, plane.distance) == (
         3, 64, "test", "euclidean")

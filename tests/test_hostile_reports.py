@@ -239,7 +239,7 @@ def test_a_file_that_is_no_leaderboard_csv_needs_force(results, tmp_path, capsys
     (["--results", "{tmp}/missing"], "no folder '{tmp}/missing' of run records: it does not"),
     (["--results", "{tmp}/a_file"], "of run records: it is a file, not a folder"),
     (["--docs", "{tmp}/a_file"], "output folder '{tmp}/a_file' is a file; give a folder"),
-    (["--docs", "{tmp}/a_file/sub"], "would be made in '{tmp}/a_file', a file"),
+    (["--docs", "{tmp}/a_file/sub"], "cannot be made or written: Not a directory"),
     (["--docs", "{tmp}/docs_md_folder"], "leaderboard.md' is a folder"),
     (["--docs", "{tmp}/docs_figures_file"], "figures' is a file, not a folder for the figures"),
 ])

@@ -20,10 +20,11 @@ PACKAGE = "locallearn"
 FLOORS: list[tuple[str, ...]] = [
     # maths and basics
     ("errors",),
-    ("version", "registry", "config", "settings", "measure", "hsic", "optim", "recompute",
-     "step", "observers"),  # settings: the loop's settings and their flags
+    ("version", "registry", "config", "measure", "hsic", "optim", "recompute", "step",
+     "observers"),
     ("losses", "heads", "models", "models.*", "data", "transport", "replay", "stages"),
-    ("adapters", "objectives"),  # adapters lay out the models' families for blocks
+    ("adapters", "objectives", "settings"),  # adapters lay out the models' families for blocks;
+    # settings: every flag, the loop's settings among them (its --dataset help names data's)
     ("blocks",),
     # rules
     ("rules", "rules.*"),
@@ -31,7 +32,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("trainer", "analysis", "analysis.plane"),
     ("pipeline",),  # the pipelined executor plugs into the loop (trainer.Trainer)
     # records and the command line
-    ("records", "flags", "bench", "plugins", "trackers", "preflight"),  # preflight probes parts
+    ("records", "bench", "plugins", "trackers", "preflight"),  # preflight probes parts
     ("checkpoint", "presets", "analysis.plots"),  # checkpoint writes with records.write_json
     ("outputs",),  # a run's record and checkpoints, checked and taken
     ("leaderboard", "cli"),  # leaderboard draws with analysis.plots

@@ -93,8 +93,9 @@ def test_plugin_rules_register_in_process(tmp_path):
     plugin = tmp_path / "inproc_rules.py"
     plugin.write_text(tutorial_code().replace('"random_features"', '"random_features_inproc"'))
     try:
-        assert load_plugin(str(plugin)) == ["random_features_inproc"]
-        assert load_plugin(str(plugin)) == []  # loading it again is harmless
+        load_plugin(str(plugin))
+        assert "random_features_inproc" in RULES
+        load_plugin(str(plugin))  # loading it again is harmless
     finally:
         RULES.unregister("random_features_inproc")
 
@@ -103,7 +104,6 @@ BAD_PLUGINS = {
     "missing": (None, "plugin file '{path}' not found"),
     "raises": ("import math\nx = 1 / 0\n", "failed to import: ZeroDivisionError: division by zero"),
     "syntax": ("def broken(:\n", "failed to import: SyntaxError"),
-    "empty": ("X = 1\n", "registered no rule"),
     "clash": (
         "import locallearn\n\n@locallearn.register_rule('e2e', paper='x')\n"
         "class Clash(locallearn.Rule):\n    pass\n",
@@ -152,7 +152,7 @@ def test_the_auxiliary_head_tutorial_builds_its_parts_from_the_helpers(tmp_path)
     plugin = tmp_path / "my_sparse.py"
     plugin.write_text(tutorial_code(block=1))
     try:
-        assert load_plugin(str(plugin)) == ["sparse_heads"]
+        load_plugin(str(plugin))
         model = timm.create_model("resnet32_cifar", num_classes=10)
         stack = split(model, "block", input_size=(3, 16, 16))
         import torch

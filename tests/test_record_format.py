@@ -14,7 +14,7 @@ import shutil
 import pytest
 from conftest import ROOT
 
-from locallearn import flags
+from locallearn import settings
 from locallearn.cli import EXIT_DIVERGED, main
 from locallearn.records import FIELDS as CHECKED
 from locallearn.records import STATUSES, read_record
@@ -50,8 +50,8 @@ FIELDS = {path: {row["field"]: row for row in rows}
           for path, rows in DOC.items() if rows and "when" in rows[0]}
 # What the page's wildcard rows stand for, read from the flags' one declaration.
 EXPANDS = {
-    "<flag>": {f.dest for f in flags.FLAGS if f.recorded},
-    "<loop flag>": {f.dest for f in flags.FLAGS if f.identity_key == flags.TRAIN},
+    "<flag>": {f.dest for f in settings.FLAGS if f.recorded},
+    "<loop flag>": {f.dest for f in settings.FLAGS if f.identity_key == settings.TRAIN},
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from locallearn import cli, flags, split
+from locallearn import cli, settings, split
 from locallearn.blocks import cut_after
 from locallearn.errors import ConfigError
 
@@ -45,10 +45,10 @@ def test_split_groups_the_model_at_the_named_blocks_and_stays_exact():
 
 
 def test_the_flag_parses_names_and_refuses_empty_ones():
-    parser = flags.build_parser()
+    parser = settings.build_parser()
     args = parser.parse_args(["--split-after", "layer1.4, layer2.3"])
     assert args.split_after == ["layer1.4", "layer2.3"]
-    identity = flags.run_identity(args, {"rule_options": {}, "model_options": {}, "train": {}})
+    identity = settings.run_identity(args, {"rule_options": {}, "model_options": {}, "train": {}})
     assert json.loads(json.dumps(identity)) == identity  # a checkpoint's copy matches
     assert parser.parse_args([]).split_after is None
     with pytest.raises(ConfigError, match="must be comma-separated block names"):

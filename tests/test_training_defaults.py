@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import ROOT
 
-from locallearn import Rule, cli, flags, list_rules, register_rule
+from locallearn import Rule, cli, list_rules, register_rule, settings
 from locallearn.errors import ConfigError
 from locallearn.rules.base import DEFAULTABLE, RULES
 
@@ -44,8 +44,8 @@ def scratch_rule():
 
 def test_the_defaultable_flags_are_the_model_and_the_presettable_loop_settings():
     # What is trained; not how fast (--channels-last, --compile, ...: settings).
-    loop = {f.name for f in flags.FLAGS
-            if f.identity_key == flags.TRAIN and f.role == flags.IDENTITY and f.presettable}
+    loop = {f.name for f in settings.FLAGS
+            if f.identity_key == settings.TRAIN and f.role == settings.IDENTITY and f.presettable}
     assert set(DEFAULTABLE) == loop | {"model"}
 
 
@@ -65,7 +65,7 @@ def test_forward_forward_picks_its_declared_defaults_where_nothing_else_is_set()
     assert "momentum" not in args.config_sources  # run.py's own default
     e2e = cli.parse_args(["--rule", "e2e"])  # a rule without declared defaults: run.py's
     for name in ("model", "optimizer", "lr", "batch-size"):
-        flag = flags.BY_NAME[name]
+        flag = settings.BY_NAME[name]
         assert getattr(e2e, flag.dest) == flag.default and flag.dest not in e2e.config_sources
 
 

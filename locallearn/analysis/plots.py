@@ -30,9 +30,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..errors import ConfigError, DataError, LocallearnError, unknown_name
-from ..flags import Parser
 from ..hsic import adjust_for_chance
 from ..records import read_record, replacing
+from ..settings import Parser
 
 __all__ = ["FORMS", "KINDS", "draw", "main", "save_figure", "with_adjusted"]
 
