@@ -24,7 +24,7 @@ def test_lambda_schedule_is_linear_between_the_endpoints():
 
 @pytest.mark.parametrize("shape", [(2, 64, 32, 32), (2, 256, 8, 8)])
 def test_decoder_output_matches_the_input_shape(shape):
-    out = Decoder(shape[1], (32, 32))(torch.randn(shape))
+    out = Decoder(shape, (3, 32, 32))(torch.randn(shape))
     assert out.shape == (2, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
 
 
