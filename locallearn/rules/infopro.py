@@ -60,21 +60,11 @@ def lambda_schedule(first: tuple[float, float], last: tuple[float, float],
 class InfoPro(LocalRule):
     """InfoPro (Wang, Ni, Song, Yang & Huang, ICLR 2021).
 
-    Each block of the stack is a part: ``--split-after`` cuts it at the
-    reference's fixed points (``networks/configs.py`` of
-    blackfeather-wang/InfoPro-Pytorch), ``--blocks K`` into K parts balanced by
-    activation memory, as InfoPro* does. Every part but the last minimises
-    ``lambda1 * reconstruction + lambda2 * auxiliary loss``: a small decoder
-    rebuilds the input image from the part's output (binary cross-entropy
-    against the image in [0, 1]), and an auxiliary net (the reference's
-    ``1c2f``) gives a projection for the supervised contrastive loss (or
-    class scores for ``aux_loss=ce``). The weights are interpolated linearly
-    from ``lambda_first`` at the first part to ``lambda_last`` at the last
-    local part. The last part trains with the model's head and plain
-    cross-entropy.
-
-    The decoder's target is the network input mapped back to [0, 1]
-    (:meth:`~locallearn.step.Step.image`), which every step carries.
+    Every part but the last minimises ``lambda1 * reconstruction + lambda2 * auxiliary
+    loss`` (a decoder rebuilding the input image, :meth:`~locallearn.step.Step.image`,
+    and the ``1c2f`` net under a contrastive loss), the weights linear from
+    ``lambda_first`` to ``lambda_last``; the last part trains with the model's head.
+    docs/rules.md#infopro compares it with blackfeather-wang/InfoPro-Pytorch.
     """
 
     Config = InfoProConfig
