@@ -191,27 +191,22 @@ class ReducedLinear(nn.Module):
 
 
 class ConvPoolLinear(nn.Module):
-    """``depth`` 3x3 conv-BN-ReLU layers, average pooling to ``side`` x ``side``, a linear layer.
+    """A 3x3 conv-BN-ReLU layer, global average pooling, a linear layer (or an MLP).
 
-    The shape of two heads of the literature: the layer-wise ``conv`` head
-    (one conv, global pooling) and InfoPro's ``1c2f`` net (one conv, strided below 64 channels,
-    global pooling, an MLP). ``side`` 1 pools globally, ``hidden`` 0 has no hidden layer,
-    ``width`` 0 keeps ``channels``; ``stride`` is the first conv's.
+    The shape of two heads of the literature: the layer-wise ``conv`` head and InfoPro's
+    ``1c2f`` net (strided below 64 channels, an MLP). ``hidden`` 0 has no hidden layer,
+    ``width`` 0 keeps ``channels``; ``stride`` is the conv's.
     """
 
-    def __init__(self, channels: int, out: int, depth: int = 1, side: int = 1, hidden: int = 0,
-                 width: int = 0, stride: int = 1):
+    def __init__(self, channels: int, out: int, hidden: int = 0, width: int = 0,
+                 stride: int = 1):
         super().__init__()
         width = width or channels
-        self.convs = nn.Sequential(*conv_bn_relu(channels, width, 3, depth, stride))
-        self.side = side
-        self.fc = PoolLinear(width * side * side, out, hidden)
+        self.convs = nn.Sequential(*conv_bn_relu(channels, width, 3, 1, stride))
+        self.fc = PoolLinear(width, out, hidden)  # it pools globally
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.convs(h)
-        if self.side > 1:
-            return self.fc(F.adaptive_avg_pool2d(z, self.side).flatten(1))
-        return self.fc(z)  # PoolLinear pools globally
+        return self.fc(self.convs(h))
 
 
 @register_head("conv", role="classifier", needs="map",

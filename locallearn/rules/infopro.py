@@ -40,15 +40,6 @@ class InfoProConfig(LocalConfig):
                               f"got {self.decoder_width}")
 
 
-def lambda_schedule(first: tuple[float, float], last: tuple[float, float],
-                    local_parts: int) -> list[tuple[float, float]]:
-    """(lambda1, lambda2) of each local part, linear from ``first`` to ``last``."""
-    if local_parts == 1:
-        return [tuple(first)]
-    return [tuple(a + (b - a) * k / (local_parts - 1) for a, b in zip(first, last, strict=True))
-            for k in range(local_parts)]
-
-
 @register_rule(
     "infopro",
     paper=(
@@ -73,13 +64,11 @@ class InfoPro(LocalRule):
     shown = ("lambda_first", "lambda_last", "aux_loss", "temperature", "decoder_width",
              "recompute_heads")
 
-    def lambdas(self, local_parts: int) -> list[tuple[float, float]]:
-        """The (lambda1, lambda2) of each of ``local_parts`` local parts."""
-        first = self.config.lambda_first or ((5.0, 0.5) if local_parts == 1 else (5.0, 0.0))
-        return lambda_schedule(first, self.config.lambda_last, local_parts)
-
     def weights(self, k, local_parts):
-        recon, aux = self.lambdas(local_parts)[k]
+        """Part ``k``'s (lambda1, lambda2), linear from ``lambda_first`` to ``lambda_last``."""
+        first = self.config.lambda_first or ((5.0, 0.5) if local_parts == 1 else (5.0, 0.0))
+        recon, aux = (a + (b - a) * k / max(local_parts - 1, 1)
+                      for a, b in zip(first, self.config.lambda_last, strict=True))
         return {"reconstruction": recon, "loss": aux}
 
     def recompute(self, heads):
