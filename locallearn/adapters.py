@@ -19,13 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.models._features import FeatureInfo
 from timm.models.convnext import ConvNeXt
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.resnet import ResNet
 from timm.models.vgg import VGG
-from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from locallearn.errors import SplitError
@@ -58,18 +57,22 @@ def _isotropic(blocks: nn.Sequential) -> list[Stage]:
     return [Stage(f"blocks.{i}", [(f"blocks.{i}", b)], b) for i, b in enumerate(blocks)]
 
 
-class ResNetHead(nn.Module):
-    """timm ResNet's ``forward_head``: pool, functional dropout (rate read at split time), fc."""
+class TimmHead(nn.Module):
+    """The model's ``forward_head``, run by timm's own code on the model's modules and
+    settings named in ``keep`` (values such as ResNet's dropout rate are read at split
+    time); with ``final_norm``, the ``norm`` that ends ``forward_features`` runs first."""
 
-    def __init__(self, model: ResNet):
+    def __init__(self, model: nn.Module, keep: tuple[str, ...], final_norm: bool = False):
         super().__init__()
-        self.global_pool, self.fc, self.drop_rate = model.global_pool, model.fc, model.drop_rate
+        self.family, self.final_norm = type(model), final_norm
+        for name in keep + (("norm",) if final_norm else ()):
+            setattr(self, name, getattr(model, name))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:  # ViT's forward_head pools by its method
+        return self.family.pool(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return self.fc(x)
+        return self.family.forward_head(self, self.norm(x) if self.final_norm else x)
 
 
 def resnet_layout(model: ResNet) -> Layout:
@@ -78,7 +81,7 @@ def resnet_layout(model: ResNet) -> Layout:
     layers = (model.layer1, model.layer2, model.layer3, model.layer4)
     stages = [Stage(f"layer{i}", [(f"layer{i}.{j}", b) for j, b in enumerate(layer)], layer)
               for i, layer in enumerate(layers, 1)]
-    return Layout(stem, stages, ResNetHead(model))
+    return Layout(stem, stages, TimmHead(model, ("global_pool", "fc", "drop_rate")))
 
 
 def vgg_layout(model: VGG | CifarVGG) -> Layout:
@@ -139,87 +142,35 @@ def convnext_layout(model: ConvNeXt) -> Layout:
 
 
 class VitEmbed(nn.Module):
-    """The ViT embedding step as a block, holding the model's own parameters.
-
-    Mirrors ``VisionTransformer.forward_features`` up to the blocks: patch
-    embedding, class/register tokens, position embedding, pos_drop,
-    patch_drop, norm_pre (``_pos_embed`` without dynamic image size).
-    """
+    """The ViT embedding step as a block, holding the model's own parameters: what
+    ``VisionTransformer.forward_features`` runs before the blocks, by timm's own code
+    (patch embedding, ``_pos_embed`` without dynamic image size, patch_drop, norm_pre)."""
 
     def __init__(self, model: VisionTransformer):
         super().__init__()
-        self.patch_embed = model.patch_embed
-        self.cls_token, self.reg_token = model.cls_token, model.reg_token
-        self.pos_embed = model.pos_embed
-        self.no_embed_class = model.no_embed_class
-        self.pos_drop, self.patch_drop = model.pos_drop, model.patch_drop
-        self.norm_pre = model.norm_pre
+        for name in ("patch_embed", "cls_token", "reg_token", "pos_embed", "no_embed_class",
+                     "pos_drop", "patch_drop", "norm_pre"):
+            setattr(self, name, getattr(model, name))
+        self.dynamic_img_size = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
-        tokens = [t.expand(x.shape[0], -1, -1) for t in prefix]
-        if self.pos_embed is None:
-            # timm returns here, skipping pos_drop.
-            x = torch.cat(tokens + [x.view(x.shape[0], -1, x.shape[-1])], dim=1)
-        elif self.no_embed_class:
-            x = x + self.pos_embed
-            x = torch.cat(tokens + [x], dim=1) if tokens else x
-            x = self.pos_drop(x)
-        else:
-            x = torch.cat(tokens + [x], dim=1) if tokens else x
-            x = self.pos_drop(x + self.pos_embed)
+        x = VisionTransformer._pos_embed(self, self.patch_embed(x))
         return self.norm_pre(self.patch_drop(x))
-
-
-class VitHead(nn.Module):
-    """ViT's final norm, token pooling, fc_norm, head_drop and classifier."""
-
-    def __init__(self, model: VisionTransformer):
-        super().__init__()
-        self.norm, self.fc_norm = model.norm, model.fc_norm
-        self.head_drop, self.head = model.head_drop, model.head
-        self.pool_type = model.global_pool
-        self.num_prefix_tokens = model.num_prefix_tokens
-        self.pool_include_prefix = model.pool_include_prefix
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = global_pool_nlc(
-            self.norm(x),
-            pool_type=self.pool_type,
-            num_prefix_tokens=self.num_prefix_tokens,
-            reduce_include_prefix=self.pool_include_prefix,
-        )
-        return self.head(self.head_drop(self.fc_norm(x)))
 
 
 def vit_layout(model: VisionTransformer) -> Layout:
     """Embedding step, then each transformer block; refuses what it does not reproduce."""
     if model.dynamic_img_size:
         raise SplitError("dynamic_img_size=True is not supported")
-    if model.attn_pool is not None:
-        raise SplitError(f"attention pooling (global_pool={model.global_pool!r}) is not supported")
-    return Layout(VitEmbed(model), _isotropic(model.blocks), VitHead(model))
-
-
-class MixerHead(nn.Module):
-    """MLP-Mixer's final norm, token mean, head_drop and classifier."""
-
-    def __init__(self, model: MlpMixer):
-        super().__init__()
-        self.norm, self.head_drop, self.head = model.norm, model.head_drop, model.head
-        self.global_pool = model.global_pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        return self.head(self.head_drop(x))
+    keep = ("attn_pool", "global_pool", "num_prefix_tokens", "pool_include_prefix", "fc_norm",
+            "head_drop", "head")
+    return Layout(VitEmbed(model), _isotropic(model.blocks), TimmHead(model, keep, True))
 
 
 def mixer_layout(model: MlpMixer) -> Layout:
     """Patch embedding, then each mixer block."""
-    return Layout(model.stem, _isotropic(model.blocks), MixerHead(model))
+    head = TimmHead(model, ("global_pool", "head_drop", "head"), final_norm=True)
+    return Layout(model.stem, _isotropic(model.blocks), head)
 
 
 def generic_layout(model: nn.Module) -> Layout:

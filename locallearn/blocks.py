@@ -26,7 +26,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-import timm
 import torch
 from torch import nn
 
@@ -80,15 +79,14 @@ class BlockStack(nn.Module):
 
 
 def split(
-    model: nn.Module | str,
+    model: nn.Module,
     granularity: str = "stage",
     num_blocks: int | None = None,
     input_size: tuple[int, int, int] | None = None,
     verify: bool = True,
     split_after: Sequence[str] | None = None,
-    **create_kwargs,
 ) -> BlockStack:
-    """Split a timm model (or a model name, created with ``create_kwargs``) into a proven stack.
+    """Split a timm model into a proven stack.
 
     ``num_blocks`` groups the block-level blocks into that many contiguous parts
     of balanced activation memory (bytes saved for backward, measured once on a
@@ -98,11 +96,10 @@ def split(
     (the patch embedding's image size for ViT/Mixer, else ``pretrained_cfg``).
 
     Raises:
-        ConfigError: unknown model name or granularity, ``num_blocks`` out of range,
+        ConfigError: unknown granularity, ``num_blocks`` out of range,
             a ``split_after`` that :func:`cut_after` refuses, or both of them given.
         SplitError: the model cannot be split correctly.
     """
-    model = _create(model, create_kwargs)
     if granularity not in GRANULARITIES:
         raise unknown_name("granularity", granularity, GRANULARITIES)
     if num_blocks is not None and split_after:
@@ -165,8 +162,8 @@ def cut_after(names: Sequence[str], after: Sequence[str], model: str = "") -> li
     ``cut_after(["stem", "layer1.0", "layer1.1", "layer2.0"], ["layer1.0"])`` is
     ``[[0, 1], [2, 3]]``: the stem and ``layer1.0``, then the rest. ``len(after) + 1``
     parts; the blocks before the first cut (the stem with them) are the first part.
-    An unknown name (the closest names, or all of them, named), a name given twice,
-    names out of forward order or the last block (whose part would be empty) are a
+    An unknown name (the closest names, or all of them, named), names out of forward
+    order or given twice, or the last block (whose part would be empty) are a
     ConfigError; ``model`` names the model in messages.
     """
     names = list(names)
@@ -178,14 +175,10 @@ def cut_after(names: Sequence[str], after: Sequence[str], model: str = "") -> li
             hint = f"did you mean {', '.join(close)}?" if close else (
                 f"blocks in order: {', '.join(names)}")
             raise ConfigError(f"split_after: unknown block {name!r}{at}; {hint}")
-    twice = [n for n, count in Counter(after).items() if count > 1]
-    if twice:
-        raise ConfigError(f"split_after names block {twice[0]!r} twice")
     ends = [index[n] for n in after]
-    for prev, end in itertools.pairwise(ends):
-        if end < prev:
-            raise ConfigError(f"split_after must name blocks in forward order; {names[end]!r} "
-                              f"comes before {names[prev]!r}")
+    if any(end <= prev for prev, end in itertools.pairwise(ends)):
+        raise ConfigError(f"split_after must name distinct blocks in forward order; got "
+                          f"{', '.join(after)}")
     if ends and ends[-1] == len(names) - 1:
         raise ConfigError(f"split_after cannot cut after {names[-1]!r}, the last block{at}: "
                           "the part after it would be empty")
@@ -233,16 +226,6 @@ def saved_bytes_per_block(stack: BlockStack, input_size: tuple[int, int, int]) -
             x = y.detach()
             del y  # frees this block's graph before the next one runs
     return costs
-
-
-def _create(model: nn.Module | str, create_kwargs: dict) -> nn.Module:
-    if isinstance(model, nn.Module):
-        if create_kwargs:
-            raise ConfigError(f"options {sorted(create_kwargs)} only apply to a model name")
-        return model
-    if ":" not in model and not timm.is_model(model):  # "hf-hub:..." names are not listed
-        raise unknown_name("model", model, timm.list_models())
-    return timm.create_model(model, **create_kwargs)
 
 
 def _model_name(model: nn.Module) -> str:

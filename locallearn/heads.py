@@ -18,7 +18,6 @@ shape ``out``), or ``similarity`` (features for predsim's similarity matching).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,26 +28,10 @@ from torch import nn
 from .errors import ConfigError
 from .registry import Registry
 
-HEADS = Registry("head", required=("role", "summary"))
 ROLES = ("classifier", "decoder", "similarity")
-
-
-def register_head(name: str, **meta: Any):
-    """Register a head factory ``f(shape, out, **options) -> nn.Module`` under ``name``.
-
-    ``meta``: ``role`` (one of :data:`ROLES`) and ``summary`` are required;
-    ``needs="map"`` for heads that need ``(B, C, H, W)`` inputs; ``paper``.
-    """
-    if meta.get("role") not in ROLES:
-        raise ConfigError(f"head {name!r}: role must be one of {', '.join(ROLES)}; "
-                          f"got {meta.get('role')!r}")
-
-    def decorate(factory):
-        params = inspect.signature(factory).parameters
-        options = tuple(p for p in params if p not in ("shape", "out"))
-        return HEADS.register(name, options=options, **meta)(factory)
-
-    return decorate
+HEADS = Registry("head", required=("role", "summary"), choices={"role": ROLES})
+#: Register a head factory ``f(shape, out, **options) -> nn.Module`` (see the module docstring).
+register_head = HEADS.register
 
 
 def list_heads(role: str | None = None) -> list[str]:
@@ -70,20 +53,19 @@ def build_head(name: str, shape: Sequence[int], out: Any, where: str = "",
         ConfigError: an unknown head (close matches named), a feature-map head
             on a block that outputs tokens or vectors, or an option it does not take.
     """
-    entry = HEADS.get(name)
+    entry, takes = HEADS.get(name), HEADS.options(name)
     at = f"{where}: " if where else ""
     given = {k: v for k, v in options.items() if v not in (0, None, ())}
-    extra = sorted(set(given) - set(entry.meta["options"]))
+    extra = sorted(set(given) - set(takes))
     if extra:
-        takes = ", ".join(entry.meta["options"]) or "no options"
-        raise ConfigError(f"{at}head {name!r} takes {takes}; got {extra[0]}={given[extra[0]]}")
+        raise ConfigError(f"{at}head {name!r} takes {', '.join(takes) or 'no options'}; "
+                          f"got {extra[0]}={given[extra[0]]}")
     if entry.meta.get("needs") == "map" and len(shape) != 4:
         anywhere = [n for n in list_heads(entry.meta["role"])
                     if HEADS.get(n).meta.get("needs") != "map"]
         raise ConfigError(f"{at}head {name!r} needs (B, C, H, W) block outputs, not "
                           f"{tuple(shape)}; use --rule-opt {option}={' or '.join(anywhere)}")
-    kwargs = {k: v for k, v in options.items() if k in entry.meta["options"]}
-    return entry.factory(torch.Size(shape), out, **kwargs)
+    return HEADS.build(name, torch.Size(shape), out, **options)
 
 
 def pool(h: torch.Tensor) -> torch.Tensor:
@@ -117,6 +99,19 @@ class PoolLinear(nn.Module):
         return self.fc(pool(h))
 
 
+@register_head("linear", role="classifier",
+               summary="global average pool + linear (a hidden ReLU layer with hidden > 0)")
+def linear(shape, out, hidden: int = 0):
+    return PoolLinear(channels_of(shape), out, hidden)
+
+
+@register_head("mlp", role="classifier",
+               summary="global average pool + hidden ReLU layer (width hidden, else the "
+                       "pooled size) + linear")
+def mlp(shape, out, hidden: int = 0):
+    return PoolLinear(channels_of(shape), out, hidden or channels_of(shape))
+
+
 def reduced_pool(shape: Sequence[int],
                  features: int = 2048) -> tuple[tuple[int, int], tuple[int, int], int]:
     """Kernel, padding and output size of the average pool that keeps at most ``features`` values.
@@ -148,6 +143,11 @@ def reduced_pool(shape: Sequence[int],
     return (kh, kw), pad, size
 
 
+@register_head("reduced_linear", role="classifier",
+               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals; "
+                     "Sakamoto & Sato 2024 (TMLR), the seed paper's layer-wise head",
+               summary="average pool to at most features (2048) values keeping the spatial "
+                       "layout, linear (a hidden ReLU layer with hidden > 0)")
 class ReducedLinear(nn.Module):
     """Average pooling to at most ``features`` values, keeping the spatial layout, then linear.
 
@@ -160,9 +160,9 @@ class ReducedLinear(nn.Module):
     hidden ReLU layer comes before the linear layer (the seed's ``mlp`` head).
     """
 
-    def __init__(self, shape: Sequence[int], out: int, features: int = 2048, hidden: int = 0):
+    def __init__(self, shape: Sequence[int], out: int, features: int = 0, hidden: int = 0):
         super().__init__()
-        shape = torch.Size(shape)
+        shape, features = torch.Size(shape), features or 2048
         self.pool: nn.Module = nn.Identity()
         if len(shape) == 4:
             kernel, pad, size = reduced_pool(shape, features)
@@ -191,27 +191,43 @@ class ReducedLinear(nn.Module):
 
 
 class ConvPoolLinear(nn.Module):
-    """``depth`` 3x3 conv-BN-ReLU layers, average pooling to ``side`` x ``side``, a linear layer.
+    """A 3x3 conv-BN-ReLU layer, global average pooling, a linear layer (or an MLP).
 
-    The shape of two heads of the literature: the layer-wise ``conv`` head
-    (one conv, global pooling) and InfoPro's ``1c2f`` net (one conv, strided below 64 channels,
-    global pooling, an MLP). ``side`` 1 pools globally, ``hidden`` 0 has no hidden layer,
-    ``width`` 0 keeps ``channels``; ``stride`` is the first conv's.
+    The shape of two heads of the literature: the layer-wise ``conv`` head and InfoPro's
+    ``1c2f`` net (strided below 64 channels, an MLP). ``hidden`` 0 has no hidden layer,
+    ``width`` 0 keeps ``channels``; ``stride`` is the conv's.
     """
 
-    def __init__(self, channels: int, out: int, depth: int = 1, side: int = 1, hidden: int = 0,
-                 width: int = 0, stride: int = 1):
+    def __init__(self, channels: int, out: int, hidden: int = 0, width: int = 0,
+                 stride: int = 1):
         super().__init__()
         width = width or channels
-        self.convs = nn.Sequential(*conv_bn_relu(channels, width, 3, depth, stride))
-        self.side = side
-        self.fc = PoolLinear(width * side * side, out, hidden)
+        self.convs = nn.Sequential(*conv_bn_relu(channels, width, 3, 1, stride))
+        self.fc = PoolLinear(width, out, hidden)  # it pools globally
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.convs(h)
-        if self.side > 1:
-            return self.fc(F.adaptive_avg_pool2d(z, self.side).flatten(1))
-        return self.fc(z)  # PoolLinear pools globally
+        return self.fc(self.convs(h))
+
+
+@register_head("conv", role="classifier", needs="map",
+               summary="3x3 conv-BN-ReLU, global average pool, linear")
+def conv(shape, out, hidden: int = 0):
+    return ConvPoolLinear(shape[1], out, hidden=hidden)
+
+
+@register_head("infopro", role="classifier", needs="map",
+               paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning",
+               summary="InfoPro's 1c2f auxiliary net: 3x3 conv-BN-ReLU (below 64 channels: to "
+                       "twice the channels, stride 2; else the same channels, stride 1), global "
+                       "average pool, FC-ReLU (hidden, 128), FC")
+def infopro(shape, out, hidden: int = 0):
+    """The ``1c2f`` net of InfoPro's ``AuxClassifier`` (blackfeather-wang/InfoPro-Pytorch,
+    ``networks/auxiliary_nets.py``), which that code defines for 16, 32 and 64 channels:
+    16 -> 32 and 32 -> 64 with stride 2, 64 -> 64 with stride 1; other widths follow
+    the same rule (below 64: doubled, stride 2). Convs start He-normal, as there."""
+    wide = shape[1] < 64
+    return he_normal(ConvPoolLinear(shape[1], out, width=2 * shape[1] if wide else shape[1],
+                                    stride=2 if wide else 1, hidden=hidden or 128))
 
 
 def conv_bn_relu(channels: int, width: int, kernel: int, depth: int,
@@ -225,6 +241,10 @@ def conv_bn_relu(channels: int, width: int, kernel: int, depth: int,
     return layers
 
 
+@register_head("cnn", role="classifier", needs="map",
+               paper="Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs",
+               summary="DGL's CNN auxiliary net: depth (2) 3x3 conv-BN-ReLU layers, "
+                       "average pool to pool x pool (2), BatchNorm, linear")
 class CnnAux(nn.Module):
     """DGL's CNN auxiliary network: 3x3 conv-BN-ReLU layers, 2x2 average pool, BatchNorm, linear.
 
@@ -233,12 +253,13 @@ class CnnAux(nn.Module):
     ``auxiliary_nets_study/models.py``, ``auxillary_classifier2`` with
     ``cnn=True``): the convs keep the block's channels and have no bias, the
     pooled map is batch-normalised before the linear layer, and every layer
-    keeps PyTorch's default initialisation. The paper has ``depth`` 2 and ``side`` 2.
+    keeps PyTorch's default initialisation. The paper has ``depth`` 2 and ``pool`` 2.
     """
 
-    def __init__(self, channels: int, out: int, depth: int = 2, side: int = 2):
+    def __init__(self, shape: Sequence[int], out: int, depth: int = 0, pool: int = 0):
         super().__init__()
-        self.convs = nn.Sequential(*conv_bn_relu(channels, channels, 3, depth))
+        channels, side = shape[1], pool or 2
+        self.convs = nn.Sequential(*conv_bn_relu(channels, channels, 3, depth or 2))
         self.pool = nn.AdaptiveAvgPool2d(side)
         self.bn = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels * side * side, out)
@@ -247,24 +268,30 @@ class CnnAux(nn.Module):
         return self.fc(self.bn(self.pool(self.convs(h))).flatten(1))
 
 
+@register_head("mlp_sr", role="classifier", needs="map",
+               paper="Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs",
+               summary="DGL's MLP-SR auxiliary net: average pool to a quarter of the side, "
+                       "depth (3) 1x1 conv-BN-ReLU layers (hidden channels, else the "
+                       "block's), average pool to pool x pool (2), depth Linear-BN-ReLU "
+                       "layers, linear")
 class MlpSr(nn.Module):
     """DGL's MLP-SR auxiliary network: spatial reduction, 1x1 convs, 2x2 pool, an MLP.
 
     Belilovsky, Eickenberg & Oyallon 2020 (ICML), as their code builds it
     (eugenium/DGL, ``auxiliary_nets_study/models.py``, ``auxillary_classifier2``
     with ``n_lin=3, mlp_layers=3``): average pool to ``ceil(H/4) x ceil(W/4)``,
-    ``depth`` 1x1 conv-BN-ReLU layers (no bias), average pool to ``side x
-    side``, ``depth`` Linear-BN-ReLU layers of ``width * side**2`` features, a
+    ``depth`` 1x1 conv-BN-ReLU layers (no bias), average pool to ``pool x
+    pool``, ``depth`` Linear-BN-ReLU layers of ``hidden * pool**2`` features, a
     linear layer. Cheap at any resolution: the convs run on a map 16 times
-    smaller than the block's. The paper has ``depth`` 3, ``side`` 2 and ``width`` the
+    smaller than the block's. The paper has ``depth`` 3, ``pool`` 2 and ``hidden`` the
     block's channels (0).
     """
 
-    def __init__(self, shape: Sequence[int], out: int, depth: int = 3, side: int = 2,
-                 width: int = 0):
+    def __init__(self, shape: Sequence[int], out: int, depth: int = 0, pool: int = 0,
+                 hidden: int = 0):
         super().__init__()
         _, channels, height, breadth = shape
-        width = width or channels
+        depth, side, width = depth or 3, pool or 2, hidden or channels
         self.reduce = nn.AdaptiveAvgPool2d((-(-height // 4), -(-breadth // 4)))
         self.convs = nn.Sequential(*conv_bn_relu(channels, width, 1, depth))
         self.pool = nn.AdaptiveAvgPool2d(side)
@@ -279,6 +306,10 @@ class MlpSr(nn.Module):
         return self.mlp(self.pool(self.convs(self.reduce(h))).flatten(1))
 
 
+@register_head("decoder", role="decoder", needs="map",
+               paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning",
+               summary="InfoPro's decoder: bilinear upsampling to the image, conv-BN-ReLU "
+                       "(width, 12), conv, sigmoid")
 class Decoder(nn.Module):
     """InfoPro's reconstruction decoder: upsample to the image size, conv-BN-ReLU, conv, sigmoid.
 
@@ -286,16 +317,16 @@ class Decoder(nn.Module):
     2021; blackfeather-wang/InfoPro-Pytorch, ``networks/auxiliary_nets.py``):
     bilinear upsampling with aligned corners, two 3x3 convs with biases (the
     first followed by batch norm and ReLU), a sigmoid; convs start He-normal
-    (fan-out), as that code's ``InfoProResNet`` initialises every conv. ``size`` is the
-    image's ``(H, W)``; ``width`` the hidden conv's channels (12 in the paper's code).
+    (fan-out), as that code's ``InfoProResNet`` initialises every conv. ``out`` is the
+    image's ``(C, H, W)``; ``width`` the hidden conv's channels (12 in the paper's code).
     """
 
-    def __init__(self, channels: int, size: tuple[int, int], width: int = 12,
-                 image_channels: int = 3):
+    def __init__(self, shape: Sequence[int], out: Sequence[int], width: int = 0):
         super().__init__()
-        self.size = tuple(size)
+        image_channels, *size = out
+        self.size, width = tuple(size), width or 12
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width),
+            nn.Conv2d(shape[1], width, 3, padding=1), nn.BatchNorm2d(width),
             nn.ReLU(inplace=True), nn.Conv2d(width, image_channels, 3, padding=1), nn.Sigmoid(),
         )
         he_normal(self)
@@ -319,6 +350,10 @@ def he_normal(module: nn.Module) -> nn.Module:
     return module
 
 
+@register_head("spatial_std", role="similarity", needs="map",
+               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals",
+               summary="predsim's similarity branch on maps: 3x3 conv, each channel's std "
+                       "over space")
 class SpatialStd(nn.Module):
     """predsim's similarity branch on maps: a 3x3 conv, then each channel's std over space.
 
@@ -330,9 +365,9 @@ class SpatialStd(nn.Module):
     and elsewhere the conv's output is compared as it is, flattened.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, shape: Sequence[int], out: None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(shape[1], shape[1], 3, padding=1, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.conv(h)
@@ -341,6 +376,10 @@ class SpatialStd(nn.Module):
         return z.flatten(1)
 
 
+@register_head("sim_linear", role="similarity",
+               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals",
+               summary="predsim's similarity branch on vectors: square linear layer without "
+                       "bias (tokens: averaged first)")
 class SimLinear(nn.Module):
     """predsim's similarity branch on vectors: a square linear layer without bias.
 
@@ -350,9 +389,9 @@ class SimLinear(nn.Module):
     reference does not have, are averaged over tokens first (:func:`pool`).
     """
 
-    def __init__(self, features: int):
+    def __init__(self, shape: Sequence[int], out: None = None):
         super().__init__()
-        self.fc = nn.Linear(features, features, bias=False)
+        self.fc = nn.Linear(channels_of(shape), channels_of(shape), bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc(pool(h))
@@ -371,92 +410,3 @@ def zero_last_linear(head: nn.Module) -> nn.Module:
         with torch.no_grad():
             linears[-1].weight.zero_()
     return head
-
-
-@register_head("linear", role="classifier",
-               summary="global average pool + linear (a hidden ReLU layer with hidden > 0)")
-def linear(shape, out, hidden: int = 0):
-    return PoolLinear(channels_of(shape), out, hidden)
-
-
-@register_head("reduced_linear", role="classifier",
-               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals; "
-                     "Sakamoto & Sato 2024 (TMLR), the seed paper's layer-wise head",
-               summary="average pool to at most features (2048) values keeping the spatial "
-                       "layout, linear (a hidden ReLU layer with hidden > 0)")
-def reduced_linear(shape, out, features: int = 0, hidden: int = 0):
-    return ReducedLinear(shape, out, features or 2048, hidden)
-
-
-@register_head("mlp", role="classifier",
-               summary="global average pool + hidden ReLU layer (width hidden, else the "
-                       "pooled size) + linear")
-def mlp(shape, out, hidden: int = 0):
-    channels = channels_of(shape)
-    return PoolLinear(channels, out, hidden or channels)
-
-
-@register_head("conv", role="classifier", needs="map",
-               summary="3x3 conv-BN-ReLU, global average pool, linear")
-def conv(shape, out, hidden: int = 0):
-    return ConvPoolLinear(shape[1], out, hidden=hidden)
-
-
-@register_head("cnn", role="classifier", needs="map",
-               paper="Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs",
-               summary="DGL's CNN auxiliary net: depth (2) 3x3 conv-BN-ReLU layers, "
-                       "average pool to pool x pool (2), BatchNorm, linear")
-def cnn(shape, out, depth: int = 0, pool: int = 0):
-    return CnnAux(shape[1], out, depth=depth or 2, side=pool or 2)
-
-
-@register_head("mlp_sr", role="classifier", needs="map",
-               paper="Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs",
-               summary="DGL's MLP-SR auxiliary net: average pool to a quarter of the side, "
-                       "depth (3) 1x1 conv-BN-ReLU layers (hidden channels, else the "
-                       "block's), average pool to pool x pool (2), depth Linear-BN-ReLU "
-                       "layers, linear")
-def mlp_sr(shape, out, depth: int = 0, pool: int = 0, hidden: int = 0):
-    return MlpSr(shape, out, depth=depth or 3, side=pool or 2, width=hidden)
-
-
-@register_head("infopro", role="classifier", needs="map",
-               paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning",
-               summary="InfoPro's 1c2f auxiliary net: 3x3 conv-BN-ReLU (below 64 channels: to "
-                       "twice the channels, stride 2; else the same channels, stride 1), global "
-                       "average pool, FC-ReLU (hidden, 128), FC")
-def infopro(shape, out, hidden: int = 0):
-    """The ``1c2f`` net of InfoPro's ``AuxClassifier`` (blackfeather-wang/InfoPro-Pytorch,
-    ``networks/auxiliary_nets.py``), which that code defines for 16, 32 and 64 channels:
-    16 -> 32 and 32 -> 64 with stride 2, 64 -> 64 with stride 1; other widths follow
-    the same rule (below 64: doubled, stride 2). Convs start He-normal, as there."""
-    channels = shape[1]
-    wide = channels < 64
-    head = ConvPoolLinear(channels, out, width=2 * channels if wide else channels,
-                          stride=2 if wide else 1, hidden=hidden or 128)
-    return he_normal(head)
-
-
-@register_head("decoder", role="decoder", needs="map",
-               paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning",
-               summary="InfoPro's decoder: bilinear upsampling to the image, conv-BN-ReLU "
-                       "(width, 12), conv, sigmoid")
-def decoder(shape, out, width: int = 0):
-    channels, *size = out
-    return Decoder(shape[1], tuple(size), width or 12, channels)
-
-
-@register_head("spatial_std", role="similarity", needs="map",
-               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals",
-               summary="predsim's similarity branch on maps: 3x3 conv, each channel's std "
-                       "over space")
-def spatial_std(shape, out):
-    return SpatialStd(shape[1])
-
-
-@register_head("sim_linear", role="similarity",
-               paper="Nøkland & Eidnes 2019, Training Neural Networks with Local Error Signals",
-               summary="predsim's similarity branch on vectors: square linear layer without "
-                       "bias (tokens: averaged first)")
-def sim_linear(shape, out):
-    return SimLinear(channels_of(shape))

@@ -23,7 +23,6 @@ starts from zero weights). The options a loss takes are its factory's parameters
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -136,27 +135,11 @@ def ff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float) -> torch.Ten
     return 0.5 * (F.softplus(theta - g_pos).mean() + F.softplus(g_neg - theta).mean())
 
 
-LOSSES = Registry("loss", required=("summary",))
-_NEEDS = {"head": None, "out": "classes", "logits": False, "views": 1, "similarity": False,
-          "train_only": False, "input": False, "zero_init": False}
-
-
-def register_loss(name: str, **meta: Any):
-    """Register a loss-term factory ``f(**options) -> callable(LossInput)`` under ``name``.
-
-    ``meta``: ``summary`` (required), ``paper``, and what it needs (see the module
-    docstring); unspecified needs take their defaults.
-    """
-    unknown = sorted(set(meta) - set(_NEEDS) - {"summary", "paper"})
-    if unknown:
-        raise ConfigError(f"loss {name!r}: unknown metadata {unknown[0]!r}; known: "
-                          f"{', '.join(sorted(_NEEDS))}, summary, paper")
-
-    def decorate(factory):
-        options = tuple(inspect.signature(factory).parameters)
-        return LOSSES.register(name, options=options, **(_NEEDS | meta))(factory)
-
-    return decorate
+LOSSES = Registry("loss", required=("summary",), defaults={
+    "head": None, "out": "classes", "logits": False, "views": 1, "similarity": False,
+    "train_only": False, "input": False, "zero_init": False})
+#: Register a loss-term factory ``f(**options) -> callable(LossInput)`` (the module docstring).
+register_loss = LOSSES.register
 
 
 def list_losses() -> list[str]:
@@ -166,8 +149,7 @@ def list_losses() -> list[str]:
 
 def build_loss(name: str, **options: Any) -> Callable[[LossInput], torch.Tensor | Scored]:
     """The loss term ``name``, given the options it takes (others are not passed)."""
-    entry = LOSSES.get(name)
-    return entry.factory(**{k: v for k, v in options.items() if k in entry.meta["options"]})
+    return LOSSES.build(name, **options)
 
 
 @dataclass

@@ -8,23 +8,25 @@ from locallearn import create_rule, split
 from locallearn.bench import random_data
 from locallearn.errors import ConfigError
 from locallearn.heads import Decoder
-from locallearn.rules.infopro import lambda_schedule
 from locallearn.trainer import TrainConfig, Trainer
 
 
 def test_lambda_schedule_is_linear_between_the_endpoints():
-    assert lambda_schedule((5, 0), (0, 1), 3) == [(5, 0), (2.5, 0.5), (0, 1)]
+    def lambdas(rule, parts):
+        return [tuple(rule.weights(k, parts).values()) for k in range(parts)]
+
+    assert lambdas(create_rule("infopro", lambda_first="5,0"), 3) == [(5, 0), (2.5, 0.5), (0, 1)]
     rule = create_rule("infopro")
-    assert rule.lambdas(1) == [(5.0, 0.5)]  # K = 2: the paper's code's (5, 0.5)
-    assert rule.lambdas(7)[0] == (5.0, 0.0) and rule.lambdas(7)[-1] == (0.0, 1.0)
-    assert create_rule("infopro", lambda_first="1,2").lambdas(1) == [(1.0, 2.0)]
+    assert lambdas(rule, 1) == [(5.0, 0.5)]  # K = 2: the paper's code's (5, 0.5)
+    assert lambdas(rule, 7)[0] == (5.0, 0.0) and lambdas(rule, 7)[-1] == (0.0, 1.0)
+    assert lambdas(create_rule("infopro", lambda_first="1,2"), 1) == [(1.0, 2.0)]
     with pytest.raises(ConfigError, match="two weights"):
         create_rule("infopro", lambda_first="1,2,3")
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 32, 32), (2, 256, 8, 8)])
 def test_decoder_output_matches_the_input_shape(shape):
-    out = Decoder(shape[1], (32, 32))(torch.randn(shape))
+    out = Decoder(shape, (3, 32, 32))(torch.randn(shape))
     assert out.shape == (2, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
 
 

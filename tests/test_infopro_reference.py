@@ -71,7 +71,8 @@ def split_points(arch: str, k: int) -> list[str]:
 
 @pytest.mark.parametrize("arch, k", sorted(REFERENCE_PARTS))
 def test_split_points_give_the_reference_parts(arch, k):
-    stack = split(f"{arch}_cifar", split_after=split_points(arch, k), num_classes=10)
+    model = timm.create_model(f"{arch}_cifar", num_classes=10)
+    stack = split(model, split_after=split_points(arch, k))
     got = [(n.split("+")[0], n.split("+")[-1]) for n in stack.names]
     assert got == REFERENCE_PARTS[(arch, k)]
 

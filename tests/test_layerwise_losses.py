@@ -32,6 +32,6 @@ def test_predsim_similarity_branch_is_finite_on_a_1x1_map():
     from locallearn.heads import SpatialStd
 
     torch.manual_seed(0)
-    out = SpatialStd(8)(torch.randn(4, 8, 1, 1))
+    out = SpatialStd((4, 8, 1, 1))(torch.randn(4, 8, 1, 1))
     assert out.shape == (4, 8) and torch.isfinite(out).all()
-    assert torch.isfinite(SpatialStd(8)(torch.randn(4, 8, 3, 3))).all()
+    assert torch.isfinite(SpatialStd((4, 8, 3, 3))(torch.randn(4, 8, 3, 3))).all()

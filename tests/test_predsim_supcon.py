@@ -88,9 +88,9 @@ def test_predsim_starts_its_classifier_at_zero_and_ce_does_not(rule, options):
 
 def test_similarity_branch_takes_the_std_only_where_local_loss_does():
     torch.manual_seed(0)
-    assert SpatialStd(8)(torch.randn(2, 8, 4, 4)).shape == (2, 8)
-    assert SpatialStd(3)(torch.randn(2, 3, 4, 4)).shape == (2, 48)  # 3 channels: flattened
-    assert SpatialStd(8)(torch.randn(2, 8, 1, 4)).shape == (2, 32)  # one row: flattened
+    for shape, want in [((2, 8, 4, 4), (2, 8)), ((2, 3, 4, 4), (2, 48)), ((2, 8, 1, 4), (2, 32))]:
+        # 3 channels or one row: flattened
+        assert SpatialStd(shape)(torch.randn(shape)).shape == want
 
 
 def _supcon_input() -> LossInput:

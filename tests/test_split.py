@@ -219,16 +219,12 @@ def test_config_errors():
         split(model, "layer")
     with pytest.raises(ConfigError, match="has 9 blocks"):
         split(model, num_blocks=10)
-    with pytest.raises(ConfigError, match="did you mean resnet18_cifar"):
-        split("resnet18_cifr")
-    with pytest.raises(ConfigError, match="only apply to a model name"):
-        split(model, num_classes=10)
     with pytest.raises(ConfigError, match="pass input_size"):
         split(_TimmLikeNet())
 
 
-def test_split_by_name():
-    stack = split("vgg11_cifar", "block", num_classes=4)
+def test_split_names_the_model():
+    stack = split(timm.create_model("vgg11_cifar", num_classes=4), "block")
     assert isinstance(stack, BlockStack) and stack.model_name == "vgg11_cifar"
     assert stack(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 

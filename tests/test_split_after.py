@@ -23,8 +23,8 @@ def test_cut_after_ends_a_part_after_each_named_block():
     (["layer3.0"], "unknown block 'layer3.0' of m; did you mean layer2.0, layer1.0"),
     (["head"], "unknown block 'head' of m; blocks in order: stem, layer1.0, layer1.1, "
                "layer2.0, layer2.1"),
-    (["layer1.0", "layer1.0"], "names block 'layer1.0' twice"),
-    (["layer2.0", "layer1.1"], "in forward order; 'layer1.1' comes before 'layer2.0'"),
+    (["layer1.0", "layer1.0"], "distinct blocks in forward order; got layer1.0, layer1.0"),
+    (["layer2.0", "layer1.1"], "distinct blocks in forward order; got layer2.0, layer1.1"),
     (["layer2.1"], "cannot cut after 'layer2.1', the last block of m"),
 ])
 def test_bad_split_points_are_one_line_errors(after, message):

@@ -1,25 +1,11 @@
 """The CIFAR ResNets of He et al. (2016), registered in timm's model registry.
 
-Importing this module makes ``timm.create_model("resnet32_cifar")`` and
-``timm.create_model("resnet110_cifar")`` work: the 6n+2-layer networks of He,
-Zhang, Ren & Sun, "Deep Residual Learning for Image Recognition" (CVPR 2016,
-section 4.2), with n = 5 and n = 18. A 3x3 conv stem of 16 channels, then
-three stages of n basic blocks with 16, 32 and 64 channels (the second and
-third start with stride 2), global average pooling and a linear classifier.
-
-Shortcuts are **option B**: identity inside a stage, a 1x1 conv + batch norm
-projection where the shape changes (two places). He et al. used option A
-(zero-padded identity) for CIFAR, but InfoPro (Wang et al., ICLR 2021), whose
-published K-table these backbones are here to line up with, uses option B
-in its code, and option B is what timm's own ``BasicBlock`` does. It adds
-about 3,000 parameters: resnet32_cifar has 0.47M, resnet110_cifar 1.73M.
-Weights start as in He et al. and InfoPro's code (He-normal convs, unit batch
-norms); the last batch norm of each block is *not* zeroed, unlike timm's
-ImageNet ResNets (``zero_init_last=True`` gives timm's choice).
-
-The model's children are in forward order with ``feature_info`` taps at the
-stem and at every stage, so :func:`locallearn.split` lays it out through the
-generic path: stem, ``layer1..3`` of ``layerI.J`` blocks, pool + fc head.
+``resnet32_cifar`` and ``resnet110_cifar``: the 6n+2-layer networks of He, Zhang, Ren &
+Sun, "Deep Residual Learning for Image Recognition" (CVPR 2016, section 4.2), n = 5 and
+18, with option-B shortcuts as InfoPro's code (docs/presets.md, "The CIFAR ResNets").
+Weights start as in He et al. and InfoPro's code (He-normal convs, unit batch norms).
+The children are in forward order with ``feature_info`` taps at the stem and every
+stage, so :func:`locallearn.split` lays the model out through the generic path.
 """
 
 from __future__ import annotations
@@ -82,14 +68,6 @@ class CifarResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, BasicBlock):
                     m.zero_init_last()
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        dims = self.num_features * self.global_pool.feat_mult()
-        self.fc = nn.Linear(dims, num_classes) if num_classes else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))

@@ -69,13 +69,6 @@ class FFMlp(nn.Module):
             dict(num_chs=w, reduction=1, module=f"layers.{i}") for i, w in enumerate(widths)
         ]
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.stem(x)))
 

@@ -1,25 +1,10 @@
 """``resnet18_cifar``: timm's ResNet-18 with the CIFAR stem, registered in timm's registry.
 
-ResNet-18 (He et al., "Deep Residual Learning for Image Recognition", CVPR
-2016) with one 3x3 stride-1 conv and no max-pool as its stem, so a 32x32
-image keeps full resolution through ``layer1``. It is a plain
-``timm.models.resnet.ResNet`` so every tool that knows timm's ResNet
-(including :func:`locallearn.blocks.split`) handles it. No pretrained weights
-exist; ``pretrained=True`` is an error.
-
-The seed paper (Sakamoto & Sato, TMLR 2024; code keitaroskmt/E2E-info,
-``src/models/resnet.py`` and ``LayerWiseResNetSpec`` in
-``src/models/layer_wise_model_spec.py``) trains this network, kuangliu's
-CIFAR ResNet-18. Two things bring timm's ResNet to it:
-
-- ``zero_init_last`` defaults to False here: the seed's blocks start with
-  unit batch norms, where timm zeroes the last batch norm of every residual
-  branch (so each block starts as its shortcut, and pairs of blocks give the
-  same representation at epoch 0). ``zero_init_last=True`` gives timm's choice.
-- ``drop_stem``: dropout after the stem's ReLU (0 by default). The seed's
-  layer-wise stem is conv, batch norm, ReLU, Dropout(0.2); its residual blocks
-  have no dropout. The dropout sits in timm's ``maxpool`` slot, which this
-  stem does not use, so the stem is still ``conv1, bn1, act1, maxpool``.
+A plain ``timm.models.resnet.ResNet`` (so everything that knows timm's ResNet handles
+it) with one 3x3 stride-1 conv and no max-pool as its stem: the seed paper's network
+(kuangliu's CIFAR ResNet-18). Its options ``zero_init_last`` (False here, as the seed's)
+and ``drop_stem`` (dropout where the max-pool was) are docs/presets.md's "The seed
+paper's networks". No pretrained weights exist; ``pretrained=True`` is an error.
 """
 
 from __future__ import annotations

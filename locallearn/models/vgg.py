@@ -1,13 +1,9 @@
 """``vgg11_cifar``: VGG-11 with batch norm for 32x32 images, registered in timm's registry.
 
-VGG-11 with batch norm (Simonyan & Zisserman, "Very Deep Convolutional
-Networks for Large-Scale Image Recognition", ICLR 2015). The conv trunk is
-laid out as timm's ``VGG.features``; the head is a small global-pool MLP
-instead of timm's 4096-wide 7x7 ``ConvMlp``, which is sized for 224x224
-inputs and would hold most of the parameters. The seed paper (Sakamoto &
-Sato, TMLR 2024) trains it with ``resnet18_cifar``; :class:`CifarVGG`'s
-options build the seed's layer-wise VGG. No pretrained weights exist;
-``pretrained=True`` is an error.
+VGG-11 with batch norm (Simonyan & Zisserman, ICLR 2015): the conv trunk laid out as
+timm's ``VGG.features``, and a small global-pool MLP head instead of timm's 4096-wide
+7x7 ``ConvMlp``, which is sized for 224x224 inputs and would hold most of the
+parameters. No pretrained weights exist; ``pretrained=True`` is an error.
 """
 
 from __future__ import annotations
@@ -32,20 +28,11 @@ class CifarVGG(nn.Module):
     """VGG with batch norm for small images and a small global-pool MLP head.
 
     By default the pooled conv features go through one hidden layer (linear,
-    ReLU, dropout) inside the head. The options for the seed paper's
-    layer-wise VGG (Sakamoto & Sato, TMLR 2024; keitaroskmt/E2E-info,
-    ``LayerWiseVGGSpec`` in ``src/models/layer_wise_model_spec.py``, whose
-    trainable layers are ``TrainableBlock2d``/``1d`` of
-    ``src/models/trainable_block.py``) are ``drop_conv=0.2``: dropout after
-    every conv unit's ReLU; ``fc_layers=2, drop_rate=0.2``: two hidden layers
-    of linear, BatchNorm1d, ReLU, dropout, each a block of its own in
-    :func:`locallearn.split` (so each gets its own auxiliary head); and
-    ``pool_first=True``: each max-pool starts the unit after it, so a unit's
-    output (what its head and the information plane see) is the conv output
-    before the pool, as in the seed, where the pool is an untrained layer
-    between two trained ones. ``cfg`` lists conv widths and ``"M"`` for 2x2
-    max-pools, as timm's VGG configs; ``hidden`` is the width of the hidden fully
-    connected layers, each followed by dropout ``drop_rate``.
+    ReLU, dropout) inside the head. ``drop_conv``, ``fc_layers`` and ``pool_first``
+    build the seed paper's layer-wise VGG (docs/presets.md, "The seed paper's
+    networks"). ``cfg`` lists conv widths and ``"M"`` for 2x2 max-pools, as timm's
+    VGG configs; ``hidden`` is the width of the hidden fully connected layers, each
+    followed by dropout ``drop_rate``.
     """
 
     def __init__(self, cfg: list[int | str], num_classes: int = 10, in_chans: int = 3,
@@ -83,7 +70,6 @@ class CifarVGG(nn.Module):
         tap = f"features.{len(layers) - 1}"
         self.feature_info.append(dict(num_chs=chs, reduction=stride, module=tap))
         self.num_features = chs
-        self.head_hidden_size = hidden
         pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         width = chs * pool.feat_mult()
         if fc_layers:
@@ -108,15 +94,6 @@ class CifarVGG(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        device = self.features[0].weight.device
-        self.head = (nn.Linear(self.head_hidden_size, num_classes, device=device)
-                     if num_classes > 0 else nn.Identity())
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -1,16 +1,9 @@
 """The rule contract: a partition of the block stack, local objectives and a schedule.
 
-A rule turns a :class:`~locallearn.blocks.BlockStack` into an ordered list of
-:class:`LocalPart` modules. Each part owns consecutive blocks plus the
-objective that trains them (:class:`~locallearn.objectives.Objective`: heads
-and weighted loss terms from the registries). For every batch the rule's input
-hook :meth:`Rule.make_step` builds the first part's input and one
-:class:`~locallearn.step.Step`, which every part and objective receives; a
-part's forward returns its output and a :class:`~locallearn.step.Scored`. The
-trainer runs the parts in order, detaching between them, and calls backward on
-each part's loss as soon as it exists; it knows nothing else about the rule.
-E2E is one part; layer-wise is one part per block plus the final head; a
-sequential schedule trains one part at a time.
+A rule cuts a :class:`~locallearn.blocks.BlockStack` into :class:`LocalPart` modules (blocks
+plus the objective that trains them), builds each batch's input and
+:class:`~locallearn.step.Step` (:meth:`Rule.make_step`) and says which parts train when;
+the trainer knows nothing else about it (docs/architecture.md, "Rules").
 """
 
 from __future__ import annotations

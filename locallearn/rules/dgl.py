@@ -34,13 +34,9 @@ class DGLConfig(LocalConfig):
 class DGL(LocalRule):
     """Decoupled greedy learning (Belilovsky, Eickenberg & Oyallon, ICML 2020).
 
-    Each block of the stack is a part with an auxiliary network of its own
-    (by default the paper's CNN auxiliary as its code, eugenium/DGL, builds
-    it: conv-BN-ReLU layers, 2x2 average pooling, BatchNorm, linear); its
-    input is detached and it updates on every batch with its own optimizer,
-    so parts could run on different devices with only a forward dependency.
-    The last block trains with the model's own head as its objective, where
-    the reference network ends in an MLP auxiliary of its own.
+    Each block is a part with an auxiliary network (the paper's CNN auxiliary) and an
+    optimizer of its own, updating on every batch on its detached input; the last block
+    trains with the model's head. docs/rules.md#dgl compares it with eugenium/DGL.
     """
 
     Config = DGLConfig

@@ -74,29 +74,10 @@ class ForwardForwardConfig:
 class ForwardForward(Rule):
     """Forward-forward (Hinton 2022), all layers at once on detached inputs, or in turn.
 
-    Positives are images with their true label's one-hot code written over
-    the first pixels; negatives are the same images with a random *wrong*
-    label. Each layer is a part whose loss pushes goodness (the mean, or the
-    paper's sum, of squared activities) above ``theta`` on positives and
-    below it on negatives; the
-    backbone's layers length-normalise their input (``ff_mlp``), so the next
-    layer cannot read this layer's goodness. Prediction: every label is
-    embedded in turn and the label with the highest goodness summed over the
-    layers except the first wins. The model's head is not used. Made for
-    ``ff_mlp``; other fully connected backbones work too (each part's input is
-    length-normalised); backbones whose layers output feature maps or tokens
-    are refused with a ConfigError. With ``sequential=true`` the layers
-    train one after another, each running the whole learning-rate schedule
-    over its own epochs, then frozen.
-
-    Training defaults (``training_defaults``; the command line and presets override
-    them): the ``ff_mlp`` backbone; Adam (AdamW without weight decay) at a constant
-    learning rate, as the seed paper's forward-forward code (keitaroskmt/E2E-info,
-    ``conf/main_ff.yaml``: Adam, weight decay 0; ``main_ff.py`` uses no schedule) and
-    Hinton's own (mohammadpz/pytorch_forward_forward, ``main.py``); lr 1e-3, the seed's
-    Adam default (``conf/optimizer/adam.yaml``), not their 0.03, and batch 16, not the
-    seed's 128 (``conf/dataset/``): lr 0.03 or batch 128 left the prediction at chance
-    in short CIFAR-10 runs (measured, docs/rules.md).
+    Each layer is a part whose goodness is high on images with their label's code
+    written in (positives) and low on wrong labels (negatives); it predicts the label
+    whose embedding is best, summed over the layers after the first. docs/rules.md#forward_forward
+    has where it departs from the paper, and the measurements behind its training defaults.
     """
 
     Config = ForwardForwardConfig

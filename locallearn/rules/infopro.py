@@ -40,15 +40,6 @@ class InfoProConfig(LocalConfig):
                               f"got {self.decoder_width}")
 
 
-def lambda_schedule(first: tuple[float, float], last: tuple[float, float],
-                    local_parts: int) -> list[tuple[float, float]]:
-    """(lambda1, lambda2) of each local part, linear from ``first`` to ``last``."""
-    if local_parts == 1:
-        return [tuple(first)]
-    return [tuple(a + (b - a) * k / (local_parts - 1) for a, b in zip(first, last, strict=True))
-            for k in range(local_parts)]
-
-
 @register_rule(
     "infopro",
     paper=(
@@ -60,21 +51,11 @@ def lambda_schedule(first: tuple[float, float], last: tuple[float, float],
 class InfoPro(LocalRule):
     """InfoPro (Wang, Ni, Song, Yang & Huang, ICLR 2021).
 
-    Each block of the stack is a part: ``--split-after`` cuts it at the
-    reference's fixed points (``networks/configs.py`` of
-    blackfeather-wang/InfoPro-Pytorch), ``--blocks K`` into K parts balanced by
-    activation memory, as InfoPro* does. Every part but the last minimises
-    ``lambda1 * reconstruction + lambda2 * auxiliary loss``: a small decoder
-    rebuilds the input image from the part's output (binary cross-entropy
-    against the image in [0, 1]), and an auxiliary net (the reference's
-    ``1c2f``) gives a projection for the supervised contrastive loss (or
-    class scores for ``aux_loss=ce``). The weights are interpolated linearly
-    from ``lambda_first`` at the first part to ``lambda_last`` at the last
-    local part. The last part trains with the model's head and plain
-    cross-entropy.
-
-    The decoder's target is the network input mapped back to [0, 1]
-    (:meth:`~locallearn.step.Step.image`), which every step carries.
+    Every part but the last minimises ``lambda1 * reconstruction + lambda2 * auxiliary
+    loss`` (a decoder rebuilding the input image, :meth:`~locallearn.step.Step.image`,
+    and the ``1c2f`` net under a contrastive loss), the weights linear from
+    ``lambda_first`` to ``lambda_last``; the last part trains with the model's head.
+    docs/rules.md#infopro compares it with blackfeather-wang/InfoPro-Pytorch.
     """
 
     Config = InfoProConfig
@@ -83,13 +64,11 @@ class InfoPro(LocalRule):
     shown = ("lambda_first", "lambda_last", "aux_loss", "temperature", "decoder_width",
              "recompute_heads")
 
-    def lambdas(self, local_parts: int) -> list[tuple[float, float]]:
-        """The (lambda1, lambda2) of each of ``local_parts`` local parts."""
-        first = self.config.lambda_first or ((5.0, 0.5) if local_parts == 1 else (5.0, 0.0))
-        return lambda_schedule(first, self.config.lambda_last, local_parts)
-
     def weights(self, k, local_parts):
-        recon, aux = self.lambdas(local_parts)[k]
+        """Part ``k``'s (lambda1, lambda2), linear from ``lambda_first`` to ``lambda_last``."""
+        first = self.config.lambda_first or ((5.0, 0.5) if local_parts == 1 else (5.0, 0.0))
+        recon, aux = (a + (b - a) * k / max(local_parts - 1, 1)
+                      for a, b in zip(first, self.config.lambda_last, strict=True))
         return {"reconstruction": recon, "loss": aux}
 
     def recompute(self, heads):

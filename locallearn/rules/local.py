@@ -1,14 +1,8 @@
 """The local-objective machinery that layerwise, sequential, dgl and infopro share.
 
-A :class:`LocalRule` makes one part per block of the stack. Each part's
-objective is built from the registries: an auxiliary head (``head``, from
-:data:`locallearn.heads.HEADS`) scored by a loss (``loss``, from
-:data:`locallearn.losses.LOSSES`), optionally minus ``nhsic_lambda`` times
-nHSIC of the head's output with the input, and optionally a decoder's
-reconstruction (InfoPro). The model's own head is either a last part of its
-own (layer-wise) or trains with the last block (DGL, InfoPro). The rules
-differ only in their defaults, their schedule and per-part settings, so any
-head and any loss work with any of them::
+A :class:`LocalRule` makes one part per block, its objective composed from a registered
+head and loss (plus nHSIC and InfoPro's reconstruction), so any head and any loss work
+with any of these rules (docs/architecture.md, "Composition")::
 
     --rule sequential --rule-opt head=cnn --rule-opt loss=supcon
 """

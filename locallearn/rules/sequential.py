@@ -59,15 +59,9 @@ class SequentialConfig(LayerwiseConfig):
 class Sequential(Layerwise):
     """Greedy sequential training (Bengio et al. 2006; Belilovsky et al. 2019).
 
-    The parts are those of ``layerwise`` (each block with its auxiliary head,
-    then the model's head). Part k trains alone for its share of the epochs
-    with its auxiliary head, then is frozen: it runs without autograd and
-    holds no optimizer state while the next part trains on its outputs, in
-    eval mode by default or in training mode with ``frozen_mode=train``. The
-    model's head trains together with the last block, or in a last phase of
-    its own with ``head_phase`` (the seed's sequential variant, Sakamoto &
-    Sato 2024, keitaroskmt/E2E-info ``main_lw_seq.py``). With
-    ``cache_features`` the frozen prefix's outputs are computed once per part.
+    The parts of ``layerwise`` train one at a time, each then frozen (no autograd, no
+    optimizer state; in eval mode, or ``frozen_mode=train`` as the seed's
+    ``main_lw_seq.py``). docs/rules.md#sequential compares it with the seed's code.
     """
 
     Config = SequentialConfig
