@@ -155,11 +155,11 @@ def loop_row(args, config: dict, device, dtype, data) -> Row:
     trainer's SGD settings and the same normalised images."""
     from locallearn.data import BatchTransform
     from locallearn.optim import IMPLS
-    from locallearn.preflight import create_model
+    from locallearn.preflight import build_model
     from locallearn.trainer import TrainConfig
 
     torch.manual_seed(0)
-    net = create_model(args.model, data.num_classes, args.model_opts, data.image_size)
+    net = build_model(args.model, data.num_classes, args.model_opts, data.image_size)[0]
     layout = torch.channels_last if config.get("channels_last") else torch.preserve_format
     net = net.to(device, memory_format=layout).train()
     x = BatchTransform(data.mean, data.std, "none")(data.train_images.to(device))
