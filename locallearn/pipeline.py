@@ -1,35 +1,11 @@
-"""The pipelined executor: a rule's parts split into stages, one stage per process.
+"""The pipelined executor (``--parallel parts``): a rule's parts cut into contiguous
+stages, one stage per process, or S stages of R data-parallel replicas (``--stages S``).
 
-Once no gradient crosses a part boundary, part k can learn from batch t while
-part k+1 learns from batch t-1 (Belilovsky et al., "Decoupled Greedy Learning
-of CNNs", ICML 2020). With P processes (``torchrun --nproc_per_node P``) the
-parts are grouped into S contiguous stages balanced by measured step time
-(S = P by default; ``--stages S`` with P = S x R gives each stage R data-parallel
-replicas); each process keeps only its stage's parts, objectives and optimizers.
-Stage 0 reads the data; every stage runs its parts on a batch (forward, backward
-and step per part, as the serial loop does), then sends the detached output and
-the batch's step context to the next stage (:mod:`locallearn.transport`),
-with a bounded number of messages in flight, and goes on to the next batch.
-
-With replicas, process ``p`` is stage ``p % S`` of replica ``p // S``: replica r's
-stages are consecutive processes (on one machine when S fits there, so that
-activations take the short way) and form a pipeline of their own, reading
-replica r's shard of every batch as process r of a serial data-parallel run
-does (Accelerate's sharding). The replicas of a stage average their parts'
-gradients before every step, as DDP does, and take replica 0's buffers (batch
-norm's running statistics) before evaluating, as DDP gives its modules process
-0's; the weights are then the serial data-parallel run's on R processes.
-
-With ``--replay-buffer M`` the stages run asynchronously instead (DGL's variant,
-:mod:`locallearn.replay`): each stage after the first steps on samples drawn from
-the last M messages it received, as fast as it can; the results then depend on
-timing, and each epoch records the samples' staleness.
-
-In step (the default), pipelining changes timing, not arithmetic: stage k's
-forward of batch t uses its weights after t updates, exactly as in the serial
-loop, so the final weights are the serial run's. The executor is orthogonal to the rule
-(DESIGN principle 10): it needs only that every part trains in every epoch
-and that the prediction at a depth is that part's own.
+Stage 0 reads the data; every stage steps its parts on a batch as the serial loop
+does, then sends the detached output and the step context to the next stage
+(:mod:`locallearn.transport`) and goes on; in step the weights are the serial run's.
+With ``--replay-buffer M`` the stages run asynchronously (:mod:`locallearn.replay`).
+How, why, and what is measured: docs/parallel.md.
 """
 
 from __future__ import annotations
@@ -122,24 +98,9 @@ def check_replay(size: int | None, max_reuse: int | None, replicas: int) -> None
                           "stage per process) or --replay-buffer")
 
 
-def check_cut(stages: list[list[int]], num_parts: int, count: int) -> None:
-    """Refuse a given stage cut (a resumed run's) that is not ``count`` contiguous,
-    non-empty groups of the ``num_parts`` parts, in order."""
-    if not (len(stages) == count and all(stages)
-            and [i for stage in stages for i in stage] == list(range(num_parts))):
-        raise ConfigError(f"stage cut {stages} does not split {num_parts} parts into "
-                          f"{count} contiguous stages")
-
-
 class PipelineExecutor:
-    """Runs one stage of a rule's parts per process (see the module docstring), for
-    :class:`~locallearn.trainer.Trainer`: ``Trainer(..., executor=PipelineExecutor())``.
-
-    It has the interface of :class:`~locallearn.trainer.SerialExecutor`. Every process
-    builds the whole network on the host, so initial weights are the serial run's
-    without sending any; the trainer then keeps this stage's parts on its device and
-    moves the others' tensors to the ``meta`` device (freed; shapes kept for the
-    record's parameter counts).
+    """Runs one stage of a rule's parts per process: ``Trainer(..., executor=PipelineExecutor())``,
+    with the interface of :class:`~locallearn.trainer.SerialExecutor`.
 
     Args:
         balance_by: how a measured cut balances the stages: ``"time"`` or ``"memory"``.
@@ -175,12 +136,9 @@ class PipelineExecutor:
         check_replay(self.replay_size, self.max_reuse, self.replicas)
         n = len(trainer.parts)
         check_rule(trainer.rule, trainer.config.epochs, self.stages_count, n)
-        if self.given is None:
-            stages = cut(measure_costs(trainer, self.balance_by), self.stages_count,
-                         self.balance_by)
-        else:
-            check_cut(self.given, n, self.stages_count)
-            stages = self.given
+        # A resumed run's cut is its checkpoint's, whose identity (stages x replicas) matched.
+        stages = self.given or cut(measure_costs(trainer, self.balance_by),
+                                   self.stages_count, self.balance_by)
         self.stage_parts = [list(s) for s in stages]
         self.mine = self.stage_parts[self.stage]
         self.first, self.last = self.stage == 0, self.stage == self.stages_count - 1
@@ -418,7 +376,16 @@ class PipelineExecutor:
                     hits[i] = hits.get(i, 0) + int((z.argmax(1) == step.labels).sum())
             total += len(step.labels)
         self.end_pass()
-        return gathered_accuracy(self.stage, hits, total, t.accelerator.num_processes)
+        # Every stage of a replica sees the images its stage 0 read; the test set once
+        # over the replicas.
+        gathered: list[Any] = [None] * t.accelerator.num_processes
+        dist.all_gather_object(gathered, {"stage": self.stage, "hits": hits, "total": total})
+        total = sum(g["total"] for g in gathered if g["stage"] == 0)
+        counts: dict[int, int] = {}
+        for g in gathered:
+            for i, n in g["hits"].items():
+                counts[i] = counts.get(i, 0) + n
+        return {i: n / max(total, 1) for i, n in counts.items()}
 
 
 def replica_group(stage: int, stages: int, replicas: int):
@@ -465,17 +432,3 @@ def measure_costs(trainer: Trainer, balance_by: str) -> list[float] | list[tuple
     shared = [costs]
     dist.broadcast_object_list(shared, 0)
     return shared[0]
-
-
-def gathered_accuracy(stage: int, hits: dict[int, int], total: int, processes: int
-                      ) -> dict[int, float]:
-    """Accuracy by part from every process's hits (by part) and images scored: every stage
-    of a replica sees the images its first stage read, the test set once over replicas."""
-    gathered: list[Any] = [None] * processes
-    dist.all_gather_object(gathered, {"stage": stage, "hits": hits, "total": total})
-    total = sum(g["total"] for g in gathered if g["stage"] == 0)
-    counts: dict[int, int] = {}
-    for g in gathered:
-        for i, n in g["hits"].items():
-            counts[i] = counts.get(i, 0) + n
-    return {i: n / max(total, 1) for i, n in counts.items()}

@@ -1,29 +1,11 @@
 """One training loop under Hugging Face Accelerate for every rule and executor.
 
-The loop runs a rule's parts in order on each batch. Each part gets the
-detached output of the part before it and the batch's step context (a
-:class:`~locallearn.step.Step`, made once per batch by the rule's input hook
-and passed on every path), and its loss is backpropagated and its
-optimizer stepped *before* the next part runs, so only one part's autograd
-graph (and one part's gradients) is alive at a time: that is where local
-learning saves memory. Each part is prepared separately, since DDP expects one
-forward and one backward per wrapped module and step.
-
-The loop is written once; an executor supplies what differs between running
-every part in this process (:class:`SerialExecutor`, data-parallel over
-processes) and running one stage of them per process
-(:class:`~locallearn.pipeline.PipelineExecutor`): which parts this process owns,
-where its batches come from and where its outputs go, how a step's gradients are
-reduced, how it evaluates, which blocks it measures on the information plane and
-which files it checkpoints.
-
-A part is prepared (wrapped for DDP under several processes) and gets its
-optimizer when it first trains, and is unwrapped and loses its optimizer state
-after it last trains, so a frozen part holds no graph, no gradients and no
-optimizer state. Under fp16 each trained part has a gradient scaler of its own:
-a step one part skips for an overflow lowers only that part's scale, and the
-scale of every part grows on its own steps (one shared scaler would be updated
-K times per batch, and one part's overflow would shrink the others' scale).
+Each part runs on the detached output of the part before it and the batch's step
+context, and its backward and optimizer step run before the next part's forward,
+so one part's graph and gradients are alive at a time. Each part is prepared for
+DDP on its own, has its optimizer only while it trains and, under fp16, a gradient
+scaler of its own. Why, and what an executor supplies: docs/architecture.md ("The
+loop", "Executors") and docs/speed.md.
 """
 
 from __future__ import annotations
@@ -106,24 +88,8 @@ def check_plan(rule: Rule, parts: list[LocalPart], epochs: int, batch_size: int,
 class SerialExecutor:
     """Runs every part in this process; several processes are data-parallel replicas (DDP).
 
-    What an executor gives the loop (:class:`Trainer`), the checkpoints and the
-    information plane, and nothing else of the trainer is theirs to read:
-
-    - ``bind(trainer)``: the indices of the parts this process owns;
-    - ``prepare(obj)``: a part or an optimizer as it runs here (wrapped for DDP);
-    - ``prepare_loaders``, ``batches``, ``pass_on``, ``end_pass``: where this process's
-      batches come from and where their outputs go;
-    - ``reduce_grads(i)``: part ``i``'s gradients made whole before its step;
-    - ``begin_epoch``, ``end_epoch(trained)``, ``stats()``, ``fields(stats)``: an epoch's
-      start and end, this process's statistics beyond the loop's and the entry's fields
-      from every process's;
-    - ``evaluate()``: test accuracy by part index, over every process;
-    - ``probe_blocks()``, ``run_probe(measure)``: the blocks this process measures on
-      the information plane, and a measurement of them all;
-    - ``stage_parts``, ``files``, ``writes``, ``saved_modules()``: what it checkpoints.
-
-    ``replicas`` are the data-parallel copies of the parts and ``replica`` this
-    process's; ``stage`` is its stage (0: it reads the data).
+    The executor interface (``bind``, ``batches``, ``reduce_grads``, ``evaluate``,
+    ``run_probe``, ``files``, ...) is described in docs/architecture.md ("Executors").
     """
 
     stage = 0
@@ -157,12 +123,12 @@ class SerialExecutor:
             return self.batches(t.train_loader, t.train_transform, generator, True), 0
 
         def cached() -> Iterator[tuple]:
-            for x, images, y in self.cached_inputs(first)[0]:
+            for x, images, y in self.cached_inputs(first):
                 yield t.layout(x), t.make_step(images, y, t.eval_transform)[1], None
         return cached(), first
 
     @torch.no_grad()
-    def cached_inputs(self, first: int) -> tuple[Any, int]:
+    def cached_inputs(self, first: int) -> Any:
         """A loader of the frozen prefix's outputs (parts before ``first``) on the training set.
 
         Computed once per first trained part, without augmentation, so later
@@ -170,7 +136,7 @@ class SerialExecutor:
         """
         t = self.trainer
         if self.features is not None and self.features[0] == first:
-            return self.features[1], first
+            return self.features[1]
         self.features = None  # free the previous cache first
         acc, cfg = t.accelerator, t.config
         for part in t.parts[:first]:
@@ -196,7 +162,7 @@ class SerialExecutor:
             generator=torch.Generator().manual_seed(cfg.seed + first),
         )
         self.features = (first, acc.prepare(loader))
-        return self.features[1], first
+        return self.features[1]
 
     def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None): ...
 
@@ -363,13 +329,19 @@ class Trainer:
             self.compiled[i] = torch.compile(self.models[i], mode=cfg.compile,
                                              backend=cfg.compile_backend)
         optimizer = self.executor.prepare(make_optimizer(part.parameters(), cfg, part.lr_scale))
-        if self.fp16:  # the part's own scaler, not Accelerate's shared one
+        if acc.mixed_precision == "fp16":  # the part's own scaler, not Accelerate's shared one
             optimizer.scaler = None
             kwargs = acc.scaler_handler.to_kwargs() if acc.scaler_handler else {}
             self.scalers[i] = torch.amp.GradScaler(acc.device.type, **kwargs)
         self.optimizers[i] = optimizer
-        self.schedulers[i] = part_schedule(optimizer, cfg, self.schedule, i,
-                                           len(self.train_loader), self.rule.restart_schedule)
+        # Stepped once per optimizer step: over the part's own epochs where the rule restarts
+        # it, else one schedule over the whole run, read at the epochs the part trains.
+        epochs = [e for e, trained in enumerate(self.schedule) if i in trained]
+        steps = len(self.train_loader)
+        offset, horizon = ((0, len(epochs)) if self.rule.restart_schedule
+                           else (epochs[0] * steps, cfg.epochs))
+        self.schedulers[i] = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(cfg, offset + s, steps, horizon))
 
     def deactivate(self, i: int) -> None:
         """Unwrap part ``i`` and drop its optimizer state (after it last trains)."""
@@ -384,18 +356,21 @@ class Trainer:
         self.optimizers[i] = self.schedulers[i] = self.scalers[i] = None
         self.compiled.pop(i, None)
 
-    @property
-    def fp16(self) -> bool:
-        """Whether the loop autocasts to float16 and scales each part's gradients."""
-        return self.accelerator.mixed_precision == "fp16"
-
     def autocast(self):
-        """Mixed precision for every part alike, prepared or not (:func:`autocast`)."""
-        return autocast(self.accelerator)
+        """Mixed precision for every part alike, prepared or not: Accelerate autocasts fp16
+        only where it holds the scaler, and each part here has its own."""
+        acc = self.accelerator
+        if acc.mixed_precision == "no":
+            return nullcontext()
+        if acc.mixed_precision == "fp16" and acc.scaler is None:
+            return torch.autocast(acc.device.type, dtype=torch.float16)
+        return acc.autocast()
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in the weights' memory format (:func:`in_layout`)."""
-        return in_layout(x, self.config.channels_last)
+        """``x`` in the weights' memory format (channels-last for a 4-D input)."""
+        if self.config.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def train_step(
         self, x: torch.Tensor, step: Step, trained: list[int], start: int = 0
@@ -471,7 +446,12 @@ class Trainer:
         last = len(self.parts) - 1
         if last not in acc:
             raise RuntimeError(f"rule {self.rule.name!r}: the last part gives no logits")
-        return acc[last], depth_accuracy(self.parts, len(self.stack.blocks), acc)
+        # The accuracy at each block's depth: a part's, at its last block (None elsewhere).
+        depth: list[float | None] = [None] * len(self.stack.blocks)
+        for i, part in enumerate(self.parts):
+            if part.block_ids and i in acc:
+                depth[part.block_ids[-1]] = acc[i]
+        return acc[last], depth
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` epochs; returns the results for the run record."""
@@ -495,10 +475,6 @@ class Trainer:
         for obs in self.observers:
             obs.on_fit_end(self, result)
         return result
-
-    def _cached_inputs(self, first: int) -> tuple[Any, int]:
-        """The serial executor's loader of part ``first``'s cached inputs (sequential)."""
-        return self.executor.cached_inputs(first)
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, acc, ex = self.config, self.accelerator, self.executor
@@ -557,44 +533,6 @@ class Trainer:
             if not any(i in later for later in self.schedule[epoch + 1:]):
                 self.deactivate(i)
         return epoch_entry(self, epoch, trained, mine)
-
-
-def depth_accuracy(parts: list[LocalPart], blocks: int, acc: dict[int, float]
-                   ) -> list[float | None]:
-    """The accuracy at each block's depth: a part's, at its last block (None elsewhere)."""
-    out: list[float | None] = [None] * blocks
-    for i, part in enumerate(parts):
-        if part.block_ids and i in acc:
-            out[part.block_ids[-1]] = acc[i]
-    return out
-
-
-def autocast(acc: Accelerator):
-    """Mixed precision for every part alike, prepared or not: Accelerate autocasts fp16 only
-    where it holds the scaler, and each part here has its own."""
-    if acc.mixed_precision == "no":
-        return nullcontext()
-    if acc.mixed_precision == "fp16" and acc.scaler is None:
-        return torch.autocast(acc.device.type, dtype=torch.float16)
-    return acc.autocast()
-
-
-def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``x`` in the memory format of the weights (channels-last for a 4-D input)."""
-    if channels_last and x.ndim == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def part_schedule(optimizer, cfg: TrainConfig, schedule: list[list[int]], i: int, steps: int,
-                  restart: bool) -> torch.optim.lr_scheduler.LambdaLR:
-    """Part ``i``'s learning-rate schedule, stepped once per optimizer step: over its own
-    epochs where the rule restarts it (``restart``), else one schedule over the whole run
-    read at the epochs part ``i`` trains."""
-    epochs = [e for e, trained in enumerate(schedule) if i in trained]
-    offset, horizon = (0, len(epochs)) if restart else (epochs[0] * steps, cfg.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg, offset + s, steps, horizon))
 
 
 class EpochSums:

@@ -365,18 +365,6 @@ def test_a_checkpoint_resumes_only_the_executor_that_saved_it(tmp_path, saved, r
                      replicas=saved.get("replicas", 1))["run_id"] == "r"
 
 
-def test_a_bad_stage_cut_is_refused(tmp_path):
-    """A resumed run's cut, read from its checkpoint, must split the parts in order."""
-    from locallearn.errors import ConfigError
-    from locallearn.pipeline import check_cut
-
-    check_cut([[0, 1], [2]], 3, 2)
-    for bad in ([[0, 2], [1]], [[0, 1], []], [[0, 1, 2]]):
-        with pytest.raises(ConfigError, match=re.escape(f"stage cut {bad} does not split 3 "
-                                                        "parts into 2 contiguous stages")):
-            check_cut(bad, 3, 2)
-
-
 REFUSED = [  # (processes, arguments, what the one line says)
     (1, ["--rule", "layerwise", "--no-plane"], "start run.py with torchrun --nproc_per_node P"),
     (2, ["--rule", "sequential", "--no-plane"], "rule 'sequential' does not train all its parts"),
