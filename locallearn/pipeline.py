@@ -26,7 +26,7 @@ from .replay import ReplayBuffer, fill, wait_end
 from .rules.base import Rule
 from .stages import cut, part_costs
 from .step import Step
-from .trainer import Trainer
+from .trainer import Trainer, all_gathered
 from .transport import BATCH, END, STEP_INTS, STEP_TENSORS, Sender, pack_step, receive, unpack_step
 
 #: Messages a stage may have sent that its successor has not received yet.
@@ -225,16 +225,8 @@ class PipelineExecutor:
             if not self.last and len(self.plane_blocks[self.stage + 1]):
                 self.sender.send(BATCH, [out.to(self.wire)], [])
                 self.sender.flush()
-        gathered: list[Any] = [None] * self.trainer.accelerator.num_processes
-        dist.all_gather_object(gathered, entries)
+        gathered = all_gathered(entries, self.trainer.accelerator.num_processes)
         return sorted((e for stage in gathered for e in stage), key=lambda e: e["block"])
-
-    @property
-    def combines(self) -> bool:
-        """Whether the rule combines every part's logits into its predictions (forward-
-        forward sums goodness over layers): then each stage passes the logits of the parts
-        before it on with the batch, and the last stage combines them all."""
-        return type(self.trainer.rule).predictions is not Rule.predictions
 
     def stage_names(self) -> list[list[str]]:
         """The part names of each stage."""
@@ -353,39 +345,6 @@ class PipelineExecutor:
                                 "stages": [{"stage": s["stage"], "steps": s["steps"],
                                             **s["replay"]} for s in stats if s["replay"]]}
         return fields
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[int, float]:
-        """Test accuracy by part: every stage scores its own parts' logits (the last stage
-        the combined ones, where the rule combines them), and the counts are gathered."""
-        t = self.trainer
-        hits: dict[int, int] = {}
-        total = 0
-        for h, step, carried in self.batches(t.test_loader, t.eval_transform, None, False):
-            out, logits = t.forward(h, step, self.mine)
-            if self.combines:  # the last stage combines every part's logits
-                ours = torch.stack([logits[i] for i in self.mine])
-                carried = ours if carried is None else torch.cat([carried, ours])
-                if self.last:
-                    logits = dict(enumerate(t.rule.predictions(list(carried))))
-            self.pass_on(out, step, carried if self.combines else None)
-            if self.combines and not self.last:
-                logits = {}  # scored where they are combined
-            for i, z in logits.items():
-                if z is not None:
-                    hits[i] = hits.get(i, 0) + int((z.argmax(1) == step.labels).sum())
-            total += len(step.labels)
-        self.end_pass()
-        # Every stage of a replica sees the images its stage 0 read; the test set once
-        # over the replicas.
-        gathered: list[Any] = [None] * t.accelerator.num_processes
-        dist.all_gather_object(gathered, {"stage": self.stage, "hits": hits, "total": total})
-        total = sum(g["total"] for g in gathered if g["stage"] == 0)
-        counts: dict[int, int] = {}
-        for g in gathered:
-            for i, n in g["hits"].items():
-                counts[i] = counts.get(i, 0) + n
-        return {i: n / max(total, 1) for i, n in counts.items()}
 
 
 def replica_group(stage: int, stages: int, replicas: int):

@@ -1,17 +1,10 @@
-"""A loss term that keeps no graph: its module runs again in backward.
+"""A loss term or a block that keeps only its input for backward and runs again there.
 
-A local part with several heads (InfoPro's decoder and auxiliary classifier)
-normally keeps every head's activations for backward at once, on top of its
-blocks'. Wrapping each head's loss in :func:`recomputed` keeps only the head's
-input: backward runs the head again, takes its gradients with
-:func:`torch.autograd.grad` and frees them before the next head's turn. The
-peak so holds the blocks plus the largest head instead of all heads, at the
-price of one more forward of each head. Gradients are those of the plain
-computation (the same function runs on the same input); the parameters are
-inputs of the autograd node, so their gradients accumulate as usual (DDP's
-hooks, gradient scaling). Unlike ``torch.utils.checkpoint`` this installs no
-saved-tensor hooks of its own, so :class:`~locallearn.measure.SavedTensorMeter`
-counts what the second forward saves.
+Gradients are exact (the same function on the same input, with the first forward's
+random state and autocast); the parameters are inputs of the autograd node, so their
+gradients accumulate as usual (DDP, gradient scaling). Unlike ``torch.utils.checkpoint``
+it installs no saved-tensor hooks, so :class:`~locallearn.measure.SavedTensorMeter`
+counts what the second forward saves. Why: docs/architecture.md ("The loop").
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Asynchronous stages with a bounded replay buffer between them (``--replay-buffer M``).
 
-Decoupled Greedy Learning's asynchronous variant (Belilovsky, Eickenberg and
-Oyallon, "Decoupled Greedy Learning of CNNs", ICML 2020, section 4): a stage no
-longer waits for its predecessor's next batch, nor the predecessor for it.
-Each stage after the first keeps the last M messages it received (a part's
-detached output with its step context) in a buffer, and steps as fast as it
-can on samples drawn from it: a stage faster than its predecessor reuses
-samples, a slower one skips some (the oldest are evicted unused). The paper's
-reference code draws by "priority LIFO": among the samples drawn the fewest
-times, the newest; an optional cap K on the draws per sample makes a fast
-stage wait for new samples instead of reusing one more than K times.
-
-A thread receives the predecessor's messages while the stage computes, so
-the predecessor's sends never wait for this stage's steps; memory stays
-bounded by M samples (plus one being received).
-
-Staleness is recorded per stage and epoch (:meth:`ReplayBuffer.summary`): how
-many times each received sample was drawn, how many were never drawn, and
-each draw's age, the number of newer batches the predecessor had delivered
-by then.
+Decoupled Greedy Learning's asynchronous variant (Belilovsky, Eickenberg and Oyallon,
+ICML 2020, section 4): each stage after the first draws from the last M messages it
+received, by "priority LIFO" (among the samples drawn the fewest times, the newest),
+while a thread receives the next ones. The draws, the cap, the staleness recorded and
+where this differs from the reference code: docs/parallel.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
 """Cutting a rule's parts into pipeline stages: each part's measured cost, and the
-contiguous cut that makes the costliest stage as cheap as possible.
-
-A stage runs its parts one after another on every batch, so its time is the sum
-of its parts' times. Its memory is not a sum: a stage holds its parts' weights,
-buffers and optimizer state all the time, but one part's step at a time, and a
-part's activations saved for backward and its gradients are freed when its
-step ends. So a stage's peak is its parts' *resident* bytes summed plus the
-largest of their *transient* bytes (:func:`cut`).
+contiguous cut that makes the costliest stage as cheap as possible (by time a stage
+costs the sum of its parts'; by memory, see :func:`cut` and docs/parallel.md).
 """
 
 from __future__ import annotations

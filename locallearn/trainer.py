@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
@@ -92,7 +93,7 @@ class SerialExecutor:
     ``run_probe``, ``files``, ...) is described in docs/architecture.md ("Executors").
     """
 
-    stage = 0
+    stage, last = 0, True  # the first stage, and the last
     stage_parts: list[list[int]] | None = None  # no stage cut
     files = ("model.safetensors", "state.pt")
 
@@ -107,7 +108,11 @@ class SerialExecutor:
         return self.trainer.accelerator.prepare(obj)
 
     def prepare_loaders(self, train: Any, test: Any) -> tuple[Any, Any]:
-        return self.trainer.accelerator.prepare(train, test)
+        acc = self.trainer.accelerator
+        # Test batches are not padded to equal counts: no image is scored twice.
+        return acc.prepare(train), prepare_data_loader(
+            test, acc.device, num_processes=acc.num_processes, process_index=acc.process_index,
+            put_on_device=True, even_batches=False)
 
     def batches(self, loader, transform, generator, train: bool) -> Iterator[tuple]:
         for images, y in loader:
@@ -189,24 +194,6 @@ class SerialExecutor:
 
     def fields(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[int, float]:
-        t = self.trainer
-        parts = range(len(t.parts))
-        correct, total, has_logits = None, 0, []
-        for h, step, _ in self.batches(t.test_loader, t.eval_transform, None, False):
-            _, logits = t.forward(h, step, parts)
-            logits = t.rule.predictions([logits[i] for i in parts])
-            has_logits = [z is not None for z in logits]
-            y = step.labels
-            preds = [z.argmax(1) if z is not None else torch.full_like(y, -1) for z in logits]
-            preds, y = t.accelerator.gather_for_metrics((torch.stack(preds, 1), y))
-            hits = (preds == y[:, None]).sum(0)
-            correct = hits if correct is None else correct + hits
-            total += len(y)
-        acc = (correct.double() / total).tolist() if correct is not None else []
-        return {i: a for i, a in enumerate(acc) if has_logits[i]}
 
     def probe_blocks(self) -> range:
         """Every block on the main process, none elsewhere."""
@@ -439,10 +426,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float | None]]:
-        """Test accuracy of the final prediction and of the prediction at each block's depth."""
+        """Test accuracy of the final prediction and of the prediction at each block's depth.
+
+        Each process scores its parts' logits (where the rule combines every part's, as
+        forward-forward does, the parts' logits travel with the batch and the last stage
+        scores the combined ones), and the hit counts of every process are summed.
+        """
+        ex, combines = self.executor, type(self.rule).predictions is not Rule.predictions
         for i in self.owned:
             self.models[i].eval()
-        acc = self.executor.evaluate()
+        hits: dict[int, torch.Tensor] = {}
+        total = 0
+        for h, step, carried in ex.batches(self.test_loader, self.eval_transform, None, False):
+            out, logits = self.forward(h, step, self.owned)
+            if combines:
+                ours = torch.stack([logits[i] for i in self.owned])
+                carried = ours if carried is None else torch.cat([carried, ours])
+                logits = dict(enumerate(self.rule.predictions(list(carried)))) if ex.last else {}
+            ex.pass_on(out, step, carried)
+            for i, z in logits.items():
+                if z is not None:
+                    hits[i] = hits.get(i, 0) + (z.argmax(1) == step.labels).sum()
+            total += len(step.labels)
+        ex.end_pass()
+        mine = {"stage": ex.stage, "total": total, "hits": {i: int(n) for i, n in hits.items()}}
+        gathered = all_gathered(mine, self.accelerator.num_processes)
+        total = sum(g["total"] for g in gathered if g["stage"] == 0)  # the images read
+        counts: dict[int, int] = {}
+        for g in gathered:
+            for i, n in g["hits"].items():
+                counts[i] = counts.get(i, 0) + n
+        acc = {i: n / max(total, 1) for i, n in counts.items()}
         last = len(self.parts) - 1
         if last not in acc:
             raise RuntimeError(f"rule {self.rule.name!r}: the last part gives no logits")
@@ -587,10 +601,7 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
         Diverged: a part's mean loss is non-finite or above ``--max-loss`` (every process
             sees every part's loss, so all stop together).
     """
-    stats = [mine]
-    if trainer.accelerator.num_processes > 1:
-        stats = [None] * trainer.accelerator.num_processes
-        dist.all_gather_object(stats, mine)
+    stats = all_gathered(mine, trainer.accelerator.num_processes)
     steps = {i: sum(s["steps"] for s in stats if i in s["loss"]) for i in trained}
     loss = {i: sum(s["loss"][i] for s in stats if i in s["loss"]) / steps[i] for i in trained}
     check_divergence(trainer, loss, f"by the end of epoch {epoch + 1} "
@@ -627,6 +638,15 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
         entry["rule_metrics"] = {key: {names[i]: metrics.get(i, {}).get(key)
                                        for i in range(len(names))} for key in keys}
     return entry
+
+
+def all_gathered(obj: Any, processes: int) -> list[Any]:
+    """``obj`` of every process, by rank."""
+    if processes == 1:
+        return [obj]
+    gathered: list[Any] = [None] * processes
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def check_divergence(trainer: Trainer, means: dict[int, float], where: str) -> None:

@@ -1,14 +1,10 @@
 """Point-to-point messages between pipeline stages: a part's output and its step context.
 
-A message is a few tensors and a few integers, sent with ``torch.distributed``'s
-``isend``/``irecv`` (gloo on CPUs, NCCL on GPUs). The receiver cannot know the
-shapes in advance (a last batch is smaller, a rule may stack views), so every
-message starts with a fixed-size int64 header that describes what follows.
-
-The step context (:class:`~locallearn.step.Step`) crosses the boundary whole:
-labels, the network input, the normalisation and the flags, so a part on
-another process sees exactly what it would see in one process (DESIGN
-principle 11).
+A message is a few tensors and a few integers, sent with ``isend``/``irecv``. The
+receiver cannot know the shapes in advance (a last batch is smaller, a rule may stack
+views), so every message starts with a fixed-size int64 header describing what follows.
+The step context crosses whole, so a part on another process sees what it would see
+in one (DESIGN principle 11).
 """
 
 from __future__ import annotations
