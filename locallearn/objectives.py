@@ -1,20 +1,13 @@
-"""Objectives: a weighted sum of registered loss terms over auxiliary heads.
+"""Objectives: a weighted sum of registered loss terms over auxiliary heads
+(docs/architecture.md, "Composition").
 
-An :class:`Objective` is a part's whole local objective. It owns its heads
-(named slots, e.g. ``"aux"`` and ``"decoder"``) and sums its terms, each a
-registered loss (:data:`locallearn.losses.LOSSES`) scoring one head's output,
-or the part's output itself, with a weight::
-
-    Objective({"aux": build_head("linear", shape, 10)},
-              [Term("ce", head="aux"), Term("nhsic", 0.1, head="aux")])
-
-Its forward takes the part's output, the batch's :class:`~locallearn.step.Step`
-and the part's input, and returns a :class:`~locallearn.step.Scored`: the
-loss, the logits at this depth (from the first term whose loss predicts) and
-the terms' metrics. Terms that only train (reconstruction, nHSIC) are skipped
-at evaluation. With ``recompute``, each head keeps only its input during a
-training step and runs again in backward (:func:`~locallearn.recompute.recomputed`),
-one head at a time: that head's output then gives no logits.
+An :class:`Objective` owns its heads (named slots, e.g. ``"aux"``, ``"decoder"``)
+and sums its terms, each a registered loss scoring one head's output (or the part's
+output) with a weight. Its forward returns a :class:`~locallearn.step.Scored`: the
+loss, the logits at this depth (from the first term whose loss predicts) and the
+terms' metrics. Terms that only train (reconstruction, nHSIC) are skipped at
+evaluation. With ``recompute``, each head runs again in backward, one at a time
+(:func:`~locallearn.recompute.recomputed`); its output then gives no logits.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from accelerate.data_loader import prepare_data_loader
 from torch import nn
 
 from .errors import ConfigError
-from .replay import ReplayBuffer, fill, wait_end
+from .replay import ReplayBuffer, fill
 from .rules.base import Rule
 from .stages import cut, part_costs
 from .step import Step
@@ -104,14 +104,12 @@ class PipelineExecutor:
 
     Args:
         balance_by: how a measured cut balances the stages: ``"time"`` or ``"memory"``.
-        stages: the part indices of each stage, to use instead of a measured cut: a
-            resumed run's, from its checkpoint (a new measurement could cut otherwise).
-            Every process must pass the same.
-        num_stages: S, the number of stages; the P processes must be S x R, and each
-            stage then has R data-parallel replicas (default: S = P, R = 1).
-        replay_buffer: M, to run the stages asynchronously: each stage after the first
-            steps on samples drawn from the last M messages it received
-            (:mod:`locallearn.replay`); None: in step, the serial run's weights.
+        stages: the part indices of each stage instead of a measured cut (a resumed
+            run's, from its checkpoint; the same on every process).
+        num_stages: S; the P processes are S x R, R data-parallel replicas per stage
+            (default: S = P, R = 1).
+        replay_buffer: M, to run the stages asynchronously (:mod:`locallearn.replay`);
+            None: in step, the serial run's weights.
         max_reuse: K, the most draws of one sample from the replay buffer (None: no cap).
     """
 
@@ -307,7 +305,9 @@ class PipelineExecutor:
                 raise RuntimeError(f"rule {self.trainer.rule.name!r}: a part of stage "
                                    f"{self.stage} changed its input in place, which a replay "
                                    "buffer may hand out again; make that operation out of place")
-        self.waited += wait_end(thread)
+        t0 = time.perf_counter()
+        thread.join()  # the end of the previous stage's pass
+        self.waited += time.perf_counter() - t0
 
     def begin_epoch(self) -> None:
         dist.barrier()  # every stage's clock starts together

@@ -10,17 +10,17 @@ where this differs from the reference code: docs/parallel.md.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
+@dataclass(slots=True)
 class _Held:
-    __slots__ = ("sample", "stamp", "draws")
-
-    def __init__(self, sample: Any, stamp: int):
-        self.sample, self.stamp, self.draws = sample, stamp, 0
+    sample: Any
+    stamp: int
+    draws: int = 0
 
 
 class ReplayBuffer:
@@ -131,9 +131,3 @@ def fill(buffer: ReplayBuffer, receive: Callable[[], tuple[Any, int] | None]) ->
     thread.start()
     return thread
 
-
-def wait_end(thread: threading.Thread) -> float:
-    """Wait for the receiving thread to finish; the seconds waited."""
-    t0 = time.perf_counter()
-    thread.join()
-    return time.perf_counter() - t0

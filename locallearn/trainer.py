@@ -89,8 +89,8 @@ def check_plan(rule: Rule, parts: list[LocalPart], epochs: int, batch_size: int,
 class SerialExecutor:
     """Runs every part in this process; several processes are data-parallel replicas (DDP).
 
-    The executor interface (``bind``, ``batches``, ``reduce_grads``, ``evaluate``,
-    ``run_probe``, ``files``, ...) is described in docs/architecture.md ("Executors").
+    The executor interface (``bind``, ``batches``, ``reduce_grads``, ``run_probe``,
+    ``files``, ...) is described in docs/architecture.md ("Executors").
     """
 
     stage, last = 0, True  # the first stage, and the last
@@ -362,19 +362,12 @@ class Trainer:
     def train_step(
         self, x: torch.Tensor, step: Step, trained: list[int], start: int = 0
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, dict[int, dict[str, torch.Tensor]]]:
-        """One batch: forward part by part, each trained part's backward and step at once,
-        then the output handed on (to the next stage, if the executor has one).
+        """One batch from part ``start`` (or this process's first part) on input ``x``: forward
+        part by part, each of the ``trained`` parts' (sorted) backward and step at once, the
+        others without autograd, then the output handed on (to the next stage, if any).
 
-        Args:
-            x: the input of part ``start`` (the rule's first input when ``start`` is 0),
-                or of this process's first part.
-            step: the batch's step context, given to every part.
-            trained: indices of the parts that learn (sorted); the others run without autograd.
-            start: the first part to run (parts another process owns are skipped).
-
-        Returns:
-            The detached loss of every trained part, the logits of the last
-            trained part, and the metrics each trained part's objective reported.
+        Returns the detached loss of every trained part, the logits of the last trained
+        part, and the metrics each trained part's objective reported.
         """
         trained_set = set(trained)
         losses: dict[int, torch.Tensor] = {}
@@ -523,7 +516,7 @@ class Trainer:
             else:
                 out = self.train_step(x, context, trained, start)
             sums.add(*out, context.labels)
-            if sums.steps % cfg.log_every == 0 and sums.loss:
+            if sums.steps % cfg.log_every == 0 and sums.sums:
                 means = sums.means()
                 if alone:
                     check_divergence(self, means, f"by epoch {epoch + 1}, step {sums.steps}")
@@ -550,27 +543,20 @@ class Trainer:
 
 
 class EpochSums:
-    """One process's running sums over an epoch: each trained part's loss and metrics (on
-    the device, read once at the end), hits of the final logits, images seen.
-
-    Args:
-        device: where the sums are kept.
-        scores: whether this process runs the last trained part, whose logits count.
-    """
+    """One process's running sums over an epoch, on the device and read once at the end:
+    each trained part's loss (key ``""``) and metrics, the hits of the final logits (where
+    this process runs the last trained part, ``scores``), the images seen and scored."""
 
     def __init__(self, device: torch.device, scores: bool):
-        self.loss: dict[int, torch.Tensor] = {}
-        self.metrics: dict[int, dict[str, torch.Tensor]] = {}
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
         self.hits, self.scores = torch.zeros((), device=device), scores
-        self.scored = self.seen = self.steps = 0  # images in steps that gave logits; all
+        self.scored = self.seen = self.steps = 0
 
     def add(self, losses: dict[int, torch.Tensor], logits: torch.Tensor | None,
             metrics: dict[int, dict[str, torch.Tensor]], labels: torch.Tensor) -> None:
         for i, loss in losses.items():
-            self.loss[i] = self.loss[i] + loss if i in self.loss else loss
-        for i, values in metrics.items():
-            kept = self.metrics.setdefault(i, {})
-            for key, value in values.items():
+            kept = self.sums.setdefault(i, {})
+            for key, value in {"": loss, **metrics.get(i, {})}.items():
                 kept[key] = kept[key] + value if key in kept else value
         if logits is not None and self.scores:
             self.hits += (logits.argmax(1) == labels).sum()
@@ -580,15 +566,13 @@ class EpochSums:
 
     def means(self) -> dict[int, float]:
         """Each part's mean loss so far (one device sync)."""
-        means = (torch.stack(list(self.loss.values())) / self.steps).tolist()
-        return dict(zip(self.loss, means, strict=True))
+        means = (torch.stack([s[""] for s in self.sums.values()]) / self.steps).tolist()
+        return dict(zip(self.sums, means, strict=True))
 
     def summary(self) -> dict[str, Any]:
         return {"steps": max(self.steps, 1), "seen": self.seen, "scored": self.scored,
                 "hits": int(self.hits.item()),
-                "loss": {i: s.item() for i, s in self.loss.items()},
-                "metrics": {i: {k: v.item() for k, v in values.items()}
-                            for i, values in self.metrics.items()}}
+                "sums": {i: {k: v.item() for k, v in s.items()} for i, s in self.sums.items()}}
 
 
 def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str, Any]
@@ -602,8 +586,9 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
             sees every part's loss, so all stop together).
     """
     stats = all_gathered(mine, trainer.accelerator.num_processes)
-    steps = {i: sum(s["steps"] for s in stats if i in s["loss"]) for i in trained}
-    loss = {i: sum(s["loss"][i] for s in stats if i in s["loss"]) / steps[i] for i in trained}
+    steps = {i: sum(s["steps"] for s in stats if i in s["sums"]) for i in trained}
+    loss = {i: sum(s["sums"][i][""] for s in stats if i in s["sums"]) / steps[i]
+            for i in trained}
     check_divergence(trainer, loss, f"by the end of epoch {epoch + 1} "
                                     f"(step {max(s['steps'] for s in stats)})")
     hits, scored = (sum(s[key] for s in stats) for key in ("hits", "scored"))
@@ -629,10 +614,11 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
         entry["cuda_max_memory"] = max(s["cuda"] for s in stats)
     metrics: dict[int, dict[str, float]] = {}
     for s in stats:
-        for i, values in s["metrics"].items():
+        for i, values in s["sums"].items():
             kept = metrics.setdefault(i, {})
             for key, value in values.items():
-                kept[key] = kept.get(key, 0.0) + value / steps[i]
+                if key:  # (not the loss)
+                    kept[key] = kept.get(key, 0.0) + value / steps[i]
     keys = sorted({key for values in metrics.values() for key in values})
     if keys:  # each part's metrics averaged over the epoch's steps; null where not trained
         entry["rule_metrics"] = {key: {names[i]: metrics.get(i, {}).get(key)
