@@ -4,16 +4,22 @@ stages, one stage per process, or S stages of R data-parallel replicas (``--stag
 Stage 0 reads the data; every stage steps its parts on a batch as the serial loop
 does, then sends the detached output and the step context to the next stage
 (:mod:`locallearn.transport`) and goes on; in step the weights are the serial run's.
-With ``--replay-buffer M`` the stages run asynchronously (:mod:`locallearn.replay`).
-How, why, and what is measured: docs/parallel.md.
+With ``--replay-buffer M`` the stages run asynchronously (through a
+:class:`~locallearn.transport.ReplayBuffer`).
+The stages are cut from each part's measured cost (:func:`cut`): by time a stage costs
+the sum of its parts'; by memory, its parts' weights and optimizer state plus the
+largest of their activations. How, why, and what is measured: docs/parallel.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -22,12 +28,23 @@ from accelerate.data_loader import prepare_data_loader
 from torch import nn
 
 from .errors import ConfigError
-from .replay import ReplayBuffer, fill
+from .measure import SavedTensorMeter
+from .optim import make_optimizer
 from .rules.base import Rule
-from .stages import cut, part_costs
 from .step import Step
-from .trainer import Trainer, all_gathered
-from .transport import BATCH, END, STEP_INTS, STEP_TENSORS, Sender, pack_step, receive, unpack_step
+from .trainer import Trainer, all_gathered, held_bytes
+from .transport import (
+    BATCH,
+    END,
+    STEP_INTS,
+    STEP_TENSORS,
+    ReplayBuffer,
+    Sender,
+    fill,
+    pack_step,
+    receive,
+    unpack_step,
+)
 
 #: Messages a stage may have sent that its successor has not received yet.
 IN_FLIGHT = 2
@@ -108,7 +125,7 @@ class PipelineExecutor:
             run's, from its checkpoint; the same on every process).
         num_stages: S; the P processes are S x R, R data-parallel replicas per stage
             (default: S = P, R = 1).
-        replay_buffer: M, to run the stages asynchronously (:mod:`locallearn.replay`);
+        replay_buffer: M, to run the stages asynchronously through a replay buffer;
             None: in step, the serial run's weights.
         max_reuse: K, the most draws of one sample from the replay buffer (None: no cap).
     """
@@ -391,3 +408,89 @@ def measure_costs(trainer: Trainer, balance_by: str) -> list[float] | list[tuple
     shared = [costs]
     dist.broadcast_object_list(shared, 0)
     return shared[0]
+
+
+def cut(costs: list[float] | list[tuple[int, int]], count: int, by: str) -> list[list[int]]:
+    """The part indices of each of ``count`` contiguous, non-empty stages, so that the
+    costliest stage is as cheap as possible (exact dynamic programme; on a tie, the
+    earliest cut), from :func:`part_costs`'s ``costs``. By time (``by="time"``) a stage
+    costs the sum of its parts'; by memory (``"memory"``) all its parts' resident bytes
+    and the largest of their transient bytes, as it steps one part at a time."""
+    n = len(costs)
+    prefix = list(itertools.accumulate(costs, initial=0.0)) if by == "time" else []
+    resident, transient = ([], []) if by == "time" else zip(*costs, strict=True)
+
+    def cost(a: int, b: int) -> float:  # of a stage of parts a..b-1
+        if by == "time":
+            return prefix[b] - prefix[a]
+        return sum(resident[a:b]) + max(transient[a:b])
+
+    # best[s][i]: the least largest cost cutting the first i parts into s stages;
+    # start[s][i]: where the last of them starts.
+    best = [[math.inf] * (n + 1) for _ in range(count + 1)]
+    start = [[0] * (n + 1) for _ in range(count + 1)]
+    best[0][0] = 0.0
+    for s in range(1, count + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                worst = max(best[s - 1][j], cost(j, i))
+                if worst < best[s][i]:
+                    best[s][i], start[s][i] = worst, j
+    bounds = [n]
+    for s in range(count, 0, -1):
+        bounds.append(start[s][bounds[-1]])
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds[::-1])]
+
+
+def part_costs(parts: list[nn.Module], h: torch.Tensor, step, config, by: str,
+               repeats: int = 3, scale: float = 1.0) -> list[float] | list[tuple[int, int]]:
+    """Each part's cost on one batch, the parts run in order from the first one's input
+    ``h``: ``by="time"``, the median seconds of ``repeats`` forwards and backwards;
+    ``by="memory"``, the pair (resident, transient) of :func:`cut`, counted
+    once: parameters, buffers and the state of the optimizer ``config`` gives the part
+    after one step; peak bytes saved for backward times ``scale`` plus the gradients'
+    bytes. Activations grow with the batch and weights do not: measured on a smaller
+    batch than the run's, ``scale`` (the run's batch over this one) puts them back in
+    proportion (a few per-batch statistics are scaled too).
+
+    In eval mode (BatchNorm statistics do not move). Every part's weights are left as
+    they were (the memory count's optimizer step is undone) and its gradients dropped.
+    """
+    costs = []
+    for part in parts:
+        was = part.training
+        part.eval()
+        times, meter = [], None
+        for _ in range(1 if by == "memory" else repeats):
+            # The meter's hooks cost time: only where memory is measured.
+            meter = SavedTensorMeter(part) if by == "memory" else None
+            t0 = time.perf_counter()
+            with meter or nullcontext():
+                out, scored = part(h.detach(), step)
+                if scored.loss.requires_grad:
+                    scored.loss.backward()
+            times.append(time.perf_counter() - t0)
+        if meter is None:
+            costs.append(sorted(times)[len(times) // 2])
+        else:
+            grads = sum(p.grad.untyped_storage().nbytes()
+                        for p in part.parameters() if p.grad is not None)
+            costs.append((_resident(part, config), round(meter.peak * scale) + grads))
+        for p in part.parameters():
+            p.grad = None
+        part.train(was)
+        h = out.detach()
+    return costs
+
+
+def _resident(part: nn.Module, config) -> int:
+    """The part's weights, buffers and its optimizer's state after one step (the
+    optimizer fills its state then), with the step undone."""
+    if not any(p.requires_grad and p.grad is not None for p in part.parameters()):
+        return held_bytes([part], ())
+    kept = {k: v.clone() for k, v in part.state_dict().items()}
+    opt = make_optimizer(part.parameters(), config, getattr(part, "lr_scale", 1.0))
+    opt.step()
+    held = held_bytes([part], [opt])
+    part.load_state_dict(kept)
+    return held

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -31,7 +31,6 @@ from .observers import Observer
 from .optim import lr_factor, make_optimizer, scaled_step
 from .rules.base import LocalPart, Rule
 from .settings import TrainConfig  # the loop's settings, declared with their flags
-from .stages import held_bytes
 from .step import Step
 
 
@@ -624,6 +623,19 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
         entry["rule_metrics"] = {key: {names[i]: metrics.get(i, {}).get(key)
                                        for i in range(len(names))} for key in keys}
     return entry
+
+
+def held_bytes(modules: Iterable[nn.Module], optimizers: Iterable[torch.optim.Optimizer]) -> int:
+    """Bytes of the modules' parameters and buffers and the optimizers' state tensors,
+    each storage once (a tensor shared by two modules counts once; ``meta`` tensors,
+    which hold no memory, count nothing)."""
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    tensors += [v for opt in optimizers for state in opt.state.values()
+                for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if not t.is_meta}
+    storages.pop(0, None)  # empty tensors
+    return sum(storages.values())
 
 
 def all_gathered(obj: Any, processes: int) -> list[Any]:

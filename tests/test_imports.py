@@ -22,7 +22,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("errors",),
     ("version", "registry", "config", "settings", "measure", "hsic", "optim", "recompute",
      "step", "observers"),  # settings: the loop's settings and their flags
-    ("losses", "heads", "models", "models.*", "data", "transport", "replay", "stages"),
+    ("losses", "heads", "models", "models.*", "data", "transport"),
     ("adapters", "objectives"),  # adapters lay out the models' families for blocks
     ("blocks",),
     # rules

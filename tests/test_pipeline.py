@@ -436,13 +436,13 @@ def test_a_rule_with_fewer_parts_than_stages_is_refused():
     ([1, 2], 2, [0, 1]),
 ])
 def test_stages_are_contiguous_nonempty_and_minimise_the_slowest(costs, stages, starts):
-    from locallearn.stages import cut
+    from locallearn.pipeline import cut
 
     assert [stage[0] for stage in cut(costs, stages, "time")] == starts
 
 
 def test_memory_stages_hold_their_weights_and_one_part_s_step_at_a_time():
-    from locallearn.stages import cut
+    from locallearn.pipeline import cut
 
     # Parts a and b save 10 bytes for backward each, c holds 6 bytes of weights.
     resident, transient = [0, 0, 6], [10, 10, 1]
@@ -463,7 +463,7 @@ def test_part_costs_leave_the_weights_as_they_were_and_count_the_optimizer():
     from locallearn import TrainConfig, create_rule, split
     from locallearn.bench import random_data
     from locallearn.data import BatchTransform
-    from locallearn.stages import part_costs
+    from locallearn.pipeline import part_costs
 
     data = random_data(8, 16)
     torch.manual_seed(0)

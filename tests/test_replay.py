@@ -1,11 +1,11 @@
-"""The replay buffer of asynchronous stages (locallearn/replay.py), without processes."""
+"""The replay buffer of asynchronous stages (locallearn/transport.py), without processes."""
 
 import threading
 import time
 
 import pytest
 
-from locallearn.replay import ReplayBuffer, fill
+from locallearn.transport import ReplayBuffer, fill
 
 # Events: "a" adds the next sample (stamps 0, 1, 2, ...), "d" draws one.
 SCRIPT = "adadadddddaadadddaddddadadaaaddaddaddadadddadadaddadddaaddda"
