@@ -15,14 +15,8 @@ IMPLS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: Any, lr_scale: float = 1.0):
-    """SGD (momentum, optional Nesterov) or AdamW with the loop's settings.
-
-    Args:
-        params: the parameters of one part.
-        config: a :class:`~locallearn.trainer.TrainConfig` (``optimizer_impl`` picks the
-            kernels: one per parameter, one per group of tensors, or one fused kernel).
-        lr_scale: multiplies ``config.lr`` (per-part learning rates).
-    """
+    """SGD (momentum, optional Nesterov) or AdamW for one part's ``params``, with the
+    settings of ``config`` (a TrainConfig) and ``config.lr`` times ``lr_scale``."""
     lr = config.lr * lr_scale
     impl = IMPLS[config.optimizer_impl]
     if config.optimizer == "adamw":
@@ -35,15 +29,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], config: Any, lr_scale: 
 
 
 def lr_factor(config: Any, step: int, steps_per_epoch: int, epochs: int | None = None) -> float:
-    """Learning-rate multiplier after ``step`` optimizer steps of a schedule ``epochs`` long.
-
-    Args:
-        config: a TrainConfig (``schedule``, ``milestones``, ``gamma``, ``epochs``).
-        step: steps taken on this schedule's clock.
-        steps_per_epoch: optimizer steps in one epoch.
-        epochs: the schedule's length; ``config.epochs`` by default. A rule that
-            restarts the schedule for each part passes that part's epochs.
-    """
+    """Learning-rate multiplier after ``step`` optimizer steps (``steps_per_epoch`` an
+    epoch) of ``config``'s schedule, ``epochs`` long (``config.epochs`` by default; a
+    part's own epochs where the rule restarts the schedule for each part)."""
     epochs = config.epochs if epochs is None else epochs
     if config.schedule == "cosine":
         total = max(1, epochs * steps_per_epoch)

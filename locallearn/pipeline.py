@@ -33,18 +33,7 @@ from .optim import make_optimizer
 from .rules.base import Rule
 from .step import Step
 from .trainer import Trainer, all_gathered, held_bytes
-from .transport import (
-    BATCH,
-    END,
-    STEP_INTS,
-    STEP_TENSORS,
-    ReplayBuffer,
-    Sender,
-    fill,
-    pack_step,
-    receive,
-    unpack_step,
-)
+from .transport import BATCH, END, ReplayBuffer, Sender, fill, pack_step, receive, unpack_step
 
 #: Messages a stage may have sent that its successor has not received yet.
 IN_FLIGHT = 2
@@ -275,24 +264,20 @@ class PipelineExecutor:
             yield got[:3]
 
     def _receive(self):
-        """The previous stage's next message as ``(input, step, carried, ints)``, on this
+        """The previous stage's next message as ``(input, step, carried, stamp)``, on this
         stage's device; None at the end of its pass."""
         kind, tensors, ints = receive(self.rank - 1, self.wire)
         if kind == END:
             return None
-        tensors = [t if t is None else t.to(self.trainer.accelerator.device) for t in tensors]
-        h, step = unpack_step(tensors[:STEP_TENSORS], ints)
-        return h, step, tensors[STEP_TENSORS] if len(tensors) > STEP_TENSORS else None, ints
+        device = self.trainer.accelerator.device
+        return unpack_step([t if t is None else t.to(device) for t in tensors], ints)
 
     def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None
                 ) -> None:
         """Send the batch on, numbered in its pass (the replay buffer's stamp)."""
         if self.sender is not None:
-            tensors, ints = pack_step(h.detach(), step)
-            if carried is not None:
-                tensors.append(carried)
-            self.sender.send(BATCH, [t if t is None else t.to(self.wire) for t in tensors],
-                             [*ints, self.sent])
+            tensors, ints = pack_step(h.detach(), step, carried, self.sent)
+            self.sender.send(BATCH, [t if t is None else t.to(self.wire) for t in tensors], ints)
         self.sent += 1
 
     def _replayed(self, steps: int):
@@ -306,7 +291,7 @@ class PipelineExecutor:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             got = self._receive()
-            return None if got is None else ((got[0], got[1]), got[3][STEP_INTS])
+            return None if got is None else ((got[0], got[1]), got[3])
 
         thread = fill(buffer, receive_one)
         for _ in range(steps):

@@ -35,7 +35,9 @@ class _Recomputed(torch.autograd.Function):
         ctx.fn, ctx.module, ctx.params = fn, module, params
         ctx.autocast = (h.device.type, torch.is_autocast_enabled(h.device.type),
                         torch.get_autocast_dtype(h.device.type))
-        ctx.rng = _rng_state(h.device)  # dropout draws the same masks again in backward
+        # Dropout draws the same masks again in backward.
+        ctx.rng = (torch.get_rng_state(),
+                   torch.cuda.get_rng_state(h.device) if h.device.type == "cuda" else None)
         ctx.save_for_backward(h)
         with torch.no_grad():
             return fn(h)
@@ -47,7 +49,11 @@ class _Recomputed(torch.autograd.Function):
         needs_h = ctx.needs_input_grad[2]
         x = h.detach().requires_grad_(needs_h)
         inputs = ([x] if needs_h else []) + list(ctx.params)
-        with _buffers_kept(ctx.module), _rng_restored(h.device, ctx.rng):
+        cuda = [h.device] if h.device.type == "cuda" else []
+        with _buffers_kept(ctx.module), torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(ctx.rng[0])  # the first forward's; the caller's state is kept
+            if cuda:
+                torch.cuda.set_rng_state(ctx.rng[1], h.device)
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 out = ctx.fn(x)
             grads = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
@@ -65,22 +71,6 @@ def _buffers_kept(module: nn.Module):
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextmanager
-def _rng_restored(device: torch.device, state: tuple):
-    """Run with the random state of the first forward; the caller's state is kept."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
 
 
 def run_recomputed(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:

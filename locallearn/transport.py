@@ -119,22 +119,21 @@ def receive(src: int, device: torch.device) -> tuple[int, list[Tensor | None], l
     return kind, tensors, ints
 
 
-#: The tensors and ints of a packed step context (the part's output first); a message
-#: may carry more after them.
-STEP_TENSORS, STEP_INTS = 5, 3
+def pack_step(h: Tensor, step: Step, carried: Tensor | None = None, stamp: int = 0
+              ) -> tuple[list[Tensor | None], list[int]]:
+    """A part's output, its step context, the earlier stages' logits where the rule
+    combines them (else None) and the batch's number in its pass, as tensors and ints."""
+    tensors = [h, step.labels, step.network_input, step.mean, step.std, carried]
+    return tensors, [int(step.train), step.views, step.num_classes, stamp]
 
 
-def pack_step(h: Tensor, step: Step) -> tuple[list[Tensor | None], list[int]]:
-    """A part's output and its step context as message tensors and ints."""
-    tensors = [h, step.labels, step.network_input, step.mean, step.std]
-    return tensors, [int(step.train), step.views, step.num_classes]
-
-
-def unpack_step(tensors: list[Tensor | None], ints: list[int]) -> tuple[Tensor, Step]:
-    """The inverse of :func:`pack_step`."""
-    h, labels, network_input, mean, std = tensors
-    train, views, num_classes = ints[:STEP_INTS]  # a message may carry more ints after them
-    return h, Step(labels, network_input, bool(train), views, num_classes, mean, std)
+def unpack_step(tensors: list[Tensor | None], ints: list[int]
+                ) -> tuple[Tensor, Step, Tensor | None, int]:
+    """The inverse of :func:`pack_step`: ``(h, step, carried, stamp)``."""
+    h, labels, network_input, mean, std, carried = tensors
+    train, views, num_classes, stamp = ints
+    step = Step(labels, network_input, bool(train), views, num_classes, mean, std)
+    return h, step, carried, stamp
 
 
 @dataclass(slots=True)

@@ -648,7 +648,8 @@ def test_an_output_and_its_step_context_cross_the_wire_whole(monkeypatch, dtype)
     for step in (Step(labels, x, True, 2, 10, mean, std), Step(labels, x[:4], False, 1, 10)):
         sender.send(transport.BATCH, *transport.pack_step(h, step))
         kind, tensors, ints = transport.receive(0, cpu)
-        got_h, got = transport.unpack_step(tensors, ints)
+        got_h, got, carried, stamp = transport.unpack_step(tensors, ints)
+        assert carried is None and stamp == 0
         assert kind == transport.BATCH and got_h.dtype == dtype and torch.equal(got_h, h)
         assert torch.equal(got.labels, step.labels)
         assert torch.equal(got.network_input, step.network_input)
