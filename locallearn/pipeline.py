@@ -197,8 +197,7 @@ class PipelineExecutor:
 
     def end_epoch(self, trained: list[int]) -> None:
         """Replica 0's buffers (batch norm's running statistics) on every replica of this
-        stage, as DDP gives its modules process 0's before they evaluate: in training the
-        replicas only update them, and only replica 0's are kept."""
+        stage, as DDP gives its modules process 0's before they evaluate."""
         if self.group is None:
             return
         for i in self.mine:
@@ -211,13 +210,9 @@ class PipelineExecutor:
 
     def run_probe(self, measure: Callable[[range, torch.Tensor | None], tuple[list, Any]]
                   ) -> list[dict[str, Any]]:
-        """The information plane's entries of every block, measured across the stages.
-
-        Each stage measures its own blocks (``measure(blocks, inputs)``): stage 0 from the
-        images, a later stage from the previous stage's output, which it receives whole
-        (``m`` samples, float32) and, once measured, sends on. The entries are gathered on
-        every process, in block order: the serial run's numbers.
-        """
+        """The information plane's entries of every block, gathered on every process in
+        block order: each stage measures its own blocks (``measure(blocks, inputs)``) on the
+        previous stage's whole probe output (stage 0: the images), then sends its own on."""
         blocks = self.probe_blocks()
         entries: list[dict[str, Any]] = []
         if len(blocks):
@@ -329,16 +324,11 @@ class PipelineExecutor:
 
     def fields(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
         """The pipelined entry's fields, from every process's statistics."""
-        fields = {
-            # Per process: what it holds (its parts' weights, buffers and optimizer state,
-            # after the epoch) and its peak bytes saved for backward (in the first step).
+        fields = {  # per process, by rank (docs/records.md)
             "stage_state_bytes": [s["state"] for s in stats],
             "stage_saved_bytes": [s["saved"] for s in stats],
             "stages": self.stage_names(),
             "replicas": self.replicas,
-            # Per process (stage s of replica r is process r * S + s): seconds blocked on
-            # the previous stage's messages or on delivering its own (fill and drain,
-            # imbalance, the wire), out of the epoch's seconds.
             "stage_wait_seconds": [round(s["waited"], 3) for s in stats],
         }
         if self.replay_size is not None:
@@ -374,13 +364,9 @@ def plane_blocks(trainer: Trainer, stage_parts: list[list[int]]) -> list[range] 
 
 
 def measure_costs(trainer: Trainer, balance_by: str) -> list[float] | list[tuple[int, int]]:
-    """Each part's cost on a training batch of up to 32 images
-    (:func:`stages.part_costs`), measured on process 0 and shared, so every process
-    cuts the same stages: seconds (``balance_by="time"``), or (resident, transient)
-    bytes at the run's batch size (``"memory"``; deterministic). On the host, before
-    the parts move to their devices, with the random state restored: training starts
-    as the serial run does.
-    """
+    """Each part's cost (:func:`part_costs`) on a training batch of up to 32 images,
+    measured on process 0 and shared, so every process cuts the same stages; on the
+    host, with the random state restored, so training starts as the serial run does."""
     t, costs = trainer, None
     if t.accelerator.process_index == 0:
         size = min(t.config.batch_size, 32, len(t.data.train_labels))
@@ -430,17 +416,11 @@ def cut(costs: list[float] | list[tuple[int, int]], count: int, by: str) -> list
 def part_costs(parts: list[nn.Module], h: torch.Tensor, step, config, by: str,
                repeats: int = 3, scale: float = 1.0) -> list[float] | list[tuple[int, int]]:
     """Each part's cost on one batch, the parts run in order from the first one's input
-    ``h``: ``by="time"``, the median seconds of ``repeats`` forwards and backwards;
-    ``by="memory"``, the pair (resident, transient) of :func:`cut`, counted
-    once: parameters, buffers and the state of the optimizer ``config`` gives the part
-    after one step; peak bytes saved for backward times ``scale`` plus the gradients'
-    bytes. Activations grow with the batch and weights do not: measured on a smaller
-    batch than the run's, ``scale`` (the run's batch over this one) puts them back in
-    proportion (a few per-batch statistics are scaled too).
-
-    In eval mode (BatchNorm statistics do not move). Every part's weights are left as
-    they were (the memory count's optimizer step is undone) and its gradients dropped.
-    """
+    ``h``, in eval mode, weights left as they were and gradients dropped: ``by="time"``,
+    the median seconds of ``repeats`` forwards and backwards; ``by="memory"``, (resident,
+    transient) bytes: weights, buffers and optimizer state after one step (undone); peak
+    bytes saved for backward times ``scale`` (the run's batch over this one: activations
+    grow with the batch, weights do not) plus the gradients' bytes."""
     costs = []
     for part in parts:
         was = part.training

@@ -48,9 +48,7 @@ def check_plan(rule: Rule, parts: list[LocalPart], epochs: int, batch_size: int,
     (or a frozen one the rule runs in training mode) has BatchNorm: in training
     mode that breaks wherever a map is 1x1, and only after a whole epoch has run.
 
-    Raises:
-        ConfigError: the rule's schedule refuses ``epochs``, or the batches cannot train.
-        RuntimeError: the rule is broken (a bad schedule, a shared parameter).
+    A ConfigError where the batches cannot train; a RuntimeError where the rule is broken.
     """
     owner: dict[int, str] = {}
     for part in parts:
@@ -177,12 +175,8 @@ class SerialExecutor:
     def reduce_grads(self, i: int) -> None: ...  # DDP averages them inside backward
 
     def end_epoch(self, trained: list[int]) -> None:
-        """Give every process process 0's buffers of the frozen parts before ``trained``.
-
-        Frozen parts are not wrapped by DDP; run in training mode, each process's
-        BatchNorm statistics would follow its own shard. DDP keeps a wrapped
-        part's buffers as process 0 has them, and so does this, once per epoch.
-        """
+        """Give every process process 0's buffers of the frozen parts before ``trained``
+        (run in training mode, unwrapped by DDP), as DDP does for the parts it wraps."""
         if self.trainer.rule.frozen_train_mode and self.replicas > 1:
             for part in self.trainer.parts[:trained[0]]:
                 for buffer in part.buffers():
@@ -398,16 +392,6 @@ class Trainer:
         self.executor.pass_on(h, step)
         return losses, logits, metrics
 
-    def forward(self, h: torch.Tensor, step: Step, parts: Any
-                ) -> tuple[torch.Tensor, dict[int, torch.Tensor | None]]:
-        """``parts`` on a batch without training them: the output and each part's logits."""
-        logits = {}
-        with self.autocast():
-            for i in parts:
-                h, scored = self.models[i](h, step)
-                logits[i] = scored.logits
-        return h, logits
-
     def make_step(self, images: torch.Tensor, labels: torch.Tensor, transform: Any,
                   generator: torch.Generator | None = None, train: bool = True
                   ) -> tuple[torch.Tensor, Step]:
@@ -430,12 +414,16 @@ class Trainer:
         hits: dict[int, torch.Tensor] = {}
         total = 0
         for h, step, carried in ex.batches(self.test_loader, self.eval_transform, None, False):
-            out, logits = self.forward(h, step, self.owned)
+            logits = {}
+            with self.autocast():
+                for i in self.owned:
+                    h, scored = self.models[i](h, step)
+                    logits[i] = scored.logits
             if combines:
                 ours = torch.stack([logits[i] for i in self.owned])
                 carried = ours if carried is None else torch.cat([carried, ours])
                 logits = dict(enumerate(self.rule.predictions(list(carried)))) if ex.last else {}
-            ex.pass_on(out, step, carried)
+            ex.pass_on(h, step, carried)
             for i, z in logits.items():
                 if z is not None:
                     hits[i] = hits.get(i, 0) + (z.argmax(1) == step.labels).sum()

@@ -17,6 +17,7 @@ differs from the reference code: docs/parallel.md.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -54,21 +55,12 @@ def _header(kind: int, tensors: list[Tensor | None], ints: list[int]) -> Tensor:
 
 
 class Sender:
-    """Sends messages to one rank, with at most ``in_flight`` messages not yet delivered.
+    """Sends messages to rank ``dst`` (headers on ``device``, the backend's), keeping each
+    until delivered, as ``isend`` needs; :meth:`send` waits for the oldest once
+    ``in_flight`` are outstanding, so a fast stage cannot fill memory with activations
+    its successor has not taken yet."""
 
-    ``isend`` returns at once; the tensors must stay alive until the send
-    completes, so they are kept here, and :meth:`send` waits for the oldest
-    message once ``in_flight`` are outstanding. That bound is what keeps a
-    fast stage from filling memory with activations its successor has not
-    taken yet.
-
-    Args:
-        dst: the receiving rank.
-        device: where the header is put (the backend's device: CPU for gloo).
-        in_flight: the most messages outstanding at once (at least 1).
-    """
-
-    def __init__(self, dst: int, device: torch.device, in_flight: int = 2):
+    def __init__(self, dst: int, device: torch.device, in_flight: int):
         self.dst, self.device, self.in_flight = dst, device, in_flight
         self.pending: deque[tuple[list, list[Tensor]]] = deque()
         self.waited = 0.0  # seconds spent waiting for deliveries
@@ -153,9 +145,6 @@ class ReplayBuffer:
     """
 
     def __init__(self, size: int, max_reuse: int | None = None):
-        if size < 1 or (max_reuse is not None and max_reuse < 1):
-            raise ValueError(f"a replay buffer holds at least 1 sample, each drawn at least "
-                             f"once; got size {size}, max_reuse {max_reuse}")
         self.size, self.max_reuse = size, max_reuse
         self._held: deque[_Held] = deque()
         self._ready = threading.Condition()
@@ -166,7 +155,7 @@ class ReplayBuffer:
         with self._ready:
             self._held.clear()
             self.ended, self.error = False, None
-            self.received, self.unused, self.newest = 0, 0, -1
+            self.received, self.newest = 0, -1
             self.draws: list[int] = []  # per sample evicted or left at the end
             self.ages: list[int] = []  # per draw
 
@@ -174,7 +163,7 @@ class ReplayBuffer:
         """Hold ``sample``, the predecessor's batch number ``stamp`` (stamps increase)."""
         with self._ready:
             if len(self._held) == self.size:
-                self._retire(self._held.popleft())
+                self.draws.append(self._held.popleft().draws)
             self._held.append(_Held(sample, stamp))
             self.received += 1
             self.newest = stamp
@@ -189,13 +178,9 @@ class ReplayBuffer:
     def _eligible(self) -> _Held | None:
         """Among the held samples drawn the fewest times (and fewer than ``max_reuse``),
         the newest."""
-        best = None
-        for held in self._held:  # oldest first: a later one with as few draws wins
-            if self.max_reuse is not None and held.draws >= self.max_reuse:
-                continue
-            if best is None or held.draws <= best.draws:
-                best = held
-        return best
+        cap = self.max_reuse or math.inf
+        return min((held for held in reversed(self._held) if held.draws < cap),  # newest first
+                   key=lambda held: held.draws, default=None)
 
     def draw(self) -> Any | None:
         """The next sample to step on, waiting for one if none can be drawn; None once
@@ -215,18 +200,13 @@ class ReplayBuffer:
             self.ages.append(self.newest - held.stamp)
             return held.sample
 
-    def _retire(self, held: _Held) -> None:
-        self.draws.append(held.draws)
-        self.unused += held.draws == 0
-
     def summary(self) -> dict[str, Any]:
         """The epoch's staleness, once the predecessor has ended: samples received, never
         drawn, draws per received sample (mean, max) and the draws' ages (mean, max)."""
         with self._ready:
-            while self._held:
-                self._retire(self._held.popleft())
-            draws, ages = self.draws, self.ages
-            return {"received": self.received, "unused": self.unused,
+            draws, ages = self.draws + [held.draws for held in self._held], self.ages
+            self._held.clear()
+            return {"received": self.received, "unused": draws.count(0),
                     "draws_mean": round(sum(draws) / len(draws), 4) if draws else None,
                     "draws_max": max(draws, default=None),
                     "age_mean": round(sum(ages) / len(ages), 4) if ages else None,

@@ -113,9 +113,3 @@ def test_draw_blocks_until_a_sample_arrives():
     buffer.add("x", 0)
     drawer.join(5)
     assert got == ["x"]
-
-
-@pytest.mark.parametrize("size, max_reuse", [(0, None), (2, 0)])
-def test_a_buffer_holds_at_least_one_sample_drawn_at_least_once(size, max_reuse):
-    with pytest.raises(ValueError, match="at least 1 sample"):
-        ReplayBuffer(size, max_reuse)
