@@ -36,22 +36,16 @@ BATCH, END = 0, 1
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
            torch.int32, torch.uint8, torch.bool)
-_MAX_TENSORS, _MAX_INTS, _MAX_DIMS = 6, 6, 6
-_SLOT = 3 + _MAX_DIMS  # present, dtype, ndim, dims
-HEADER = 3 + _MAX_INTS + _MAX_TENSORS * _SLOT
+# A header is HEADER int64s: the kind, the ints (count first), the tensors (count first),
+# each as dtype (-1: none), ndim and shape; then zeros.
+HEADER = 64
 
 
 def _header(kind: int, tensors: list[Tensor | None], ints: list[int]) -> Tensor:
-    head = torch.zeros(HEADER, dtype=torch.int64)
-    head[:3] = torch.tensor([kind, len(tensors), len(ints)])
-    head[3:3 + len(ints)] = torch.tensor(ints, dtype=torch.int64)
-    for i, t in enumerate(tensors):
-        if t is None:
-            continue
-        at = 3 + _MAX_INTS + i * _SLOT
-        head[at:at + 3] = torch.tensor([1, _DTYPES.index(t.dtype), t.ndim])
-        head[at + 3:at + 3 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
-    return head
+    head = [kind, len(ints), *ints, len(tensors)]
+    for t in tensors:
+        head += [-1] if t is None else [_DTYPES.index(t.dtype), t.ndim, *t.shape]
+    return torch.tensor(head + [0] * (HEADER - len(head)), dtype=torch.int64)
 
 
 class Sender:
@@ -92,18 +86,19 @@ def receive(src: int, device: torch.device) -> tuple[int, list[Tensor | None], l
     """The next message from ``src``: its kind, its tensors (None where none was sent), its ints."""
     head = torch.empty(HEADER, dtype=torch.int64, device=device)
     dist.recv(head, src)
-    head = head.cpu().tolist()
-    kind, count, nints = head[:3]
-    ints = head[3:3 + nints]
+    kind, nints, *head = head.cpu().tolist()
+    ints, count, at = head[:nints], head[nints], nints + 1
     tensors: list[Tensor | None] = []
     works = []
-    for i in range(count):
-        at = 3 + _MAX_INTS + i * _SLOT
-        present, dtype, ndim = head[at:at + 3]
-        if not present:
+    for _ in range(count):
+        dtype = head[at]
+        if dtype < 0:
             tensors.append(None)
+            at += 1
             continue
-        t = torch.empty(head[at + 3:at + 3 + ndim], dtype=_DTYPES[dtype], device=device)
+        ndim = head[at + 1]
+        t = torch.empty(head[at + 2:at + 2 + ndim], dtype=_DTYPES[dtype], device=device)
+        at += 2 + ndim
         works.append(dist.irecv(t, src))
         tensors.append(t)
     for work in works:
