@@ -438,24 +438,18 @@ def part_costs(parts: list[nn.Module], h: torch.Tensor, step, config, by: str,
         if meter is None:
             costs.append(sorted(times)[len(times) // 2])
         else:
-            grads = sum(p.grad.untyped_storage().nbytes()
-                        for p in part.parameters() if p.grad is not None)
-            costs.append((_resident(part, config), round(meter.peak * scale) + grads))
+            grads = [p.grad for p in part.parameters() if p.grad is not None]
+            kept = {k: v.clone() for k, v in part.state_dict().items()}
+            opts = []
+            if grads:  # the optimizer fills its state in its first step, undone below
+                opts = [make_optimizer(part.parameters(), config, getattr(part, "lr_scale", 1.0))]
+                opts[0].step()
+            costs.append((held_bytes([part], opts), round(meter.peak * scale)
+                          + sum(g.untyped_storage().nbytes() for g in grads)))
+            part.load_state_dict(kept)
         for p in part.parameters():
             p.grad = None
         part.train(was)
         h = out.detach()
     return costs
 
-
-def _resident(part: nn.Module, config) -> int:
-    """The part's weights, buffers and its optimizer's state after one step (the
-    optimizer fills its state then), with the step undone."""
-    if not any(p.requires_grad and p.grad is not None for p in part.parameters()):
-        return held_bytes([part], ())
-    kept = {k: v.clone() for k, v in part.state_dict().items()}
-    opt = make_optimizer(part.parameters(), config, getattr(part, "lr_scale", 1.0))
-    opt.step()
-    held = held_bytes([part], [opt])
-    part.load_state_dict(kept)
-    return held

@@ -204,17 +204,10 @@ class SerialExecutor:
 
 
 class Trainer:
-    """Trains a BlockStack by a rule.
-
-    Args:
-        stack: the network, split into blocks.
-        rule: partitions the stack into parts with local objectives and a schedule.
-        data: the data set, in memory.
-        config: the loop's options.
-        accelerator: an Accelerator (one is created if None).
-        observers: called at fit start, epoch end and fit end.
-        executor: runs the parts: :class:`SerialExecutor` (default) or
-            :class:`~locallearn.pipeline.PipelineExecutor`.
+    """Trains ``stack`` (a BlockStack) by ``rule`` on ``data`` (in memory) with the loop's
+    ``config``, under ``accelerator`` (one is created if None), calling ``observers`` at
+    fit start, epoch end and fit end. ``executor`` runs the parts: :class:`SerialExecutor`
+    (default) or :class:`~locallearn.pipeline.PipelineExecutor`.
     """
 
     def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
@@ -567,10 +560,8 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
     """The epoch's history entry from every process's statistics (``mine`` here,
     gathered): each part's mean loss and metrics over the steps of the processes that hold
     it (data-parallel replicas take as many; asynchronous stages take steps of their own).
-
-    Raises:
-        Diverged: a part's mean loss is non-finite or above ``--max-loss`` (every process
-            sees every part's loss, so all stop together).
+    Raises Diverged on a non-finite mean loss or one above ``--max-loss``, on every process
+    alike (each sees every part's loss), so all stop together.
     """
     stats = all_gathered(mine, trainer.accelerator.num_processes)
     steps = {i: sum(s["steps"] for s in stats if i in s["sums"]) for i in trained}
