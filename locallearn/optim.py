@@ -45,20 +45,15 @@ def lr_factor(config: Any, step: int, steps_per_epoch: int, epochs: int | None =
 def scaled_step(loss: torch.Tensor, scaler: torch.amp.GradScaler,
                 optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler,
-                reduce: Callable[[], None] | None = None) -> None:
+                reduce: Callable[[], None]) -> None:
     """One fp16 step of a part with its own gradient scaler: backward of the scaled loss,
-    the optimizer's step unless this part's gradients overflowed (then only its scale
-    halves), gradients dropped, and the schedule's clock ticked, skipped step or not.
-
-    Args:
-        optimizer: the bare optimizer (a fused one then unscales and checks for overflow
-            on the device, without waiting for it).
-        reduce: called between backward and step (the pipeline's replicas average their
-            scaled gradients there, as DDP does inside backward).
+    ``reduce()`` (the pipeline's replicas average the scaled gradients, as DDP does inside
+    backward), the step of the bare ``optimizer`` (a fused one unscales on the device)
+    unless this part's gradients overflowed (then only its scale halves), gradients
+    dropped, and the schedule ticked, skipped step or not.
     """
     scaler.scale(loss).backward()
-    if reduce is not None:
-        reduce()
+    reduce()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,6 @@ counts what the second forward saves. Why: docs/architecture.md ("The loop").
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -50,40 +49,25 @@ class _Recomputed(torch.autograd.Function):
         x = h.detach().requires_grad_(needs_h)
         inputs = ([x] if needs_h else []) + list(ctx.params)
         cuda = [h.device] if h.device.type == "cuda" else []
-        with _buffers_kept(ctx.module), torch.random.fork_rng(devices=cuda):
+        buffers = [(b, b.detach().clone()) for b in ctx.module.buffers()]
+        with torch.random.fork_rng(devices=cuda):
             torch.set_rng_state(ctx.rng[0])  # the first forward's; the caller's state is kept
             if cuda:
                 torch.cuda.set_rng_state(ctx.rng[1], h.device)
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 out = ctx.fn(x)
             grads = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
+        with torch.no_grad():  # the second forward's buffer updates (batch-norm statistics) undone
+            for buffer, value in buffers:
+                buffer.copy_(value)
         grad_h = grads.pop(0) if needs_h else None
         return (None, None, grad_h, *grads)
 
 
-@contextmanager
-def _buffers_kept(module: nn.Module):
-    """Undo buffer updates (batch-norm running statistics) of the second forward."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
 def run_recomputed(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """``blocks`` applied in turn, each fine block keeping only its input for backward.
-
-    Activation recomputation inside a part: backward runs each fine block
-    again (with its first forward's random state and autocast, its batch-norm
-    statistics updated once) and frees its activations before the previous
-    block's turn, so a part's peak holds its fine blocks' inputs and one fine
-    block's activations, for one more forward of the part. A block that groups
-    fine blocks (``--blocks K`` makes an ``nn.Sequential`` of them) is taken
-    apart: recomputing the whole group would save nothing.
-    """
+    """``blocks`` applied in turn, each fine block keeping only its input for backward
+    (``--recompute-blocks``, docs/speed.md); a block that ``--blocks K`` grouped from fine
+    blocks is taken apart, as recomputing the whole group would save nothing."""
     for block in blocks:
         for fine in block if isinstance(block, nn.Sequential) else (block,):
             x = recomputed(fine, fine, x)
