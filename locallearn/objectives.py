@@ -62,16 +62,14 @@ class Objective(nn.Module):
                     raise ValueError(f"term {term.loss!r} scores head {slot!r}, which the "
                                      f"objective lacks (it has {', '.join(self.heads)})")
         self.fns = [build_loss(t.loss, **t.options) for t in self.terms]
-        self.train_only = [LOSSES.get(t.loss).meta["train_only"] for t in self.terms]
-        self.predicts = [LOSSES.get(t.loss).meta["logits"] for t in self.terms]
+        self.metas = [LOSSES.get(t.loss).meta for t in self.terms]  # train_only, logits, ...
         self.recompute = recompute
 
     def forward(self, h: torch.Tensor, step: Step, part_input: torch.Tensor) -> Scored:
         value, logits, metrics = None, None, {}
         outputs: dict[str, torch.Tensor] = {}
-        for term, fn, train_only, predicts in zip(self.terms, self.fns, self.train_only,
-                                                  self.predicts, strict=True):
-            if train_only and not step.train:
+        for term, fn, meta in zip(self.terms, self.fns, self.metas, strict=True):
+            if meta["train_only"] and not step.train:
                 continue
             sim = None if term.similarity is None else self._output(term.similarity, h, outputs)
             if term.head is None:
@@ -84,7 +82,7 @@ class Objective(nn.Module):
             else:
                 out = self._output(term.head, h, outputs)
                 scored = fn(LossInput(out, h, part_input, step, sim))
-                if predicts and logits is None:
+                if meta["logits"] and logits is None:
                     logits = out[: len(step.labels)]
             if isinstance(scored, Scored):
                 logits = scored.logits if logits is None else logits

@@ -227,10 +227,6 @@ class PipelineExecutor:
         gathered = all_gathered(entries, self.trainer.accelerator.num_processes)
         return sorted((e for stage in gathered for e in stage), key=lambda e: e["block"])
 
-    def stage_names(self) -> list[list[str]]:
-        """The part names of each stage."""
-        return [[self.trainer.parts[i].part_name for i in stage] for stage in self.stage_parts]
-
     def train_batches(self, trained: list[int], generator: torch.Generator
                       ) -> tuple[Iterator[tuple], int]:
         """An epoch's training batches: read, received, or drawn from the replay buffer."""
@@ -327,7 +323,7 @@ class PipelineExecutor:
         fields = {  # per process, by rank (docs/records.md)
             "stage_state_bytes": [s["state"] for s in stats],
             "stage_saved_bytes": [s["saved"] for s in stats],
-            "stages": self.stage_names(),
+            "stages": [[self.trainer.parts[i].part_name for i in s] for s in self.stage_parts],
             "replicas": self.replicas,
             "stage_wait_seconds": [round(s["waited"], 3) for s in stats],
         }

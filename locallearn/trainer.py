@@ -131,11 +131,9 @@ class SerialExecutor:
 
     @torch.no_grad()
     def cached_inputs(self, first: int) -> Any:
-        """A loader of the frozen prefix's outputs (parts before ``first``) on the training set.
-
-        Computed once per first trained part, without augmentation, so later
-        parts do not run the prefix again every epoch.
-        """
+        """A loader of the frozen prefix's outputs (parts before ``first``) on the training
+        set, without augmentation, computed once per first trained part, so later parts do
+        not run the prefix again every epoch."""
         t = self.trainer
         if self.features is not None and self.features[0] == first:
             return self.features[1]
