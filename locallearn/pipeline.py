@@ -272,9 +272,8 @@ class PipelineExecutor:
         self.sent += 1
 
     def _replayed(self, steps: int):
-        """Asynchronous stages: ``steps`` samples drawn from the replay buffer, which a
-        thread fills with the previous stage's messages meanwhile (fewer only once that
-        stage has ended and none can be drawn); then waits for the end of its pass."""
+        """``steps`` samples drawn from the replay buffer while a thread fills it (fewer only
+        once the previous stage has ended and none can be drawn), then that thread's end."""
         buffer, device = self.replay, self.trainer.accelerator.device
         buffer.clear()
 

@@ -117,9 +117,8 @@ class SerialExecutor:
 
     def train_batches(self, trained: list[int], generator: torch.Generator
                       ) -> tuple[Iterator[tuple], int]:
-        """An epoch's training batches and the part they go to first: the data, or, where
-        the rule caches a frozen prefix's outputs, those (:meth:`cached_inputs`) with the
-        step contexts of the (un-augmented) images they came from."""
+        """An epoch's training batches and the part they go to first: the data, or the cached
+        outputs of a frozen prefix (:meth:`cached_inputs`) with their images' step contexts."""
         t, first = self.trainer, trained[0]
         if not (t.rule.cache_inputs and first > 0):
             return self.batches(t.train_loader, t.train_transform, generator, True), 0
@@ -411,9 +410,11 @@ class Trainer:
                     h, scored = self.models[i](h, step)
                     logits[i] = scored.logits
             if combines:
-                ours = torch.stack([logits[i] for i in self.owned])
-                carried = ours if carried is None else torch.cat([carried, ours])
-                logits = dict(enumerate(self.rule.predictions(list(carried)))) if ex.last else {}
+                every = [*(carried if carried is not None else ()), *logits.values()]
+                if ex.last:
+                    logits = dict(enumerate(self.rule.predictions(every)))
+                else:
+                    logits, carried = {}, torch.stack(every)  # passed on, to be combined
             ex.pass_on(h, step, carried)
             for i, z in logits.items():
                 if z is not None:
