@@ -117,7 +117,7 @@ def _local(args) -> dict:
 
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, weights)
-        out.update(stages=trainer.executor.stage_names(), waited=last["stage_wait_seconds"],
+        out.update(stages=last["stages"], waited=last["stage_wait_seconds"],
                    seconds=last["seconds"], weights=max(everyone), replay=last.get("replay"),
                    saved=last["stage_saved_bytes"], state=last["stage_state_bytes"])
     accelerator.end_training()

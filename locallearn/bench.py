@@ -13,8 +13,7 @@ from .blocks import split
 from .data import ImageData
 from .measure import step_peak_bytes
 from .rules import create_rule
-from .stages import held_bytes
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, held_bytes
 
 
 def random_data(n: int, size: int, num_classes: int = 10, seed: int = 0) -> ImageData:

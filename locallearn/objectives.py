@@ -1,20 +1,13 @@
-"""Objectives: a weighted sum of registered loss terms over auxiliary heads.
+"""Objectives: a weighted sum of registered loss terms over auxiliary heads
+(docs/architecture.md, "Composition").
 
-An :class:`Objective` is a part's whole local objective. It owns its heads
-(named slots, e.g. ``"aux"`` and ``"decoder"``) and sums its terms, each a
-registered loss (:data:`locallearn.losses.LOSSES`) scoring one head's output,
-or the part's output itself, with a weight::
-
-    Objective({"aux": build_head("linear", shape, 10)},
-              [Term("ce", head="aux"), Term("nhsic", 0.1, head="aux")])
-
-Its forward takes the part's output, the batch's :class:`~locallearn.step.Step`
-and the part's input, and returns a :class:`~locallearn.step.Scored`: the
-loss, the logits at this depth (from the first term whose loss predicts) and
-the terms' metrics. Terms that only train (reconstruction, nHSIC) are skipped
-at evaluation. With ``recompute``, each head keeps only its input during a
-training step and runs again in backward (:func:`~locallearn.recompute.recomputed`),
-one head at a time: that head's output then gives no logits.
+An :class:`Objective` owns its heads (named slots, e.g. ``"aux"``, ``"decoder"``)
+and sums its terms, each a registered loss scoring one head's output (or the part's
+output) with a weight. Its forward returns a :class:`~locallearn.step.Scored`: the
+loss, the logits at this depth (from the first term whose loss predicts) and the
+terms' metrics. Terms that only train (reconstruction, nHSIC) are skipped at
+evaluation. With ``recompute``, each head runs again in backward, one at a time
+(:func:`~locallearn.recompute.recomputed`); its output then gives no logits.
 """
 
 from __future__ import annotations
@@ -69,16 +62,14 @@ class Objective(nn.Module):
                     raise ValueError(f"term {term.loss!r} scores head {slot!r}, which the "
                                      f"objective lacks (it has {', '.join(self.heads)})")
         self.fns = [build_loss(t.loss, **t.options) for t in self.terms]
-        self.train_only = [LOSSES.get(t.loss).meta["train_only"] for t in self.terms]
-        self.predicts = [LOSSES.get(t.loss).meta["logits"] for t in self.terms]
+        self.metas = [LOSSES.get(t.loss).meta for t in self.terms]  # train_only, logits, ...
         self.recompute = recompute
 
     def forward(self, h: torch.Tensor, step: Step, part_input: torch.Tensor) -> Scored:
         value, logits, metrics = None, None, {}
         outputs: dict[str, torch.Tensor] = {}
-        for term, fn, train_only, predicts in zip(self.terms, self.fns, self.train_only,
-                                                  self.predicts, strict=True):
-            if train_only and not step.train:
+        for term, fn, meta in zip(self.terms, self.fns, self.metas, strict=True):
+            if meta["train_only"] and not step.train:
                 continue
             sim = None if term.similarity is None else self._output(term.similarity, h, outputs)
             if term.head is None:
@@ -91,7 +82,7 @@ class Objective(nn.Module):
             else:
                 out = self._output(term.head, h, outputs)
                 scored = fn(LossInput(out, h, part_input, step, sim))
-                if predicts and logits is None:
+                if meta["logits"] and logits is None:
                     logits = out[: len(step.labels)]
             if isinstance(scored, Scored):
                 logits = scored.logits if logits is None else logits

@@ -15,14 +15,8 @@ IMPLS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: Any, lr_scale: float = 1.0):
-    """SGD (momentum, optional Nesterov) or AdamW with the loop's settings.
-
-    Args:
-        params: the parameters of one part.
-        config: a :class:`~locallearn.trainer.TrainConfig` (``optimizer_impl`` picks the
-            kernels: one per parameter, one per group of tensors, or one fused kernel).
-        lr_scale: multiplies ``config.lr`` (per-part learning rates).
-    """
+    """SGD (momentum, optional Nesterov) or AdamW for one part's ``params``, with the
+    settings of ``config`` (a TrainConfig) and ``config.lr`` times ``lr_scale``."""
     lr = config.lr * lr_scale
     impl = IMPLS[config.optimizer_impl]
     if config.optimizer == "adamw":
@@ -35,15 +29,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], config: Any, lr_scale: 
 
 
 def lr_factor(config: Any, step: int, steps_per_epoch: int, epochs: int | None = None) -> float:
-    """Learning-rate multiplier after ``step`` optimizer steps of a schedule ``epochs`` long.
-
-    Args:
-        config: a TrainConfig (``schedule``, ``milestones``, ``gamma``, ``epochs``).
-        step: steps taken on this schedule's clock.
-        steps_per_epoch: optimizer steps in one epoch.
-        epochs: the schedule's length; ``config.epochs`` by default. A rule that
-            restarts the schedule for each part passes that part's epochs.
-    """
+    """Learning-rate multiplier after ``step`` optimizer steps (``steps_per_epoch`` an
+    epoch) of ``config``'s schedule, ``epochs`` long (``config.epochs`` by default; a
+    part's own epochs where the rule restarts the schedule for each part)."""
     epochs = config.epochs if epochs is None else epochs
     if config.schedule == "cosine":
         total = max(1, epochs * steps_per_epoch)
@@ -57,20 +45,15 @@ def lr_factor(config: Any, step: int, steps_per_epoch: int, epochs: int | None =
 def scaled_step(loss: torch.Tensor, scaler: torch.amp.GradScaler,
                 optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler,
-                reduce: Callable[[], None] | None = None) -> None:
+                reduce: Callable[[], None]) -> None:
     """One fp16 step of a part with its own gradient scaler: backward of the scaled loss,
-    the optimizer's step unless this part's gradients overflowed (then only its scale
-    halves), gradients dropped, and the schedule's clock ticked, skipped step or not.
-
-    Args:
-        optimizer: the bare optimizer (a fused one then unscales and checks for overflow
-            on the device, without waiting for it).
-        reduce: called between backward and step (the pipeline's replicas average their
-            scaled gradients there, as DDP does inside backward).
+    ``reduce()`` (the pipeline's replicas average the scaled gradients, as DDP does inside
+    backward), the step of the bare ``optimizer`` (a fused one unscales on the device)
+    unless this part's gradients overflowed (then only its scale halves), gradients
+    dropped, and the schedule ticked, skipped step or not.
     """
     scaler.scale(loss).backward()
-    if reduce is not None:
-        reduce()
+    reduce()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

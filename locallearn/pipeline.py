@@ -1,43 +1,25 @@
-"""The pipelined executor: a rule's parts split into stages, one stage per process.
+"""The pipelined executor (``--parallel parts``): a rule's parts cut into contiguous
+stages, one stage per process, or S stages of R data-parallel replicas (``--stages S``).
 
-Once no gradient crosses a part boundary, part k can learn from batch t while
-part k+1 learns from batch t-1 (Belilovsky et al., "Decoupled Greedy Learning
-of CNNs", ICML 2020). With P processes (``torchrun --nproc_per_node P``) the
-parts are grouped into S contiguous stages balanced by measured step time
-(S = P by default; ``--stages S`` with P = S x R gives each stage R data-parallel
-replicas); each process keeps only its stage's parts, objectives and optimizers.
-Stage 0 reads the data; every stage runs its parts on a batch (forward, backward
-and step per part, as the serial loop does), then sends the detached output and
-the batch's step context to the next stage (:mod:`locallearn.transport`),
-with a bounded number of messages in flight, and goes on to the next batch.
-
-With replicas, process ``p`` is stage ``p % S`` of replica ``p // S``: replica r's
-stages are consecutive processes (on one machine when S fits there, so that
-activations take the short way) and form a pipeline of their own, reading
-replica r's shard of every batch as process r of a serial data-parallel run
-does (Accelerate's sharding). The replicas of a stage average their parts'
-gradients before every step, as DDP does, and take replica 0's buffers (batch
-norm's running statistics) before evaluating, as DDP gives its modules process
-0's; the weights are then the serial data-parallel run's on R processes.
-
-With ``--replay-buffer M`` the stages run asynchronously instead (DGL's variant,
-:mod:`locallearn.replay`): each stage after the first steps on samples drawn from
-the last M messages it received, as fast as it can; the results then depend on
-timing, and each epoch records the samples' staleness.
-
-In step (the default), pipelining changes timing, not arithmetic: stage k's
-forward of batch t uses its weights after t updates, exactly as in the serial
-loop, so the final weights are the serial run's. The executor is orthogonal to the rule
-(DESIGN principle 10): it needs only that every part trains in every epoch
-and that the prediction at a depth is that part's own.
+Stage 0 reads the data; every stage steps its parts on a batch as the serial loop
+does, then sends the detached output and the step context to the next stage
+(:mod:`locallearn.transport`) and goes on; in step the weights are the serial run's.
+With ``--replay-buffer M`` the stages run asynchronously (through a
+:class:`~locallearn.transport.ReplayBuffer`).
+The stages are cut from each part's measured cost (:func:`cut`): by time a stage costs
+the sum of its parts'; by memory, its parts' weights and optimizer state plus the
+largest of their activations. How, why, and what is measured: docs/parallel.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -46,12 +28,12 @@ from accelerate.data_loader import prepare_data_loader
 from torch import nn
 
 from .errors import ConfigError
-from .replay import ReplayBuffer, fill, wait_end
+from .measure import SavedTensorMeter
+from .optim import make_optimizer
 from .rules.base import Rule
-from .stages import cut, part_costs
 from .step import Step
-from .trainer import Trainer
-from .transport import BATCH, END, STEP_INTS, STEP_TENSORS, Sender, pack_step, receive, unpack_step
+from .trainer import Trainer, all_gathered, held_bytes
+from .transport import BATCH, END, ReplayBuffer, Sender, fill, pack_step, receive, unpack_step
 
 #: Messages a stage may have sent that its successor has not received yet.
 IN_FLIGHT = 2
@@ -122,35 +104,18 @@ def check_replay(size: int | None, max_reuse: int | None, replicas: int) -> None
                           "stage per process) or --replay-buffer")
 
 
-def check_cut(stages: list[list[int]], num_parts: int, count: int) -> None:
-    """Refuse a given stage cut (a resumed run's) that is not ``count`` contiguous,
-    non-empty groups of the ``num_parts`` parts, in order."""
-    if not (len(stages) == count and all(stages)
-            and [i for stage in stages for i in stage] == list(range(num_parts))):
-        raise ConfigError(f"stage cut {stages} does not split {num_parts} parts into "
-                          f"{count} contiguous stages")
-
-
 class PipelineExecutor:
-    """Runs one stage of a rule's parts per process (see the module docstring), for
-    :class:`~locallearn.trainer.Trainer`: ``Trainer(..., executor=PipelineExecutor())``.
-
-    It has the interface of :class:`~locallearn.trainer.SerialExecutor`. Every process
-    builds the whole network on the host, so initial weights are the serial run's
-    without sending any; the trainer then keeps this stage's parts on its device and
-    moves the others' tensors to the ``meta`` device (freed; shapes kept for the
-    record's parameter counts).
+    """Runs one stage of a rule's parts per process: ``Trainer(..., executor=PipelineExecutor())``,
+    with the interface of :class:`~locallearn.trainer.SerialExecutor`.
 
     Args:
         balance_by: how a measured cut balances the stages: ``"time"`` or ``"memory"``.
-        stages: the part indices of each stage, to use instead of a measured cut: a
-            resumed run's, from its checkpoint (a new measurement could cut otherwise).
-            Every process must pass the same.
-        num_stages: S, the number of stages; the P processes must be S x R, and each
-            stage then has R data-parallel replicas (default: S = P, R = 1).
-        replay_buffer: M, to run the stages asynchronously: each stage after the first
-            steps on samples drawn from the last M messages it received
-            (:mod:`locallearn.replay`); None: in step, the serial run's weights.
+        stages: the part indices of each stage instead of a measured cut (a resumed
+            run's, from its checkpoint; the same on every process).
+        num_stages: S; the P processes are S x R, R data-parallel replicas per stage
+            (default: S = P, R = 1).
+        replay_buffer: M, to run the stages asynchronously through a replay buffer;
+            None: in step, the serial run's weights.
         max_reuse: K, the most draws of one sample from the replay buffer (None: no cap).
     """
 
@@ -175,12 +140,9 @@ class PipelineExecutor:
         check_replay(self.replay_size, self.max_reuse, self.replicas)
         n = len(trainer.parts)
         check_rule(trainer.rule, trainer.config.epochs, self.stages_count, n)
-        if self.given is None:
-            stages = cut(measure_costs(trainer, self.balance_by), self.stages_count,
-                         self.balance_by)
-        else:
-            check_cut(self.given, n, self.stages_count)
-            stages = self.given
+        # A resumed run's cut is its checkpoint's, whose identity (stages x replicas) matched.
+        stages = self.given or cut(measure_costs(trainer, self.balance_by),
+                                   self.stages_count, self.balance_by)
         self.stage_parts = [list(s) for s in stages]
         self.mine = self.stage_parts[self.stage]
         self.first, self.last = self.stage == 0, self.stage == self.stages_count - 1
@@ -235,8 +197,7 @@ class PipelineExecutor:
 
     def end_epoch(self, trained: list[int]) -> None:
         """Replica 0's buffers (batch norm's running statistics) on every replica of this
-        stage, as DDP gives its modules process 0's before they evaluate: in training the
-        replicas only update them, and only replica 0's are kept."""
+        stage, as DDP gives its modules process 0's before they evaluate."""
         if self.group is None:
             return
         for i in self.mine:
@@ -249,13 +210,9 @@ class PipelineExecutor:
 
     def run_probe(self, measure: Callable[[range, torch.Tensor | None], tuple[list, Any]]
                   ) -> list[dict[str, Any]]:
-        """The information plane's entries of every block, measured across the stages.
-
-        Each stage measures its own blocks (``measure(blocks, inputs)``): stage 0 from the
-        images, a later stage from the previous stage's output, which it receives whole
-        (``m`` samples, float32) and, once measured, sends on. The entries are gathered on
-        every process, in block order: the serial run's numbers.
-        """
+        """The information plane's entries of every block, gathered on every process in
+        block order: each stage measures its own blocks (``measure(blocks, inputs)``) on the
+        previous stage's whole probe output (stage 0: the images), then sends its own on."""
         blocks = self.probe_blocks()
         entries: list[dict[str, Any]] = []
         if len(blocks):
@@ -267,20 +224,8 @@ class PipelineExecutor:
             if not self.last and len(self.plane_blocks[self.stage + 1]):
                 self.sender.send(BATCH, [out.to(self.wire)], [])
                 self.sender.flush()
-        gathered: list[Any] = [None] * self.trainer.accelerator.num_processes
-        dist.all_gather_object(gathered, entries)
+        gathered = all_gathered(entries, self.trainer.accelerator.num_processes)
         return sorted((e for stage in gathered for e in stage), key=lambda e: e["block"])
-
-    @property
-    def combines(self) -> bool:
-        """Whether the rule combines every part's logits into its predictions (forward-
-        forward sums goodness over layers): then each stage passes the logits of the parts
-        before it on with the batch, and the last stage combines them all."""
-        return type(self.trainer.rule).predictions is not Rule.predictions
-
-    def stage_names(self) -> list[list[str]]:
-        """The part names of each stage."""
-        return [[self.trainer.parts[i].part_name for i in stage] for stage in self.stage_parts]
 
     def train_batches(self, trained: list[int], generator: torch.Generator
                       ) -> tuple[Iterator[tuple], int]:
@@ -310,30 +255,25 @@ class PipelineExecutor:
             yield got[:3]
 
     def _receive(self):
-        """The previous stage's next message as ``(input, step, carried, ints)``, on this
+        """The previous stage's next message as ``(input, step, carried, stamp)``, on this
         stage's device; None at the end of its pass."""
         kind, tensors, ints = receive(self.rank - 1, self.wire)
         if kind == END:
             return None
-        tensors = [t if t is None else t.to(self.trainer.accelerator.device) for t in tensors]
-        h, step = unpack_step(tensors[:STEP_TENSORS], ints)
-        return h, step, tensors[STEP_TENSORS] if len(tensors) > STEP_TENSORS else None, ints
+        device = self.trainer.accelerator.device
+        return unpack_step([t if t is None else t.to(device) for t in tensors], ints)
 
     def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None
                 ) -> None:
         """Send the batch on, numbered in its pass (the replay buffer's stamp)."""
         if self.sender is not None:
-            tensors, ints = pack_step(h.detach(), step)
-            if carried is not None:
-                tensors.append(carried)
-            self.sender.send(BATCH, [t if t is None else t.to(self.wire) for t in tensors],
-                             [*ints, self.sent])
+            tensors, ints = pack_step(h.detach(), step, carried, self.sent)
+            self.sender.send(BATCH, [t if t is None else t.to(self.wire) for t in tensors], ints)
         self.sent += 1
 
     def _replayed(self, steps: int):
-        """Asynchronous stages: ``steps`` samples drawn from the replay buffer, which a
-        thread fills with the previous stage's messages meanwhile (fewer only once that
-        stage has ended and none can be drawn); then waits for the end of its pass."""
+        """``steps`` samples drawn from the replay buffer while a thread fills it (fewer only
+        once the previous stage has ended and none can be drawn), then that thread's end."""
         buffer, device = self.replay, self.trainer.accelerator.device
         buffer.clear()
 
@@ -341,7 +281,7 @@ class PipelineExecutor:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             got = self._receive()
-            return None if got is None else ((got[0], got[1]), got[3][STEP_INTS])
+            return None if got is None else ((got[0], got[1]), got[3])
 
         thread = fill(buffer, receive_one)
         for _ in range(steps):
@@ -357,7 +297,9 @@ class PipelineExecutor:
                 raise RuntimeError(f"rule {self.trainer.rule.name!r}: a part of stage "
                                    f"{self.stage} changed its input in place, which a replay "
                                    "buffer may hand out again; make that operation out of place")
-        self.waited += wait_end(thread)
+        t0 = time.perf_counter()
+        thread.join()  # the end of the previous stage's pass
+        self.waited += time.perf_counter() - t0
 
     def begin_epoch(self) -> None:
         dist.barrier()  # every stage's clock starts together
@@ -377,16 +319,11 @@ class PipelineExecutor:
 
     def fields(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
         """The pipelined entry's fields, from every process's statistics."""
-        fields = {
-            # Per process: what it holds (its parts' weights, buffers and optimizer state,
-            # after the epoch) and its peak bytes saved for backward (in the first step).
+        fields = {  # per process, by rank (docs/records.md)
             "stage_state_bytes": [s["state"] for s in stats],
             "stage_saved_bytes": [s["saved"] for s in stats],
-            "stages": self.stage_names(),
+            "stages": [[self.trainer.parts[i].part_name for i in s] for s in self.stage_parts],
             "replicas": self.replicas,
-            # Per process (stage s of replica r is process r * S + s): seconds blocked on
-            # the previous stage's messages or on delivering its own (fill and drain,
-            # imbalance, the wire), out of the epoch's seconds.
             "stage_wait_seconds": [round(s["waited"], 3) for s in stats],
         }
         if self.replay_size is not None:
@@ -395,30 +332,6 @@ class PipelineExecutor:
                                 "stages": [{"stage": s["stage"], "steps": s["steps"],
                                             **s["replay"]} for s in stats if s["replay"]]}
         return fields
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[int, float]:
-        """Test accuracy by part: every stage scores its own parts' logits (the last stage
-        the combined ones, where the rule combines them), and the counts are gathered."""
-        t = self.trainer
-        hits: dict[int, int] = {}
-        total = 0
-        for h, step, carried in self.batches(t.test_loader, t.eval_transform, None, False):
-            out, logits = t.forward(h, step, self.mine)
-            if self.combines:  # the last stage combines every part's logits
-                ours = torch.stack([logits[i] for i in self.mine])
-                carried = ours if carried is None else torch.cat([carried, ours])
-                if self.last:
-                    logits = dict(enumerate(t.rule.predictions(list(carried))))
-            self.pass_on(out, step, carried if self.combines else None)
-            if self.combines and not self.last:
-                logits = {}  # scored where they are combined
-            for i, z in logits.items():
-                if z is not None:
-                    hits[i] = hits.get(i, 0) + int((z.argmax(1) == step.labels).sum())
-            total += len(step.labels)
-        self.end_pass()
-        return gathered_accuracy(self.stage, hits, total, t.accelerator.num_processes)
 
 
 def replica_group(stage: int, stages: int, replicas: int):
@@ -446,13 +359,9 @@ def plane_blocks(trainer: Trainer, stage_parts: list[list[int]]) -> list[range] 
 
 
 def measure_costs(trainer: Trainer, balance_by: str) -> list[float] | list[tuple[int, int]]:
-    """Each part's cost on a training batch of up to 32 images
-    (:func:`stages.part_costs`), measured on process 0 and shared, so every process
-    cuts the same stages: seconds (``balance_by="time"``), or (resident, transient)
-    bytes at the run's batch size (``"memory"``; deterministic). On the host, before
-    the parts move to their devices, with the random state restored: training starts
-    as the serial run does.
-    """
+    """Each part's cost (:func:`part_costs`) on a training batch of up to 32 images,
+    measured on process 0 and shared, so every process cuts the same stages; on the
+    host, with the random state restored, so training starts as the serial run does."""
     t, costs = trainer, None
     if t.accelerator.process_index == 0:
         size = min(t.config.batch_size, 32, len(t.data.train_labels))
@@ -467,15 +376,75 @@ def measure_costs(trainer: Trainer, balance_by: str) -> list[float] | list[tuple
     return shared[0]
 
 
-def gathered_accuracy(stage: int, hits: dict[int, int], total: int, processes: int
-                      ) -> dict[int, float]:
-    """Accuracy by part from every process's hits (by part) and images scored: every stage
-    of a replica sees the images its first stage read, the test set once over replicas."""
-    gathered: list[Any] = [None] * processes
-    dist.all_gather_object(gathered, {"stage": stage, "hits": hits, "total": total})
-    total = sum(g["total"] for g in gathered if g["stage"] == 0)
-    counts: dict[int, int] = {}
-    for g in gathered:
-        for i, n in g["hits"].items():
-            counts[i] = counts.get(i, 0) + n
-    return {i: n / max(total, 1) for i, n in counts.items()}
+def cut(costs: list[float] | list[tuple[int, int]], count: int, by: str) -> list[list[int]]:
+    """The part indices of each of ``count`` contiguous, non-empty stages, so that the
+    costliest stage is as cheap as possible (exact dynamic programme; on a tie, the
+    earliest cut), from :func:`part_costs`'s ``costs``. By time (``by="time"``) a stage
+    costs the sum of its parts'; by memory (``"memory"``) all its parts' resident bytes
+    and the largest of their transient bytes, as it steps one part at a time."""
+    n = len(costs)
+    prefix = list(itertools.accumulate(costs, initial=0.0)) if by == "time" else []
+    resident, transient = ([], []) if by == "time" else zip(*costs, strict=True)
+
+    def cost(a: int, b: int) -> float:  # of a stage of parts a..b-1
+        if by == "time":
+            return prefix[b] - prefix[a]
+        return sum(resident[a:b]) + max(transient[a:b])
+
+    # best[s][i]: the least largest cost cutting the first i parts into s stages;
+    # start[s][i]: where the last of them starts.
+    best = [[math.inf] * (n + 1) for _ in range(count + 1)]
+    start = [[0] * (n + 1) for _ in range(count + 1)]
+    best[0][0] = 0.0
+    for s in range(1, count + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                worst = max(best[s - 1][j], cost(j, i))
+                if worst < best[s][i]:
+                    best[s][i], start[s][i] = worst, j
+    bounds = [n]
+    for s in range(count, 0, -1):
+        bounds.append(start[s][bounds[-1]])
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds[::-1])]
+
+
+def part_costs(parts: list[nn.Module], h: torch.Tensor, step, config, by: str,
+               repeats: int = 3, scale: float = 1.0) -> list[float] | list[tuple[int, int]]:
+    """Each part's cost on one batch, the parts run in order from the first one's input
+    ``h``, in eval mode, weights left as they were and gradients dropped: ``by="time"``,
+    the median seconds of ``repeats`` forwards and backwards; ``by="memory"``, (resident,
+    transient) bytes: weights, buffers and optimizer state after one step (undone); peak
+    bytes saved for backward times ``scale`` (the run's batch over this one: activations
+    grow with the batch, weights do not) plus the gradients' bytes."""
+    costs = []
+    for part in parts:
+        was = part.training
+        part.eval()
+        times, meter = [], None
+        for _ in range(1 if by == "memory" else repeats):
+            # The meter's hooks cost time: only where memory is measured.
+            meter = SavedTensorMeter(part) if by == "memory" else None
+            t0 = time.perf_counter()
+            with meter or nullcontext():
+                out, scored = part(h.detach(), step)
+                if scored.loss.requires_grad:
+                    scored.loss.backward()
+            times.append(time.perf_counter() - t0)
+        if meter is None:
+            costs.append(sorted(times)[len(times) // 2])
+        else:
+            grads = [p.grad for p in part.parameters() if p.grad is not None]
+            kept = {k: v.clone() for k, v in part.state_dict().items()}
+            opts = []
+            if grads:  # the optimizer fills its state in its first step, undone below
+                opts = [make_optimizer(part.parameters(), config, getattr(part, "lr_scale", 1.0))]
+                opts[0].step()
+            costs.append((held_bytes([part], opts), round(meter.peak * scale)
+                          + sum(g.untyped_storage().nbytes() for g in grads)))
+            part.load_state_dict(kept)
+        for p in part.parameters():
+            p.grad = None
+        part.train(was)
+        h = out.detach()
+    return costs
+

@@ -1,23 +1,15 @@
-"""A loss term that keeps no graph: its module runs again in backward.
+"""A loss term or a block that keeps only its input for backward and runs again there.
 
-A local part with several heads (InfoPro's decoder and auxiliary classifier)
-normally keeps every head's activations for backward at once, on top of its
-blocks'. Wrapping each head's loss in :func:`recomputed` keeps only the head's
-input: backward runs the head again, takes its gradients with
-:func:`torch.autograd.grad` and frees them before the next head's turn. The
-peak so holds the blocks plus the largest head instead of all heads, at the
-price of one more forward of each head. Gradients are those of the plain
-computation (the same function runs on the same input); the parameters are
-inputs of the autograd node, so their gradients accumulate as usual (DDP's
-hooks, gradient scaling). Unlike ``torch.utils.checkpoint`` this installs no
-saved-tensor hooks of its own, so :class:`~locallearn.measure.SavedTensorMeter`
-counts what the second forward saves.
+Gradients are exact (the same function on the same input, with the first forward's
+random state and autocast); the parameters are inputs of the autograd node, so their
+gradients accumulate as usual (DDP, gradient scaling). Unlike ``torch.utils.checkpoint``
+it installs no saved-tensor hooks, so :class:`~locallearn.measure.SavedTensorMeter`
+counts what the second forward saves. Why: docs/architecture.md ("The loop").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -42,7 +34,9 @@ class _Recomputed(torch.autograd.Function):
         ctx.fn, ctx.module, ctx.params = fn, module, params
         ctx.autocast = (h.device.type, torch.is_autocast_enabled(h.device.type),
                         torch.get_autocast_dtype(h.device.type))
-        ctx.rng = _rng_state(h.device)  # dropout draws the same masks again in backward
+        # Dropout draws the same masks again in backward.
+        ctx.rng = (torch.get_rng_state(),
+                   torch.cuda.get_rng_state(h.device) if h.device.type == "cuda" else None)
         ctx.save_for_backward(h)
         with torch.no_grad():
             return fn(h)
@@ -54,53 +48,26 @@ class _Recomputed(torch.autograd.Function):
         needs_h = ctx.needs_input_grad[2]
         x = h.detach().requires_grad_(needs_h)
         inputs = ([x] if needs_h else []) + list(ctx.params)
-        with _buffers_kept(ctx.module), _rng_restored(h.device, ctx.rng):
+        cuda = [h.device] if h.device.type == "cuda" else []
+        buffers = [(b, b.detach().clone()) for b in ctx.module.buffers()]
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(ctx.rng[0])  # the first forward's; the caller's state is kept
+            if cuda:
+                torch.cuda.set_rng_state(ctx.rng[1], h.device)
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 out = ctx.fn(x)
             grads = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
+        with torch.no_grad():  # the second forward's buffer updates (batch-norm statistics) undone
+            for buffer, value in buffers:
+                buffer.copy_(value)
         grad_h = grads.pop(0) if needs_h else None
         return (None, None, grad_h, *grads)
 
 
-@contextmanager
-def _buffers_kept(module: nn.Module):
-    """Undo buffer updates (batch-norm running statistics) of the second forward."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextmanager
-def _rng_restored(device: torch.device, state: tuple):
-    """Run with the random state of the first forward; the caller's state is kept."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
-
-
 def run_recomputed(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """``blocks`` applied in turn, each fine block keeping only its input for backward.
-
-    Activation recomputation inside a part: backward runs each fine block
-    again (with its first forward's random state and autocast, its batch-norm
-    statistics updated once) and frees its activations before the previous
-    block's turn, so a part's peak holds its fine blocks' inputs and one fine
-    block's activations, for one more forward of the part. A block that groups
-    fine blocks (``--blocks K`` makes an ``nn.Sequential`` of them) is taken
-    apart: recomputing the whole group would save nothing.
-    """
+    """``blocks`` applied in turn, each fine block keeping only its input for backward
+    (``--recompute-blocks``, docs/speed.md); a block that ``--blocks K`` grouped from fine
+    blocks is taken apart, as recomputing the whole group would save nothing."""
     for block in blocks:
         for fine in block if isinstance(block, nn.Sequential) else (block,):
             x = recomputed(fine, fine, x)

@@ -1,10 +1,6 @@
-"""The step context: everything a part or an objective may read about one batch.
-
-A rule's input hook (:meth:`~locallearn.rules.base.Rule.make_step`) builds one
-:class:`Step` per batch, and the trainer hands that same object to every part
-and every objective on every path: a trained part, a frozen one, a part fed
-cached inputs, and evaluation. Parts and objectives read only their arguments,
-so nothing they see can be left over from another batch.
+"""The step context: everything a part or an objective may read about one batch, made
+once per batch by the rule's input hook and handed to every part and objective on every
+path (DESIGN principle 11; docs/architecture.md, "Rules").
 """
 
 from __future__ import annotations

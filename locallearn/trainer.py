@@ -1,42 +1,25 @@
 """One training loop under Hugging Face Accelerate for every rule and executor.
 
-The loop runs a rule's parts in order on each batch. Each part gets the
-detached output of the part before it and the batch's step context (a
-:class:`~locallearn.step.Step`, made once per batch by the rule's input hook
-and passed on every path), and its loss is backpropagated and its
-optimizer stepped *before* the next part runs, so only one part's autograd
-graph (and one part's gradients) is alive at a time: that is where local
-learning saves memory. Each part is prepared separately, since DDP expects one
-forward and one backward per wrapped module and step.
-
-The loop is written once; an executor supplies what differs between running
-every part in this process (:class:`SerialExecutor`, data-parallel over
-processes) and running one stage of them per process
-(:class:`~locallearn.pipeline.PipelineExecutor`): which parts this process owns,
-where its batches come from and where its outputs go, how a step's gradients are
-reduced, how it evaluates, which blocks it measures on the information plane and
-which files it checkpoints.
-
-A part is prepared (wrapped for DDP under several processes) and gets its
-optimizer when it first trains, and is unwrapped and loses its optimizer state
-after it last trains, so a frozen part holds no graph, no gradients and no
-optimizer state. Under fp16 each trained part has a gradient scaler of its own:
-a step one part skips for an overflow lowers only that part's scale, and the
-scale of every part grows on its own steps (one shared scaler would be updated
-K times per batch, and one part's overflow would shrink the others' scale).
+Each part runs on the detached output of the part before it and the batch's step
+context, and its backward and optimizer step run before the next part's forward,
+so one part's graph and gradients are alive at a time. Each part is prepared for
+DDP on its own, has its optimizer only while it trains and, under fp16, a gradient
+scaler of its own. Why, and what an executor supplies: docs/architecture.md ("The
+loop", "Executors") and docs/speed.md.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
@@ -48,7 +31,6 @@ from .observers import Observer
 from .optim import lr_factor, make_optimizer, scaled_step
 from .rules.base import LocalPart, Rule
 from .settings import TrainConfig  # the loop's settings, declared with their flags
-from .stages import held_bytes
 from .step import Step
 
 
@@ -66,9 +48,7 @@ def check_plan(rule: Rule, parts: list[LocalPart], epochs: int, batch_size: int,
     (or a frozen one the rule runs in training mode) has BatchNorm: in training
     mode that breaks wherever a map is 1x1, and only after a whole epoch has run.
 
-    Raises:
-        ConfigError: the rule's schedule refuses ``epochs``, or the batches cannot train.
-        RuntimeError: the rule is broken (a bad schedule, a shared parameter).
+    A ConfigError where the batches cannot train; a RuntimeError where the rule is broken.
     """
     owner: dict[int, str] = {}
     for part in parts:
@@ -106,27 +86,11 @@ def check_plan(rule: Rule, parts: list[LocalPart], epochs: int, batch_size: int,
 class SerialExecutor:
     """Runs every part in this process; several processes are data-parallel replicas (DDP).
 
-    What an executor gives the loop (:class:`Trainer`), the checkpoints and the
-    information plane, and nothing else of the trainer is theirs to read:
-
-    - ``bind(trainer)``: the indices of the parts this process owns;
-    - ``prepare(obj)``: a part or an optimizer as it runs here (wrapped for DDP);
-    - ``prepare_loaders``, ``batches``, ``pass_on``, ``end_pass``: where this process's
-      batches come from and where their outputs go;
-    - ``reduce_grads(i)``: part ``i``'s gradients made whole before its step;
-    - ``begin_epoch``, ``end_epoch(trained)``, ``stats()``, ``fields(stats)``: an epoch's
-      start and end, this process's statistics beyond the loop's and the entry's fields
-      from every process's;
-    - ``evaluate()``: test accuracy by part index, over every process;
-    - ``probe_blocks()``, ``run_probe(measure)``: the blocks this process measures on
-      the information plane, and a measurement of them all;
-    - ``stage_parts``, ``files``, ``writes``, ``saved_modules()``: what it checkpoints.
-
-    ``replicas`` are the data-parallel copies of the parts and ``replica`` this
-    process's; ``stage`` is its stage (0: it reads the data).
+    The executor interface (``bind``, ``batches``, ``reduce_grads``, ``run_probe``,
+    ``files``, ...) is described in docs/architecture.md ("Executors").
     """
 
-    stage = 0
+    stage, last = 0, True  # the first stage, and the last
     stage_parts: list[list[int]] | None = None  # no stage cut
     files = ("model.safetensors", "state.pt")
 
@@ -141,7 +105,11 @@ class SerialExecutor:
         return self.trainer.accelerator.prepare(obj)
 
     def prepare_loaders(self, train: Any, test: Any) -> tuple[Any, Any]:
-        return self.trainer.accelerator.prepare(train, test)
+        acc = self.trainer.accelerator
+        # Test batches are not padded to equal counts: no image is scored twice.
+        return acc.prepare(train), prepare_data_loader(
+            test, acc.device, num_processes=acc.num_processes, process_index=acc.process_index,
+            put_on_device=True, even_batches=False)
 
     def batches(self, loader, transform, generator, train: bool) -> Iterator[tuple]:
         for images, y in loader:
@@ -149,28 +117,25 @@ class SerialExecutor:
 
     def train_batches(self, trained: list[int], generator: torch.Generator
                       ) -> tuple[Iterator[tuple], int]:
-        """An epoch's training batches and the part they go to first: the data, or, where
-        the rule caches a frozen prefix's outputs, those (:meth:`cached_inputs`) with the
-        step contexts of the (un-augmented) images they came from."""
+        """An epoch's training batches and the part they go to first: the data, or the cached
+        outputs of a frozen prefix (:meth:`cached_inputs`) with their images' step contexts."""
         t, first = self.trainer, trained[0]
         if not (t.rule.cache_inputs and first > 0):
             return self.batches(t.train_loader, t.train_transform, generator, True), 0
 
         def cached() -> Iterator[tuple]:
-            for x, images, y in self.cached_inputs(first)[0]:
+            for x, images, y in self.cached_inputs(first):
                 yield t.layout(x), t.make_step(images, y, t.eval_transform)[1], None
         return cached(), first
 
     @torch.no_grad()
-    def cached_inputs(self, first: int) -> tuple[Any, int]:
-        """A loader of the frozen prefix's outputs (parts before ``first``) on the training set.
-
-        Computed once per first trained part, without augmentation, so later
-        parts do not run the prefix again every epoch.
-        """
+    def cached_inputs(self, first: int) -> Any:
+        """A loader of the frozen prefix's outputs (parts before ``first``) on the training
+        set, without augmentation, computed once per first trained part, so later parts do
+        not run the prefix again every epoch."""
         t = self.trainer
         if self.features is not None and self.features[0] == first:
-            return self.features[1], first
+            return self.features[1]
         self.features = None  # free the previous cache first
         acc, cfg = t.accelerator, t.config
         for part in t.parts[:first]:
@@ -196,7 +161,7 @@ class SerialExecutor:
             generator=torch.Generator().manual_seed(cfg.seed + first),
         )
         self.features = (first, acc.prepare(loader))
-        return self.features[1], first
+        return self.features[1]
 
     def pass_on(self, h: torch.Tensor, step: Step, carried: torch.Tensor | None = None): ...
 
@@ -207,12 +172,8 @@ class SerialExecutor:
     def reduce_grads(self, i: int) -> None: ...  # DDP averages them inside backward
 
     def end_epoch(self, trained: list[int]) -> None:
-        """Give every process process 0's buffers of the frozen parts before ``trained``.
-
-        Frozen parts are not wrapped by DDP; run in training mode, each process's
-        BatchNorm statistics would follow its own shard. DDP keeps a wrapped
-        part's buffers as process 0 has them, and so does this, once per epoch.
-        """
+        """Give every process process 0's buffers of the frozen parts before ``trained``
+        (run in training mode, unwrapped by DDP), as DDP does for the parts it wraps."""
         if self.trainer.rule.frozen_train_mode and self.replicas > 1:
             for part in self.trainer.parts[:trained[0]]:
                 for buffer in part.buffers():
@@ -223,24 +184,6 @@ class SerialExecutor:
 
     def fields(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[int, float]:
-        t = self.trainer
-        parts = range(len(t.parts))
-        correct, total, has_logits = None, 0, []
-        for h, step, _ in self.batches(t.test_loader, t.eval_transform, None, False):
-            _, logits = t.forward(h, step, parts)
-            logits = t.rule.predictions([logits[i] for i in parts])
-            has_logits = [z is not None for z in logits]
-            y = step.labels
-            preds = [z.argmax(1) if z is not None else torch.full_like(y, -1) for z in logits]
-            preds, y = t.accelerator.gather_for_metrics((torch.stack(preds, 1), y))
-            hits = (preds == y[:, None]).sum(0)
-            correct = hits if correct is None else correct + hits
-            total += len(y)
-        acc = (correct.double() / total).tolist() if correct is not None else []
-        return {i: a for i, a in enumerate(acc) if has_logits[i]}
 
     def probe_blocks(self) -> range:
         """Every block on the main process, none elsewhere."""
@@ -258,17 +201,10 @@ class SerialExecutor:
 
 
 class Trainer:
-    """Trains a BlockStack by a rule.
-
-    Args:
-        stack: the network, split into blocks.
-        rule: partitions the stack into parts with local objectives and a schedule.
-        data: the data set, in memory.
-        config: the loop's options.
-        accelerator: an Accelerator (one is created if None).
-        observers: called at fit start, epoch end and fit end.
-        executor: runs the parts: :class:`SerialExecutor` (default) or
-            :class:`~locallearn.pipeline.PipelineExecutor`.
+    """Trains ``stack`` (a BlockStack) by ``rule`` on ``data`` (in memory) with the loop's
+    ``config``, under ``accelerator`` (one is created if None), calling ``observers`` at
+    fit start, epoch end and fit end. ``executor`` runs the parts: :class:`SerialExecutor`
+    (default) or :class:`~locallearn.pipeline.PipelineExecutor`.
     """
 
     def __init__(self, stack: nn.Module, rule: Rule, data: ImageData, config: TrainConfig,
@@ -363,13 +299,19 @@ class Trainer:
             self.compiled[i] = torch.compile(self.models[i], mode=cfg.compile,
                                              backend=cfg.compile_backend)
         optimizer = self.executor.prepare(make_optimizer(part.parameters(), cfg, part.lr_scale))
-        if self.fp16:  # the part's own scaler, not Accelerate's shared one
+        if acc.mixed_precision == "fp16":  # the part's own scaler, not Accelerate's shared one
             optimizer.scaler = None
             kwargs = acc.scaler_handler.to_kwargs() if acc.scaler_handler else {}
             self.scalers[i] = torch.amp.GradScaler(acc.device.type, **kwargs)
         self.optimizers[i] = optimizer
-        self.schedulers[i] = part_schedule(optimizer, cfg, self.schedule, i,
-                                           len(self.train_loader), self.rule.restart_schedule)
+        # Stepped once per optimizer step: over the part's own epochs where the rule restarts
+        # it, else one schedule over the whole run, read at the epochs the part trains.
+        epochs = [e for e, trained in enumerate(self.schedule) if i in trained]
+        steps = len(self.train_loader)
+        offset, horizon = ((0, len(epochs)) if self.rule.restart_schedule
+                           else (epochs[0] * steps, cfg.epochs))
+        self.schedulers[i] = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(cfg, offset + s, steps, horizon))
 
     def deactivate(self, i: int) -> None:
         """Unwrap part ``i`` and drop its optimizer state (after it last trains)."""
@@ -384,35 +326,31 @@ class Trainer:
         self.optimizers[i] = self.schedulers[i] = self.scalers[i] = None
         self.compiled.pop(i, None)
 
-    @property
-    def fp16(self) -> bool:
-        """Whether the loop autocasts to float16 and scales each part's gradients."""
-        return self.accelerator.mixed_precision == "fp16"
-
     def autocast(self):
-        """Mixed precision for every part alike, prepared or not (:func:`autocast`)."""
-        return autocast(self.accelerator)
+        """Mixed precision for every part alike, prepared or not: Accelerate autocasts fp16
+        only where it holds the scaler, and each part here has its own."""
+        acc = self.accelerator
+        if acc.mixed_precision == "no":
+            return nullcontext()
+        if acc.mixed_precision == "fp16" and acc.scaler is None:
+            return torch.autocast(acc.device.type, dtype=torch.float16)
+        return acc.autocast()
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in the weights' memory format (:func:`in_layout`)."""
-        return in_layout(x, self.config.channels_last)
+        """``x`` in the weights' memory format (channels-last for a 4-D input)."""
+        if self.config.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def train_step(
         self, x: torch.Tensor, step: Step, trained: list[int], start: int = 0
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, dict[int, dict[str, torch.Tensor]]]:
-        """One batch: forward part by part, each trained part's backward and step at once,
-        then the output handed on (to the next stage, if the executor has one).
+        """One batch from part ``start`` (or this process's first part) on input ``x``: forward
+        part by part, each of the ``trained`` parts' (sorted) backward and step at once, the
+        others without autograd, then the output handed on (to the next stage, if any).
 
-        Args:
-            x: the input of part ``start`` (the rule's first input when ``start`` is 0),
-                or of this process's first part.
-            step: the batch's step context, given to every part.
-            trained: indices of the parts that learn (sorted); the others run without autograd.
-            start: the first part to run (parts another process owns are skipped).
-
-        Returns:
-            The detached loss of every trained part, the logits of the last
-            trained part, and the metrics each trained part's objective reported.
+        Returns the detached loss of every trained part, the logits of the last trained
+        part, and the metrics each trained part's objective reported.
         """
         trained_set = set(trained)
         losses: dict[int, torch.Tensor] = {}
@@ -444,16 +382,6 @@ class Trainer:
         self.executor.pass_on(h, step)
         return losses, logits, metrics
 
-    def forward(self, h: torch.Tensor, step: Step, parts: Any
-                ) -> tuple[torch.Tensor, dict[int, torch.Tensor | None]]:
-        """``parts`` on a batch without training them: the output and each part's logits."""
-        logits = {}
-        with self.autocast():
-            for i in parts:
-                h, scored = self.models[i](h, step)
-                logits[i] = scored.logits
-        return h, logits
-
     def make_step(self, images: torch.Tensor, labels: torch.Tensor, transform: Any,
                   generator: torch.Generator | None = None, train: bool = True
                   ) -> tuple[torch.Tensor, Step]:
@@ -464,14 +392,52 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float | None]]:
-        """Test accuracy of the final prediction and of the prediction at each block's depth."""
+        """Test accuracy of the final prediction and of the prediction at each block's depth.
+
+        Each process scores its parts' logits (where the rule combines every part's, as
+        forward-forward does, the parts' logits travel with the batch and the last stage
+        scores the combined ones), and the hit counts of every process are summed.
+        """
+        ex, combines = self.executor, type(self.rule).predictions is not Rule.predictions
         for i in self.owned:
             self.models[i].eval()
-        acc = self.executor.evaluate()
+        hits: dict[int, torch.Tensor] = {}
+        total = 0
+        for h, step, carried in ex.batches(self.test_loader, self.eval_transform, None, False):
+            logits = {}
+            with self.autocast():
+                for i in self.owned:
+                    h, scored = self.models[i](h, step)
+                    logits[i] = scored.logits
+            if combines:
+                every = [*(carried if carried is not None else ()), *logits.values()]
+                if ex.last:
+                    logits = dict(enumerate(self.rule.predictions(every)))
+                else:
+                    logits, carried = {}, torch.stack(every)  # passed on, to be combined
+            ex.pass_on(h, step, carried)
+            for i, z in logits.items():
+                if z is not None:
+                    hits[i] = hits.get(i, 0) + (z.argmax(1) == step.labels).sum()
+            total += len(step.labels)
+        ex.end_pass()
+        mine = {"stage": ex.stage, "total": total, "hits": {i: int(n) for i, n in hits.items()}}
+        gathered = all_gathered(mine, self.accelerator.num_processes)
+        total = sum(g["total"] for g in gathered if g["stage"] == 0)  # the images read
+        counts: dict[int, int] = {}
+        for g in gathered:
+            for i, n in g["hits"].items():
+                counts[i] = counts.get(i, 0) + n
+        acc = {i: n / max(total, 1) for i, n in counts.items()}
         last = len(self.parts) - 1
         if last not in acc:
             raise RuntimeError(f"rule {self.rule.name!r}: the last part gives no logits")
-        return acc[last], depth_accuracy(self.parts, len(self.stack.blocks), acc)
+        # The accuracy at each block's depth: a part's, at its last block (None elsewhere).
+        depth: list[float | None] = [None] * len(self.stack.blocks)
+        for i, part in enumerate(self.parts):
+            if part.block_ids and i in acc:
+                depth[part.block_ids[-1]] = acc[i]
+        return acc[last], depth
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` epochs; returns the results for the run record."""
@@ -495,10 +461,6 @@ class Trainer:
         for obs in self.observers:
             obs.on_fit_end(self, result)
         return result
-
-    def _cached_inputs(self, first: int) -> tuple[Any, int]:
-        """The serial executor's loader of part ``first``'s cached inputs (sequential)."""
-        return self.executor.cached_inputs(first)
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, acc, ex = self.config, self.accelerator, self.executor
@@ -533,7 +495,7 @@ class Trainer:
             else:
                 out = self.train_step(x, context, trained, start)
             sums.add(*out, context.labels)
-            if sums.steps % cfg.log_every == 0 and sums.loss:
+            if sums.steps % cfg.log_every == 0 and sums.sums:
                 means = sums.means()
                 if alone:
                     check_divergence(self, means, f"by epoch {epoch + 1}, step {sums.steps}")
@@ -559,66 +521,21 @@ class Trainer:
         return epoch_entry(self, epoch, trained, mine)
 
 
-def depth_accuracy(parts: list[LocalPart], blocks: int, acc: dict[int, float]
-                   ) -> list[float | None]:
-    """The accuracy at each block's depth: a part's, at its last block (None elsewhere)."""
-    out: list[float | None] = [None] * blocks
-    for i, part in enumerate(parts):
-        if part.block_ids and i in acc:
-            out[part.block_ids[-1]] = acc[i]
-    return out
-
-
-def autocast(acc: Accelerator):
-    """Mixed precision for every part alike, prepared or not: Accelerate autocasts fp16 only
-    where it holds the scaler, and each part here has its own."""
-    if acc.mixed_precision == "no":
-        return nullcontext()
-    if acc.mixed_precision == "fp16" and acc.scaler is None:
-        return torch.autocast(acc.device.type, dtype=torch.float16)
-    return acc.autocast()
-
-
-def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``x`` in the memory format of the weights (channels-last for a 4-D input)."""
-    if channels_last and x.ndim == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def part_schedule(optimizer, cfg: TrainConfig, schedule: list[list[int]], i: int, steps: int,
-                  restart: bool) -> torch.optim.lr_scheduler.LambdaLR:
-    """Part ``i``'s learning-rate schedule, stepped once per optimizer step: over its own
-    epochs where the rule restarts it (``restart``), else one schedule over the whole run
-    read at the epochs part ``i`` trains."""
-    epochs = [e for e, trained in enumerate(schedule) if i in trained]
-    offset, horizon = (0, len(epochs)) if restart else (epochs[0] * steps, cfg.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg, offset + s, steps, horizon))
-
-
 class EpochSums:
-    """One process's running sums over an epoch: each trained part's loss and metrics (on
-    the device, read once at the end), hits of the final logits, images seen.
-
-    Args:
-        device: where the sums are kept.
-        scores: whether this process runs the last trained part, whose logits count.
-    """
+    """One process's running sums over an epoch, on the device and read once at the end:
+    each trained part's loss (key ``""``) and metrics, the hits of the final logits (where
+    this process runs the last trained part, ``scores``), the images seen and scored."""
 
     def __init__(self, device: torch.device, scores: bool):
-        self.loss: dict[int, torch.Tensor] = {}
-        self.metrics: dict[int, dict[str, torch.Tensor]] = {}
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
         self.hits, self.scores = torch.zeros((), device=device), scores
-        self.scored = self.seen = self.steps = 0  # images in steps that gave logits; all
+        self.scored = self.seen = self.steps = 0
 
     def add(self, losses: dict[int, torch.Tensor], logits: torch.Tensor | None,
             metrics: dict[int, dict[str, torch.Tensor]], labels: torch.Tensor) -> None:
         for i, loss in losses.items():
-            self.loss[i] = self.loss[i] + loss if i in self.loss else loss
-        for i, values in metrics.items():
-            kept = self.metrics.setdefault(i, {})
-            for key, value in values.items():
+            kept = self.sums.setdefault(i, {})
+            for key, value in {"": loss, **metrics.get(i, {})}.items():
                 kept[key] = kept[key] + value if key in kept else value
         if logits is not None and self.scores:
             self.hits += (logits.argmax(1) == labels).sum()
@@ -628,15 +545,13 @@ class EpochSums:
 
     def means(self) -> dict[int, float]:
         """Each part's mean loss so far (one device sync)."""
-        means = (torch.stack(list(self.loss.values())) / self.steps).tolist()
-        return dict(zip(self.loss, means, strict=True))
+        means = (torch.stack([s[""] for s in self.sums.values()]) / self.steps).tolist()
+        return dict(zip(self.sums, means, strict=True))
 
     def summary(self) -> dict[str, Any]:
         return {"steps": max(self.steps, 1), "seen": self.seen, "scored": self.scored,
                 "hits": int(self.hits.item()),
-                "loss": {i: s.item() for i, s in self.loss.items()},
-                "metrics": {i: {k: v.item() for k, v in values.items()}
-                            for i, values in self.metrics.items()}}
+                "sums": {i: {k: v.item() for k, v in s.items()} for i, s in self.sums.items()}}
 
 
 def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str, Any]
@@ -644,17 +559,13 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
     """The epoch's history entry from every process's statistics (``mine`` here,
     gathered): each part's mean loss and metrics over the steps of the processes that hold
     it (data-parallel replicas take as many; asynchronous stages take steps of their own).
-
-    Raises:
-        Diverged: a part's mean loss is non-finite or above ``--max-loss`` (every process
-            sees every part's loss, so all stop together).
+    Raises Diverged on a non-finite mean loss or one above ``--max-loss``, on every process
+    alike (each sees every part's loss), so all stop together.
     """
-    stats = [mine]
-    if trainer.accelerator.num_processes > 1:
-        stats = [None] * trainer.accelerator.num_processes
-        dist.all_gather_object(stats, mine)
-    steps = {i: sum(s["steps"] for s in stats if i in s["loss"]) for i in trained}
-    loss = {i: sum(s["loss"][i] for s in stats if i in s["loss"]) / steps[i] for i in trained}
+    stats = all_gathered(mine, trainer.accelerator.num_processes)
+    steps = {i: sum(s["steps"] for s in stats if i in s["sums"]) for i in trained}
+    loss = {i: sum(s["sums"][i][""] for s in stats if i in s["sums"]) / steps[i]
+            for i in trained}
     check_divergence(trainer, loss, f"by the end of epoch {epoch + 1} "
                                     f"(step {max(s['steps'] for s in stats)})")
     hits, scored = (sum(s[key] for s in stats) for key in ("hits", "scored"))
@@ -680,15 +591,38 @@ def epoch_entry(trainer: Trainer, epoch: int, trained: list[int], mine: dict[str
         entry["cuda_max_memory"] = max(s["cuda"] for s in stats)
     metrics: dict[int, dict[str, float]] = {}
     for s in stats:
-        for i, values in s["metrics"].items():
+        for i, values in s["sums"].items():
             kept = metrics.setdefault(i, {})
             for key, value in values.items():
-                kept[key] = kept.get(key, 0.0) + value / steps[i]
+                if key:  # (not the loss)
+                    kept[key] = kept.get(key, 0.0) + value / steps[i]
     keys = sorted({key for values in metrics.values() for key in values})
     if keys:  # each part's metrics averaged over the epoch's steps; null where not trained
         entry["rule_metrics"] = {key: {names[i]: metrics.get(i, {}).get(key)
                                        for i in range(len(names))} for key in keys}
     return entry
+
+
+def held_bytes(modules: Iterable[nn.Module], optimizers: Iterable[torch.optim.Optimizer]) -> int:
+    """Bytes of the modules' parameters and buffers and the optimizers' state tensors,
+    each storage once (a tensor shared by two modules counts once; ``meta`` tensors,
+    which hold no memory, count nothing)."""
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    tensors += [v for opt in optimizers for state in opt.state.values()
+                for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if not t.is_meta}
+    storages.pop(0, None)  # empty tensors
+    return sum(storages.values())
+
+
+def all_gathered(obj: Any, processes: int) -> list[Any]:
+    """``obj`` of every process, by rank."""
+    if processes == 1:
+        return [obj]
+    gathered: list[Any] = [None] * processes
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def check_divergence(trainer: Trainer, means: dict[int, float], where: str) -> None:

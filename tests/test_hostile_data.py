@@ -124,8 +124,8 @@ def sequential_trainer():
 def test_cached_inputs_drop_a_last_batch_of_one_image(sequential_trainer):
     trainer = sequential_trainer
     assert trainer.dropped_images == 1 and len(trainer.train_loader) == 2
-    loader, start = trainer._cached_inputs(1)
-    assert start == 1 and [len(y) for _, _, y in loader] == [16, 16]
+    loader = trainer.executor.cached_inputs(1)
+    assert [len(y) for _, _, y in loader] == [16, 16]
     entry = trainer._train_epoch(1)  # the cached path
     assert entry["dropped_images"] == 1
 

@@ -22,7 +22,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("errors",),
     ("version", "registry", "config", "measure", "hsic", "optim", "recompute", "step",
      "observers"),
-    ("losses", "heads", "models", "models.*", "data", "transport", "replay", "stages"),
+    ("losses", "heads", "models", "models.*", "data", "transport"),
     ("adapters", "objectives", "settings"),  # adapters lay out the models' families for blocks;
     # settings: every flag, the loop's settings among them (its --dataset help names data's)
     ("blocks",),
