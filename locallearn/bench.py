@@ -60,7 +60,7 @@ def median_time(step: Callable[[], object], repeats: int, device: torch.device) 
 
 def state_bytes(trainer: Trainer) -> int:
     """Bytes of the trainer's weights (backbone and auxiliary nets) and optimizer state, each
-    storage once (:func:`~locallearn.stages.held_bytes`): what a step starts from and leaves
+    storage once (:func:`~locallearn.trainer.held_bytes`): what a step starts from and leaves
     behind. Optimizers fill their state in their first step: count after one."""
     return held_bytes(trainer.parts, [opt for opt in trainer.optimizers if opt is not None])
 
