@@ -390,55 +390,6 @@ class Trainer:
                                       generator, train)
         return self.layout(x), step
 
-    @torch.no_grad()
-    def evaluate(self) -> tuple[float, list[float | None]]:
-        """Test accuracy of the final prediction and of the prediction at each block's depth.
-
-        Each process scores its parts' logits (where the rule combines every part's, as
-        forward-forward does, the parts' logits travel with the batch and the last stage
-        scores the combined ones), and the hit counts of every process are summed.
-        """
-        ex, combines = self.executor, type(self.rule).predictions is not Rule.predictions
-        for i in self.owned:
-            self.models[i].eval()
-        hits: dict[int, torch.Tensor] = {}
-        total = 0
-        for h, step, carried in ex.batches(self.test_loader, self.eval_transform, None, False):
-            logits = {}
-            with self.autocast():
-                for i in self.owned:
-                    h, scored = self.models[i](h, step)
-                    logits[i] = scored.logits
-            if combines:
-                every = [*(carried if carried is not None else ()), *logits.values()]
-                if ex.last:
-                    logits = dict(enumerate(self.rule.predictions(every)))
-                else:
-                    logits, carried = {}, torch.stack(every)  # passed on, to be combined
-            ex.pass_on(h, step, carried)
-            for i, z in logits.items():
-                if z is not None:
-                    hits[i] = hits.get(i, 0) + (z.argmax(1) == step.labels).sum()
-            total += len(step.labels)
-        ex.end_pass()
-        mine = {"stage": ex.stage, "total": total, "hits": {i: int(n) for i, n in hits.items()}}
-        gathered = all_gathered(mine, self.accelerator.num_processes)
-        total = sum(g["total"] for g in gathered if g["stage"] == 0)  # the images read
-        counts: dict[int, int] = {}
-        for g in gathered:
-            for i, n in g["hits"].items():
-                counts[i] = counts.get(i, 0) + n
-        acc = {i: n / max(total, 1) for i, n in counts.items()}
-        last = len(self.parts) - 1
-        if last not in acc:
-            raise RuntimeError(f"rule {self.rule.name!r}: the last part gives no logits")
-        # The accuracy at each block's depth: a part's, at its last block (None elsewhere).
-        depth: list[float | None] = [None] * len(self.stack.blocks)
-        for i, part in enumerate(self.parts):
-            if part.block_ids and i in acc:
-                depth[part.block_ids[-1]] = acc[i]
-        return acc[last], depth
-
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` epochs; returns the results for the run record."""
         cfg, acc = self.config, self.accelerator
@@ -448,7 +399,7 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.epochs):
             entry = self._train_epoch(epoch)
             t0 = time.perf_counter()
-            entry["test_acc"], entry["block_acc"] = self.evaluate()
+            entry["test_acc"], entry["block_acc"] = evaluate(self)
             entry["eval_seconds"] = round(time.perf_counter() - t0, 3)
             self.history.append(entry)
             for obs in self.observers:
@@ -519,6 +470,56 @@ class Trainer:
             if not any(i in later for later in self.schedule[epoch + 1:]):
                 self.deactivate(i)
         return epoch_entry(self, epoch, trained, mine)
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer) -> tuple[float, list[float | None]]:
+    """Test accuracy of the final prediction and of the prediction at each block's depth.
+
+    Each process scores its parts' logits (where the rule combines every part's, as
+    forward-forward does, the parts' logits travel with the batch and the last stage
+    scores the combined ones), and the hit counts of every process are summed.
+    """
+    ex, combines = trainer.executor, type(trainer.rule).predictions is not Rule.predictions
+    for i in trainer.owned:
+        trainer.models[i].eval()
+    hits: dict[int, torch.Tensor] = {}
+    total = 0
+    for h, step, carried in ex.batches(trainer.test_loader, trainer.eval_transform, None, False):
+        logits = {}
+        with trainer.autocast():
+            for i in trainer.owned:
+                h, scored = trainer.models[i](h, step)
+                logits[i] = scored.logits
+        if combines:
+            every = [*(carried if carried is not None else ()), *logits.values()]
+            if ex.last:
+                logits = dict(enumerate(trainer.rule.predictions(every)))
+            else:
+                logits, carried = {}, torch.stack(every)  # passed on, to be combined
+        ex.pass_on(h, step, carried)
+        for i, z in logits.items():
+            if z is not None:
+                hits[i] = hits.get(i, 0) + (z.argmax(1) == step.labels).sum()
+        total += len(step.labels)
+    ex.end_pass()
+    mine = {"stage": ex.stage, "total": total, "hits": {i: int(n) for i, n in hits.items()}}
+    gathered = all_gathered(mine, trainer.accelerator.num_processes)
+    total = sum(g["total"] for g in gathered if g["stage"] == 0)  # the images read
+    counts: dict[int, int] = {}
+    for g in gathered:
+        for i, n in g["hits"].items():
+            counts[i] = counts.get(i, 0) + n
+    acc = {i: n / max(total, 1) for i, n in counts.items()}
+    last = len(trainer.parts) - 1
+    if last not in acc:
+        raise RuntimeError(f"rule {trainer.rule.name!r}: the last part gives no logits")
+    # The accuracy at each block's depth: a part's, at its last block (None elsewhere).
+    depth: list[float | None] = [None] * len(trainer.stack.blocks)
+    for i, part in enumerate(trainer.parts):
+        if part.block_ids and i in acc:
+            depth[part.block_ids[-1]] = acc[i]
+    return acc[last], depth
 
 
 class EpochSums:
