@@ -35,9 +35,9 @@ __all__ = ["INTRO", "Row", "Table", "build_tables", "collect", "render_csv", "re
 # commands, the table, the seed, what changes no trained number; see settings.Flag.row),
 # the loop's settings again as one dict ("train") and the --plugin list ("plugins").
 _NOT_SETTING = {f.dest for f in FLAGS if not f.in_row} | {"train", "plugins"}
-# A row flag's value in a record made before the flag existed: its default.
-_ROW_DEFAULTS = {f.dest: (False if f.kind == "switch" else f.default) for f in FLAGS
-                 if f.in_row and f.recorded}
+# A flag's value in a record made before the flag existed: its default.
+_DEFAULTS = {f.dest: (False if f.kind == "switch" else f.default) for f in FLAGS}
+_ROW_DEFAULTS = {f.dest: _DEFAULTS[f.dest] for f in FLAGS if f.in_row and f.recorded}
 _DEPTHS_SHOWN = 8
 # The columns of leaderboard.csv that say which row a line is (its "options" text is
 # left out: it names what differs between a table's rows, so it changes as rows come).
@@ -535,9 +535,6 @@ def _recorded_config(record: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
-_DEFAULTS = {f.dest: (False if f.kind == "switch" else f.default) for f in FLAGS}
-
-
 def same_config(argv: list[str], record: dict[str, Any]) -> bool:
     """Whether ``run.py argv`` records the config ``record`` has; a value the run resolves
     from the data (augmentation, normalisation) counts as the same where ``argv`` leaves it
@@ -554,29 +551,10 @@ def same_config(argv: list[str], record: dict[str, Any]) -> bool:
 
 def _flags(values: dict[str, Any]) -> list[str]:
     """``run.py`` flags for ``values`` (by dest), in ``--help`` order, the seed last."""
-    out: list[str] = []
-    for f in [*(f for f in _KEPT if f.dest != "seed"), BY_NAME["seed"]]:
-        value = values.get(f.dest)
-        if value is None or value is False or value == [] or value == {}:
-            continue
-        if f.kind == "switch":
-            out.append(f"--{f.name}")
-        elif f.kind in ("list", "options"):
-            items = value if isinstance(value, list) else [f"{k}={_arg(v)}"
-                                                           for k, v in value.items()]
-            out += [x for item in items for x in (f"--{f.name}", str(item))]
-        else:
-            out += [f"--{f.name}", _arg(value)]
-    return out
+    from .presets import to_flags
 
-
-def _arg(value: Any) -> str:
-    """A value as run.py reads it back: lists comma-joined, switches true/false."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ",".join(_arg(v) for v in value)
-    return str(value)
+    order = [*(f for f in _KEPT if f.dest != "seed"), BY_NAME["seed"]]
+    return to_flags({f.name: values[f.dest] for f in order if f.dest in values})
 
 
 def _given(argv: list[str]) -> dict[str, Any] | None:
