@@ -199,7 +199,7 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
         values, run_id=run_id, plugins=args.plugin,
         rule_paper=RULES.get(args.rule).meta["paper"], rule_options=checked.rule.describe(),
         model_options=checked.built.model_options, train=config_dict(checked.config),
-        sources=getattr(args, "config_sources", {}),
+        sources=getattr(args, "config_sources", {}), argv=getattr(args, "argv", None),
         stack=trainer.stack, parts=trainer.parts, hardware=hardware(accelerator),
         history=trainer.history,
     )
@@ -259,8 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ``--preset``, the rule's ``training_defaults``, else the flag's own default.
 
     Loads the ``--plugin``s first, so a plugin rule's defaults count too. The namespace's
-    ``config_sources`` maps each recorded identity or setting flag that was set (by dest)
-    to where its value came from: ``"command line"``, ``"preset NAME"`` or ``"rule NAME"``.
+    ``argv`` is the command line as given; its ``config_sources`` maps each recorded
+    identity or setting flag that was set (by dest) to where its value came from:
+    ``"command line"``, ``"preset NAME"`` or ``"rule NAME"``.
     """
     from .plugins import load_plugins
     from .presets import load_preset
@@ -271,6 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load_plugins(build_parser().parse_args(preset + argv).plugin)  # a preset's plugins too
     rule = rule_flags(alone.rule)
     args = build_parser().parse_args(rule + preset + argv)
+    args.argv = argv  # the record keeps the command (the leaderboard shows it)
     args.defaults = vars(build_parser().parse_args(rule))  # what the rule runs with; names
     sources: dict[str, str] = {}
     for layer, source in ((rule, f"rule {args.rule}"), (preset, f"preset {args.preset}"),

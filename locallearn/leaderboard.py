@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import re
+import shlex
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any
 from .errors import ConfigError, DataError
 from .outputs import check_folder
 from .records import RecordError, read_record, replacing
-from .settings import FLAGS
+from .settings import BY_NAME, FLAGS, IDENTITY, SETTING, build_parser
 
 __all__ = ["INTRO", "Row", "Table", "build_tables", "collect", "render_csv", "render_markdown",
            "write_all"]
@@ -34,9 +35,9 @@ __all__ = ["INTRO", "Row", "Table", "build_tables", "collect", "render_csv", "re
 # commands, the table, the seed, what changes no trained number; see settings.Flag.row),
 # the loop's settings again as one dict ("train") and the --plugin list ("plugins").
 _NOT_SETTING = {f.dest for f in FLAGS if not f.in_row} | {"train", "plugins"}
-# A row flag's value in a record made before the flag existed: its default.
-_ROW_DEFAULTS = {f.dest: (False if f.kind == "switch" else f.default) for f in FLAGS
-                 if f.in_row and f.recorded}
+# A flag's value in a record made before the flag existed: its default.
+_DEFAULTS = {f.dest: (False if f.kind == "switch" else f.default) for f in FLAGS}
+_ROW_DEFAULTS = {f.dest: _DEFAULTS[f.dest] for f in FLAGS if f.in_row and f.recorded}
 _DEPTHS_SHOWN = 8
 # The columns of leaderboard.csv that say which row a line is (its "options" text is
 # left out: it names what differs between a table's rows, so it changes as rows come).
@@ -54,8 +55,15 @@ memory, the peak bytes saved for backward during the first training step of
 each epoch (max over epochs; device-independent), and **× e2e** its ratio to
 the table's e2e row; **CUDA MiB**: `torch.cuda.max_memory_allocated` on GPUs;
 **nHSIC(X;Z)**, **nHSIC(Y;Z)**: the last block's information-plane position
-after the last epoch ([information_plane.md](information_plane.md)); **options**:
-rule options and whatever else differs between the table's rows. Runs that are
+after the last epoch ([information_plane.md](information_plane.md)); **Δ e2e**:
+the test accuracy less that of the table's e2e row, in percentage points (blank
+for that row and in a table without one); **recipe**: epochs, optimizer, peak
+learning rate and batch size; **options**: rule options and whatever else
+differs between the table's rows. Under each table, the command that made each
+row, with the seed varying over the row's seeds, and how it is known: recorded
+by the run, rebuilt from an older record's config (only where the rebuilt
+command gives the same config again), or not recorded
+([records.md](records.md#commands)). Runs that are
 not complete (running, interrupted, diverged) are listed apart at the end and
 never averaged in. Accuracies on `imagefolder:cifar10` are on the CIFAR-10
 JPEG copy: close to, not identical with, published CIFAR-10 numbers.
@@ -126,6 +134,12 @@ class Table:
     def slug(self) -> str:
         text = f"{self.dataset}_{self.model}_{self.epochs}ep_{self.train_subset or 'all'}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+    def delta(self, row: Row) -> float | None:
+        """``row``'s mean test accuracy less that of the table's first ``e2e`` row (None for
+        that row itself and in a table without one)."""
+        e2e = next((r for r in self.rows if r.rule == "e2e"), None)
+        return None if e2e is None or e2e is row else row.acc()[0] - e2e.acc()[0]
 
     def saved_ratio(self, row: Row) -> float | None:
         """``row``'s saved bytes over those of the table's first ``e2e`` row that has them."""
@@ -282,23 +296,38 @@ def _presets_line(table: Table) -> str:
 def _cells(table: Table, row: Row) -> list[str]:
     mean, std = row.acc()
     acc = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
-    epochs = sorted({str(r["config"]["epochs"]) for r in row.records})
     aux = row.value("params_auxiliary")  # below 0 when a rule leaves the model's head unused
     params = f"{_fmt(row.value('params_backbone'), '.2f', 1e-6)}M + " + (
         "0" if not aux or aux < 0 else _count(aux))
     return [
-        row.label, str(len(row.records)), acc, depth_text(row.block_acc()), params,
+        row.label, str(len(row.records)), acc, _fmt(table.delta(row), "+.2f", 100, ""),
+        depth_text(row.block_acc()), params,
         _fmt(row.value("images_per_s"), ".0f"), _fmt(row.value("seconds_per_epoch"), ".1f"),
         _fmt(row.value("saved_bytes_peak"), ".1f", 2 ** -20), _fmt(table.saved_ratio(row), ".2f"),
         _fmt(row.value("cuda_max_memory"), ".0f", 2 ** -20),
         _fmt(row.value("nhsic_x"), ".3f"), _fmt(row.value("nhsic_y"), ".3f"),
-        "/".join(epochs), row.hardware(), row.options or "—",
+        recipe(row), row.hardware(), row.options or "—",
     ]
 
 
-HEADER = ["rule", "seeds", "test acc %", "acc % by depth", "params (backbone + aux)", "img/s",
-          "s/epoch", "saved MiB", "× e2e", "CUDA MiB", "nHSIC(X;Z)", "nHSIC(Y;Z)", "epochs",
-          "hardware", "options"]
+HEADER = ["rule", "seeds", "test acc %", "Δ e2e", "acc % by depth", "params (backbone + aux)",
+          "img/s", "s/epoch", "saved MiB", "× e2e", "CUDA MiB", "nHSIC(X;Z)", "nHSIC(Y;Z)",
+          "recipe", "hardware", "options"]
+# The recipe's settings (a record older than a flag: its default), as the CSV names them.
+_RECIPE = ("epochs", "optimizer", "lr", "batch_size")
+
+
+def _recipe(row: Row) -> dict[str, Any]:
+    """Epochs, optimizer, peak learning rate and batch size of the row (of its first
+    record: a row's records share them)."""
+    c = row.records[0]["config"]
+    return {k: c.get(k, _DEFAULTS[k]) for k in _RECIPE}
+
+
+def recipe(row: Row) -> str:
+    """The row's recipe in a few words: ``5 ep · sgd lr 0.1 · batch 128``."""
+    r = _recipe(row)
+    return f"{r['epochs']} ep · {r['optimizer']} lr {r['lr']:g} · batch {r['batch_size']}"
 
 
 def render_markdown(tables: list[Table], apart: list[dict[str, Any]], source: str,
@@ -316,6 +345,11 @@ def render_markdown(tables: list[Table], apart: list[dict[str, Any]], source: st
             lines += [presets, ""]
         lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(map(_cell, _cells(table, row))) + " |" for row in table.rows]
+        lines += ["", "How to run each row again ([records.md](records.md#commands)):", ""]
+        machines = len({row.hardware() for row in table.rows}) > 1
+        lines += [f"- **{_cell(row.label)}**{f' ({row.options})' if row.options else ''}"
+                  f"{f' on {row.hardware()}' if machines else ''}: {_commands_text(row)}"
+                  for row in table.rows]
         lines.append("")
         if table.slug in figures:
             lines += [f"![information plane: {table.title}]({figures[table.slug]})", ""]
@@ -343,17 +377,22 @@ def render_csv(tables: list[Table]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["dataset", "model", "epochs", "train_subset", "test_subset", "rule", "blocks",
                      "options", "rule_options", "seeds", "test_acc_mean", "test_acc_std",
-                     "block_acc", *_CSV_MEASURES, "saved_ratio_e2e", "hardware"])
+                     "delta_e2e", "block_acc", *_CSV_MEASURES, "saved_ratio_e2e", "hardware",
+                     *_RECIPE[1:], "command", "command_source"])
     for table in tables:
         for row in table.rows:
+            commands = row_commands(row)
             writer.writerow([
                 table.dataset, table.model, table.epochs, table.train_subset or "",
                 table.test_subset or "", row.rule, row.blocks or "", row.options,
                 json.dumps(row.setting.get("rule_options") or {}, sort_keys=True),
                 " ".join(map(str, row.seeds)), *(_fmt(v, ".6f", none="") for v in row.acc()),
+                _fmt(table.delta(row), ".6f", none=""),
                 " ".join(f"{a:.6f}" for a in row.block_acc()),
                 *(_fmt(row.value(k), spec, none="") for k, spec in _CSV_MEASURES.items()),
                 _fmt(table.saved_ratio(row), ".6f", none=""), row.hardware(),
+                *(_recipe(row)[k] for k in _RECIPE[1:]), "; ".join(t for t, _ in commands if t),
+                "; ".join(sorted({source for _, source in commands})),
             ])
     return out.getvalue()
 
@@ -456,3 +495,142 @@ def _check_loss(path: Path, new: str, bad: list[str]) -> None:
         why = f"; unreadable or malformed records: {len(bad)}, e.g. {bad[0]}" if bad else ""
         raise DataError(f"the new leaderboard would drop {lost} of the {sum(old.values())} runs "
                         f"of {str(path)!r}{why}; pass --force to replace it anyway")
+
+
+# ---- How to reproduce a row: the run.py command of each record ----------------------------
+
+# The flags a shown command keeps: what is trained and how (identity, setting, and the
+# executor's rows), the preset and plugins that supply them; not where things go.
+_KEPT = [f for f in FLAGS if f.role in (IDENTITY, SETTING) or f.in_row
+         or f.name in ("preset", "plugin")]
+# The config keys a command must give again to train the same thing (the seed apart).
+_SAME = [f.dest for f in FLAGS if f.recorded and f.role in (IDENTITY, SETTING)
+         and f.dest != "seed"]
+# Resolved by the run from the data where not given: the record holds what was used.
+_RESOLVED = ("augment", "norm_mean", "norm_std")
+
+
+def run_config(argv: list[str]) -> dict[str, Any]:
+    """What ``run.py argv`` records of what it trains: the identity and setting flags of
+    its config (the seed apart), its rule options resolved and its ``--model-opt``s, as
+    JSON gives them back. Raises LocallearnError where ``run.py`` refuses ``argv``."""
+    from .cli import _literal, parse_args
+    from .config import parse_assignments
+    from .rules import create_rule
+
+    args = parse_args(argv)
+    out = {k: getattr(args, k) for k in _SAME}
+    out["rule_options"] = create_rule(args.rule, **parse_assignments(args.rule_opt)).describe()
+    out["model_options"] = {k: _literal(v) for k, v in
+                            parse_assignments(args.model_opt, "--model-opt").items()}
+    return json.loads(json.dumps(out))
+
+
+def _recorded_config(record: dict[str, Any]) -> dict[str, Any]:
+    """The record's side of :func:`run_config` (a flag newer than the record: its default)."""
+    c = record["config"]
+    out = {k: c.get(k, _DEFAULTS[k]) for k in _SAME}
+    out |= {"rule_options": c.get("rule_options") or {},
+            "model_options": c.get("model_options") or {}}
+    return json.loads(json.dumps(out))
+
+
+def same_config(argv: list[str], record: dict[str, Any]) -> bool:
+    """Whether ``run.py argv`` records the config ``record`` has; a value the run resolves
+    from the data (augmentation, normalisation) counts as the same where ``argv`` leaves it
+    to the run."""
+    from .errors import LocallearnError
+
+    try:
+        mine = run_config(argv)
+    except LocallearnError:
+        return False
+    want = _recorded_config(record)
+    return all(mine[k] == want[k] for k in want if not (k in _RESOLVED and mine[k] is None))
+
+
+def _flags(values: dict[str, Any]) -> list[str]:
+    """``run.py`` flags for ``values`` (by dest), in ``--help`` order, the seed last."""
+    from .presets import to_flags
+
+    order = [*(f for f in _KEPT if f.dest != "seed"), BY_NAME["seed"]]
+    return to_flags({f.name: values[f.dest] for f in order if f.dest in values})
+
+
+def _given(argv: list[str]) -> dict[str, Any] | None:
+    """What ``run.py argv`` records (:func:`run_config`); None where run.py refuses it."""
+    from .errors import LocallearnError
+
+    try:
+        return run_config(argv)
+    except LocallearnError:
+        return None
+
+
+def _rebuilt(record: dict[str, Any]) -> list[str] | None:
+    """A command rebuilt from the record's config that records the same config again: the
+    rule (with its preset, where it had one and that still fits) and each setting that
+    differs from what these give; None where no such command comes out."""
+    c, sources = record["config"], record.get("config_sources")
+    want = _recorded_config(record)
+    base = {"rule": record["rule"], "plugin": c.get("plugins") or []}
+    for start in ([{**base, "preset": c["preset"]}] if c.get("preset") else []) + [base]:
+        if (got := _given(_flags(start))) is None:
+            continue
+        values = dict(start)
+        for k in _SAME:
+            # A value the run resolves from the data is given where it was given (a record
+            # without config_sources cannot say which: there it is given).
+            left = k in _RESOLVED and got[k] is None and sources is not None and k not in sources
+            if want[k] != got[k] and not left:
+                values[k] = want[k]
+        values["rule_opt"] = {k: v for k, v in want["rule_options"].items()
+                              if k not in got["rule_options"] or got["rule_options"][k] != v}
+        values["model_opt"] = want["model_options"]
+        values["seed"] = record.get("seed", 0)
+        if same_config(argv := _flags(values), record):
+            return argv
+    return None
+
+
+def command(record: dict[str, Any]) -> tuple[list[str] | None, str]:
+    """The ``run.py`` arguments that made ``record``, where it writes left out and the seed
+    last, and where they come from: ``"recorded"`` (the record's ``argv``), ``"reconstructed"``
+    (from its config, by :func:`_rebuilt`, where that records the same config again) or
+    ``"not recorded"`` (None)."""
+    from .errors import LocallearnError
+
+    if record.get("argv") is not None:
+        with suppress(LocallearnError):  # a flag run.py no longer has: rebuild it instead
+            given = vars(build_parser(defaults=False).parse_args(record["argv"]))
+            return _flags(given | {"seed": record.get("seed", 0)}), "recorded"
+    argv = _rebuilt(record)
+    return argv, "reconstructed" if argv else "not recorded"
+
+
+def row_commands(row: Row) -> list[tuple[str | None, str]]:
+    """The shell command(s) of a row and how each is known (see :func:`command`): one whose
+    seed varies where the seeds' commands differ only in it, else one per record; None
+    (``"not recorded"``) for records without one."""
+    made: dict[tuple, list[int]] = {}
+    for r in row.records:
+        argv, source = command(r)
+        n = r["hardware"]["num_processes"]
+        launch = "python" if n == 1 else f"torchrun --nproc_per_node {n}"
+        key = (launch, tuple(argv[:-2]) if argv else None, source)
+        made.setdefault(key, []).append(r.get("seed", 0))
+    out = []
+    for (launch, argv, source), seeds in made.items():
+        text = None
+        if argv is not None:
+            text = f"{launch} benchmarks/run.py {shlex.join(argv)} --seed "
+            text = (f"{text}{seeds[0]}" if len(seeds) == 1 else
+                    f"for seed in {' '.join(map(str, seeds))}; do {text}$seed; done")
+        out.append((text, source))
+    return out
+
+
+def _commands_text(row: Row) -> str:
+    """The row's commands for the page: each in a code span, with how it is known."""
+    return "; ".join(f"`{text}` ({source})" if text else "not recorded"
+                     for text, source in row_commands(row))

@@ -192,6 +192,7 @@ FIELDS = (
     Field("status", "string", "always"), Field("rule", "string", "always"),
     Field("model", "string", "always"), Field("dataset", "string", "complete"),
     Field("seed", "integer"), Field("run_id", "string or null"),
+    Field("argv", "list of strings or null"), Field("argv[]", "string", "always"),
     Field("config", "object", "complete"), Field("config.epochs", "integer", "complete", 1),
     Field("config.train_subset", "integer or null", "", 1),
     Field("config.test_subset", "integer or null", "", 1), Field("config.rule_options", "map"),
@@ -323,7 +324,8 @@ def _expected(field: Field) -> str:
 def build_record(values: dict[str, Any], *, run_id: str | None, plugins: list[str],
                  rule_paper: str, rule_options: dict[str, Any], model_options: dict[str, Any],
                  train: dict[str, Any], sources: dict[str, str], stack, parts: list,
-                 hardware: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+                 hardware: dict[str, Any], history: list[dict[str, Any]],
+                 argv: list[str] | None = None) -> dict[str, Any]:
     """A new run record, status ``running``, with no results yet (docs/records.md says
     what each field holds).
 
@@ -336,6 +338,7 @@ def build_record(values: dict[str, Any], *, run_id: str | None, plugins: list[st
             (``"command line"``, ``"preset NAME"``, ``"rule NAME"``).
         history: the trainer's history list (the record keeps this very list, so it
             grows with the run).
+        argv: ``run.py``'s command line as given (None: not started from one).
     """
     backbone = sum(p.numel() for p in stack.parameters())
     in_stack = {id(p) for p in stack.parameters()}
@@ -349,7 +352,8 @@ def build_record(values: dict[str, Any], *, run_id: str | None, plugins: list[st
         "config": {**values, "plugins": list(plugins), "milestones": list(values["milestones"]),
                    "rule_options": rule_options, "model_options": model_options,
                    "train": train},
-        "config_sources": dict(sources), "versions": versions(), "hardware": hardware,
+        "config_sources": dict(sources), "argv": None if argv is None else list(argv),
+        "versions": versions(), "hardware": hardware,
         "stack": {
             "blocks": stack.names, "granularity": values["granularity"],
             "num_blocks": values["blocks"] or (len(stack) if values.get("split_after") else None),

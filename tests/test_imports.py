@@ -35,7 +35,8 @@ FLOORS: list[tuple[str, ...]] = [
     ("records", "bench", "plugins", "trackers", "preflight"),  # preflight probes parts
     ("checkpoint", "presets", "analysis.plots"),  # checkpoint writes with records.write_json
     ("outputs",),  # a run's record and checkpoints, checked and taken
-    ("leaderboard", "cli"),  # leaderboard draws with analysis.plots
+    ("cli",),
+    ("leaderboard",),  # draws with analysis.plots; parses a record's command as cli does
     ("",),  # the package itself
 ]
 

@@ -5,12 +5,27 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
+import re
+import shlex
 
 import pytest
 from conftest import ROOT
 
-from locallearn.leaderboard import build_tables, collect, depth_text, render_markdown, write_all
-from locallearn.records import write_json
+from locallearn import settings
+from locallearn.cli import main, parse_args
+from locallearn.config import parse_assignments
+from locallearn.leaderboard import (
+    build_tables,
+    collect,
+    command,
+    depth_text,
+    render_markdown,
+    row_commands,
+    write_all,
+)
+from locallearn.records import read_record, write_json
+from locallearn.rules import create_rule
 
 NAMES = ["stem", "layer1", "layer2"]
 PLANE_CONFIG = {"m": 64, "split": "train", "kernel": "gaussian", "label_kernel": "gaussian",
@@ -33,7 +48,9 @@ def make_record(rule: str, seed: int, acc: float, status: str = "complete", mode
     config = {"rule": rule, "model": model, "granularity": "stage", "blocks": blocks,
               "dataset": "imagefolder:/somewhere/cifar10", "train_subset": 1000,
               "test_subset": 500, "epochs": epochs, "lr": 0.05, "seed": seed,
-              "output": "/tmp/x", "preset": "cpu-smoke", "rule_options": options or {}}
+              "output": "/tmp/x", "preset": "cpu-smoke",
+              # all the rule's options, resolved, as runs record them
+              "rule_options": create_rule(rule, **(options or {})).describe()}
     return {
         "version": 1, "status": status, "rule": rule, "model": model,
         "dataset": config["dataset"], "seed": seed, "config": config,
@@ -116,12 +133,14 @@ def test_table_columns_ratio_to_e2e_depths_and_plane(results, tmp_path):
     layerwise = next(line for line in text.splitlines() if line.startswith("| layerwise | 2 |"))
     cells = [c.strip() for c in layerwise.strip("|").split("|")]
     assert cells[2] == "42.00 ± 2.83"
-    assert cells[3] == "32.0 37.0 42.0"  # mean accuracy at each depth with a head
-    assert cells[4] == "11.18M + 5.1k"
-    assert cells[5] == "405" and cells[6] == "11.0"
-    assert cells[7] == "1.0" and cells[8] == "0.33"  # 1 MiB saved vs e2e's 3 MiB
-    assert cells[10] == "1.225" and cells[11] == "0.640"  # last block, epoch 2, mean of seeds
-    assert "x86_64 (cpu) x1" in cells[13]
+    assert cells[3] == "-13.00"  # 42 % against the e2e row's 55 %
+    assert cells[4] == "32.0 37.0 42.0"  # mean accuracy at each depth with a head
+    assert cells[5] == "11.18M + 5.1k"
+    assert cells[6] == "405" and cells[7] == "11.0"
+    assert cells[8] == "1.0" and cells[9] == "0.33"  # 1 MiB saved vs e2e's 3 MiB
+    assert cells[11] == "1.225" and cells[12] == "0.640"  # last block, epoch 2, mean of seeds
+    assert cells[13] == "2 ep · sgd lr 0.05 · batch 128"  # batch: the flag's default
+    assert "x86_64 (cpu) x1" in cells[14]
     infopro = next(line for line in text.splitlines() if line.startswith("| infopro K=2 |"))
     assert infopro.endswith("| aux_loss=contrast |")  # the option that tells the two apart
     assert layerwise.endswith("| — |")
@@ -133,8 +152,13 @@ def test_table_columns_ratio_to_e2e_depths_and_plane(results, tmp_path):
         ("resnet18", "layerwise", "0 1"),
     ]
     assert float(rows[5]["saved_ratio_e2e"]) == pytest.approx(1 / 3, abs=1e-6)
-    assert rows[3]["rule_options"] == '{"aux_loss": "contrast"}'
+    assert json.loads(rows[3]["rule_options"])["aux_loss"] == "contrast"
     assert rows[5]["saved_bytes_peak"] == "1048576" and rows[5]["test_acc_std"] == "0.028284"
+    assert rows[5]["delta_e2e"] == "-0.130000" and rows[2]["delta_e2e"] == ""  # e2e itself
+    assert rows[1]["delta_e2e"] == "-0.050000"  # against its own table's e2e (ff_mlp, 35 %)
+    assert (rows[5]["optimizer"], rows[5]["lr"], rows[5]["batch_size"]) == ("sgd", "0.05", "128")
+    assert rows[5]["command_source"] == "reconstructed"
+    assert rows[5]["command"].startswith("for seed in 0 1; do python benchmarks/run.py ")
 
 
 def test_many_depths_are_sampled_evenly():
@@ -182,3 +206,89 @@ def test_runs_on_other_hardware_are_other_rows_and_old_records_read_new_flags_as
     assert [r.hardware() for r in rows] == ["NVIDIA H200 (cuda:0) x1", "x86_64 (cpu) x1"]
     assert rows[0].seeds == [1] and rows[1].seeds == [0, 2, 3]
     assert all(r.options == "" for r in rows)  # the hardware column tells them apart
+
+
+def shown_commands(text: str) -> list[list[str]]:
+    """The run.py arguments of each command of a shown line, its seed loop unrolled."""
+    loop = re.fullmatch(r"for seed in ([\d ]+); do (.*); done", text)
+    runs = [text] if loop is None else [loop[2].replace("$seed", s) for s in loop[1].split()]
+    out = []
+    for run in runs:
+        words = shlex.split(run)
+        assert words[:2] == ["python", "benchmarks/run.py"]
+        out.append(words[2:])
+    return out
+
+
+def same_as_recorded(argv: list[str], record: dict) -> None:
+    """run.py's own parser reads ``argv`` back to ``record``'s config: every identity and
+    setting flag the config holds, its rule options and model options."""
+    args = parse_args(argv)
+    config = json.loads(json.dumps(record["config"]))
+    for flag in settings.FLAGS:
+        if flag.recorded and flag.role in (settings.IDENTITY, settings.SETTING) \
+                and flag.dest in config and getattr(args, flag.dest) is not None:
+            assert json.loads(json.dumps(getattr(args, flag.dest))) == config[flag.dest], flag.dest
+    assert args.seed == record["seed"]
+    options = create_rule(args.rule, **parse_assignments(args.rule_opt)).describe()
+    assert json.loads(json.dumps(options)) == config["rule_options"]
+    assert parse_assignments(args.model_opt, "--model-opt") == {
+        k: str(v) for k, v in config.get("model_options", {}).items()}
+
+
+def test_each_row_shows_a_command_that_gives_its_config_again(results):
+    complete, _ = collect(results)
+    checked = 0
+    for table in build_tables(complete):
+        for row in table.rows:
+            (shown, source), = row_commands(row)
+            assert source == "reconstructed"  # these records predate argv
+            runs = shown_commands(shown)
+            assert len(runs) == len(row.records)  # one per seed, the seed varying
+            for argv, record in zip(runs, row.records, strict=True):
+                same_as_recorded(argv, record)
+                checked += 1
+    assert checked == 8
+
+
+def test_a_preset_that_no_longer_fits_is_left_out_of_the_command():
+    record = make_record("layerwise", 0, 0.4, options={"head": "linear"})
+    record["config"]["preset"] = "no-such-preset"
+    argv, source = command(record)
+    assert source == "reconstructed" and "--preset" not in argv
+    same_as_recorded(argv, record)
+    record["config"]["rule_options"] = {"no_such_option": 1}  # cannot be given again
+    assert command(record) == (None, "not recorded")
+    text = render_markdown(build_tables([("a.json", record)]), [], "x", {})
+    assert "- **layerwise**: not recorded" in text
+
+
+def test_a_recorded_command_is_shown_without_where_it_wrote(tmp_path):
+    argv = ["--dataset", "synthetic", "--model", "ff_mlp", "--model-opt", "img_size=16",
+            "--epochs", "1", "--train-subset", "64", "--test-subset", "32", "--no-progress",
+            "--no-plane", "--rule", "layerwise", "--rule-opt", "aux_hidden=8", "--seed", "3",
+            "--output", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert main(argv) == 0
+    (path,) = (tmp_path / "runs").glob("*.json")
+    record = read_record(path)
+    assert record["argv"] == argv
+    shown, source = command(record)
+    assert source == "recorded" and shown[-2:] == ["--seed", "3"]
+    assert not {"--output", "--checkpoint-dir", "--no-progress"} & set(shown)
+    same_as_recorded(shown, record)
+    (row,) = build_tables([("a.json", record)])[0].rows
+    assert row_commands(row) == [(shlex.join(["python", "benchmarks/run.py", *shown]),
+                                  "recorded")]
+
+
+def test_delta_is_blank_without_an_e2e_row():
+    rows = [("a", make_record("layerwise", 0, 0.4)), ("b", make_record("dgl", 0, 0.3))]
+    (table,) = build_tables(rows)
+    assert [table.delta(r) for r in table.rows] == [None, None]
+    line = next(x for x in render_markdown([table], [], "x", {}).splitlines()
+                if x.startswith("| dgl |"))
+    assert line.split("|")[4].strip() == ""
+    e2e = make_record("e2e", 0, 0.5)
+    (table,) = build_tables([*rows, ("c", e2e)])
+    assert [round(100 * d, 6) if d is not None else d for d in map(table.delta, table.rows)] \
+        == [None, -20.0, -10.0]

@@ -183,3 +183,12 @@ def test_a_resumed_run_says_so(records):
     assert [e["after_epoch"] for e in resumed["resumed"]] == [1]
     assert resumed["run_id"] == first["run_id"] and resumed["started"] == first["started"]
     assert "resumed" not in first and resumed["history"] == first["history"]
+
+
+def test_a_record_keeps_its_command_line(records):
+    """``argv`` is the command line as given: the one the fixture's run passed, and the
+    resumed run's own (with ``--resume``), not the first run's."""
+    first, resumed = records["plane"], records["resumed"]
+    assert first["argv"][:len(TINY)] == TINY and "--resume" not in first["argv"]
+    assert first["argv"][len(TINY):len(TINY) + 2] == ["--rule", "forward_forward"]
+    assert "--resume" in resumed["argv"]
