@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..heads import HEADS
 from .base import register_rule
 from .local import LocalConfig, LocalRule
 
@@ -50,7 +51,11 @@ class AugLocal(LocalRule):
 
     def head_options(self, k, local_parts):
         """Part ``k``'s depth falls linearly from d to ``d - pyramid * (d - 1)`` (rounded
-        half to even, at least 1), the reference's ``aux_depth_list``."""
+        half to even, at least 1), the reference's ``aux_depth_list``; heads without a
+        depth (``aux=conv``) are built without one."""
         d, c = self.config.aux_depth, self.config.pyramid
         r = c * k / (local_parts - 1) if local_parts > 1 else 0.0
-        return {**super().head_options(k, local_parts), "depth": max(1, round(d * (1 - r) + r))}
+        options = super().head_options(k, local_parts)
+        if "depth" in HEADS.options(self.head):
+            return {**options, "depth": max(1, round(d * (1 - r) + r))}
+        return {**options, "depth": 0}
