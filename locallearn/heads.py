@@ -13,16 +13,22 @@ size ``out`` and keyword options; the registry reads which options a head
 takes from its signature. ``role`` says what the head produces: ``classifier``
 (``out`` features: class scores or a projection), ``decoder`` (an image of
 shape ``out``), or ``similarity`` (features for predsim's similarity matching).
-``needs="map"`` marks heads that only take ``(B, C, H, W)`` feature maps.
+``needs="map"`` marks heads that only take ``(B, C, H, W)`` feature maps. A factory
+whose third parameter is ``later`` is built from the stack itself: it gets the
+:class:`Later` blocks after the part it sits on (AugLocal's ``augmented`` head).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from .errors import ConfigError
@@ -39,15 +45,36 @@ def list_heads(role: str | None = None) -> list[str]:
     return [e.name for e in HEADS if role is None or e.meta["role"] == role]
 
 
+class Later(NamedTuple):
+    """A block after a head's part, at the finest granularity the stack keeps.
+
+    ``index`` is its position in that fine list (the stem is 0); ``shape_in`` and
+    ``shape_out`` its input and output shapes, batch first. ``module`` is the
+    backbone's own block: a head may copy its architecture, never hold it.
+    """
+
+    index: int
+    name: str
+    module: nn.Module
+    shape_in: torch.Size
+    shape_out: torch.Size
+
+
+def reads_later(name: str) -> bool:
+    """Whether head ``name`` is built from the :class:`Later` blocks after its part."""
+    return "later" in inspect.signature(HEADS.get(name).factory).parameters
+
+
 def build_head(name: str, shape: Sequence[int], out: Any, where: str = "",
-               option: str = "head", **options: Any) -> nn.Module:
+               option: str = "head", later: Sequence[Later] = (),
+               **options: Any) -> nn.Module:
     """The head ``name`` for block outputs of ``shape``, with ``out`` outputs.
 
     ``shape`` is the block output's, batch first; ``out`` an int, or a decoder's image
     shape. Options the head does not take are refused, except those left at 0 (a
     rule passes its settings for every head it may build). ``where`` (what the head is
     for: "rule 'dgl', block 'layer1'") and ``option`` (the option that chose the head)
-    go into messages.
+    go into messages. ``later`` goes to the heads that read it (:func:`reads_later`).
 
     Raises:
         ConfigError: an unknown head (close matches named), a feature-map head
@@ -65,7 +92,8 @@ def build_head(name: str, shape: Sequence[int], out: Any, where: str = "",
                     if HEADS.get(n).meta.get("needs") != "map"]
         raise ConfigError(f"{at}head {name!r} needs (B, C, H, W) block outputs, not "
                           f"{tuple(shape)}; use --rule-opt {option}={' or '.join(anywhere)}")
-    return HEADS.build(name, torch.Size(shape), out, **options)
+    args = (torch.Size(shape), out, *((tuple(later),) if reads_later(name) else ()))
+    return HEADS.build(name, *args, **options)
 
 
 def pool(h: torch.Tensor) -> torch.Tensor:
@@ -410,3 +438,89 @@ def zero_last_linear(head: nn.Module) -> nn.Module:
         with torch.no_grad():
             linears[-1].weight.zero_()
     return head
+
+
+@register_head("augmented", role="classifier",
+               paper="Ma, Wu, Si & Tan 2024, Scaling Supervised Local Learning with Augmented "
+                     "Auxiliary Networks (ICLR)",
+               summary="AugLocal's auxiliary net: fresh copies of depth (2) blocks evenly spaced "
+                       "over the blocks after the part (the last one included), global average "
+                       "pool, BatchNorm1d when depth is 1, linear")
+class Augmented(nn.Module):
+    """AugLocal's auxiliary network, built from the architecture of the later blocks.
+
+    Ma, Wu, Si & Tan, "Scaling Supervised Local Learning with Augmented Auxiliary
+    Networks" (ICLR 2024); as their code (ChenxiangMA/AugLocal at 98c90d6,
+    ``networks/auxiliary_nets.py``, ``AuxNetwork`` with ``unifSamp``). Of the ``m``
+    blocks after the part, whose last block is block ``l`` of the fine list, it takes
+    blocks ``round(l + m / depth * j)`` for ``j = 1 .. depth`` (Python's round, ties to
+    even, as there), or all ``m`` if ``depth >= m``. Each becomes a block with fresh
+    weights: a timm ``BasicBlock``/``Bottleneck`` is built anew at that block's width
+    on the running width, with stride 2 while the widths have doubled more often than
+    the map has halved and a 1x1 conv-BN shortcut where shapes change (the reference's
+    rule; convs He-normal, as there); any other block is a deep copy with its
+    parameters reset, behind a 1x1 conv-BN (strided by the integer size ratio) where
+    the running map is not the shape it takes. Then global average pooling, a
+    BatchNorm1d where ``depth`` is 1, and a linear layer.
+    """
+
+    def __init__(self, shape: Sequence[int], out: int, later: Sequence[Later],
+                 depth: int = 0):
+        super().__init__()
+        depth = depth or 2
+        blocks, running, carry = [], torch.Size(shape), 0
+        for block in _spaced(later, depth):
+            if isinstance(block.module, (BasicBlock, Bottleneck)) and len(running) == 4:
+                width = block.shape_out[1]
+                carry += int(math.log2(width // running[1])) if width >= running[1] else 0
+                stride = 2 if carry >= 1 else 1
+                carry -= stride - 1
+                new = _resnet_block(type(block.module), running[1], width, stride)
+                running = torch.Size([running[0], width, -(-running[2] // stride),
+                                      -(-running[3] // stride)])
+            else:
+                new, running = _copy_block(block, running), block.shape_out
+            blocks.append(new)
+        self.blocks = nn.Sequential(*blocks)
+        width = channels_of(running)
+        self.norm = nn.BatchNorm1d(width) if depth <= 1 else nn.Identity()
+        self.fc = nn.Linear(width, out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(pool(self.blocks(h))))
+
+
+def _spaced(later: Sequence[Later], depth: int) -> list[Later]:
+    """AugLocal's evenly spaced choice of ``depth`` of the ``later`` blocks (ties to even)."""
+    if depth >= len(later):
+        return list(later)
+    first = later[0].index  # the part's last block is first - 1
+    return [later[round(first - 1 + len(later) / depth * j) - first] for j in range(1, depth + 1)]
+
+
+def _resnet_block(kind: type, channels: int, width: int, stride: int) -> nn.Module:
+    """A fresh timm ResNet block of ``kind`` from ``channels`` to ``width`` channels."""
+    down = None
+    if stride != 1 or channels != width:
+        down = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False),
+                             nn.BatchNorm2d(width))
+    return he_normal(kind(channels, width // kind.expansion, stride, down))
+
+
+def _copy_block(block: Later, running: torch.Size) -> nn.Module:
+    """A deep copy of ``block.module`` with fresh parameters, fed ``running``-shaped inputs."""
+    new = copy.deepcopy(block.module)
+    for m in new.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    want = block.shape_in
+    if running[1:] == want[1:]:
+        return new
+    ratio = running[2] // want[2] if len(running) == len(want) == 4 else 0
+    if not ratio or running[2:] != torch.Size([want[2] * ratio, want[3] * ratio]):
+        raise ConfigError(f"head 'augmented' cannot feed {tuple(running[1:])} outputs into a "
+                          f"copy of block {block.name!r}, which takes {tuple(want[1:])}; use "
+                          "another head (--rule-opt aux=...) or --split-after")
+    adapt = nn.Sequential(nn.Conv2d(running[1], want[1], 1, stride=ratio, bias=False),
+                          nn.BatchNorm2d(want[1]))
+    return nn.Sequential(he_normal(adapt), new)

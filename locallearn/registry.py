@@ -77,9 +77,10 @@ class Registry:
             raise unknown_name(self.kind, name, self._entries) from None
 
     def options(self, name: str) -> tuple[str, ...]:
-        """The options the factory of ``name`` takes: its parameters but a head's shape, out."""
+        """The options the factory of ``name`` takes: its parameters but a head's shape, out
+        and later (what the rule, not the user, gives it)."""
         params = inspect.signature(self.get(name).factory).parameters
-        return tuple(p for p in params if p not in ("shape", "out"))
+        return tuple(p for p in params if p not in ("shape", "out", "later"))
 
     def build(self, name: str, *args: Any, **options: Any) -> Any:
         """The factory of ``name`` called with ``args`` and the ``options`` it takes."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import build_config, config_dict
 from ..errors import ConfigError
+from ..heads import Later
 from ..recompute import run_recomputed
 from ..registry import Registry
 from ..settings import IDENTITY, TRAIN_FLAGS
@@ -197,3 +198,30 @@ def block_outputs(stack: nn.Module, example: torch.Tensor) -> list[torch.Tensor]
             return stack.features(example)
     finally:
         stack.train(was_training)
+
+
+def later_blocks(stack: nn.Module, example: torch.Tensor) -> list[list[Later]]:
+    """For each block of the stack, the fine blocks after it, with their shapes.
+
+    A block that :func:`~locallearn.blocks.split` grouped (``--blocks``,
+    ``--split-after``: a Sequential named ``a+b+...``, or holding one block) counts as
+    the blocks it holds; any other block (a whole stage at stage granularity) as one.
+    Shapes come from ``example``, in eval mode without autograd, as :func:`block_outputs`.
+    """
+    fine, ends = [], []
+    for name, block in zip(stack.names, stack.blocks, strict=True):
+        names = name.split("+")
+        grouped = isinstance(block, nn.Sequential) and len(block) == len(names)
+        fine += list(zip(names, block, strict=True)) if grouped else [(name, block)]
+        ends.append(len(fine))
+    was_training, x, later = stack.training, example, []
+    stack.eval()
+    try:
+        with torch.no_grad():
+            for i, (name, block) in enumerate(fine):
+                y = block(x)
+                later.append(Later(i, name, block, x.shape, y.shape))
+                x = y
+    finally:
+        stack.train(was_training)
+    return [later[end:] for end in ends]

@@ -16,10 +16,10 @@ import torch
 
 from ..config import call_options, config_dict
 from ..errors import ConfigError
-from ..heads import HEADS, build_head, zero_last_linear
+from ..heads import HEADS, Later, build_head, reads_later, zero_last_linear
 from ..losses import LOSSES
 from ..objectives import Objective, Term, classifier
-from .base import LocalPart, Rule, block_outputs
+from .base import LocalPart, Rule, block_outputs, later_blocks
 
 
 @dataclass
@@ -104,9 +104,16 @@ class LocalRule(Rule):
         """Whether the objective with ``heads`` rebuilds them in backward; never by default."""
         return False
 
+    def head_options(self, k: int, local_parts: int) -> dict[str, Any]:
+        """The options part ``k``'s auxiliary head is built with: the shared ``aux_*`` ones."""
+        cfg = self.config
+        return {"hidden": cfg.aux_hidden, "depth": cfg.aux_depth, "pool": cfg.aux_pool,
+                "features": cfg.aux_features}
+
     def objective(self, k: int, local_parts: int, shape: torch.Size, num_classes: int,
-                  example: torch.Tensor, where: str) -> Objective:
-        """Part ``k``'s objective on block outputs of ``shape``.
+                  example: torch.Tensor, where: str, later: list[Later] = ()) -> Objective:
+        """Part ``k``'s objective on block outputs of ``shape``; ``later``: the fine blocks
+        after the part, for heads that are built from them.
 
         Heads are built in a fixed order (decoder, auxiliary head, similarity
         branch), so a seed gives the same initial weights.
@@ -120,9 +127,8 @@ class LocalRule(Rule):
             terms.append(Term("reconstruction", weight["reconstruction"], "decoder"))
         if weight["loss"]:
             out = cfg.proj_dim if meta["out"] == "proj_dim" else num_classes
-            heads["aux"] = build_head(self.head, shape, out, where, self.head_option,
-                                      hidden=cfg.aux_hidden, depth=cfg.aux_depth,
-                                      pool=cfg.aux_pool, features=cfg.aux_features)
+            heads["aux"] = build_head(self.head, shape, out, where, self.head_option, later,
+                                      **self.head_options(k, local_parts))
             if meta["zero_init"]:
                 zero_last_linear(heads["aux"])
             sim = None
@@ -147,12 +153,13 @@ class LocalRule(Rule):
         n = len(stack.blocks)
         local = n if self.model_head == "own" else n - 1
         scales = self.part_scales(n)
+        later = later_blocks(stack, example) if reads_later(self.head) else [()] * n
         parts = []
         for k, (block, h) in enumerate(zip(stack.blocks, outputs, strict=True)):
             name = stack.names[k]
             if k < local:
                 objective = self.objective(k, local, h.shape, num_classes, example,
-                                           f"rule {self.name!r}, block {name!r}")
+                                           f"rule {self.name!r}, block {name!r}", later[k])
             else:
                 objective = classifier(stack.head)
             parts.append(LocalPart(name, [block], [k], objective, scales[k]))
