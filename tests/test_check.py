@@ -50,11 +50,11 @@ def test_forward_forward_on_a_conv_backbone(capsys):
     assert "block 'stem' outputs a 4-D tensor" in line
 
 
-def test_dgl_cnn_head_on_a_vit(capsys):
+def test_dgl_default_head_on_a_vit(capsys):
     line = refused(capsys, ["--dataset", "synthetic", "--rule", "dgl", "--model",
                             "vit_tiny_patch16_224", "--model-opt", "img_size=16",
                             "--model-opt", "patch_size=4"])
-    assert "head 'cnn' needs (B, C, H, W) block outputs" in line
+    assert "head 'mlp_sr' needs (B, C, H, W) block outputs" in line
     assert "use --rule-opt aux=" in line  # the valid choices
 
 

@@ -120,3 +120,11 @@ def test_dgl_refuses_conv_aux_on_token_outputs_and_bad_lr_scales(synthetic):
     Trainer(stack, create_rule("dgl", aux="linear"), synthetic, cfg)
     with pytest.raises(ConfigError, match="one value per part"):
         _trainer(create_rule("dgl", lr_scales="1,1"), synthetic)
+
+
+def test_dgl_default_aux_is_the_references_mlp_sr(synthetic):
+    # eugenium/DGL (commit 4cc7c17): cifar_dgl.py's --type_aux defaults to mlp-sr and
+    # imagenet_dgl.py, learning_curves/ and ddg_comparison/ build MLP-SR (n_lin=3, mlp_layers=3).
+    trainer = _trainer(create_rule("dgl"), synthetic)
+    auxes = [type(h).__name__ for p in trainer.parts[:-1] for h in p.objective.heads.values()]
+    assert auxes == ["MlpSr"] * (len(trainer.parts) - 1)

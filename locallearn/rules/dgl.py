@@ -12,9 +12,10 @@ from .local import LocalConfig, LocalRule
 @dataclass
 class DGLConfig(LocalConfig):
     """Options of ``dgl`` (and the shared ones of :class:`~.local.LocalConfig`); docs/rules.md
-    describes each. ``aux`` is the auxiliary network, by default the paper's CNN aux."""
+    describes each. ``aux`` is the auxiliary network, by default MLP-SR, the one every
+    DGL training script of the reference code (eugenium/DGL) builds."""
 
-    aux: str = "cnn"
+    aux: str = "mlp_sr"
     loss: str = "ce"
     lr_scales: tuple[float, ...] = ()
 
@@ -34,7 +35,7 @@ class DGLConfig(LocalConfig):
 class DGL(LocalRule):
     """Decoupled greedy learning (Belilovsky, Eickenberg & Oyallon, ICML 2020).
 
-    Each block is a part with an auxiliary network (the paper's CNN auxiliary) and an
+    Each block is a part with an auxiliary network (the paper's MLP-SR auxiliary) and an
     optimizer of its own, updating on every batch on its detached input; the last block
     trains with the model's head. docs/rules.md#dgl compares it with eugenium/DGL.
     """

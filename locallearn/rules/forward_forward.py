@@ -38,7 +38,8 @@ class NormalizedPart(LocalPart):
 
     The next layer so cannot read the previous one's goodness (the length).
     ``ff_mlp``'s layers normalise already, the same way (unit root-mean-square
-    entries), which this repeats harmlessly; other MLP backbones need it.
+    entries, as Löwe's reimplementation loeweX/Forward-Forward does), which this
+    repeats harmlessly; other MLP backbones need it.
     """
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,9 @@ class ForwardForwardConfig:
     ``embed_scale``: the images are normalised to unit variance per channel (values
     within about +-2.5), so the default 5 makes the label's code stand out from the
     pixels around it, as a one-hot of 1 does on MNIST's mostly black corner.
+    ``goodness="mean"`` with ``theta=2`` is what the seed's code (keitaroskmt/E2E-info)
+    and Pezeshki's unofficial implementation (mohammadpz/pytorch_forward_forward) use;
+    the paper writes the sum (``goodness="sum"``).
     """
 
     theta: float = 2.0
