@@ -115,7 +115,7 @@ def test_dgl_refuses_conv_aux_on_token_outputs_and_bad_lr_scales(synthetic):
                             num_classes=10)
     stack = split(vit, input_size=(3, 16, 16))
     cfg = TrainConfig(progress=False, batch_size=32)
-    with pytest.raises(ConfigError, match="use --rule-opt aux=linear"):
+    with pytest.raises(ConfigError, match=r"use --rule-opt aux=\S*.*\blinear\b"):
         Trainer(stack, create_rule("dgl"), synthetic, cfg)
     Trainer(stack, create_rule("dgl", aux="linear"), synthetic, cfg)
     with pytest.raises(ConfigError, match="one value per part"):
