@@ -81,7 +81,7 @@ def test_gpu_short_has_every_rule_at_k4_and_the_seed_papers_pair():
     runs, _ = preset.runs(locallearn.list_rules())
     assert set(locallearn.list_rules()) <= {r.rule for r in runs}
     assert {r.run_id for r in runs if r.args.get("blocks") == 4} == {
-        f"{rule}-K4" for rule in ("layerwise", "sequential", "dgl", "infopro")}
+        f"{rule}-K4" for rule in ("layerwise", "sequential", "dgl", "infopro", "auglocal")}
     assert preset.seeds == (0, 1)
     paper = {k: v for k, v in load_preset("paper-resnet18").args.items() if k not in (
         "epochs", "batch-size", "probe-size", "plane-every")}

@@ -33,6 +33,7 @@ def results(record):
         return x
     out = clean(record)
     del out["config"]["output"], out["config"]["checkpoint_dir"], out["config"]["resume"]
+    del out["argv"]  # names the output folders
     return out
 
 
