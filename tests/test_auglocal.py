@@ -7,6 +7,8 @@ README's commands (``--pyramid --pyramid_coeff 0.5``; ``train.py`` sets
 ``local_module_num = K - aux_net_depth``).
 """
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from locallearn import create_rule, split
+from locallearn import create_rule, load_dataset, split
+from locallearn.checkpoint import load, save
 from locallearn.errors import ConfigError
 from locallearn.heads import Later, _spaced, build_head
 from locallearn.rules.base import later_blocks
+from locallearn.trainer import TrainConfig, Trainer
 
 REF = "98c90d61455cc00d5d8f31f485bfbaa0ece073a0"
 FIXTURE = Path(__file__).parent / "fixtures" / "auglocal_r32_K16_d1_after_stem.pt"
@@ -172,3 +176,33 @@ def test_a_block_that_cannot_take_the_running_shape_is_refused_in_one_line():
 def test_bad_options_are_refused():
     with pytest.raises(ConfigError, match="aux_depth >= 1 and 0 <= pyramid <= 1"):
         create_rule("auglocal", pyramid=2.0)
+
+
+def test_resumed_after_epoch_1_gives_the_uninterrupted_network(tmp_path):
+    """The aux heads' fresh blocks (weights, batch norm statistics, momentum) are saved and
+    restored with the parts: resumed after epoch 1 of 2, every tensor equals the whole run's."""
+    full = load_dataset("synthetic")
+    data = dataclasses.replace(full, train_images=full.train_images[:64],
+                               train_labels=full.train_labels[:64])
+    torch.manual_seed(0)
+    stack = split(timm.create_model("resnet32_cifar", num_classes=10), "stage", 3,
+                  input_size=data.image_size)
+
+    def make():
+        torch.manual_seed(0)
+        config = TrainConfig(progress=False, batch_size=32, epochs=2, lr=0.05,
+                             schedule="cosine")
+        return Trainer(copy.deepcopy(stack), create_rule("auglocal"), data, config)
+
+    whole = make()
+    assert len(whole.parts[0].objective.heads["aux"].blocks) == 2
+    whole.history.append(whole._train_epoch(0))
+    path = save(whole, tmp_path, 1, {}, 1, "run")
+    whole._train_epoch(1)
+    resumed = make()
+    assert load(resumed, path, {}, "run") == 1
+    resumed._train_epoch(1)
+    for a, b in zip(whole.parts, resumed.parts, strict=True):
+        assert a.state_dict().keys() == b.state_dict().keys()
+        for name, x in a.state_dict().items():
+            assert torch.equal(x, b.state_dict()[name]), name
