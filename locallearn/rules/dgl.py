@@ -12,11 +12,13 @@ from .local import LocalConfig, LocalRule
 @dataclass
 class DGLConfig(LocalConfig):
     """Options of ``dgl`` (and the shared ones of :class:`~.local.LocalConfig`); docs/rules.md
-    describes each. ``aux`` is the auxiliary network, by default the paper's CNN aux."""
+    describes each. ``aux`` is the auxiliary network, by default the paper's CNN aux; ``man``
+    > 0 feeds it through MAN's momentum block (:class:`~.local.Momentum`)."""
 
     aux: str = "cnn"
     loss: str = "ce"
     lr_scales: tuple[float, ...] = ()
+    man: float = 0.0
 
     def __post_init__(self):
         if any(s <= 0 for s in self.lr_scales):
