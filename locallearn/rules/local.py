@@ -165,7 +165,7 @@ class LocalRule(Rule):
             name = stack.names[k]
             where = f"rule {self.name!r}, block {name!r}"
             if k < local:
-                front = momentum_front(stack, k, h, man, where) if man else None
+                front = momentum_front(stack, k, h, man, where) if man and k + 1 < n else None
                 shape = h.shape if front is None else front.shape
                 objective = self.objective(k, local, shape, num_classes, example, where, front)
             else:
