@@ -219,18 +219,18 @@ class ReducedLinear(nn.Module):
 
 
 class ConvPoolLinear(nn.Module):
-    """A 3x3 conv-BN-ReLU layer, global average pooling, a linear layer (or an MLP).
+    """``depth`` 3x3 conv-BN-ReLU layers, global average pooling, a linear layer (or an MLP).
 
-    The shape of two heads of the literature: the layer-wise ``conv`` head and InfoPro's
-    ``1c2f`` net (strided below 64 channels, an MLP). ``hidden`` 0 has no hidden layer,
-    ``width`` 0 keeps ``channels``; ``stride`` is the conv's.
+    The shape of three heads of the literature: the layer-wise ``conv`` head and InfoPro's
+    ``1c2f`` and ``2c2f`` nets (strided below 64 channels, an MLP). ``hidden`` 0 has no
+    hidden layer, ``width`` 0 keeps ``channels``; ``stride`` is the first conv's.
     """
 
     def __init__(self, channels: int, out: int, hidden: int = 0, width: int = 0,
-                 stride: int = 1):
+                 stride: int = 1, depth: int = 1):
         super().__init__()
         width = width or channels
-        self.convs = nn.Sequential(*conv_bn_relu(channels, width, 3, 1, stride))
+        self.convs = nn.Sequential(*conv_bn_relu(channels, width, 3, depth, stride))
         self.fc = PoolLinear(width, out, hidden)  # it pools globally
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -247,15 +247,18 @@ def conv(shape, out, hidden: int = 0):
                paper="Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning",
                summary="InfoPro's 1c2f auxiliary net: 3x3 conv-BN-ReLU (below 64 channels: to "
                        "twice the channels, stride 2; else the same channels, stride 1), global "
-                       "average pool, FC-ReLU (hidden, 128), FC")
-def infopro(shape, out, hidden: int = 0):
+                       "average pool, FC-ReLU (hidden, 128), FC; depth=2: the 2c2f net")
+def infopro(shape, out, hidden: int = 0, depth: int = 0):
     """The ``1c2f`` net of InfoPro's ``AuxClassifier`` (blackfeather-wang/InfoPro-Pytorch,
     ``networks/auxiliary_nets.py``), which that code defines for 16, 32 and 64 channels:
     16 -> 32 and 32 -> 64 with stride 2, 64 -> 64 with stride 1; other widths follow
-    the same rule (below 64: doubled, stride 2). Convs start He-normal, as there."""
+    the same rule (below 64: doubled, stride 2). Convs start He-normal, as there.
+    ``depth`` 2 is that code's ``2c2f`` (a second conv-BN-ReLU at the new width), the
+    net MAN's command uses (JunhaoSu0/MAN)."""
     wide = shape[1] < 64
     return he_normal(ConvPoolLinear(shape[1], out, width=2 * shape[1] if wide else shape[1],
-                                    stride=2 if wide else 1, hidden=hidden or 128))
+                                    stride=2 if wide else 1, hidden=hidden or 128,
+                                    depth=depth or 1))
 
 
 def conv_bn_relu(channels: int, width: int, kernel: int, depth: int,

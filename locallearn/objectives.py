@@ -50,11 +50,15 @@ class Objective(nn.Module):
         terms: the weighted loss terms, in the order they are summed.
         recompute: rebuild each head's graph in backward instead of keeping it
             (only where nothing else needs its output).
+        front: a module every head reads through (MAN's momentum block,
+            :class:`~locallearn.rules.local.Momentum`); terms without a head score ``h``.
     """
 
-    def __init__(self, heads: dict[str, nn.Module], terms: list[Term], recompute: bool = False):
+    def __init__(self, heads: dict[str, nn.Module], terms: list[Term], recompute: bool = False,
+                 front: nn.Module | None = None):
         super().__init__()
         self.heads = nn.ModuleDict(heads)
+        self.front = front
         self.terms = list(terms)
         for term in self.terms:
             for slot in (term.head, term.similarity):
@@ -68,20 +72,21 @@ class Objective(nn.Module):
     def forward(self, h: torch.Tensor, step: Step, part_input: torch.Tensor) -> Scored:
         value, logits, metrics = None, None, {}
         outputs: dict[str, torch.Tensor] = {}
+        z = h if self.front is None else self.front(h)  # what the heads read
         for term, fn, meta in zip(self.terms, self.fns, self.metas, strict=True):
             if meta["train_only"] and not step.train:
                 continue
-            sim = None if term.similarity is None else self._output(term.similarity, h, outputs)
+            sim = None if term.similarity is None else self._output(term.similarity, z, outputs)
             if term.head is None:
                 scored = fn(LossInput(None, h, part_input, step, sim))
             elif self.recompute and step.train and sim is None:
                 head = self.heads[term.head]
                 scored = recomputed(
-                    lambda z, head=head, fn=fn: fn(LossInput(head(z), z, part_input, step)),
-                    head, h)
+                    lambda a, head=head, fn=fn: fn(LossInput(head(a), a, part_input, step)),
+                    head, z)
             else:
-                out = self._output(term.head, h, outputs)
-                scored = fn(LossInput(out, h, part_input, step, sim))
+                out = self._output(term.head, z, outputs)
+                scored = fn(LossInput(out, z, part_input, step, sim))
                 if meta["logits"] and logits is None:
                     logits = out[: len(step.labels)]
             if isinstance(scored, Scored):
@@ -91,6 +96,11 @@ class Objective(nn.Module):
             v = scored if term.weight == 1 else term.weight * scored
             value = v if value is None else value + v
         return Scored(zero_loss(h) if value is None else value, logits, metrics)
+
+    def after_backward(self) -> None:
+        """Called by the loop once the part's backward ran: the front's update (MAN's EMA)."""
+        if self.front is not None:
+            self.front.after_backward()
 
     def _output(self, slot: str, h: torch.Tensor, outputs: dict[str, torch.Tensor]):
         """A head's output on ``h``, computed once per step however many terms read it."""

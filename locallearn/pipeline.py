@@ -58,6 +58,11 @@ def check_rule(rule: Rule, epochs: int, stages: int, num_parts: int | None = Non
     if stages < 2:
         raise ConfigError("--parallel parts runs one stage per process: start run.py with "
                           "torchrun --nproc_per_node P (P >= 2); this is 1 process")
+    if getattr(rule.config, "man", 0):
+        raise ConfigError(f"rule {rule.name!r} with man: each part's auxiliary net averages "
+                          "the weights of the next part, which the next stage holds at every "
+                          "stage boundary (docs/parallel.md); drop --rule-opt man or "
+                          "--parallel parts")
     # Before the split, the schedule is asked about a nominal part count; a schedule
     # that refuses that count is asked again with the real one.
     n = num_parts if num_parts is not None else max(3, stages)

@@ -370,6 +370,7 @@ class Trainer:
                 if optimizer is not None and loss.requires_grad and scaler is None:
                     self.accelerator.backward(loss)
                     self.executor.reduce_grads(i)  # (DDP reduces them inside backward)
+                    self.parts[i].after_backward()  # MAN's EMA update: here, as its reference
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     self.schedulers[i].step()
@@ -378,6 +379,8 @@ class Trainer:
                     bare = getattr(optimizer, "optimizer", optimizer)  # the bare one
                     scaled_step(loss, scaler, bare, self.schedulers[i],
                                 lambda i=i: self.executor.reduce_grads(i))
+                    # (after part i's step, which changes neither its EMA nor part i + 1)
+                    self.parts[i].after_backward()
                 losses[i] = loss.detach()
         self.executor.pass_on(h, step)
         return losses, logits, metrics

@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dgl-cnn": ("dgl", {"aux": "cnn"}),
     "dgl-mlp_sr": ("dgl", {"aux": "mlp_sr"}),
     "dgl-linear": ("dgl", {"aux": "linear"}),
+    "dgl-man": ("dgl", {"man": 0.995}),
+    "infopro-man": ("infopro", {"man": 0.995, "aux_loss": "ce"}),
     "infopro-ce": ("infopro", {"aux_loss": "ce"}),
     "infopro-contrast": ("infopro", {"aux_loss": "contrast"}),
     "infopro-kept-heads": ("infopro", {"recompute_heads": False}),

@@ -105,6 +105,13 @@ class LocalPart(nn.Module):
         h = self.run_blocks(x)
         return h, self.objective(h, step, x)
 
+    def after_backward(self) -> None:
+        """What the objective does between the part's backward and its optimizer step
+        (MAN's EMA update, :class:`~locallearn.rules.local.Momentum`); nothing by default."""
+        update = getattr(self.objective, "after_backward", None)
+        if update is not None:
+            update()
+
 
 @dataclass
 class NoOptions:

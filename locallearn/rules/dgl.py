@@ -13,11 +13,13 @@ from .local import LocalConfig, LocalRule
 class DGLConfig(LocalConfig):
     """Options of ``dgl`` (and the shared ones of :class:`~.local.LocalConfig`); docs/rules.md
     describes each. ``aux`` is the auxiliary network, by default MLP-SR, the one every
-    DGL training script of the reference code (eugenium/DGL) builds."""
+    DGL training script of the reference code (eugenium/DGL) builds; ``man`` > 0 feeds it
+    through MAN's momentum block (:class:`~.local.Momentum`)."""
 
     aux: str = "mlp_sr"
     loss: str = "ce"
     lr_scales: tuple[float, ...] = ()
+    man: float = 0.0
 
     def __post_init__(self):
         if any(s <= 0 for s in self.lr_scales):

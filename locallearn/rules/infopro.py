@@ -16,7 +16,8 @@ class InfoProConfig(LocalConfig):
     part (K = 2), else (5, 0): the reference's ResNet-110 commands for K = 2 and K = 8.
     ``recompute_heads`` runs the decoder and the auxiliary head again in backward, one at a
     time (:func:`~locallearn.recompute.recomputed`), so a part's peak holds its blocks plus
-    the larger head, not both; same gradients, each head runs twice per step.
+    the larger head, not both; same gradients, each head runs twice per step. ``man`` > 0
+    feeds both heads through MAN's momentum block (:class:`~.local.Momentum`).
     """
 
     head: str = "infopro"
@@ -26,6 +27,7 @@ class InfoProConfig(LocalConfig):
     temperature: float = 0.07
     decoder_width: int = 12
     recompute_heads: bool = True
+    man: float = 0.0
 
     def __post_init__(self):
         for key in ("lambda_first", "lambda_last"):

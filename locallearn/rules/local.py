@@ -9,14 +9,16 @@ with any of these rules (docs/architecture.md, "Composition")::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
 from ..config import call_options, config_dict
 from ..errors import ConfigError
-from ..heads import HEADS, Later, build_head, reads_later, zero_last_linear
+from ..heads import HEADS, Later, build_head, he_normal, reads_later, zero_last_linear
 from ..losses import LOSSES
 from ..objectives import Objective, Term, classifier
 from .base import LocalPart, Rule, block_outputs, later_blocks
@@ -71,6 +73,10 @@ class LocalRule(Rule):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"option {key!r} of {rule} must be >= 0; "
                                   f"got {getattr(cfg, key)}")
+        man = getattr(cfg, "man", 0.0)
+        if not 0 <= man <= 1:
+            raise ConfigError(f"option 'man' of {rule} is MAN's EMA momentum, in (0, 1] "
+                              f"(0: no MAN); got {man}")
         if not 0 <= cfg.beta <= 1 or cfg.temperature <= 0 or cfg.proj_dim < 1:
             raise ConfigError(f"options of {rule} need 0 <= beta <= 1, temperature > 0 and "
                               f"proj_dim >= 1; got {cfg.beta}, {cfg.temperature}, {cfg.proj_dim}")
@@ -111,9 +117,11 @@ class LocalRule(Rule):
                 "features": cfg.aux_features}
 
     def objective(self, k: int, local_parts: int, shape: torch.Size, num_classes: int,
-                  example: torch.Tensor, where: str, later: list[Later] = ()) -> Objective:
-        """Part ``k``'s objective on block outputs of ``shape``; ``later``: the fine blocks
-        after the part, for heads that are built from them.
+                  example: torch.Tensor, where: str, later: list[Later] = (),
+                  front: nn.Module | None = None) -> Objective:
+        """Part ``k``'s objective on block outputs of ``shape``: what its heads read (the
+        output of ``front``, if any, on the block output); ``later``: the fine blocks after
+        the part, for heads that are built from them.
 
         Heads are built in a fixed order (decoder, auxiliary head, similarity
         branch), so a seed gives the same initial weights.
@@ -142,7 +150,7 @@ class LocalRule(Rule):
                 terms.append(Term("nhsic", cfg.nhsic_lambda, "aux",
                                   options={"target": cfg.nhsic_target,
                                            "distance": cfg.nhsic_distance}))
-        return Objective(heads, terms, self.recompute(heads))
+        return Objective(heads, terms, self.recompute(heads), front)
 
     def part_scales(self, num_parts: int) -> list[float]:
         """Learning-rate multiplier of each part; 1 by default."""
@@ -154,15 +162,97 @@ class LocalRule(Rule):
         local = n if self.model_head == "own" else n - 1
         scales = self.part_scales(n)
         later = later_blocks(stack, example) if reads_later(self.head) else [()] * n
+        man = getattr(self.config, "man", 0.0)
+        if man and local < 1:
+            raise ConfigError(f"rule {self.name!r}: man averages the next part's first block "
+                              "into each part's auxiliary net, and this stack has a single "
+                              "part; use --blocks K with K >= 2 or --split-after NAME,...")
         parts = []
         for k, (block, h) in enumerate(zip(stack.blocks, outputs, strict=True)):
             name = stack.names[k]
+            where = f"rule {self.name!r}, block {name!r}"
             if k < local:
-                objective = self.objective(k, local, h.shape, num_classes, example,
-                                           f"rule {self.name!r}, block {name!r}", later[k])
+                front = momentum_front(stack, k, h, man, where) if man and k + 1 < n else None
+                shape = h.shape if front is None else front.shape
+                objective = self.objective(k, local, shape, num_classes, example, where,
+                                           later[k], front)
             else:
                 objective = classifier(stack.head)
             parts.append(LocalPart(name, [block], [k], objective, scales[k]))
         if self.model_head == "own":
             parts.append(LocalPart("head", [], [], classifier(stack.head)))
         return parts
+
+
+def momentum_front(stack: nn.Module, k: int, h: torch.Tensor, momentum: float,
+                   where: str) -> Momentum:
+    """MAN's front for part ``k``, from the first block of part ``k + 1``.
+
+    That block is ``stack.blocks[k + 1]`` itself, or its first member where the part
+    groups several blocks (``--blocks K``, ``--split-after``, a stage). Refused where it
+    has no parameters to average, or does not run on the output ``h`` of part ``k``.
+    """
+    nxt = stack.blocks[k + 1]
+    first = nxt[0] if isinstance(nxt, nn.Sequential) and len(nxt) else nxt
+    if not any(True for _ in first.parameters()):
+        raise ConfigError(f"{where}: man needs the next part's first block to have "
+                          f"weights to average; {type(first).__name__} has none")
+    front = Momentum(first, momentum)
+    try:
+        with torch.no_grad():
+            front.eval()
+            front.shape = front(h).shape
+            front.train()
+    except Exception as e:  # noqa: BLE001 (any failure means this block cannot seed a head)
+        raise ConfigError(f"{where}: man cannot seed the auxiliary net with the next part's "
+                          f"first block ({type(e).__name__}: {e})") from None
+    return front
+
+
+class Momentum(nn.Module):
+    """MAN's front of an auxiliary net: ``learned(h) + ema(h)``, both shaped like ``source``.
+
+    Su et al., "Momentum Auxiliary Network for Supervised Local Learning" (ECCV
+    2024); as their code (JunhaoSu0/MAN, ``resnetInfoPro_MAN.py``): part k's heads
+    read the sum of a trainable block (the paper's "learnable bias", ``LB``) and an
+    exponential moving average of ``source``, the first block of part k + 1 (``EMA_Net``).
+    Both are fresh copies of ``source``'s architecture (convs He-normal, norms reset),
+    not of its weights. The average's weights are buffers: the optimizer never sees
+    them, checkpoints carry them. :meth:`after_backward` moves them towards ``source``'s
+    parameters (not its buffers; the average's norm statistics follow its own forward).
+    """
+
+    def __init__(self, source: nn.Module, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.learned = fresh_copy(source)
+        self.ema = fresh_copy(source)
+        for module in self.ema.modules():  # the average's weights: buffers, not parameters
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    del module._parameters[name]
+                    module.register_buffer(name, p.detach())
+        self._source = [source]  # a list: not a submodule (part k + 1 owns and trains it)
+        self.shape: torch.Size | None = None  # the output shape the heads are built for
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.learned(h) + self.ema(h)
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """``ema = ema * m + source * (1 - m)`` for each parameter of the source, written as
+        the reference writes it; called after part k's backward, before any optimizer step
+        of part k + 1 in this batch, so it reads the weights of the previous step."""
+        m, ema = self.momentum, dict(self.ema.named_buffers())
+        for name, p in self._source[0].named_parameters():
+            ema[name].copy_(ema[name] * m + p * (1 - m))
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with new weights: every submodule that can reset itself does,
+    then convs are drawn He-normal (fan-out), as MAN's code initialises its blocks."""
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return he_normal(module)
