@@ -30,7 +30,9 @@ class DGLConfig(LocalConfig):
 @register_rule(
     "dgl",
     paper=(
-        "Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs (ICML)"
+        "Belilovsky, Eickenberg & Oyallon 2020, Decoupled Greedy Learning of CNNs (ICML); "
+        "option man: Su et al. 2024, Momentum Auxiliary Network for Supervised Local "
+        "Learning (ECCV)"
     ),
     summary="every part updates each batch on its own auxiliary network and optimizer",
 )

@@ -46,7 +46,8 @@ class InfoProConfig(LocalConfig):
     "infopro",
     paper=(
         "Wang, Ni, Song, Yang & Huang 2021, Revisiting Locally Supervised Learning: an "
-        "Alternative to End-to-End Training (ICLR)"
+        "Alternative to End-to-End Training (ICLR); option man: Su et al. 2024, Momentum "
+        "Auxiliary Network for Supervised Local Learning (ECCV)"
     ),
     summary="K parts; each local part keeps input (reconstruction) and label information",
 )
