@@ -20,7 +20,8 @@ from locallearn import cli
 from locallearn.errors import ConfigError
 from locallearn.presets import list_presets, load_preset
 
-PRESETS = ["cpu-smoke", "gpu-short", "infopro-k", "paper-resnet18", "paper-vgg11"]
+PRESETS = ["augmented-k", "cpu-smoke", "gpu-short", "infopro-k", "local-cpu", "paper-resnet18",
+           "paper-vgg11"]
 # One step of 32 images (the presets' models are for 32x32 images: VGG-11 pools 5 times).
 ONE_STEP = ["--epochs", "1", "--train-subset", "32", "--test-subset", "20", "--batch-size", "32",
             "--no-plane", "--no-progress"]
@@ -95,6 +96,58 @@ def test_gpu_short_has_every_rule_at_k4_and_the_seed_papers_pair():
         assert args.model_opt == seed.model_opt and args.rule_opt[-1:] == seed.rule_opt[-1:]
 
 
+def parts(preset, run):
+    """(run id, model, number of parts) of one run of a preset, as run.py parses it."""
+    args = cli.parse_args(preset.argv(run))
+    return run.run_id, args.model, len(args.split_after or ()) + 1
+
+
+def test_augmented_k_has_the_references_commands():
+    preset = load_preset("augmented-k")
+    runs, _ = preset.runs(locallearn.list_rules())
+    # AugLocal's run.sh and README: K = 16 (ResNet-32) and 55 (ResNet-110); auglocal makes K - d
+    # parts (d = 2, 3), MAN's config.py merges the stem into the first part (15 parts).
+    assert {parts(preset, r) for r in runs} == {
+        ("e2e-r32", "resnet32_cifar", 1), ("dgl-r32-K16", "resnet32_cifar", 16),
+        ("infopro-r32-K16", "resnet32_cifar", 16), ("auglocal-r32-K16", "resnet32_cifar", 14),
+        ("dgl-man-r32-K16", "resnet32_cifar", 15), ("infopro-man-r32-K16", "resnet32_cifar", 15),
+        ("e2e-r110", "resnet110_cifar", 1), ("dgl-r110-K55", "resnet110_cifar", 55),
+        ("infopro-r110-K55", "resnet110_cifar", 55),
+        ("auglocal-r110-K55", "resnet110_cifar", 52)}
+    for run in runs:
+        args = cli.parse_args(preset.argv(run))
+        assert (args.epochs, args.batch_size, args.lr, args.nesterov) == (400, 1024, 0.8, True)
+        assert ("man=0.995" in args.rule_opt) == ("man" in run.tag)
+
+
+def test_local_cpu_compares_the_six_rows_at_k8_with_three_seeds():
+    preset = load_preset("local-cpu")
+    runs, _ = preset.runs(locallearn.list_rules())
+    assert preset.seeds == (0, 1, 2)
+    # e2e is cut at the same 8 points: its plane is measured where the others' are.
+    assert {parts(preset, r) for r in runs} == {
+        (rule, "resnet32_cifar", 8)
+        for rule in ("e2e", "dgl", "dgl-man", "infopro", "infopro-man", "auglocal")}
+    for run in runs:
+        args = cli.parse_args(preset.argv(run))
+        assert not args.no_plane and args.probe_size > 0  # the plane is measured
+        assert ("man=0.995" in args.rule_opt) == (run.tag == "man")
+
+
+CHECKED = [(name, run) for name in ("augmented-k", "local-cpu")
+           for run in load_preset(name).runs(locallearn.list_rules())[0]]
+
+
+@pytest.mark.parametrize("name, run", CHECKED, ids=[f"{n}:{r.run_id}" for n, r in CHECKED])
+def test_every_row_of_the_issue_30_presets_passes_check(name, run, capsys, fresh_accelerate):
+    """Every row builds its model, split and heads and steps a probe batch (synthetic data,
+    a small batch: --check tries the setup, not the budget)."""
+    argv = load_preset(name).argv(run) + ["--dataset", "synthetic", "--train-subset", "64",
+                                          "--test-subset", "32", "--batch-size", "8", "--check"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("arguments ok")
+
+
 def first_runs():
     cases = []
     for name in PRESETS:
@@ -156,8 +209,8 @@ def test_an_unknown_preset_is_one_line_naming_the_choices(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown preset 'cpu-smok'; did you mean cpu-smoke" in err
     assert cli.main(["--preset", "nothing-like-it"]) == 2
-    assert "choices: cpu-smoke, gpu-short, infopro-k, paper-resnet18, paper-vgg11" in \
-        capsys.readouterr().err
+    assert ("choices: augmented-k, cpu-smoke, gpu-short, infopro-k, local-cpu, paper-resnet18, "
+            "paper-vgg11") in capsys.readouterr().err
 
 
 BAD_FILES = [
