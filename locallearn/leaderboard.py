@@ -539,11 +539,7 @@ def same_config(argv: list[str], record: dict[str, Any]) -> bool:
     """Whether ``run.py argv`` records the config ``record`` has; a value the run resolves
     from the data (augmentation, normalisation) counts as the same where ``argv`` leaves it
     to the run."""
-    from .errors import LocallearnError
-
-    try:
-        mine = run_config(argv)
-    except LocallearnError:
+    if (mine := _given(argv)) is None:
         return False
     want = _recorded_config(record)
     return all(mine[k] == want[k] for k in want if not (k in _RESOLVED and mine[k] is None))
