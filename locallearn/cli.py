@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .data import load_dataset
     from .outputs import claim
     from .pipeline import PipelineExecutor
+    from .rules.base import Rule
     from .trainer import Trainer
 
     # Without a GPU, CPU mode: under torchrun that is Accelerate's multi-CPU (gloo) mode.
@@ -157,6 +158,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_rng_state(checked.built.rng)
     stack = checked.built.stack
     observers = (checked.plane,) if checked.plane is not None else ()
+    if type(checked.rule).gradient_probe is not Rule.gradient_probe:  # fa, dfa, ...
+        from .analysis.gradients import GradientProbe
+
+        observers += (GradientProbe(),)
     executor = None  # serial
     if args.parallel == "parts":
         cut = None  # a resumed run cuts its stages as the run it continues did

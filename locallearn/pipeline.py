@@ -58,6 +58,9 @@ def check_rule(rule: Rule, epochs: int, stages: int, num_parts: int | None = Non
     if stages < 2:
         raise ConfigError("--parallel parts runs one stage per process: start run.py with "
                           "torchrun --nproc_per_node P (P >= 2); this is 1 process")
+    if rule.not_pipelined:
+        raise ConfigError(f"rule {rule.name!r} cannot run under --parallel parts: "
+                          f"{rule.not_pipelined} (docs/parallel.md)")
     if getattr(rule.config, "man", 0):
         raise ConfigError(f"rule {rule.name!r} with man: each part's auxiliary net averages "
                           "the weights of the next part, which the next stage holds at every "

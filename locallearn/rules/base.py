@@ -141,6 +141,9 @@ class Rule:
     #: and updates its running statistics, dropout is active), still without
     #: autograd or optimizer state; False: in eval mode.
     frozen_train_mode: bool = False
+    #: Why the rule cannot run under ``--parallel parts`` (the one-line refusal there,
+    #: docs/parallel.md); empty: it can, where its schedule allows.
+    not_pipelined: ClassVar[str] = ""
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -194,6 +197,20 @@ class Rule:
     def describe(self) -> dict[str, Any]:
         """The resolved options, for the run record."""
         return config_dict(self.config)
+
+    def gradient_probe(self, parts: Sequence[LocalPart], x: torch.Tensor, step: Step,
+                       generator: torch.Generator) -> dict[str, dict[str, float]] | None:
+        """How this rule's update compares with backprop's on one probe batch: metric ->
+        name (a layer or a part) -> value, e.g. ``{"angle": {"fc1": 41.3}}``; None (the
+        default): nothing to measure.
+
+        A rule that overrides it gets a :class:`~locallearn.analysis.gradients.GradientProbe`
+        calling it after every epoch into the record's history. It is called with the
+        parts in training mode and must not change training: gradients by
+        ``torch.autograd.grad`` (never ``.grad``), randomness from ``generator``; the
+        probe restores the parts' buffers (BatchNorm statistics) and the random state.
+        """
+        return None
 
 
 def block_outputs(stack: nn.Module, example: torch.Tensor) -> list[torch.Tensor]:
