@@ -327,3 +327,33 @@ def test_a_run_without_progress_bars_prints_its_epochs(run_main, tmp_path):
     for epoch in (1, 2):
         assert f"epoch {epoch}/2 [" in done.stdout
         assert f"information plane, epoch {epoch}: 2 blocks measured in" in done.stdout
+
+
+def test_the_gradients_kind_draws_the_probe_over_epochs(tmp_path, capsys):
+    history = [{"epoch": e, "gradient_probe": {"angle": {"fc1": 80.0 - 10 * e, "fc2": 60.0},
+                                               "cosine": {"fc1": 0.1 * e, "fc2": 0.5}}}
+               for e in (1, 2, 3)]
+    paths = []
+    for rule in ("fa", "dfa"):
+        paths.append(tmp_path / f"{rule}.json")
+        paths[-1].write_text(json.dumps({"version": RECORD_VERSION, "status": "complete",
+                                         "rule": rule, "model": "ff_mlp", "history": history}))
+    out = tmp_path / "g.png"
+    assert plots.main([*map(str, paths), "-o", str(out), "--kind", "gradients"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = plots.gradients_figure([read_record(p) for p in paths])
+    drawn = [ax for ax in fig.axes if ax.lines]
+    assert len(drawn) == 4  # 2 runs x 2 metrics
+    assert list(drawn[0].lines[0].get_ydata()) == [70.0, 60.0, 50.0]
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"version": RECORD_VERSION, "status": "complete", "rule": "e2e",
+                                "model": "ff_mlp", "history": [{"epoch": 1}]}))
+    assert plots.main([str(bare), "-o", str(out), "--kind", "gradients"]) == 2
+    assert "has no gradient probe" in capsys.readouterr().err
+
+
+def test_runs_of_one_rule_are_told_apart_by_their_options():
+    runs = [{"rule": "dgl", "config": {"rule_options": {"aux": "mlp_sr"}}},
+            {"rule": "dgl", "config": {"rule_options": {"aux": "mlp_sr", "man": 0.995}}},
+            {"rule": "e2e", "config": {"rule_options": {}}}]
+    assert plots._labels(runs) == ["dgl", "dgl man=0.995", "e2e"]

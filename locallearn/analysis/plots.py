@@ -36,7 +36,11 @@ from ..settings import Parser
 
 __all__ = ["FORMS", "KINDS", "draw", "main", "save_figure", "with_adjusted"]
 
-KINDS = ("plane", "compare", "depth")
+KINDS = ("plane", "compare", "depth", "gradients")
+#: Gradient-probe metric -> its axis label (``history[*]["gradient_probe"]``).
+PROBED = {"angle": "angle to the backprop gradient (degrees)",
+          "cosine": "cosine with the backprop gradient",
+          "variance": "relative variance ‖ĝ − g‖² / ‖g‖²"}
 #: form -> (entry key on x, entry key on y, x label, y label)
 FORMS: dict[str, tuple[str, str, str, str]] = {
     "raw": ("nhsic_x", "nhsic_y", "nHSIC(X; Z)", "nHSIC(Y; Z)"),
@@ -119,7 +123,7 @@ def _check_alike(records: Sequence[dict[str, Any]]) -> None:
 
 def _labels(records: Sequence[dict[str, Any]]) -> list[str]:
     """Short run names: the rule, then what tells runs apart (model, seed, file)."""
-    labels = [str(r.get("rule", "?")) for r in records]
+    labels = [str(r.get("rule", "?")) + _differing_options(r, records) for r in records]
     for key in ("model", "dataset"):
         if len({r.get(key) for r in records}) > 1:
             labels = [f"{lab} · {r.get(key)}" for lab, r in zip(labels, records, strict=True)]
@@ -129,6 +133,18 @@ def _labels(records: Sequence[dict[str, Any]]) -> list[str]:
     if len(set(labels)) < len(labels):
         labels = [f"{lab} · {Path(r['file']).stem}" for lab, r in zip(labels, records, strict=True)]
     return labels
+
+
+def _differing_options(record: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
+    """`` man=0.995``: the rule options by which ``record`` differs from another record of
+    its rule (a run with an option against one without: dgl and dgl + MAN)."""
+    def options(r: dict[str, Any]) -> dict[str, Any]:
+        return (r.get("config") or {}).get("rule_options") or {}
+
+    mine = options(record)
+    others = [options(r) for r in records if r.get("rule") == record.get("rule")]
+    keys = sorted({k for o in others for k in {*o, *mine} if o.get(k) != mine.get(k)})
+    return "".join(f" {k}={mine[k]}" for k in keys if k in mine)
 
 
 def _shared(records: Sequence[dict[str, Any]], keys: Sequence[str] = ("model", "dataset")
@@ -267,6 +283,34 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
     return fig
 
 
+def gradients_figure(records: Sequence[dict[str, Any]]) -> Figure:
+    """The gradient probe over epochs: one column per run, one row per metric, one line per
+    layer or part (darker: deeper), e.g. feedback alignment's angle to backprop."""
+    metrics = [m for m in PROBED if any(m in e.get("gradient_probe", {})
+                                        for r in records for e in r["history"])]
+    fig = Figure(figsize=(3.6 * len(records) + 0.8, 2.8 * len(metrics) + 0.6),
+                 layout="constrained")
+    axes = fig.subplots(len(metrics), len(records), sharex=True, sharey="row", squeeze=False)
+    cmap = colormaps[CMAP]
+    for col, (record, label) in enumerate(zip(records, _labels(records), strict=True)):
+        entries = [e for e in record["history"] if "gradient_probe" in e]
+        for row, metric in enumerate(metrics):
+            ax = axes[row, col]
+            names = list(entries[-1]["gradient_probe"].get(metric, {})) if entries else []
+            for k, name in enumerate(names):
+                points = [(e["epoch"], e["gradient_probe"][metric].get(name)) for e in entries]
+                xs, ys = zip(*[(x, y) for x, y in points if y is not None], strict=True)
+                ax.plot(xs, ys, "o-", ms=3, label=name,
+                        color=cmap(0.9 * k / max(len(names) - 1, 1)))
+            ax.set_title(label if row == 0 else "")
+            ax.set_ylabel(PROBED[metric] if col == 0 else "")
+            ax.set_xlabel("epoch")
+            if names and len(names) <= _NAMED_TICKS:
+                ax.legend(loc="best", fontsize=6)
+    fig.suptitle(" · ".join(filter(None, ["gradient probe", _shared(records)])), wrap=True)
+    return fig
+
+
 def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str = "raw"
          ) -> Figure:
     """Build a figure of ``kind`` (default: ``plane`` for one record, else ``compare``)."""
@@ -277,6 +321,13 @@ def draw(records: Sequence[dict[str, Any]], kind: str | None = None, form: str =
         raise unknown_name("kind", kind, KINDS)
     if not records:
         raise ConfigError("no records given")
+    if kind == "gradients":
+        for record in records:
+            if not any("gradient_probe" in e for e in record.get("history", [])):
+                raise DataError(f"{record.get('file', 'record')}: the record has no gradient "
+                                "probe (its rule measures none: fa, dfa, forward_gradient do)")
+        with rc_context(STYLE):
+            return gradients_figure(records)
     for record in records:
         if not record.get("plane"):
             raise DataError(f"{record.get('file', 'record')}: the record has no 'plane' entries "
@@ -312,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("records", nargs="+", metavar="RECORD", help="run record JSON files")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="figure file (.png, .pdf or .svg)")
-    p.add_argument("--kind", help="plane (one run), compare (runs side by side) or depth "
-                                  "(default: plane for one record, compare for several)")
+    p.add_argument("--kind", help="plane (one run), compare (runs side by side), depth, or "
+                                  "gradients (the gradient probe over epochs; default: plane "
+                                  "for one record, compare for several)")
     p.add_argument("--form", default="raw",
                    help="raw nHSIC (default), scaled (nHSIC / sqrt of the self terms), "
                         "adjusted (the scaled form with chance taken out) or cka")
