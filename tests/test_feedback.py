@@ -177,14 +177,17 @@ def test_the_fa_probe_angle_is_zero_at_the_head_and_where_feedback_is_the_weight
     part = rule.parts(stack, 3, torch.zeros(1, 3))[0]
     x = torch.randn(8, 3)
     step = Step(torch.arange(8) % 3, x, True, 1, 3)
-    angles = rule.gradient_probe([part], x, step, torch.Generator())["angle"]
-    assert set(angles) == {"b0.0", "b1.0", "head"}
+    probe = rule.gradient_probe([part], x, step, torch.Generator())
+    angles = probe["angle"]
+    assert set(angles) == set(probe["weight_angle"]) == {"b0.0", "b1.0", "head"}
+    assert all(a > 1 for a in probe["weight_angle"].values())
     assert angles["head"] < 1e-3 and angles["b0.0"] > 1 and angles["b1.0"] > 1
     for m in part.modules():
         if isinstance(m, FALinear):
             m.feedback.copy_(m.weight.detach())
-    angles = rule.gradient_probe([part], x, step, torch.Generator())["angle"]
-    assert all(a < 1e-3 for a in angles.values()), angles
+    probe = rule.gradient_probe([part], x, step, torch.Generator())
+    assert all(a < 1e-3 for a in probe["angle"].values()), probe
+    assert all(a < 1e-3 for a in probe["weight_angle"].values()), probe
     assert all(p.grad is None for p in part.parameters())
 
 

@@ -210,7 +210,9 @@ class FeedbackAlignment(Rule):
 
     def gradient_probe(self, parts, x, step, generator):
         """``{"angle": {layer: degrees}}`` between each FA layer's weight gradient and
-        backprop's on the probe batch (BioTorch's alignment angle, of the update)."""
+        backprop's on the probe batch (the alignment of the update, as the papers plot it),
+        and ``"weight_angle"``: between its feedback ``B`` and its weight ``W`` (the angle
+        BioTorch logs, ``compute_alignment``)."""
         part = parts[0]
         layers = {_layer_name(path, part.block_names): m for path, m in part.named_modules()
                   if isinstance(m, FALinear | FAConv2d)}
@@ -218,7 +220,9 @@ class FeedbackAlignment(Rule):
         fa = _grads(part, x, step, weights)
         with exact_backward():
             bp = _grads(part, x, step, weights)
-        return {"angle": {name: angle([a], [b]) for name, a, b in zip(layers, fa, bp, strict=True)}}
+        return {"angle": {name: angle([a], [b]) for name, a, b in zip(layers, fa, bp, strict=True)},
+                "weight_angle": {name: angle([m.feedback], [m.weight.detach()])
+                                 for name, m in layers.items()}}
 
 
 class DirectFeedbackPart(LocalPart):
