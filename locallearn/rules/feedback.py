@@ -158,13 +158,18 @@ def feedback_layers(stack: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _layer_name(path: str, block_names: list[str]) -> str:
-    """A layer's name in the stack (``layer1.0.conv1``, ``head.fc``) from its path in the
-    part (``blocks.2.conv1``, ``objective.heads.head.fc``)."""
+def _layer_name(path: str, part: LocalPart) -> str:
+    """A layer's name in the model (``layer1.0.conv1``, ``head.fc``) from its path in the
+    part (``blocks.2.conv1``; ``blocks.0.1.conv1`` where ``split`` grouped fine blocks
+    into a Sequential; ``objective.heads.head.fc``)."""
     top, index, rest = (path.split(".", 2) + ["", ""])[:3]
-    if top == "blocks":
-        return ".".join(filter(None, (block_names[int(index)], rest)))
-    return ".".join(filter(None, ("head", path.removeprefix("objective.heads.head")[1:])))
+    if top != "blocks":
+        return ".".join(filter(None, ("head", path.removeprefix("objective.heads.head")[1:])))
+    block, names = part.blocks[int(index)], part.block_names[int(index)].split("+")
+    if isinstance(block, nn.Sequential) and len(block) == len(names) and rest:
+        j, _, rest = rest.partition(".")
+        names = [names[int(j)]]
+    return ".".join(filter(None, ("+".join(names), rest)))
 
 
 def angle(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -214,7 +219,7 @@ class FeedbackAlignment(Rule):
         and ``"weight_angle"``: between its feedback ``B`` and its weight ``W`` (the angle
         BioTorch logs, ``compute_alignment``)."""
         part = parts[0]
-        layers = {_layer_name(path, part.block_names): m for path, m in part.named_modules()
+        layers = {_layer_name(path, part): m for path, m in part.named_modules()
                   if isinstance(m, FALinear | FAConv2d)}
         weights = [m.weight for m in layers.values()]
         fa = _grads(part, x, step, weights)
