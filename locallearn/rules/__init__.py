@@ -1,6 +1,6 @@
 """Training rules. Importing this package registers the built-in rules."""
 
-from . import auglocal, dgl, e2e, forward_forward, infopro, layerwise, sequential  # noqa: F401  (registration at import)
+from . import auglocal, dgl, e2e, forward_forward, forward_gradient, infopro, layerwise, sequential  # noqa: F401  (registration at import)
 from .base import RULES, LocalPart, Rule, create_rule, list_rules, register_rule
 
 __all__ = ["RULES", "LocalPart", "Rule", "create_rule", "list_rules", "register_rule"]
