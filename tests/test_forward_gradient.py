@@ -22,6 +22,7 @@ from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
 from locallearn.objectives import classifier
 from locallearn.pipeline import check_rule
+from locallearn.rules import forward_gradient
 from locallearn.rules.base import LocalPart
 from locallearn.rules.forward_gradient import ForwardGradientPart, estimate_of, flat
 from locallearn.step import Step
@@ -111,6 +112,45 @@ def test_the_activity_estimate_is_the_sum_of_the_blocks_directional_derivatives(
     d = (dz1 * u1).sum() + (dz2 * u2).sum()  # one pass, both blocks perturbed
     torch.testing.assert_close(pairs[0][1], d * u1, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(pairs[1][1], d * u2, rtol=1e-5, atol=1e-7)
+
+
+# Ren et al.'s activity-perturbed estimate on one block (linear + ReLU, no layer norm, one
+# image), from a few-line JAX transcription of their estimator (NOT their code run whole:
+# it needs TF datasets and its flag set): tests/fixtures/forward_gradient_ren_jax.py, after
+# google-research/google-research at commit 35a5be244885197babac12954c71274ff76b27b7,
+# local_forward_gradient/train_mixer_supervised.py, update_forward_grad_activations: noise
+# dz on the pre-activation, g = jvp of the block's local loss (per example / B) w.r.t. the
+# noise, grad_z = g * dz * relu_mask, grad_w = einsum(pre_act, grad_z); the local head by
+# its exact gradient (local_classif_grad). Run with jax 0.10.2 in float64. Every unit here
+# is active (mask 1), where perturbing after the ReLU, as this rule does, gives the same.
+REN_G = 0.46746420797478844
+REN_BLOCK = {"0.weight": [[0.08414355743546192, -0.2103588935886548, 0.1262153361531929],
+                          [-0.12154069407344499, 0.30385173518361247, -0.18231104111016747]],
+             "0.bias": [0.4207177871773096, -0.6077034703672249]}
+REN_HEAD = {"weight": [[0.642145631678757, 0.2505934172404906],
+                       [0.22651589489248808, 0.08839644678731243],
+                       [-0.8686615265712453, -0.33898986402780307]],
+            "bias": [0.522069619251022, 0.1841592641402342, -0.7062288833912563]}
+
+
+def test_the_activity_estimate_matches_ren_et_al(monkeypatch):
+    block, head = nn.Sequential(nn.Linear(3, 2), nn.ReLU()).double(), nn.Linear(2, 3).double()
+    with torch.no_grad():
+        block[0].weight.copy_(torch.tensor([[0.5, -0.2, 0.1], [0.3, 0.4, -0.6]]))
+        block[0].bias.copy_(torch.tensor([1.0, 0.8]))
+        head.weight.copy_(torch.tensor([[0.7, -0.1], [-0.3, 0.5], [0.2, 0.4]]))
+        head.bias.copy_(torch.tensor([0.1, 0.0, -0.1]))
+    part = ForwardGradientPart(LocalPart("one", [block], [0], classifier(head)), "activity", 1)
+    dz = torch.tensor([[0.9, -1.3]], dtype=torch.float64)
+    monkeypatch.setattr(forward_gradient, "randn_like", lambda t, generator: dz)
+    x = torch.tensor([[0.2, -0.5, 0.3]], dtype=torch.float64)
+    _, scored = part(x, Step(torch.tensor([2]), x, True, 1, 3))
+    scored.loss.backward()
+    _, _, pairs = part.estimate(x, Step(torch.tensor([2]), x, True, 1, 3), None, 1)
+    torch.testing.assert_close(pairs[0][1], REN_G * dz)
+    for module, want in ((block, REN_BLOCK), (head, REN_HEAD)):
+        for name, p in module.named_parameters():
+            torch.testing.assert_close(p.grad, torch.tensor(want[name], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("perturb", ["weight", "activity"])
