@@ -285,3 +285,17 @@ def test_pipelining_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="random directions") as e:
         check_rule(create_rule("forward_gradient"), 2, 2, 3)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("perturb", ["weight", "activity"])
+def test_bf16_autocast_gives_a_finite_estimate_in_bf16(perturb):
+    # (tests/test_bf16.py trains the default rule under an Accelerate bf16 run.)
+    part, (x, step) = _part(perturb, directions=2), _batch()
+    dtypes = set()
+    part.blocks[1].register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, scored = part(x, step)
+    scored.loss.backward()
+    assert dtypes == {torch.bfloat16}
+    grads = torch.cat([p.grad.flatten() for p in part.estimated()])
+    assert torch.isfinite(grads).all() and grads.abs().sum() > 0
