@@ -20,8 +20,8 @@ from locallearn import cli
 from locallearn.errors import ConfigError
 from locallearn.presets import list_presets, load_preset
 
-PRESETS = ["augmented-k", "cpu-smoke", "gpu-short", "infopro-k", "local-cpu", "paper-resnet18",
-           "paper-vgg11"]
+PRESETS = ["augmented-k", "cpu-smoke", "gpu-short", "infopro-k", "local-cpu", "nobp-cpu",
+           "paper-resnet18", "paper-vgg11"]
 # One step of 32 images (the presets' models are for 32x32 images: VGG-11 pools 5 times).
 ONE_STEP = ["--epochs", "1", "--train-subset", "32", "--test-subset", "20", "--batch-size", "32",
             "--no-plane", "--no-progress"]
@@ -134,12 +134,26 @@ def test_local_cpu_compares_the_six_rows_at_k8_with_three_seeds():
         assert ("man=0.995" in args.rule_opt) == (run.tag == "man")
 
 
-CHECKED = [(name, run) for name in ("augmented-k", "local-cpu")
+def test_nobp_cpu_compares_the_backprop_free_rules_with_three_seeds():
+    preset = load_preset("nobp-cpu")
+    runs, _ = preset.runs(locallearn.list_rules())
+    assert preset.seeds == (0, 1, 2)
+    assert {r.run_id for r in runs} == {"e2e", "fa", "dfa", "forward_gradient-weight",
+                                        "forward_gradient-activity", "layerwise-linear"}
+    for run in runs:
+        args = cli.parse_args(preset.argv(run))
+        assert args.model == "ff_mlp" and not args.no_plane and args.probe_size > 0
+    options = {r.run_id: cli.parse_args(preset.argv(r)).rule_opt for r in runs}
+    assert set(options["forward_gradient-weight"]) == {"perturb=weight", "local=False"}
+    assert options["forward_gradient-activity"] == ["perturb=activity"]
+
+
+CHECKED = [(name, run) for name in ("augmented-k", "local-cpu", "nobp-cpu")
            for run in load_preset(name).runs(locallearn.list_rules())[0]]
 
 
 @pytest.mark.parametrize("name, run", CHECKED, ids=[f"{n}:{r.run_id}" for n, r in CHECKED])
-def test_every_row_of_the_issue_30_presets_passes_check(name, run, capsys, fresh_accelerate):
+def test_every_row_of_the_issue_30_and_31_presets_passes_check(name, run, capsys, fresh_accelerate):
     """Every row builds its model, split and heads and steps a probe batch (synthetic data,
     a small batch: --check tries the setup, not the budget)."""
     argv = load_preset(name).argv(run) + ["--dataset", "synthetic", "--train-subset", "64",

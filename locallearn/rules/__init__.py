@@ -1,6 +1,16 @@
 """Training rules. Importing this package registers the built-in rules."""
 
-from . import auglocal, dgl, e2e, feedback, forward_forward, infopro, layerwise, sequential  # noqa: F401  (registration at import)
+from . import (  # noqa: F401  (registration at import)
+    auglocal,
+    dgl,
+    e2e,
+    feedback,
+    forward_forward,
+    forward_gradient,
+    infopro,
+    layerwise,
+    sequential,
+)
 from .base import RULES, LocalPart, Rule, create_rule, list_rules, register_rule
 
 __all__ = ["RULES", "LocalPart", "Rule", "create_rule", "list_rules", "register_rule"]
