@@ -144,7 +144,7 @@ def test_nobp_cpu_compares_the_backprop_free_rules_with_three_seeds():
         args = cli.parse_args(preset.argv(run))
         assert args.model == "ff_mlp" and not args.no_plane and args.probe_size > 0
     options = {r.run_id: cli.parse_args(preset.argv(r)).rule_opt for r in runs}
-    assert set(options["forward_gradient-weight"]) == {"perturb=weight", "local=False"}
+    assert set(options["forward_gradient-weight"]) == {"perturb=weight", "local=false"}
     assert options["forward_gradient-activity"] == ["perturb=activity"]
 
 
