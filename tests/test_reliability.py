@@ -138,3 +138,33 @@ def test_truncated_or_foreign_records_are_clean_errors(tmp_path, uninterrupted):
 def test_resume_needs_a_checkpoint_dir(tmp_path, run_main):
     out = run_main(*BASE, "--resume", "--output", tmp_path)
     _fails_cleanly(out, "--resume needs --checkpoint-dir")
+
+
+@pytest.mark.parametrize("rule", [["fa"], ["dfa"], ["forward_gradient"],
+                                  ["forward_gradient", "--rule-opt", "perturb=weight"]],
+                         ids=["fa", "dfa", "forward_gradient", "forward_gradient-weight"])
+def test_a_backprop_free_rule_killed_and_resumed_gives_the_same_record(tmp_path, rule):
+    """The random feedback (fa, dfa) and the random directions (forward_gradient) come back
+    with the checkpoint: the resumed record, gradient probe included, is the uninterrupted one."""
+    base = ["--rule", *rule, "--model", "ff_mlp", "--model-opt", "widths=32,32",
+            "--dataset", "synthetic", "--epochs", "3", "--batch-size", "32",
+            "--train-subset", "256", "--test-subset", "64", "--probe-size", "64",
+            "--no-progress"]
+    whole = run(*base, "--output", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    ckpt, runs = tmp_path / "ckpt", tmp_path / "runs"
+    proc = subprocess.Popen([*RUN, *map(str, base), "--output", runs, "--checkpoint-dir", ckpt],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (ckpt / "epoch0001" / "meta.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run(*base, "--output", runs, "--checkpoint-dir", ckpt, "--resume")
+    assert out.returncode == 0, out.stderr
+    resumed, uninterrupted = record_of(runs), record_of(tmp_path / "whole")
+    if resumed.pop("resumed", None) is None:
+        pytest.skip("the run finished before it could be killed")
+    assert all("gradient_probe" in e for e in uninterrupted["history"])
+    assert results(resumed) == results(uninterrupted)
