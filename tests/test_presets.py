@@ -82,7 +82,8 @@ def test_gpu_short_has_every_rule_at_k4_and_the_seed_papers_pair():
     runs, _ = preset.runs(locallearn.list_rules())
     assert set(locallearn.list_rules()) <= {r.rule for r in runs}
     assert {r.run_id for r in runs if r.args.get("blocks") == 4} == {
-        f"{rule}-K4" for rule in ("layerwise", "sequential", "dgl", "infopro", "auglocal")}
+        f"{rule}-K4" for rule in ("layerwise", "sequential", "dgl", "infopro", "auglocal",
+                                  "forward_gradient")}
     assert preset.seeds == (0, 1)
     paper = {k: v for k, v in load_preset("paper-resnet18").args.items() if k not in (
         "epochs", "batch-size", "probe-size", "plane-every")}
@@ -223,8 +224,8 @@ def test_an_unknown_preset_is_one_line_naming_the_choices(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown preset 'cpu-smok'; did you mean cpu-smoke" in err
     assert cli.main(["--preset", "nothing-like-it"]) == 2
-    assert ("choices: augmented-k, cpu-smoke, gpu-short, infopro-k, local-cpu, paper-resnet18, "
-            "paper-vgg11") in capsys.readouterr().err
+    assert ("choices: augmented-k, cpu-smoke, gpu-short, infopro-k, local-cpu, nobp-cpu, "
+            "paper-resnet18, paper-vgg11") in capsys.readouterr().err
 
 
 BAD_FILES = [

@@ -16,6 +16,7 @@ part's loss and whose gradient is the estimate (:func:`surrogate`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -60,6 +61,7 @@ class ForwardGradientPart(LocalPart):
         super().__init__(part.part_name, list(part.blocks), part.block_ids, part.objective,
                          part.lr_scale)
         self.perturb, self.directions = perturb, directions
+        quiet_forward_ad()
 
     def forward(self, x: torch.Tensor, step: Step, plain: bool = False
                 ) -> tuple[torch.Tensor, Scored]:
@@ -119,6 +121,16 @@ class ForwardGradientPart(LocalPart):
             d = tangent_of(scored.loss)
             scored = primal_score(scored)
         return outputs[-1], scored, outputs, [d * u for u in noise]
+
+
+def quiet_forward_ad() -> None:
+    """Load torch's forward-mode decompositions now, without the FutureWarning (about its
+    own use of ``torch.jit.script``) that torch would print at a run's first dual tensor."""
+    load = getattr(fwAD, "_maybe_load_decompositions", None)  # (private: may go away)
+    if load is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*torch\.jit\.script", FutureWarning)
+            load()
 
 
 def surrogate(loss: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]
