@@ -38,9 +38,10 @@ __all__ = ["FORMS", "KINDS", "draw", "main", "save_figure", "with_adjusted"]
 
 KINDS = ("plane", "compare", "depth", "gradients")
 #: Gradient-probe metric -> its axis label (``history[*]["gradient_probe"]``).
-PROBED = {"angle": "angle to the backprop gradient (degrees)",
-          "cosine": "cosine with the backprop gradient",
-          "variance": "relative variance ‖ĝ − g‖² / ‖g‖²"}
+PROBED = {"angle": "angle to backprop's gradient (°)",
+          "weight_angle": "angle of feedback B to W (°)",
+          "cosine": "cosine with backprop's gradient",
+          "variance": "‖ĝ − g‖² / ‖g‖²"}
 #: form -> (entry key on x, entry key on y, x label, y label)
 FORMS: dict[str, tuple[str, str, str, str]] = {
     "raw": ("nhsic_x", "nhsic_y", "nHSIC(X; Z)", "nHSIC(Y; Z)"),
@@ -147,14 +148,17 @@ def _differing_options(record: dict[str, Any], records: Sequence[dict[str, Any]]
     return "".join(f" {k}={mine[k]}" for k in keys if k in mine)
 
 
-def _shared(records: Sequence[dict[str, Any]], keys: Sequence[str] = ("model", "dataset")
-            ) -> str:
-    """A title of what every run has in common (the panels' labels name what differs)."""
+def _shared(records: Sequence[dict[str, Any]], keys: Sequence[str] = ("model", "dataset"),
+            plane: bool = True) -> str:
+    """A title of what every run has in common (the panels' labels name what differs),
+    with the plane's settings unless ``plane`` is False."""
     parts = []
     for key in keys:
         values = {str(r.get(key, "?")) for r in records}
         if len(values) == 1:
             parts.append(values.pop())
+    if not plane:
+        return " · ".join(parts)
     settings = {_setting(r) for r in records}
     parts.append(settings.pop() if len(settings) == 1 else "plane settings differ between runs")
     return " · ".join(filter(None, parts))
@@ -290,7 +294,7 @@ def gradients_figure(records: Sequence[dict[str, Any]]) -> Figure:
                                         for r in records for e in r["history"])]
     fig = Figure(figsize=(3.6 * len(records) + 0.8, 2.8 * len(metrics) + 0.6),
                  layout="constrained")
-    axes = fig.subplots(len(metrics), len(records), sharex=True, sharey="row", squeeze=False)
+    axes = fig.subplots(len(metrics), len(records), sharex=True, squeeze=False)
     cmap = colormaps[CMAP]
     for col, (record, label) in enumerate(zip(records, _labels(records), strict=True)):
         entries = [e for e in record["history"] if "gradient_probe" in e]
@@ -302,12 +306,19 @@ def gradients_figure(records: Sequence[dict[str, Any]]) -> Figure:
                 xs, ys = zip(*[(x, y) for x, y in points if y is not None], strict=True)
                 ax.plot(xs, ys, "o-", ms=3, label=name,
                         color=cmap(0.9 * k / max(len(names) - 1, 1)))
-            ax.set_title(label if row == 0 else "")
-            ax.set_ylabel(PROBED[metric] if col == 0 else "")
+            if not names:  # (this rule does not measure this metric)
+                ax.set_visible(False)
+                continue
+            ax.set_title(label)
+            ax.set_ylabel(PROBED[metric])
             ax.set_xlabel("epoch")
-            if names and len(names) <= _NAMED_TICKS:
+            ax.tick_params(labelbottom=True)
+            if metric == "variance":  # about the number of dimensions guessed: decades apart
+                ax.set_yscale("log")
+            if len(names) <= _NAMED_TICKS:
                 ax.legend(loc="best", fontsize=6)
-    fig.suptitle(" · ".join(filter(None, ["gradient probe", _shared(records)])), wrap=True)
+    fig.suptitle(" · ".join(filter(None, ["gradient probe", _shared(records, plane=False)])),
+                 wrap=True)
     return fig
 
 
