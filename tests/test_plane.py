@@ -344,6 +344,7 @@ def test_the_gradients_kind_draws_the_probe_over_epochs(tmp_path, capsys):
     fig = plots.gradients_figure([read_record(p) for p in paths])
     drawn = [ax for ax in fig.axes if ax.lines]
     assert len(drawn) == 4  # 2 runs x 2 metrics
+    assert [ax.get_ylabel() for ax in drawn] == [plots.PROBED["angle"], plots.PROBED["cosine"]] * 2
     assert list(drawn[0].lines[0].get_ydata()) == [70.0, 60.0, 50.0]
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"version": RECORD_VERSION, "status": "complete", "rule": "e2e",

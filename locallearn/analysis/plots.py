@@ -288,35 +288,32 @@ def depth_figure(records: Sequence[dict[str, Any]], form: str = "raw") -> Figure
 
 
 def gradients_figure(records: Sequence[dict[str, Any]]) -> Figure:
-    """The gradient probe over epochs: one column per run, one row per metric, one line per
-    layer or part (darker: deeper), e.g. feedback alignment's angle to backprop."""
-    metrics = [m for m in PROBED if any(m in e.get("gradient_probe", {})
-                                        for r in records for e in r["history"])]
-    fig = Figure(figsize=(3.6 * len(records) + 0.8, 2.8 * len(metrics) + 0.6),
-                 layout="constrained")
-    axes = fig.subplots(len(metrics), len(records), sharex=True, squeeze=False)
-    cmap = colormaps[CMAP]
-    for col, (record, label) in enumerate(zip(records, _labels(records), strict=True)):
+    """The gradient probe over epochs: a panel per run and metric it measured (up to 4 in
+    a row), one line per layer or part (darker: deeper), e.g. fa's angle to backprop."""
+    panels = []
+    for record, label in zip(records, _labels(records), strict=True):
         entries = [e for e in record["history"] if "gradient_probe" in e]
-        for row, metric in enumerate(metrics):
-            ax = axes[row, col]
-            names = list(entries[-1]["gradient_probe"].get(metric, {})) if entries else []
-            for k, name in enumerate(names):
-                points = [(e["epoch"], e["gradient_probe"][metric].get(name)) for e in entries]
-                xs, ys = zip(*[(x, y) for x, y in points if y is not None], strict=True)
-                ax.plot(xs, ys, "o-", ms=3, label=name,
-                        color=cmap(0.9 * k / max(len(names) - 1, 1)))
-            if not names:  # (this rule does not measure this metric)
-                ax.set_visible(False)
-                continue
-            ax.set_title(label)
-            ax.set_ylabel(PROBED[metric])
-            ax.set_xlabel("epoch")
-            ax.tick_params(labelbottom=True)
-            if metric == "variance":  # about the number of dimensions guessed: decades apart
-                ax.set_yscale("log")
-            if len(names) <= _NAMED_TICKS:
-                ax.legend(loc="best", fontsize=6)
+        panels += [(label, metric, entries) for metric in PROBED
+                   if entries and entries[-1]["gradient_probe"].get(metric)]
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.4 * cols + 0.4, 2.9 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    cmap = colormaps[CMAP]
+    for ax, (label, metric, entries) in zip(axes.flat, panels, strict=False):
+        names = list(entries[-1]["gradient_probe"][metric])
+        for k, name in enumerate(names):
+            points = [(e["epoch"], e["gradient_probe"][metric].get(name)) for e in entries]
+            xs, ys = zip(*[(x, y) for x, y in points if y is not None], strict=True)
+            ax.plot(xs, ys, "o-", ms=3, label=name,
+                    color=cmap(0.9 * k / max(len(names) - 1, 1)))
+        ax.set_title(label, fontsize=8)
+        ax.set_ylabel(PROBED[metric])
+        ax.set_xlabel("epoch")
+        if len(names) <= _NAMED_TICKS:
+            ax.legend(loc="best", fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(" · ".join(filter(None, ["gradient probe", _shared(records, plane=False)])),
                  wrap=True)
     return fig
