@@ -1,5 +1,6 @@
 """The information-plane observer (sees only the BlockStack) and the figures drawn from records."""
 
+import importlib.util
 import io
 import json
 import math
@@ -358,3 +359,18 @@ def test_runs_of_one_rule_are_told_apart_by_their_options():
             {"rule": "dgl", "config": {"rule_options": {"aux": "mlp_sr", "man": 0.995}}},
             {"rule": "e2e", "config": {"rule_options": {}}}]
     assert plots._labels(runs) == ["dgl", "dgl man=0.995", "e2e"]
+
+
+def test_plane_last_prints_each_records_last_epoch_adjusted(records, capsys):
+    spec = importlib.util.spec_from_file_location("plane_last",
+                                                  ROOT / "benchmarks" / "plane_last.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(records["e2e"]), str(records["layerwise"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stored = json.loads(records["e2e"].read_text())["plane"]
+    last = [e for e in stored if e["epoch"] == max(x["epoch"] for x in stored)]
+    assert len(lines) == 2 and lines[0].count("|") == len(last)
+    assert f"{last[0]['nhsic_x_adj']:.3f}, {last[0]['nhsic_y_adj']:.3f}" in lines[0]
+    assert module.main([str(records["bare"])]) == 2
+    assert "has no 'plane' entries" in capsys.readouterr().err
