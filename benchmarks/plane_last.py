@@ -17,15 +17,14 @@ from locallearn.records import read_record
 
 def main(paths: list[str]) -> int:
     try:
-        records = [(p, with_adjusted(read_record(p))) for p in paths]
+        records = [(p, read_record(p)) for p in paths]
+        for path, record in records:
+            if not record.get("plane"):
+                raise LocallearnError(f"{path}: the record has no 'plane' entries")
+        records = [(p, with_adjusted(r)) for p, r in records]
     except LocallearnError as err:
         print("plane_last.py: error: " + " ".join(str(err).splitlines()), file=sys.stderr)
         return 2
-    for path, record in records:
-        if not record.get("plane"):
-            print(f"plane_last.py: error: {path}: the record has no 'plane' entries",
-                  file=sys.stderr)
-            return 2
     for path, record in records:
         last = max(e["epoch"] for e in record["plane"])
         names = (record.get("stack") or {}).get("blocks") or None
