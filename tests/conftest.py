@@ -57,6 +57,21 @@ def plugins_undone():
                 del sys.modules[name]
 
 
+@pytest.fixture(scope="session")
+def tiny_data():
+    """The synthetic set cut to 64 training and 16 test images of 8 x 8 pixels: enough for
+    a rule's few steps, small enough for any test."""
+    import dataclasses
+
+    from locallearn.data import load_dataset
+
+    full = load_dataset("synthetic")
+    return dataclasses.replace(full, train_images=full.train_images[:64, :, :8, :8].contiguous(),
+                               train_labels=full.train_labels[:64],
+                               test_images=full.test_images[:16, :, :8, :8].contiguous(),
+                               test_labels=full.test_labels[:16])
+
+
 @pytest.fixture
 def run_main(capsys, monkeypatch):
     """``run.py``'s ``main`` in this process, with its plugins undone after: a command-line

@@ -26,7 +26,6 @@ from torch import nn
 from locallearn import create_rule, split
 from locallearn.blocks import BlockStack
 from locallearn.checkpoint import load, save
-from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
 from locallearn.models import CifarResNet
 from locallearn.pipeline import check_rule
@@ -203,12 +202,8 @@ def test_the_dfa_probe_angle_is_zero_where_feedback_is_the_head_weight():
 
 
 @pytest.fixture(scope="module")
-def data():
-    full = load_dataset("synthetic")
-    return dataclasses.replace(full, train_images=full.train_images[:64, :, :8, :8].contiguous(),
-                               train_labels=full.train_labels[:64],
-                               test_images=full.test_images[:16, :, :8, :8].contiguous(),
-                               test_labels=full.test_labels[:16])
+def data(tiny_data):
+    return tiny_data
 
 
 def _stack(model):

@@ -4,7 +4,6 @@ leaves training exactly as it was (buffers, random state, gradients)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import timm
@@ -12,7 +11,6 @@ import torch
 
 from locallearn import split
 from locallearn.analysis.gradients import GradientProbe
-from locallearn.data import load_dataset
 from locallearn.rules.e2e import EndToEnd
 from locallearn.trainer import TrainConfig, Trainer
 
@@ -33,12 +31,8 @@ class Probed(EndToEnd):
 
 
 @pytest.fixture(scope="module")
-def data():
-    full = load_dataset("synthetic")
-    return dataclasses.replace(full, train_images=full.train_images[:48, :, :8, :8].contiguous(),
-                               train_labels=full.train_labels[:48],
-                               test_images=full.test_images[:16, :, :8, :8].contiguous(),
-                               test_labels=full.test_labels[:16])
+def data(tiny_data):
+    return tiny_data
 
 
 def _fit(data, rule, observers=()):

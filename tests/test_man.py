@@ -33,7 +33,6 @@ from torch import nn
 from locallearn import create_rule, split
 from locallearn.blocks import BlockStack
 from locallearn.checkpoint import load, save
-from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
 from locallearn.objectives import Objective, Term
 from locallearn.pipeline import check_rule
@@ -192,12 +191,8 @@ def _stack(blocks=3):
 
 
 @pytest.fixture(scope="module")
-def data():
-    full = load_dataset("synthetic")
-    return dataclasses.replace(full, train_images=full.train_images[:64, :, :8, :8].contiguous(),
-                               train_labels=full.train_labels[:64],
-                               test_images=full.test_images[:16, :, :8, :8].contiguous(),
-                               test_labels=full.test_labels[:16])
+def data(tiny_data):
+    return tiny_data
 
 
 def _trainer(data, stack, rule):

@@ -37,6 +37,19 @@ def results(record):
     return out
 
 
+def killed_after_first_checkpoint(args, runs, ckpt):
+    """Start run.py with ``args`` in a process of its own and SIGKILL it once its first
+    checkpoint is complete (or let it be, if it ends first)."""
+    proc = subprocess.Popen([*RUN, *map(str, args), "--output", runs, "--checkpoint-dir", ckpt],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (ckpt / "epoch0001" / "meta.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def record_of(folder):
     return json.loads(next(folder.glob("*.json")).read_text())
 
@@ -55,14 +68,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_killed_and_resumed_run_gives_the_same_record(tmp_path, uninterrupted):
     ckpt, runs = tmp_path / "ckpt", tmp_path / "runs"
-    proc = subprocess.Popen([*RUN, *map(str, BASE), "--output", runs, "--checkpoint-dir", ckpt],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (ckpt / "epoch0001" / "meta.json").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_after_first_checkpoint(BASE, runs, ckpt)
     assert record_of(runs)["status"] == "running"  # the record says the run did not finish
     out = run(*BASE, "--output", runs, "--checkpoint-dir", ckpt, "--resume")
     assert out.returncode == 0, out.stderr
@@ -153,14 +159,7 @@ def test_a_backprop_free_rule_killed_and_resumed_gives_the_same_record(tmp_path,
     whole = run(*base, "--output", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     ckpt, runs = tmp_path / "ckpt", tmp_path / "runs"
-    proc = subprocess.Popen([*RUN, *map(str, base), "--output", runs, "--checkpoint-dir", ckpt],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (ckpt / "epoch0001" / "meta.json").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_after_first_checkpoint(base, runs, ckpt)
     out = run(*base, "--output", runs, "--checkpoint-dir", ckpt, "--resume")
     assert out.returncode == 0, out.stderr
     resumed, uninterrupted = record_of(runs), record_of(tmp_path / "whole")
