@@ -112,6 +112,78 @@ def contrast_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.
     return supcon_loss(z, labels, temperature) * has_positive.float().mean()
 
 
+def _views(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two stacked views of ``z`` (``2B`` rows, view 1 then view 2), flattened, float32."""
+    if len(z) % 2:
+        raise ValueError(f"two stacked views need an even number of rows; got {len(z)}")
+    z1, z2 = z.flatten(1).float().chunk(2)
+    return z1, z2
+
+
+def _off_diagonal(c: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of a square matrix, flattened."""
+    return c[~torch.eye(len(c), dtype=torch.bool, device=c.device)]
+
+
+def barlow_loss(z: torch.Tensor, lambda_offdiag: float = 3.9e-3,
+                scale: float = 1 / 32) -> torch.Tensor:
+    """Barlow Twins' redundancy-reduction loss of two stacked views.
+
+    Zbontar, Jing, Misra, LeCun & Deny, "Barlow Twins: Self-Supervised Learning
+    via Redundancy Reduction" (ICML 2021). Each view is batch-normalised over
+    the batch (no affine); ``c`` is their ``(D, D)`` cross-correlation, and the
+    loss ``scale * (sum_i (1 - c_ii)^2 + lambda_offdiag * sum_{i != j} c_ij^2)``.
+    The defaults (3.9e-3, 1/32) are those of the blockwise code of Siddiqui,
+    Krueger, LeCun & Deny 2023 (shoaibahmed/blockwise_ssl, ``main.py``), whose
+    per-block loss this equals; the paper's 5.1e-3 with scale 1 is the other choice.
+    """
+    z1, z2 = _views(z)
+    c = F.batch_norm(z1, None, None, training=True).t() @ F.batch_norm(z2, None, None,
+                                                                       training=True)
+    c = c / len(z1)
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    return scale * (on_diag + lambda_offdiag * _off_diagonal(c).pow(2).sum())
+
+
+def vicreg_loss(z: torch.Tensor, sim: float = 25.0, std: float = 25.0,
+                cov: float = 1.0) -> torch.Tensor:
+    """VICReg's variance-invariance-covariance loss of two stacked views.
+
+    Bardes, Ponce & LeCun, "VICReg: Variance-Invariance-Covariance
+    Regularization for Self-Supervised Learning" (ICLR 2022), as their code
+    computes it (facebookresearch/vicreg, ``main_vicreg.py``):
+    ``sim * MSE(z1, z2) + std * mean over views and dims of relu(1 - sqrt(var + 1e-4))
+    + cov * sum over views of (sum of squared off-diagonal covariances) / D``.
+    """
+    z1, z2 = _views(z)
+    repr_loss = F.mse_loss(z1, z2)
+    std_loss = cov_loss = 0.0
+    for v in (z1, z2):
+        v = v - v.mean(0)
+        std_loss = std_loss + F.relu(1 - torch.sqrt(v.var(0) + 1e-4)).mean() / 2
+        c = v.t() @ v / (len(v) - 1)
+        cov_loss = cov_loss + _off_diagonal(c).pow(2).sum() / v.shape[1]
+    return sim * repr_loss + std * std_loss + cov * cov_loss
+
+
+def simclr_loss(z: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's NT-Xent loss of two stacked views.
+
+    Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive
+    Learning of Visual Representations" (ICML 2020): with ``z`` L2-normalised,
+    each of the ``2B`` rows takes cross-entropy over the ``2B - 1`` others of
+    ``z_i . z_a / temperature``, its other view the positive; the mean over rows.
+    This is :func:`supcon_loss` with every image its own class. 0.1 is the
+    default temperature of their code (google-research/simclr).
+    """
+    n = len(_views(z)[0])
+    z = F.normalize(z.flatten(1).float(), dim=1)
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = (z @ z.t() / temperature).masked_fill(self_mask, float("-inf"))
+    positive = torch.arange(2 * n, device=z.device).roll(n)
+    return F.cross_entropy(logits, positive)
+
+
 def goodness(h: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
     """Forward-forward goodness of each sample (Hinton 2022).
 
@@ -200,6 +272,46 @@ def supcon(temperature: float = 0.1, base_temperature: float = 0.07):
     if base_temperature <= 0:
         raise ConfigError(f"supcon base_temperature must be > 0; got {base_temperature}")
     return lambda inp: supcon_loss(inp.out, inp.labels, temperature, base_temperature)
+
+
+def _positive(loss: str, **options: float) -> None:
+    for name, value in options.items():
+        if not value > 0:
+            raise ConfigError(f"{loss} {name} must be > 0; got {value}")
+
+
+_SSL = "two views, labels unused; training only (Siddiqui et al. 2023 use it blockwise)"
+
+
+@register_loss("barlow", head="classifier", out="proj_dim", views=2, train_only=True,
+               paper="Zbontar, Jing, Misra, LeCun & Deny 2021, Barlow Twins: Self-Supervised "
+                     "Learning via Redundancy Reduction (ICML)",
+               summary="Barlow Twins: the batch-normalised views' cross-correlation of the "
+                       "head's projections pulled to the identity; " + _SSL)
+def barlow(lambda_offdiag: float = 3.9e-3, scale: float = 1 / 32):
+    _positive("barlow", lambda_offdiag=lambda_offdiag, scale=scale)
+    return lambda inp: barlow_loss(inp.out, lambda_offdiag, scale)
+
+
+@register_loss("vicreg", head="classifier", out="proj_dim", views=2, train_only=True,
+               paper="Bardes, Ponce & LeCun 2022, VICReg: Variance-Invariance-Covariance "
+                     "Regularization for Self-Supervised Learning (ICLR)",
+               summary="VICReg: sim * invariance + std * variance + cov * covariance of the "
+                       "head's projections; " + _SSL)
+def vicreg(sim: float = 25.0, std: float = 25.0, cov: float = 1.0):
+    for name, value in (("sim", sim), ("std", std), ("cov", cov)):
+        if not value >= 0:
+            raise ConfigError(f"vicreg {name} must be >= 0; got {value}")
+    return lambda inp: vicreg_loss(inp.out, sim, std, cov)
+
+
+@register_loss("simclr", head="classifier", out="proj_dim", views=2, train_only=True,
+               paper="Chen, Kornblith, Norouzi & Hinton 2020, A Simple Framework for "
+                     "Contrastive Learning of Visual Representations (ICML), NT-Xent",
+               summary="SimCLR's NT-Xent of the head's projections at temperature; " + _SSL)
+def simclr(temperature: float = 0.1):
+    _positive("simclr", temperature=temperature)
+    return lambda inp: simclr_loss(inp.out, temperature)
 
 
 @register_loss("contrast", head="classifier", out="proj_dim",
