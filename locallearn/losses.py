@@ -173,8 +173,9 @@ def simclr_loss(z: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     Learning of Visual Representations" (ICML 2020): with ``z`` L2-normalised,
     each of the ``2B`` rows takes cross-entropy over the ``2B - 1`` others of
     ``z_i . z_a / temperature``, its other view the positive; the mean over rows.
-    This is :func:`supcon_loss` with every image its own class. 0.1 is the
-    default temperature of their code (google-research/simclr).
+    This is :func:`supcon_loss` with every image its own class. The default
+    temperature 0.1 is supcon's here; the paper tunes it per setting, and it was
+    not checked against their code (google-research/simclr, TensorFlow).
     """
     n = len(_views(z)[0])
     z = F.normalize(z.flatten(1).float(), dim=1)
