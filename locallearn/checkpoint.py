@@ -214,9 +214,7 @@ def complete(directory: str | Path) -> list[Path]:
 
 
 def differences(ours: Any, theirs: Any, key: str = "") -> list[tuple[str, Any, Any]]:
-    """``(key, theirs, ours)`` for every leaf where two identities differ (dotted keys); a
-    tuple (``--model-opt widths=32,32``) equals the list JSON made of it in the checkpoint."""
-    ours, theirs = (list(v) if isinstance(v, tuple) else v for v in (ours, theirs))
+    """``(key, theirs, ours)`` for every leaf where two identities differ (dotted keys)."""
     if isinstance(ours, dict) and isinstance(theirs, dict):
         return [d for k in sorted(set(ours) | set(theirs), key=str)
                 for d in differences(ours.get(k), theirs.get(k), f"{key}.{k}" if key else k)]

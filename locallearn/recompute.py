@@ -9,7 +9,8 @@ counts what the second forward saves. Why: docs/architecture.md ("The loop").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,3 +73,16 @@ def run_recomputed(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for fine in block if isinstance(block, nn.Sequential) else (block,):
             x = recomputed(fine, fine, x)
     return x
+
+
+@contextlib.contextmanager
+def kept_buffers(*modules: nn.Module) -> Iterator[None]:
+    """Run a pass whose changes to the modules' buffers (BatchNorm statistics) are undone
+    afterwards: a forward-gradient direction after the first, the gradient probe."""
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data import balanced_subset
 from ..observers import Observer, Trainer
+from ..recompute import kept_buffers
 
 
 class GradientProbe(Observer):
@@ -51,19 +52,17 @@ class GradientProbe(Observer):
         x, step = trainer.make_step(images, labels, trainer.eval_transform)
         parts = trainer.parts
         modes = [p.training for p in parts]
-        saved = [{k: b.clone() for k, b in p.named_buffers()} for p in parts]
         generator = torch.Generator(device).manual_seed(trainer.config.seed * 1_009 + epoch)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with kept_buffers(*parts), torch.random.fork_rng(
+                    devices=[device] if device.type == "cuda" else []):
                 for p in parts:
                     p.train()
                 with trainer.autocast():
                     return trainer.rule.gradient_probe(parts, x, step, generator)
         finally:
-            for p, mode, buffers in zip(parts, modes, saved, strict=True):
+            for p, mode in zip(parts, modes, strict=True):
                 p.train(mode)
-                for k, b in p.named_buffers():
-                    b.copy_(buffers[k])
 
 
 def probe_line(epoch: int, result: dict[str, dict[str, float]]) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..objectives import classifier
+from ..recompute import kept_buffers
 from ..step import Scored, Step
 from .base import LocalPart, register_rule
 from .local import LocalConfig, LocalRule
@@ -160,18 +160,6 @@ def primal_score(scored: Scored) -> Scored:
     """The score without tangents (its loss keeps its graph to the heads)."""
     return Scored(primal(scored.loss), primal(scored.logits),
                   {k: primal(v) for k, v in scored.metrics.items()})
-
-
-@contextlib.contextmanager
-def kept_buffers(module: nn.Module) -> Iterator[None]:
-    """Run a pass whose changes to ``module``'s buffers (BatchNorm statistics) are undone."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
 
 
 @register_rule(
