@@ -253,6 +253,7 @@ def read_meta(path: str | Path, identity: dict[str, Any], run_id: str | None = N
             and len(meta["history"]) == meta["epoch"]):
         raise CheckpointError(f"{where} is damaged: its meta.json is not one this run wrote")
     cut = meta.get("stages", [])
+    identity = json.loads(json.dumps(identity))  # as meta.json holds it (tuples: lists)
     differs = differences(identity | {"executor": _described(stages, replicas)},
                           meta["identity"] | {"executor": _described(len(cut),
                                                                      meta.get("replicas", 1))})

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import typing
 from collections.abc import Callable
@@ -426,12 +425,10 @@ def recorded_values(args: argparse.Namespace) -> dict[str, Any]:
 def run_identity(args: argparse.Namespace, resolved: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: every IDENTITY and SETTING flag, by its
     identity key; ``resolved`` replaces the parsed values by key (the rule's and the model's
-    resolved options, and ``"train"``: the loop's resolved settings). As JSON gives it back
-    from a checkpoint's meta.json (a tuple option, ``--model-opt widths=32,32``, is a list),
-    so a run and its checkpoint compare alike."""
+    resolved options, and ``"train"``: the loop's resolved settings)."""
     identity: dict[str, Any] = {}
     for flag in FLAGS:
         if flag.role in (IDENTITY, SETTING):
             key = flag.identity_key or flag.dest
             identity[key] = resolved[key] if key in resolved else getattr(args, flag.dest)
-    return json.loads(json.dumps(identity))
+    return identity
