@@ -74,6 +74,9 @@ def _check(args: argparse.Namespace) -> Checked:
     from .settings import PlaneSettings, TrainConfig
 
     rule = create_rule(args.rule, **parse_assignments(args.rule_opt))
+    if rule.label_free and args.probe == "none":
+        raise ConfigError(f"rule {args.rule!r} learns without labels: its accuracy is the "
+                          "linear probe's; give --probe linear, not none")
     if not timm.is_model(args.model):
         raise unknown_name("model", args.model, timm.list_models())
     model_opts = parse_assignments(args.model_opt, "--model-opt")

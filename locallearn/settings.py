@@ -272,6 +272,27 @@ class PlaneSettings(Flagged):
 PLANE_FLAGS: tuple[Flag, ...] = PlaneSettings.flags()
 
 
+@dataclass
+class ProbeSettings(Flagged):
+    """The linear probe's flags (:class:`~locallearn.analysis.probe.LinearProbe`): what it
+    records is the accuracy of a label-free rule, so they are identity flags."""
+
+    probe: Literal["none", "linear"] = _identity(
+        "none", "linear: before training (the random network's floor) and after every epoch, "
+        "train a linear classifier on each block's frozen, pooled output and record its test "
+        "accuracy (a label-free rule's accuracy; docs/records.md)")
+    probe_images: int = _identity(
+        5000, "--probe linear: class-balanced, un-augmented training images its classifiers "
+        "learn from", positive_int, metavar="N")
+    probe_epochs: int = _identity(
+        20, "--probe linear: epochs of each classifier (AdamW, batch 256)", positive_int,
+        metavar="E")
+
+
+#: The linear probe's flags, in ProbeSettings' field order.
+PROBE_FLAGS: tuple[Flag, ...] = ProbeSettings.flags()
+
+
 def block_names(text: str) -> list[str]:
     """argparse type: comma-separated block names, e.g. ``layer1.4,layer2.3``.
 
@@ -351,6 +372,7 @@ FLAGS: tuple[Flag, ...] = (
          "training split)", type=per_channel(positive=True), metavar="R,G,B"),
     *TRAIN_FLAGS,  # the loop's: TrainConfig's fields
     *PLANE_FLAGS,  # the information plane's: PlaneSettings' fields
+    *PROBE_FLAGS,  # the linear probe's: ProbeSettings' fields
     Flag("no-plane", SETTING, "skip the information plane", kind="switch", row=False),
     Flag("mixed-precision", SETTING, "autocast precision, through Accelerate (fp16: a "
          "gradient scaler per part; needs a GPU)", "no", choices=("no", "fp16", "bf16")),

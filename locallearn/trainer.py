@@ -515,10 +515,12 @@ def evaluate(trainer: Trainer) -> tuple[float, list[float | None]]:
             counts[i] = counts.get(i, 0) + n
     acc = {i: n / max(total, 1) for i, n in counts.items()}
     last = len(trainer.parts) - 1
+    depth: list[float | None] = [None] * len(trainer.stack.blocks)
     if last not in acc:
+        if trainer.rule.label_free:  # the linear probe gives its accuracy
+            return None, depth
         raise RuntimeError(f"rule {trainer.rule.name!r}: the last part gives no logits")
     # The accuracy at each block's depth: a part's, at its last block (None elsewhere).
-    depth: list[float | None] = [None] * len(trainer.stack.blocks)
     for i, part in enumerate(trainer.parts):
         if part.block_ids and i in acc:
             depth[part.block_ids[-1]] = acc[i]

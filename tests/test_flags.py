@@ -13,6 +13,8 @@ IDENTITY_KEYS = {"model", "model_options", "rule", "rule_options", "dataset", "t
                  "split_after", "train",
                  # asynchronous stages train on other batches than stages in step
                  "replay_buffer", "max_reuse",
+                 # the linear probe: a label-free rule's accuracy
+                 "probe", "probe_images", "probe_epochs",
                  # settings change results too (the plane's probe, the precision)
                  "plane_every", "probe_size", "probe_split", "plane_distance", "no_plane",
                  "mixed_precision", "deterministic"}

@@ -42,11 +42,12 @@ def scratch_rule():
         RULES.unregister(name)
 
 
-def test_the_defaultable_flags_are_the_model_and_the_presettable_loop_settings():
-    # What is trained; not how fast (--channels-last, --compile, ...: settings).
+def test_the_defaultable_flags_are_the_model_the_presettable_loop_settings_and_the_probe():
+    # What is trained; not how fast (--channels-last, --compile, ...: settings). The probe: a
+    # label-free rule's accuracy needs it.
     loop = {f.name for f in settings.FLAGS
             if f.identity_key == settings.TRAIN and f.role == settings.IDENTITY and f.presettable}
-    assert set(DEFAULTABLE) == loop | {"model"}
+    assert set(DEFAULTABLE) == loop | {"model", "probe", "probe-images", "probe-epochs"}
 
 
 @pytest.mark.parametrize("rule", list_rules())

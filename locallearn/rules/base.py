@@ -20,15 +20,16 @@ from ..errors import ConfigError
 from ..heads import Later
 from ..recompute import run_recomputed
 from ..registry import Registry
-from ..settings import IDENTITY, TRAIN_FLAGS
+from ..settings import IDENTITY, PROBE_FLAGS, TRAIN_FLAGS
 from ..step import Scored, Step
 
 RULES = Registry("rule", required=("paper",))
 
 #: The ``run.py`` flags a rule may give its own default for (:attr:`Rule.training_defaults`):
-#: the backbone and what the training loop trains (not how fast it runs: the speed settings).
-#: The seed is the user's or a preset's.
-DEFAULTABLE = ("model", *(f.name for f in TRAIN_FLAGS if f.role == IDENTITY and f.presettable))
+#: the backbone, what the training loop trains (not how fast it runs: the speed settings) and
+#: the linear probe (a label-free rule's accuracy). The seed is the user's or a preset's.
+DEFAULTABLE = ("model", *(f.name for f in TRAIN_FLAGS if f.role == IDENTITY and f.presettable),
+               *(f.name for f in PROBE_FLAGS))
 
 
 def register_rule(name: str, **meta: Any):
@@ -144,6 +145,10 @@ class Rule:
     #: Why the rule cannot run under ``--parallel parts`` (the one-line refusal there,
     #: docs/parallel.md); empty: it can, where its schedule allows.
     not_pipelined: ClassVar[str] = ""
+    #: Its parts give no logits (it learns without labels): its accuracy at each depth is
+    #: the linear probe's, so it sets ``{"probe": "linear"}`` in :attr:`training_defaults`
+    #: and refuses ``--probe none``.
+    label_free: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
