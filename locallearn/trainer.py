@@ -648,5 +648,6 @@ def epoch_line(entry: dict[str, Any], epochs: int) -> str:
     blocks = " ".join(f"{a:.3f}" for a in entry["block_acc"] if a is not None)
     where = f"stages {entry['stages']}" if "stages" in entry else \
         ", ".join(entry["trained_parts"])
+    final = "-" if entry["test_acc"] is None else f"{entry['test_acc']:.4f}"
     return (f"epoch {entry['epoch']}/{epochs} [{where}]: loss {entry['train_loss']:.4f} "
-            f"final-head acc {entry['test_acc']:.4f} | per depth {blocks}")
+            f"final-head acc {final} | per depth {blocks}")
