@@ -29,7 +29,8 @@ FLOORS: list[tuple[str, ...]] = [
     # rules
     ("rules", "rules.*"),
     # the loop and its observers
-    ("trainer", "analysis", "analysis.plane", "analysis.gradients"),
+    ("trainer", "analysis", "analysis.plane", "analysis.gradients",
+     "analysis.probe"),
     ("pipeline",),  # the pipelined executor plugs into the loop (trainer.Trainer)
     # records and the command line
     ("records", "bench", "plugins", "trackers", "preflight"),  # preflight probes parts
