@@ -125,3 +125,36 @@ def test_a_resumed_run_keeps_its_probe(run_main, tmp_path):
         assert resumed[key] == whole[key], key
     assert [h["probe_acc"] for h in resumed["history"]] == \
         [h["probe_acc"] for h in whole["history"]]
+
+
+def test_the_report_averages_seeds_beside_the_untrained_network(run_main, tmp_path):
+    from locallearn.analysis.probe_report import main as report
+
+    for seed in (0, 1):
+        out = run_main(*RUN, "--rule", "layerwise", "--probe", "linear", "--seed", seed,
+                       "--output", tmp_path / "r")
+        assert out.returncode == 0, out.stderr
+    paths = sorted((tmp_path / "r").glob("*.json"))
+    records = [json.loads(p.read_text()) for p in paths]
+    figure = tmp_path / "probes.png"
+    assert report([*map(str, paths), "-o", str(figure)]) == 0
+    assert figure.stat().st_size > 0
+    lines = [line for line in run_report(report, paths) if line.startswith("| layerwise")]
+    assert [line.split(" | ")[2] for line in lines] == ["after epoch 2", "before training"]
+    last = [[e["acc"] for e in r["probe"] if e["epoch"] == 2] for r in records]
+    first_block = sum(acc[0] for acc in last) / 2
+    assert f"stem {100 * first_block:.1f} ± " in lines[0]
+    without = run_main(*RUN, "--rule", "layerwise", "--output", tmp_path / "n")
+    assert without.returncode == 0
+    (bare,) = (tmp_path / "n").glob("*.json")
+    assert report([str(bare)]) == 2
+
+
+def run_report(report, paths) -> list[str]:
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert report([str(p) for p in paths]) == 0
+    return text.getvalue().splitlines()
