@@ -19,13 +19,11 @@ class BlockwiseSSLConfig(LocalConfig):
     """Options of ``blockwise_ssl`` (and the shared ones of :class:`~.local.LocalConfig`);
     docs/rules.md#blockwise_ssl describes each and compares them with the reference's.
     ``aux_features`` is the projector's conv width, ``aux_hidden`` its MLP's, ``aux_depth``
-    its linear layers, ``proj_dim`` its output, ``kernel`` its conv's size."""
+    its linear layers (0: :data:`PROJECTOR`'s), ``proj_dim`` its output, ``kernel`` its
+    conv's size."""
 
     head: str = "projector"
     loss: str = "barlow"
-    aux_features: int = 512
-    aux_hidden: int = 512
-    aux_depth: int = 3
     proj_dim: int = 512
     kernel: int = 1
     merge_stem: bool = True
@@ -34,6 +32,11 @@ class BlockwiseSSLConfig(LocalConfig):
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"option 'kernel' of rule 'blockwise_ssl' is the projector "
                               f"conv's size, an odd number >= 1; got {self.kernel}")
+
+
+#: The projector's sizes by default: small enough for a CPU (the reference's for ResNet-50,
+#: the head's own defaults, are features 2048, hidden 8192, 3 layers, out 8192).
+PROJECTOR = {"features": 512, "hidden": 512, "depth": 3}
 
 
 def label_free_losses() -> list[str]:
@@ -104,8 +107,12 @@ class BlockwiseSSL(LocalRule):
                               f"two-view loss; choose one of {', '.join(fits)}")
 
     def head_options(self, k, local_parts):
+        """The ``aux_*`` options; the projector's left at 0 take :data:`PROJECTOR`'s."""
         options = super().head_options(k, local_parts)
-        return {**options, "kernel": self.config.kernel} if self.head == "projector" else options
+        if self.head != "projector":
+            return options
+        return {**options, **{key: options[key] or value for key, value in PROJECTOR.items()},
+                "kernel": self.config.kernel}
 
     def groups(self, stack: nn.Module) -> list[list[int]]:
         """Block indices of each part: one block each, the stem merged into the next."""
