@@ -36,7 +36,7 @@ class BlockwiseSSLConfig(LocalConfig):
 
 #: The projector's sizes by default: small enough for a CPU (the reference's for ResNet-50,
 #: the head's own defaults, are features 2048, hidden 8192, 3 layers, out 8192).
-PROJECTOR = {"features": 512, "hidden": 512, "depth": 3}
+PROJECTOR = {"features": 128, "hidden": 512, "depth": 3}
 
 
 def label_free_losses() -> list[str]:
