@@ -338,7 +338,8 @@ def summary(record: dict[str, Any]) -> str:
     rows = [
         ("rule", "model", "dataset", "epochs", "final-head acc", "best depth", "seconds"),
         (record["rule"], record["model"], record["dataset"], str(record["config"]["epochs"]),
-         f"{record['test_acc']:.4f}", f"{best[0]} {best[1]:.4f}" if best else "-",
+         "-" if record["test_acc"] is None else f"{record['test_acc']:.4f}",
+         f"{best[0]} {best[1]:.4f}" if best else "-",
          f"{record['seconds']:.1f}"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

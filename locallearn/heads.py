@@ -261,6 +261,45 @@ def infopro(shape, out, hidden: int = 0, depth: int = 0):
                                     depth=depth or 1))
 
 
+@register_head("projector", role="classifier",
+               paper="Siddiqui, Krueger, LeCun & Deny 2023, Blockwise Self-Supervised Learning "
+                     "at Scale (arXiv 2302.01647)",
+               summary="blockwise SSL's projector: kernel x kernel conv-BN-ReLU to features "
+                       "(2048) channels, global average pool, depth (3) Linear layers "
+                       "without bias (hidden 8192), BN-ReLU between them")
+class Projector(nn.Module):
+    """The projector of blockwise self-supervised learning, as the reference builds it.
+
+    Siddiqui, Krueger, LeCun & Deny 2023 (shoaibahmed/blockwise_ssl, ``model.py``
+    ``pool_conv`` and ``main.py`` ``BarlowTwins``): a ``kernel x kernel`` conv without
+    bias from the block's channels to ``features``, BatchNorm2d, ReLU and global average
+    pooling, then Barlow Twins' MLP ``features-hidden-...-out`` (``depth`` linear layers
+    without bias, BatchNorm1d and ReLU after all but the last). Its defaults are the
+    reference's for ResNet-50 (2048, 8192, 3 layers, kernel 3; its training script uses
+    kernel 1). Token sequences and vectors take the conv as a 1x1 one over each token.
+    """
+
+    def __init__(self, shape: Sequence[int], out: int, features: int = 0, hidden: int = 0,
+                 depth: int = 0, kernel: int = 0):
+        super().__init__()
+        features, hidden, depth = features or 2048, hidden or 8192, depth or 3
+        kernel = (kernel or 3) if len(shape) == 4 else 1
+        self.conv = nn.Sequential(*conv_bn_relu(channels_of(shape), features, kernel, 1),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        sizes = [features] + [hidden] * (depth - 1) + [out]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+            layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        self.mlp = nn.Sequential(*layers, nn.Linear(sizes[-2], out, bias=False))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.ndim == 3:  # (B, N, D) tokens: a (B, D, N, 1) map
+            h = h.transpose(1, 2).unsqueeze(-1)
+        elif h.ndim == 2:
+            h = h[:, :, None, None]
+        return self.mlp(self.conv(h))
+
+
 def conv_bn_relu(channels: int, width: int, kernel: int, depth: int,
                  stride: int = 1) -> list[nn.Module]:
     """``depth`` conv-BN-ReLU layers (convs without bias, padded; ``stride`` is the first's)."""

@@ -18,6 +18,7 @@ from locallearn.heads import HEADS
 from locallearn.losses import LOSSES
 from locallearn.models import CifarResNet
 from locallearn.rules import RULES
+from locallearn.rules.blockwise_ssl import label_free_losses
 from locallearn.rules.local import LocalRule
 from locallearn.trainer import TrainConfig, Trainer
 
@@ -59,13 +60,19 @@ def _one_step(stack, rule):
 @pytest.mark.parametrize("head", CLASSIFIER_HEADS)
 @pytest.mark.parametrize("rule", LOCAL_RULES)
 def test_every_head_and_loss_trains_under_every_local_rule(stacks, rule, head, loss):
+    if RULES.get(rule).factory.label_free and loss not in label_free_losses():
+        with pytest.raises(ConfigError, match=f"loss={loss} is not a label-free") as err:
+            create_rule(rule, **_options(rule, head, loss))
+        assert "\n" not in str(err.value)
+        return
     _one_step(stacks["conv"], create_rule(rule, **_options(rule, head, loss)))
 
 
 @pytest.mark.parametrize("head", CLASSIFIER_HEADS)
 @pytest.mark.parametrize("rule", LOCAL_RULES)
 def test_heads_for_feature_maps_are_refused_on_vector_outputs(stacks, rule, head):
-    composed = create_rule(rule, **_options(rule, head, "ce"))
+    loss = "barlow" if RULES.get(rule).factory.label_free else "ce"
+    composed = create_rule(rule, **_options(rule, head, loss))
     if rule == "infopro":  # the decoder rebuilds images from maps: no MLP backbone
         with pytest.raises(ConfigError, match="needs image inputs") as err:
             Trainer(copy.deepcopy(stacks["mlp"]), composed, DATA, TrainConfig(progress=False))

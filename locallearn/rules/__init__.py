@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (registration at import)
     auglocal,
+    blockwise_ssl,
     dgl,
     e2e,
     feedback,
