@@ -25,8 +25,10 @@ RUN_PY = ROOT / "benchmarks" / "run.py"
 # the network input from the step context, which must cross the stages whole; forward-
 # forward, whose prediction sums the goodness of every layer, on every stage; AugLocal,
 # whose auxiliary heads copy the architectures of blocks on later stages; blockwise SSL,
-# whose parts see two stacked views, each through the blocks on its own, and no label.
-MODELS = "vit,cnn,cnn:infopro,mlp:forward_forward,cnn:auglocal,cnn:blockwise_ssl"
+# whose parts see two stacked views, each through the blocks on its own, and no label;
+# sigprop, whose parts hand on the targets' rows beside the images' (more rows in evaluation
+# than training).
+MODELS = "vit,cnn,cnn:infopro,mlp:forward_forward,cnn:auglocal,cnn:blockwise_ssl,mlp:sigprop"
 RESUMED = "cnn"  # checkpointed and resumed: batch norm's buffers, momentum, a cosine schedule
 
 

@@ -69,7 +69,12 @@ def test_every_rule_and_local_loss_learns(rule, options, synthetic):
     else:
         net = CifarResNet(blocks=1, widths=(8, 16, 32), num_classes=10)
         stack = split(net, "stage", 2, input_size=synthetic.image_size)
-        cfg = TrainConfig(epochs=8, batch_size=32, lr=0.05, progress=False)
+        # Sigprop's head learns on the last block's pooled output, which its similarity
+        # loss does not make linearly separable: at SGD 0.05 it stays near 0.16 in eight
+        # epochs while the blocks reach 1.0 and 0.8 (docs/rules.md#sigprop); Adam as its own.
+        sigprop = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0}
+        cfg = TrainConfig(epochs=8, batch_size=32, progress=False,
+                          **(sigprop if rule == "sigprop" else {"lr": 0.05}))
     result = Trainer(stack, create_rule(rule, **options), synthetic, cfg).fit()
     best = max(a for a in [result["test_acc"], *result["block_acc"]] if a is not None)
     assert result["test_acc"] >= 0.3 and best >= 0.6, result["block_acc"]

@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (registration at import)
     infopro,
     layerwise,
     sequential,
+    sigprop,
 )
 from .base import RULES, LocalPart, Rule, create_rule, list_rules, register_rule
 
