@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (registration at import)
     infopro,
     layerwise,
     sequential,
+    softhebb,
 )
 from .base import RULES, LocalPart, Rule, create_rule, list_rules, register_rule
 
