@@ -161,6 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_rng_state(checked.built.rng)
     stack = checked.built.stack
     observers = (checked.plane,) if checked.plane is not None else ()
+    if args.probe == "linear":
+        from .analysis.probe import LinearProbe
+
+        observers += (LinearProbe(images=args.probe_images, epochs=args.probe_epochs),)
     if type(checked.rule).gradient_probe is not Rule.gradient_probe:  # fa, dfa, ...
         from .analysis.gradients import GradientProbe
 
@@ -211,8 +215,9 @@ def _fit(args: argparse.Namespace, checked: Checked, trainer, run_id: str | None
         stack=trainer.stack, parts=trainer.parts, hardware=hardware(accelerator),
         history=trainer.history,
     )
+    probe = next((o for o in trainer.observers if type(o).__name__ == "LinearProbe"), None)
     writer = RecordWriter(record, record_path(args), plane, accelerator.is_main_process,
-                          replaces=replaces)
+                          replaces=replaces, probe=probe)
     trainer.observers = (*trainer.observers, writer)  # the record shows the plane's epoch
     if args.checkpoint_dir:
         checkpointer = Checkpointer(args.checkpoint_dir, args.keep_checkpoints,

@@ -223,6 +223,13 @@ FIELDS = (
     Field("plane[].nhsic_self", "number", "", 0), Field("plane[].rank", "number", "", 0),
     *(Field(f"plane_config.{key}", "number", "", 0) for key in ("nhsic_xx", "nhsic_yy",
                                                                  "rank_x", "rank_y")),
+    Field("history[].probe_acc", "list of (number or null)"),
+    Field("history[].probe_acc[]", "number or null", "always", 0, 1),
+    Field("probe_config", "object"), Field("probe_config.train_images", "integer", "", 1),
+    Field("probe", "list of objects"), Field("probe[]", "object", "always"),
+    Field("probe[].epoch", "integer", "always", 0), Field("probe[].block", "integer", "always", 0),
+    Field("probe[].acc", "number", "always", 0, 1),
+    Field("probe[].train_acc", "number", "always", 0, 1),
 )
 
 
@@ -398,14 +405,14 @@ class RecordWriter(Observer):
     A run that replaces another run's record (``replaces``: ``--overwrite``) writes its
     own to :func:`side_file` and renames it over ``path`` only when it has finished
     (complete or diverged): until then, the record it replaces stays as it was.
-    ``record`` (from :func:`build_record`) is updated in place; ``plane`` is the
-    information-plane observer whose entries go into it, if any; only the main process
-    writes.
+    ``record`` (from :func:`build_record`) is updated in place; ``plane`` and ``probe`` are
+    the information-plane and linear-probe observers whose entries go into it, if any; only
+    the main process writes.
     """
 
     def __init__(self, record: dict[str, Any], path: str | Path, plane=None,
-                 main_process: bool = True, replaces: bool = False):
-        self.record, self.path, self.plane = record, Path(path), plane
+                 main_process: bool = True, replaces: bool = False, probe=None):
+        self.record, self.path, self.plane, self.probe = record, Path(path), plane, probe
         self.main_process, self.replaces = main_process, replaces
 
     def write(self, status: str, **fields: Any) -> None:
@@ -415,6 +422,9 @@ class RecordWriter(Observer):
         if self.plane is not None:
             record["plane_config"] = self.plane.describe()
             record["plane"] = self.plane.entries
+        if self.probe is not None:
+            record["probe_config"] = self.probe.describe()
+            record["probe"] = self.probe.entries
         record["path"] = str(self.path)
         if self.main_process and not self.replaces:
             write_json(self.path, record)

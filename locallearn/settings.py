@@ -285,7 +285,7 @@ class ProbeSettings(Flagged):
         5000, "--probe linear: class-balanced, un-augmented training images its classifiers "
         "learn from", positive_int, metavar="N")
     probe_epochs: int = _identity(
-        20, "--probe linear: epochs of each classifier (AdamW, batch 256)", positive_int,
+        30, "--probe linear: epochs of each classifier (AdamW, batch 256)", positive_int,
         metavar="E")
 
 

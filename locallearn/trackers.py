@@ -55,8 +55,11 @@ def flat(values: Any, prefix: str = "") -> dict[str, Any]:
 def epoch_scalars(record: dict[str, Any], entry: dict[str, Any]) -> dict[str, float]:
     """The numbers of one ``history`` entry and the plane rows of its epoch, flat."""
     names = record["stack"]["blocks"]
-    measured = {k: v for k, v in entry.items() if k not in NOT_LOGGED and k != "block_acc"}
-    measured["block_acc"] = dict(zip(names, entry["block_acc"], strict=True))
+    lists = ("block_acc", "probe_acc")  # one number per block: logged under its name
+    measured = {k: v for k, v in entry.items() if k not in NOT_LOGGED and k not in lists}
+    for key in lists:
+        if entry.get(key) is not None:
+            measured[key] = dict(zip(names, entry[key], strict=True))
     out = {k: v for k, v in flat(measured).items() if isinstance(v, (int, float))}
     return out | plane_scalars(record, entry["epoch"])
 

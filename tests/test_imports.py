@@ -29,11 +29,13 @@ FLOORS: list[tuple[str, ...]] = [
     # rules
     ("rules", "rules.*"),
     # the loop and its observers
-    ("trainer", "analysis", "analysis.plane", "analysis.gradients"),
+    ("trainer", "analysis", "analysis.plane", "analysis.gradients",
+     "analysis.probe"),
     ("pipeline",),  # the pipelined executor plugs into the loop (trainer.Trainer)
     # records and the command line
     ("records", "bench", "plugins", "trackers", "preflight"),  # preflight probes parts
-    ("checkpoint", "presets", "analysis.plots"),  # checkpoint writes with records.write_json
+    ("checkpoint", "presets", "analysis.plots", "analysis.probe_report"),  # checkpoint writes
+    # with records.write_json; the figures read records
     ("outputs",),  # a run's record and checkpoints, checked and taken
     ("cli",),
     ("leaderboard",),  # draws with analysis.plots; parses a record's command as cli does

@@ -505,7 +505,8 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
     args = ["--rule", "layerwise", "--model", "resnet32_cifar", "--blocks", "2",
             "--dataset", "synthetic", "--train-subset", "64", "--test-subset", "40",
             "--epochs", "1", "--batch-size", "16", "--probe-size", "32", "--no-progress",
-            "--output", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+            "--output", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--probe", "linear", "--probe-images", "32", "--probe-epochs", "2"]
     done = _launch(RUN_PY, ["--parallel", "parts", *args, "--stage-balance", "memory"], 2,
                    tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -527,6 +528,12 @@ def test_a_pipelined_run_writes_a_normal_record(tmp_path, capsys, monkeypatch):
     assert [(e["epoch"], e["block"]) for e in record["plane"]] == [(0, 0), (0, 1), (1, 0),
                                                                   (1, 1)]
     assert record["plane_config"]["m"] == 32 and len(record["plane_config"]["seconds"]) == 2
+    # So are the linear probes: each stage trains its own blocks' on the probe set's output
+    # the previous stage sent.
+    assert [(e["epoch"], e["block"]) for e in record["probe"]] == [(0, 0), (0, 1), (1, 0),
+                                                                  (1, 1)]
+    assert entry["probe_acc"] == [e["acc"] for e in record["probe"][2:]]
+    assert record["probe_config"]["test_images"] == 40
     # docs/records.md documents every field, and the pipelined ones are there
     from test_record_format import documented, undocumented
 

@@ -118,6 +118,8 @@ def records(tmp_path_factory):
                              "--checkpoint-dir", str(tmp / "ckpt"), "--resume")
     made["diverged"], _ = run("--rule", "e2e", "--no-plane", "--max-loss", "1e-9",
                               status=EXIT_DIVERGED)
+    made["probe"], _ = run("--rule", "e2e", "--no-plane", "--probe", "linear",
+                           "--probe-images", "16", "--probe-epochs", "1")
     import torch
 
     if torch.cuda.is_available():

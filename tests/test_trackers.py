@@ -7,7 +7,7 @@ from locallearn.records import read_record
 
 TINY = ["--rule", "layerwise", "--model", "resnet18", "--dataset", "synthetic", "--epochs", "1",
         "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--probe-size", "32",
-        "--no-progress"]
+        "--no-progress", "--probe", "linear", "--probe-images", "32", "--probe-epochs", "1"]
 
 
 def scalars(folder):
@@ -37,6 +37,8 @@ def test_tensorboard_gets_the_records_numbers(tmp_path, capsys):
     names = record["stack"]["blocks"]
     for name, acc in zip(names, record["block_acc"], strict=True):
         assert logged[f"block_acc/{name}"] == {1: pytest.approx(acc)}
+    for name, acc in zip(names, entry["probe_acc"], strict=True):  # --probe linear
+        assert logged[f"probe_acc/{name}"] == {1: pytest.approx(acc)}
     assert {row["epoch"] for row in record["plane"]} == {0, 1}
     for row in record["plane"]:  # before training (step 0) and after the epoch
         for key in ("nhsic_x", "nhsic_y", "cka_y"):
