@@ -71,11 +71,9 @@ def softhebb_delta(conv: nn.Conv2d, x: torch.Tensor, t_invert: float) -> torch.T
     y = torch.softmax(t_invert * u, dim=1)
     winner = F.one_hot(u.argmax(dim=1), u.shape[1]).permute(0, 3, 1, 2).bool()
     y = torch.where(winner, y, -y)
-    # sum over batch and output pixels of y * x for each kernel tap: a convolution of the
-    # input with y (stride and dilation swap roles), cropped to the kernel.
-    yx = F.conv2d(x.transpose(0, 1), y.transpose(0, 1), stride=conv.dilation,
-                  dilation=conv.stride).transpose(0, 1)
-    yx = yx[:, :, : w.shape[2], : w.shape[3]]
+    # sum over batch and output pixels of y * x for each kernel tap: the weight gradient of
+    # the convolution for output gradient y, by the backend's fast backward-weight kernel.
+    yx = torch.nn.grad.conv2d_weight(x, w.shape, y, conv.stride, 0, conv.dilation)
     yu = (y * u).sum(dim=(0, 2, 3))
     delta = yx - yu.view(-1, 1, 1, 1) * w
     return delta / (delta.abs().amax() + 1e-30)
