@@ -83,7 +83,7 @@ def test_the_update_equals_the_reference_codes():
 
 
 def _hebbian_weights(trainer):
-    return [p.detach().clone() for part in trainer.parts[:-1] for p in part.parameters()]
+    return [p.detach().clone() for part in trainer.parts for p in part.parameters()]
 
 
 @pytest.mark.parametrize("model", ["softhebb_cnn", "resnet32_cifar"])
@@ -110,28 +110,29 @@ def test_a_step_is_the_rule_and_reads_no_label(data, model):
     shuffled.train_step(x, dataclasses.replace(step, labels=labels), shuffled.schedule[0])
     for a, b in zip(_hebbian_weights(trainer), _hebbian_weights(shuffled), strict=True):
         assert torch.equal(a, b)  # no label reached a Hebbian layer
-    head = [p for p in trainer.parts[-1].parameters()]
-    assert any(not torch.equal(a, b) for a, b in
-               zip(head, shuffled.parts[-1].parameters(), strict=True))  # the classifier's did
+    head = trainer.stack.head
+    assert all(not p.requires_grad for p in head.parameters())  # nothing trains the head
+    assert not any(p is q for part in trainer.parts for p in part.parameters()
+                   for q in head.parameters())
     if want is not None:  # resnet's conv runs in train mode, no BN before it: same input
         torch.testing.assert_close(conv.weight.detach(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_weights_go_to_the_fixed_point_and_resume_exactly(data, tmp_path):
-    whole = _trainer(data, hebbian_epochs=0)
+    whole = _trainer(data)
     norms = [[(c.weight.detach().flatten(1).norm(dim=1) - 1).abs().mean().item()
-              for c in part.convs.values()] for part in whole.parts[:-1]]
+              for c in part.convs.values()] for part in whole.parts]
     for epoch in range(2):
         whole.history.append(whole._train_epoch(epoch))
     path = save(whole, tmp_path, 2, {}, 1, "run")
     whole.history.append(whole._train_epoch(2))
-    for part, before in zip(whole.parts[:-1], norms, strict=True):
+    for part, before in zip(whole.parts, norms, strict=True):
         after = [(c.weight.detach().flatten(1).norm(dim=1) - 1).abs().mean().item()
                  for c in part.convs.values()]
         assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
     metrics = [h["rule_metrics"]["norm_distance"]["stem"] for h in whole.history]
     assert metrics[2] < metrics[0]
-    resumed = _trainer(data, hebbian_epochs=0)
+    resumed = _trainer(data)
     assert load(resumed, path, {}, "run") == 2
     resumed._train_epoch(2)
     for a, b in zip(whole.parts, resumed.parts, strict=True):
@@ -139,10 +140,16 @@ def test_the_weights_go_to_the_fixed_point_and_resume_exactly(data, tmp_path):
             assert torch.equal(x, y), name
 
 
-def test_after_the_hebbian_epochs_only_the_classifier_learns(data):
+def test_every_epoch_trains_every_block_and_nothing_predicts(data):
     trainer = _trainer(data, epochs=2)
-    assert trainer.schedule == [[0, 1, 2, 3], [3]]
-    assert create_rule("softhebb").label_free is False  # the classifier gives logits
+    assert trainer.schedule == [[0, 1, 2], [0, 1, 2]]
+    assert create_rule("softhebb").label_free  # its accuracy is the linear probe's
+    x, step = trainer.make_step(data.test_images[:8], data.test_labels[:8],
+                                trainer.eval_transform)
+    with torch.no_grad():
+        for part in trainer.parts:
+            x, scored = part.eval()(x, step)
+            assert scored.logits is None
 
 
 def _refused(capsys, argv):
@@ -163,7 +170,9 @@ def test_check_passes_and_refusals_are_one_line(capsys):
         create_rule("softhebb").parts(vgg, 10, torch.zeros(2, 3, 32, 32))
     line = _refused(capsys, [*base, "--model", "ff_mlp"])
     assert "is a Linear" in line or "has no nn.Conv2d" in line
-    line = _refused(capsys, [*base, "--rule-opt", "classifier_lr=0"])
-    assert "classifier_lr > 0" in line
+    line = _refused(capsys, [*base, "--rule-opt", "hebb_lr=-1"])
+    assert "hebb_lr, norm_power >= 0" in line
+    line = _refused(capsys, [*base, "--probe", "none"])
+    assert "learns without labels" in line
     with pytest.raises(ConfigError, match="width of softhebb_cnn"):
         timm.create_model("softhebb_cnn", width=0)

@@ -1,5 +1,5 @@
 """SoftHebb (``softhebb``): soft winner-take-all Hebbian plasticity in every convolution, no
-feedback of any kind; a linear classifier learns on the detached output of the last block.
+feedback and no label; the shared linear probe measures what the blocks learnt.
 
 Journé, Garcia Rodriguez, Guo & Moraitis, "Hebbian Deep Learning Without Feedback" (ICLR
 2023); reference code github NeuromorphicComputing/SoftHebb (``demo.py``, ``hebbconv.py``).
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..objectives import classifier, no_objective
+from ..objectives import no_objective
 from ..step import Scored
 from .base import LocalPart, Rule, register_rule
 
@@ -39,16 +39,11 @@ class SoftHebbConfig:
         hebb_lr: the Hebbian learning rate (times ``--lr``); 0: each convolution's own
             ``hebb_lr`` (``softhebb_cnn``: 0.08, 0.005, 0.01), else 0.01.
         norm_power: the exponent of ``|‖w_i‖ - 1|`` in the per-neuron rate (0: constant).
-        hebbian_epochs: epochs in which the Hebbian parts learn (then only the classifier
-            does, on frozen blocks, as the paper's single unsupervised epoch); 0: every epoch.
-        classifier_lr: the classifier part's learning rate, a multiple of ``--lr``.
     """
 
     t_invert: float = 0.0
     hebb_lr: float = 0.0
     norm_power: float = 0.5
-    hebbian_epochs: int = 1
-    classifier_lr: float = 0.01
 
 
 def _check_conv(conv: nn.Conv2d, where: str) -> None:
@@ -145,16 +140,17 @@ def hebbian_convs(block: nn.Module, prefix: str) -> dict[str, nn.Conv2d]:
     "softhebb",
     paper=("Journé, Garcia Rodriguez, Guo & Moraitis 2023, Hebbian Deep Learning Without "
            "Feedback (ICLR)"),
-    summary="soft winner-take-all Hebbian plasticity in every conv, no feedback; a linear "
-            "classifier on the detached last block",
+    summary="soft winner-take-all Hebbian plasticity in every conv, no feedback, no label "
+            "(accuracy: the linear probe's)",
 )
 class SoftHebb(Rule):
-    """One part per block learnt by SoftHebb (no labels, no logits), then the model's head as a
-    classifier part trained by cross-entropy on the detached last block output. Parts exchange
-    detached activations only, so the rule pipelines where its schedule trains every part
-    (``hebbian_epochs=0``, or a single epoch)."""
+    """One part per block learnt by SoftHebb (no labels, no logits); the model's head is in no
+    part and never trains. As the paper's protocol, a linear classifier on the frozen features
+    measures them: the shared linear probe (``--probe linear``), after every epoch. Parts
+    exchange detached activations only, so the rule pipelines."""
 
     Config: ClassVar[type] = SoftHebbConfig
+    label_free: ClassVar[bool] = True
     # The reference: plain SGD on the Hebbian step (its rate folded into the surrogate).
     training_defaults: ClassVar[dict] = {
         "model": "softhebb_cnn", "probe": "linear", "optimizer": "sgd", "lr": 1.0,
@@ -163,15 +159,14 @@ class SoftHebb(Rule):
     def __init__(self, config=None):
         super().__init__(config)
         c = self.config
-        if c.t_invert < 0 or c.hebb_lr < 0 or c.norm_power < 0 or c.hebbian_epochs < 0 \
-                or c.classifier_lr <= 0:
-            raise ConfigError("options of rule 'softhebb' need t_invert, hebb_lr, norm_power, "
-                              "hebbian_epochs >= 0 and classifier_lr > 0; got "
-                              f"{c.t_invert}, {c.hebb_lr}, {c.norm_power}, {c.hebbian_epochs}, "
-                              f"{c.classifier_lr}")
+        if min(c.t_invert, c.hebb_lr, c.norm_power) < 0:
+            raise ConfigError("options of rule 'softhebb' need t_invert, hebb_lr, norm_power "
+                              f">= 0; got {c.t_invert}, {c.hebb_lr}, {c.norm_power}")
 
     def parts(self, stack, num_classes, example):
         c, parts = self.config, []
+        for p in stack.head.parameters():  # in no part: the probe reads the blocks instead
+            p.requires_grad_(False)
         for k, (name, block) in enumerate(zip(stack.names, stack.blocks, strict=True)):
             convs = hebbian_convs(block, name)
             if not convs:
@@ -187,11 +182,4 @@ class SoftHebb(Rule):
                 settings[sub] = (c.t_invert or getattr(conv, "t_invert", 1.0),
                                  c.hebb_lr or getattr(conv, "hebb_lr", 0.01))
             parts.append(HebbianPart(name, [block], [k], convs, settings, c.norm_power))
-        parts.append(LocalPart("head", [], [], classifier(stack.head), c.classifier_lr))
         return parts
-
-    def trained_parts(self, epoch, epochs, num_parts):
-        hebbian = self.config.hebbian_epochs
-        if hebbian and epoch >= hebbian:
-            return [num_parts - 1]
-        return list(range(num_parts))
