@@ -24,8 +24,9 @@ RUN_PY = ROOT / "benchmarks" / "run.py"
 # Layer norm; batch norm (whose buffers must match too); InfoPro, whose decoder rebuilds
 # the network input from the step context, which must cross the stages whole; forward-
 # forward, whose prediction sums the goodness of every layer, on every stage; AugLocal,
-# whose auxiliary heads copy the architectures of blocks on later stages.
-MODELS = "vit,cnn,cnn:infopro,mlp:forward_forward,cnn:auglocal"
+# whose auxiliary heads copy the architectures of blocks on later stages; SoftHebb, label-free
+# (no part gives logits), whose step is a surrogate built in its forward.
+MODELS = "vit,cnn,cnn:infopro,mlp:forward_forward,cnn:auglocal,cnn:softhebb"
 RESUMED = "cnn"  # checkpointed and resumed: batch norm's buffers, momentum, a cosine schedule
 
 
