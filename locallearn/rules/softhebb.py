@@ -62,13 +62,14 @@ def softhebb_delta(conv: nn.Conv2d, x: torch.Tensor, t_invert: float) -> torch.T
     w, x = conv.weight.detach().float(), x.detach().float()
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-    u = F.conv2d(x, w, None, conv.stride, 0, conv.dilation)
-    y = torch.softmax(t_invert * u, dim=1)
-    winner = F.one_hot(u.argmax(dim=1), u.shape[1]).permute(0, 3, 1, 2).bool()
-    y = torch.where(winner, y, -y)
-    # sum over batch and output pixels of y * x for each kernel tap: the weight gradient of
-    # the convolution for output gradient y, by the backend's fast backward-weight kernel.
-    yx = torch.nn.grad.conv2d_weight(x, w.shape, y, conv.stride, 0, conv.dilation)
+    with torch.autocast(x.device.type, enabled=False):  # bf16 runs: still all float32
+        u = F.conv2d(x, w, None, conv.stride, 0, conv.dilation)
+        y = torch.softmax(t_invert * u, dim=1)
+        winner = F.one_hot(u.argmax(dim=1), u.shape[1]).permute(0, 3, 1, 2).bool()
+        y = torch.where(winner, y, -y)
+        # sum over batch and output pixels of y * x for each kernel tap: the weight gradient
+        # of the convolution for output gradient y, by the backend's backward-weight kernel.
+        yx = torch.nn.grad.conv2d_weight(x, w.shape, y, conv.stride, 0, conv.dilation)
     yu = (y * u).sum(dim=(0, 2, 3))
     delta = yx - yu.view(-1, 1, 1, 1) * w
     return delta / (delta.abs().amax() + 1e-30)
