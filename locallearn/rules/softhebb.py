@@ -56,17 +56,21 @@ def _check_conv(conv: nn.Conv2d, where: str) -> None:
 
 
 @torch.no_grad()
-def softhebb_delta(conv: nn.Conv2d, x: torch.Tensor, t_invert: float) -> torch.Tensor:
+def softhebb_delta(conv: nn.Conv2d, x: torch.Tensor, t_invert: float,
+                   u: torch.Tensor | None = None) -> torch.Tensor:
     """SoftHebb's update direction of ``conv`` for its input ``x`` (normalised to max |.| = 1),
-    in float32: ``sum y (x - u w)`` with anti-Hebbian non-winners, as ``demo.py``."""
+    in float32: ``sum y (x - u w)`` with anti-Hebbian non-winners, as ``demo.py``. ``u``: the
+    convolution's float32 output for ``x`` where the forward computed it already."""
     w, x = conv.weight.detach().float(), x.detach().float()
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
     with torch.autocast(x.device.type, enabled=False):  # bf16 runs: still all float32
-        u = F.conv2d(x, w, None, conv.stride, 0, conv.dilation)
-        y = torch.softmax(t_invert * u, dim=1)
-        winner = F.one_hot(u.argmax(dim=1), u.shape[1]).permute(0, 3, 1, 2).bool()
-        y = torch.where(winner, y, -y)
+        if u is None or u.dtype != torch.float32:
+            u = F.conv2d(x, w, None, conv.stride, 0, conv.dilation)
+        # every unit anti-Hebbian (negated) but each pixel's winner
+        y = torch.softmax(t_invert * u, dim=1).neg_()
+        winner = u.argmax(dim=1, keepdim=True)
+        y.scatter_(1, winner, y.gather(1, winner).neg_())
         # sum over batch and output pixels of y * x for each kernel tap: the weight gradient
         # of the convolution for output gradient y, by the backend's backward-weight kernel.
         yx = torch.nn.grad.conv2d_weight(x, w.shape, y, conv.stride, 0, conv.dilation)
@@ -86,7 +90,7 @@ class HebbianPart(LocalPart):
     """Blocks learnt by SoftHebb alone: no logits, no gradient through activations.
 
     In training its forward runs the blocks without autograd, each convolution's update
-    computed from its input on the way (a forward pre-hook), and returns the surrogate
+    computed from its input and output on the way (a forward hook), and returns the surrogate
     ``d + sum <w - w.detach(), -rate * delta>``: gradient minus the SoftHebb step, value
     ``d`` the mean distance of the neurons' norms from 1 (what the rule drives to 0).
     """
@@ -100,9 +104,9 @@ class HebbianPart(LocalPart):
         if not (step.train and torch.is_grad_enabled()):
             return super().forward(x, step)
         deltas: dict[str, torch.Tensor] = {}
-        hooks = [conv.register_forward_pre_hook(
-            lambda m, args, name=name: deltas.__setitem__(
-                name, softhebb_delta(m, args[0], self.settings[name][0])))
+        hooks = [conv.register_forward_hook(  # its output is u: no second convolution
+            lambda m, args, out, name=name: deltas.__setitem__(
+                name, softhebb_delta(m, args[0], self.settings[name][0], out)))
             for name, conv in self.convs.items()]
         try:
             with torch.no_grad():
