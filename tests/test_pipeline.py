@@ -27,8 +27,9 @@ RUN_PY = ROOT / "benchmarks" / "run.py"
 # whose auxiliary heads copy the architectures of blocks on later stages; blockwise SSL,
 # whose parts see two stacked views, each through the blocks on its own, and no label;
 # sigprop, whose parts hand on the targets' rows beside the images' (more rows in evaluation
-# than training).
-MODELS = "vit,cnn,cnn:infopro,mlp:forward_forward,cnn:auglocal,cnn:blockwise_ssl,mlp:sigprop"
+# than training); SoftHebb, label-free, whose step is a surrogate built in its forward.
+MODELS = ("vit,cnn,cnn:infopro,mlp:forward_forward,cnn:auglocal,cnn:blockwise_ssl,mlp:sigprop,"
+          "cnn:softhebb")
 RESUMED = "cnn"  # checkpointed and resumed: batch norm's buffers, momentum, a cosine schedule
 
 

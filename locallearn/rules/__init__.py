@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (registration at import)
     layerwise,
     sequential,
     sigprop,
+    softhebb,
 )
 from .base import RULES, LocalPart, Rule, create_rule, list_rules, register_rule
 
