@@ -117,3 +117,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if seconds.get(item.nodeid, 0.0) >= SLOW_SECONDS:
             item.add_marker(pytest.mark.slow)
+
+
+def resumes_exactly(whole, make, tmp_path, epochs: int = 2):
+    """Train the Trainer ``whole`` ``epochs`` epochs, checkpoint it and train one more; a new
+    Trainer from ``make()`` resumed from that checkpoint trains the same epoch, and every part's
+    state must then be bit-identical to ``whole``'s. Returns ``whole`` (its history holds the
+    ``epochs + 1`` epochs, for the caller's checks that it learned)."""
+    import torch
+
+    from locallearn.checkpoint import load, save
+
+    for epoch in range(epochs):
+        whole.history.append(whole._train_epoch(epoch))
+    path = save(whole, tmp_path, epochs, {}, 1, "run")
+    whole.history.append(whole._train_epoch(epochs))
+    resumed = make()
+    assert load(resumed, path, {}, "run") == epochs
+    resumed._train_epoch(epochs)
+    for a, b in zip(whole.parts, resumed.parts, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name
+    return whole
+
+
+def every_part_loss_fell(trainer) -> None:
+    """Each part's mean loss in the last epoch of ``trainer.history`` is below its first's."""
+    first, last = trainer.history[0]["part_loss"], trainer.history[-1]["part_loss"]
+    for name in first:
+        assert last[name] < first[name], name

@@ -23,9 +23,9 @@ import dataclasses
 import pytest
 import timm
 import torch
+from conftest import every_part_loss_fell, resumes_exactly
 
 from locallearn import create_rule, split
-from locallearn.checkpoint import load, save
 from locallearn.cli import main
 from locallearn.errors import ConfigError
 from locallearn.heads import build_head
@@ -144,19 +144,8 @@ def test_no_gradient_crosses_parts(data):
 
 def test_it_learns_and_resumes_exactly(data, tmp_path):
     rule = create_rule("blockwise_ssl", **SMALL)
-    whole = _trainer(data, _stack(), rule)
-    for epoch in range(2):
-        whole.history.append(whole._train_epoch(epoch))
-    path = save(whole, tmp_path, 2, {}, 1, "run")
-    whole.history.append(whole._train_epoch(2))
-    for name in whole.history[0]["part_loss"]:  # every part's loss fell
-        assert whole.history[2]["part_loss"][name] < whole.history[0]["part_loss"][name], name
-    resumed = _trainer(data, _stack(), rule)
-    assert load(resumed, path, {}, "run") == 2
-    resumed._train_epoch(2)
-    for a, b in zip(whole.parts, resumed.parts, strict=True):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            assert torch.equal(x, y), name
+    every_part_loss_fell(resumes_exactly(_trainer(data, _stack(), rule),
+                                         lambda: _trainer(data, _stack(), rule), tmp_path))
 
 
 @pytest.mark.parametrize("options, match", [

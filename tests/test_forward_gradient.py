@@ -14,10 +14,10 @@ import dataclasses
 import pytest
 import timm
 import torch
+from conftest import every_part_loss_fell, resumes_exactly
 from torch import nn
 
 from locallearn import create_rule, split
-from locallearn.checkpoint import load, save
 from locallearn.errors import ConfigError
 from locallearn.objectives import classifier
 from locallearn.pipeline import check_rule
@@ -216,18 +216,8 @@ def _trainer(data, rule, model="ff_mlp"):
 def test_activity_local_learns_and_resumes_exactly(data, tmp_path):
     whole = _trainer(data, create_rule("forward_gradient"))
     assert [p.part_name for p in whole.parts] == ["stem+layers.0", "layers.1", "head"]
-    for epoch in range(2):
-        whole.history.append(whole._train_epoch(epoch))
-    path = save(whole, tmp_path, 2, {}, 1, "run")
-    whole.history.append(whole._train_epoch(2))
-    for name in whole.history[0]["part_loss"]:  # every part's loss fell
-        assert whole.history[2]["part_loss"][name] < whole.history[0]["part_loss"][name]
-    resumed = _trainer(data, create_rule("forward_gradient"))
-    assert load(resumed, path, {}, "run") == 2
-    resumed._train_epoch(2)
-    for a, b in zip(whole.parts, resumed.parts, strict=True):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            assert torch.equal(x, y), name
+    resumes_exactly(whole, lambda: _trainer(data, create_rule("forward_gradient")), tmp_path)
+    every_part_loss_fell(whole)
 
 
 @pytest.mark.parametrize("model, options", [

@@ -27,12 +27,12 @@ import dataclasses
 import pytest
 import timm
 import torch
+from conftest import every_part_loss_fell, resumes_exactly
 from timm.models.resnet import BasicBlock
 from torch import nn
 
 from locallearn import create_rule, split
 from locallearn.blocks import BlockStack
-from locallearn.checkpoint import load, save
 from locallearn.errors import ConfigError
 from locallearn.objectives import Objective, Term
 from locallearn.pipeline import check_rule
@@ -210,24 +210,14 @@ def test_the_option_learns_and_resumes_exactly(data, tmp_path, rule):
     source = dict(whole.parts[1].blocks[0][0].named_parameters())
     gap = {n: (b - source[n]).norm().item() for n, b in front.ema.named_buffers() if n in source}
     learned = [p.detach().clone() for p in front.learned.parameters()]
-    for epoch in range(2):
-        whole.history.append(whole._train_epoch(epoch))
-    path = save(whole, tmp_path, 2, {}, 1, "run")
-    whole.history.append(whole._train_epoch(2))
+    resumes_exactly(whole, lambda: _trainer(data, stack, create_rule(rule, **options)), tmp_path)
     # The average closed on the weights it follows; the learned block trained.
     for n, b in front.ema.named_buffers():
         if n in source and gap[n] > 0:
             assert (b - source[n]).norm().item() < 0.5 * gap[n], n
     assert not any(torch.equal(a, b) for a, b in zip(learned, front.learned.parameters(),
                                                       strict=True))
-    for name in whole.history[0]["part_loss"]:  # every part's loss fell
-        assert whole.history[2]["part_loss"][name] < whole.history[0]["part_loss"][name]
-    resumed = _trainer(data, stack, create_rule(rule, **options))
-    assert load(resumed, path, {}, "run") == 2
-    resumed._train_epoch(2)
-    for a, b in zip(whole.parts, resumed.parts, strict=True):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            assert torch.equal(x, y), name
+    every_part_loss_fell(whole)
 
 
 def test_the_update_reads_the_next_part_before_its_step(data):

@@ -10,9 +10,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import every_part_loss_fell, resumes_exactly
 
 from locallearn import cli, create_rule, split
-from locallearn.checkpoint import load, save
 from locallearn.errors import ConfigError
 from locallearn.models import CifarResNet
 from locallearn.rules.sigprop import sigprop_loss, similarities
@@ -118,19 +118,8 @@ def test_evaluation_scores_every_class_at_every_depth(tiny_data):
 
 
 def test_it_learns_and_resumes_exactly(tiny_data, tmp_path):
-    whole = _conv_trainer(tiny_data)
-    for epoch in range(2):
-        whole.history.append(whole._train_epoch(epoch))
-    path = save(whole, tmp_path, 2, {}, 1, "run")
-    whole.history.append(whole._train_epoch(2))
-    for name in whole.history[0]["part_loss"]:  # every part's loss fell
-        assert whole.history[2]["part_loss"][name] < whole.history[0]["part_loss"][name], name
-    resumed = _conv_trainer(tiny_data)
-    assert load(resumed, path, {}, "run") == 2
-    resumed._train_epoch(2)
-    for a, b in zip(whole.parts, resumed.parts, strict=True):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            assert torch.equal(x, y), name
+    every_part_loss_fell(resumes_exactly(_conv_trainer(tiny_data),
+                                         lambda: _conv_trainer(tiny_data), tmp_path))
 
 
 def test_the_targets_pass_leaves_the_running_statistics_to_the_images(tiny_data):

@@ -9,10 +9,10 @@ import math
 import pytest
 import timm
 import torch
+from conftest import resumes_exactly
 from torch import nn
 
 from locallearn import create_rule, split
-from locallearn.checkpoint import load, save
 from locallearn.cli import main
 from locallearn.data import load_dataset
 from locallearn.errors import ConfigError
@@ -122,22 +122,13 @@ def test_the_weights_go_to_the_fixed_point_and_resume_exactly(data, tmp_path):
     whole = _trainer(data)
     norms = [[(c.weight.detach().flatten(1).norm(dim=1) - 1).abs().mean().item()
               for c in part.convs.values()] for part in whole.parts]
-    for epoch in range(2):
-        whole.history.append(whole._train_epoch(epoch))
-    path = save(whole, tmp_path, 2, {}, 1, "run")
-    whole.history.append(whole._train_epoch(2))
+    resumes_exactly(whole, lambda: _trainer(data), tmp_path)
     for part, before in zip(whole.parts, norms, strict=True):
         after = [(c.weight.detach().flatten(1).norm(dim=1) - 1).abs().mean().item()
                  for c in part.convs.values()]
         assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
     metrics = [h["rule_metrics"]["norm_distance"]["stem"] for h in whole.history]
     assert metrics[2] < metrics[0]
-    resumed = _trainer(data)
-    assert load(resumed, path, {}, "run") == 2
-    resumed._train_epoch(2)
-    for a, b in zip(whole.parts, resumed.parts, strict=True):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            assert torch.equal(x, y), name
 
 
 def test_every_epoch_trains_every_block_and_nothing_predicts(data):
