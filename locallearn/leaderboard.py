@@ -59,7 +59,9 @@ after the last epoch ([information_plane.md](information_plane.md)); **Δ e2e**:
 the test accuracy less that of the table's e2e row, in percentage points (blank
 for that row and in a table without one); **recipe**: epochs, optimizer, peak
 learning rate and batch size; **options**: rule options and whatever else
-differs between the table's rows. Under each table, the command that made each
+differs between the table's rows. **(probe)**: a label-free rule (no prediction
+of its own), whose accuracies are its linear probes' (`--probe linear`,
+[records.md](records.md#probe_config)). Under each table, the command that made each
 row, with the seed varying over the row's seeds, and how it is known: recorded
 by the run, rebuilt from an older record's config (only where the rebuilt
 command gives the same config again), or not recorded
@@ -89,6 +91,11 @@ class Row:
         """Test accuracy: mean and sample standard deviation over seeds (None for one seed)."""
         accs = [float(r["test_acc"]) for r in self.records]
         return sum(accs) / len(accs), statistics.stdev(accs) if len(accs) > 1 else None
+
+    def probed(self) -> bool:
+        """Whether the accuracies are the linear probe's (a label-free rule's records)."""
+        return all(r.get("probe") and r["history"] and
+                   r["history"][-1].get("probe_acc") == r["block_acc"] for r in self.records)
 
     def block_acc(self) -> list[float]:
         """Mean accuracy at each depth that has a prediction, shallow to deep."""
@@ -295,7 +302,8 @@ def _presets_line(table: Table) -> str:
 
 def _cells(table: Table, row: Row) -> list[str]:
     mean, std = row.acc()
-    acc = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+    acc = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}") + (
+        " (probe)" if row.probed() else "")
     aux = row.value("params_auxiliary")  # below 0 when a rule leaves the model's head unused
     params = f"{_fmt(row.value('params_backbone'), '.2f', 1e-6)}M + " + (
         "0" if not aux or aux < 0 else _count(aux))

@@ -292,3 +292,18 @@ def test_delta_is_blank_without_an_e2e_row():
     (table,) = build_tables([*rows, ("c", e2e)])
     assert [round(100 * d, 6) if d is not None else d for d in map(table.delta, table.rows)] \
         == [None, -20.0, -10.0]
+
+
+def test_a_label_free_rows_accuracy_is_marked_as_the_probes():
+    free = make_record("blockwise_ssl", 0, 0.4)
+    free["probe"] = [{"epoch": 2, "block": b, "name": n, "acc": a, "train_acc": a}
+                     for b, (n, a) in enumerate(zip(NAMES, free["block_acc"], strict=True))]
+    free["history"][-1]["probe_acc"] = list(free["block_acc"])
+    probed_e2e = make_record("e2e", 0, 0.5)  # probes too, but its accuracy is its own head's
+    probed_e2e["probe"] = free["probe"]
+    probed_e2e["history"][-1]["probe_acc"] = list(free["block_acc"])
+    (table,) = build_tables([("a", free), ("b", probed_e2e)])
+    lines = render_markdown([table], [], "x", {}).splitlines()
+    cells = {x.split("|")[1].strip(): x.split("|")[3].strip() for x in lines
+             if x.startswith(("| blockwise_ssl |", "| e2e |"))}
+    assert cells == {"blockwise_ssl": "40.00 (probe)", "e2e": "50.00"}
