@@ -8,6 +8,7 @@ rule learned anything). ``python benchmarks/probes.py RECORDS... [-o FIGURE]``.
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -22,23 +23,17 @@ __all__ = ["by_run", "figure", "main", "table"]
 
 
 def by_run(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The records grouped by run: the rule, the rule options that tell two runs of one rule
-    apart, and the model where the records have several."""
-    def options(r: dict[str, Any]) -> dict[str, Any]:
-        return (r.get("config") or {}).get("rule_options") or {}
-
+    """The records grouped by run: records whose file names differ only in the seed
+    (``RUN__...__seedN.json``, as run.py and the grid runner name them) are one run, labelled
+    by its run id (the name's first field: ``blockwise_ssl-e2e``), or by the whole name
+    where two runs share a run id."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    models = len({r.get("model") for r in records}) > 1
     for record in records:
-        rule = record.get("rule", "?")
-        others = [options(r) for r in records if r.get("rule") == rule]
-        mine = options(record)
-        keys = sorted({k for o in others for k in {*o, *mine} if o.get(k) != mine.get(k)})
-        label = rule + "".join(f" {k}={mine[k]}" for k in keys if k in mine)
-        if models:
-            label += f" · {record.get('model')}"
-        groups.setdefault(label, []).append(record)
-    return groups
+        name = Path(str(record.get("file") or record.get("path") or "run")).name
+        groups.setdefault(re.sub(r"__seed\d+(\.json)?$", "", name), []).append(record)
+    ids = [key.split("__")[0] for key in groups]
+    return {(i if ids.count(i) == 1 else key): group
+            for i, (key, group) in zip(ids, groups.items(), strict=True)}
 
 
 def accuracy(record: dict[str, Any], epoch: int | None = None) -> list[float]:
@@ -49,6 +44,12 @@ def accuracy(record: dict[str, Any], epoch: int | None = None) -> list[float]:
     epoch = max(e["epoch"] for e in record["probe"]) if epoch is None else epoch
     rows = sorted((e["block"], e["acc"]) for e in record["probe"] if e["epoch"] == epoch)
     return [acc for _, acc in rows]
+
+
+def _short(name: str) -> str:
+    """A grouped block's name (``stem+layer1.0+...+layer3.4``) as its ends."""
+    ends = name.split("+")
+    return name if len(ends) < 3 else f"{ends[0]}+…+{ends[-1]}"
 
 
 def _spread(values: list[list[float]]) -> list[tuple[float, float]]:
@@ -68,7 +69,7 @@ def table(records: Sequence[dict[str, Any]]) -> str:
         seeds = sorted((r.get("config") or {}).get("seed") for r in group)
         epochs = {max(e["epoch"] for e in r["probe"]) for r in group}
         for when, epoch in ((f"after epoch {max(epochs)}", None), ("before training", 0)):
-            cells = [f"{names[k]} {100 * m:.1f} ± {100 * s:.1f}"
+            cells = [f"{_short(names[k])} {100 * m:.1f} ± {100 * s:.1f}"
                      for k, (m, s) in enumerate(_spread([accuracy(r, epoch) for r in group]))]
             lines.append(f"| {label} | {len(seeds)} | {when} | " + " · ".join(cells) + " |")
     head = ["| run | seeds | probes | test accuracy %, per block (mean ± sd over seeds) |",
@@ -77,34 +78,40 @@ def table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def figure(records: Sequence[dict[str, Any]]):
-    """Accuracy by depth: a line per run after the last epoch (mean, bars: ± sd over seeds),
-    dashed in the same colour before training."""
+    """Accuracy by depth, a panel per model: a line per run after the last epoch (mean, bars:
+    ± sd over seeds), dashed in the same colour before training. Depth runs from the first
+    block (0) to the last (1), so a run cut into fewer blocks (``--blocks 1``: the whole
+    network, at 1) sits beside the others."""
     from matplotlib.figure import Figure
 
     from .plots import STYLE
 
     groups = by_run(records)
-    names = {tuple(g[0]["stack"]["blocks"]) for g in groups.values()}
+    models = sorted({g[0].get("model", "?") for g in groups.values()})
     with _style(STYLE):
-        fig = Figure(figsize=(6.6, 3.9), layout="constrained")
-        ax = fig.subplots()
-        for i, (label, group) in enumerate(groups.items()):
-            color = f"C{i % 10}"
-            for epoch, style in ((None, "o-"), (0, "s--")):
-                mean, sd = zip(*_spread([accuracy(r, epoch) for r in group]), strict=True)
-                depth = range(len(mean))
-                ax.errorbar(depth, [100 * m for m in mean], [100 * s for s in sd], fmt=style,
-                            ms=4, capsize=2, color=color, alpha=1.0 if epoch is None else 0.5,
-                            label=label if epoch is None else None)
-        if len(names) == 1:
-            (shared,) = names
-            ax.set_xticks(range(len(shared)), shared, rotation=30, fontsize=7)
-        ax.set_xlabel("block" if len(names) == 1 else "block (depth)")
-        ax.set_ylabel("linear-probe test accuracy (%)")
-        ax.plot([], [], "s--", color="0.5", alpha=0.5, label="same network before training")
-        ax.legend(fontsize=7, loc="best")
+        fig = Figure(figsize=(4.6 * len(models) + 0.6, 3.9), layout="constrained")
+        axes = fig.subplots(1, len(models), squeeze=False)[0]
+        for ax, model in zip(axes, models, strict=True):
+            runs = {k: g for k, g in groups.items() if g[0].get("model", "?") == model}
+            for label, group in runs.items():
+                color = f"C{list(groups).index(label) % 10}"
+                for epoch, style in ((None, "o-"), (0, "s--")):
+                    mean, sd = zip(*_spread([accuracy(r, epoch) for r in group]), strict=True)
+                    depth = [k / max(len(mean) - 1, 1) if len(mean) > 1 else 1.0
+                             for k in range(len(mean))]
+                    ax.errorbar(depth, [100 * m for m in mean], [100 * s for s in sd],
+                                fmt=style, ms=4, capsize=2, color=color,
+                                alpha=1.0 if epoch is None else 0.5,
+                                label=label if epoch is None else None)
+            names = max((g[0]["stack"]["blocks"] for g in runs.values()), key=len)
+            ax.set_xticks([k / max(len(names) - 1, 1) for k in range(len(names))],
+                          [_short(n) for n in names], rotation=30, fontsize=7)
+            ax.set_xlabel(f"block of {model}")
+            ax.set_ylabel("linear-probe test accuracy (%)")
+            ax.plot([], [], "s--", color="0.5", alpha=0.5, label="before training")
+            ax.legend(fontsize=7, loc="best")
         seeds = sorted({len(g) for g in groups.values()})
-        ax.set_title(f"linear probes by depth, after the last epoch; mean ± sd over "
+        fig.suptitle(f"linear probes by depth after the last epoch; mean ± sd over "
                      f"{'/'.join(map(str, seeds))} seeds", fontsize=9)
     return fig
 
