@@ -56,8 +56,9 @@ each epoch (max over epochs; device-independent), and **× e2e** its ratio to
 the table's e2e row; **CUDA MiB**: `torch.cuda.max_memory_allocated` on GPUs;
 **nHSIC(X;Z)**, **nHSIC(Y;Z)**: the last block's information-plane position
 after the last epoch ([information_plane.md](information_plane.md)); **Δ e2e**:
-the test accuracy less that of the table's e2e row, in percentage points (blank
-for that row and in a table without one); **recipe**: epochs, optimizer, peak
+the test accuracy less that of the table's e2e row made by the same preset (any
+e2e row where the preset made none), in percentage points (blank for that row and
+in a table without one); **recipe**: epochs, optimizer, peak
 learning rate and batch size; **options**: rule options and whatever else
 differs between the table's rows. **(probe)**: a label-free rule (no prediction
 of its own), whose accuracies are its linear probes' (`--probe linear`,
@@ -91,6 +92,11 @@ class Row:
         """Test accuracy: mean and sample standard deviation over seeds (None for one seed)."""
         accs = [float(r["test_acc"]) for r in self.records]
         return sum(accs) / len(accs), statistics.stdev(accs) if len(accs) > 1 else None
+
+    @property
+    def preset(self) -> str | None:
+        """The preset that made the row's first record (None: none)."""
+        return self.records[0]["config"].get("preset") if self.records else None
 
     def probed(self) -> bool:
         """Whether the accuracies are the linear probe's (a label-free rule's records)."""
@@ -142,15 +148,22 @@ class Table:
         text = f"{self.dataset}_{self.model}_{self.epochs}ep_{self.train_subset or 'all'}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
+    def baselines(self, row: Row) -> list[Row]:
+        """The ``e2e`` rows ``row`` is compared with: those its preset made, where it made
+        any (two presets of one budget each compare with their own e2e), else all."""
+        e2e = [r for r in self.rows if r.rule == "e2e"]
+        same = [r for r in e2e if r.preset == row.preset]
+        return same or e2e
+
     def delta(self, row: Row) -> float | None:
-        """``row``'s mean test accuracy less that of the table's first ``e2e`` row (None for
-        that row itself and in a table without one)."""
-        e2e = next((r for r in self.rows if r.rule == "e2e"), None)
+        """``row``'s mean test accuracy less that of its first baseline (:meth:`baselines`;
+        None for that row itself and in a table without one)."""
+        e2e = next(iter(self.baselines(row)), None)
         return None if e2e is None or e2e is row else row.acc()[0] - e2e.acc()[0]
 
     def saved_ratio(self, row: Row) -> float | None:
-        """``row``'s saved bytes over those of the table's first ``e2e`` row that has them."""
-        e2e = [r.value("saved_bytes_peak") for r in self.rows if r.rule == "e2e"]
+        """``row``'s saved bytes over those of its first baseline that has them."""
+        e2e = [r.value("saved_bytes_peak") for r in self.baselines(row)]
         saved, e2e = row.value("saved_bytes_peak"), next(filter(None, e2e), None)
         return saved / e2e if saved is not None and e2e else None
 

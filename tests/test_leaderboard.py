@@ -307,3 +307,18 @@ def test_a_label_free_rows_accuracy_is_marked_as_the_probes():
     cells = {x.split("|")[1].strip(): x.split("|")[3].strip() for x in lines
              if x.startswith(("| blockwise_ssl |", "| e2e |"))}
     assert cells == {"blockwise_ssl": "40.00 (probe)", "e2e": "50.00"}
+
+
+def test_two_presets_of_one_budget_compare_with_their_own_e2e():
+    rows = []
+    for preset, e2e_acc in (("local-cpu", 0.5), ("probes-cpu", 0.3)):
+        for rule, acc in (("e2e", e2e_acc), ("dgl", 0.4)):
+            record = make_record(rule, 0, acc)
+            record["config"]["preset"] = preset
+            record["config"]["lr"] = 0.05 if preset == "local-cpu" else 0.1  # other rows
+            rows.append((f"{preset}-{rule}", record))
+    (table,) = build_tables(rows)
+    deltas = {(r.rule, r.preset): table.delta(r) for r in table.rows}
+    assert deltas[("e2e", "local-cpu")] is None and deltas[("e2e", "probes-cpu")] is None
+    assert round(100 * deltas[("dgl", "local-cpu")], 6) == -10.0
+    assert round(100 * deltas[("dgl", "probes-cpu")], 6) == 10.0

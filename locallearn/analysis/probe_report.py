@@ -3,7 +3,8 @@
 Records that differ only in their seed are one run (a row, a line): its probes' test accuracy
 at each block after the last epoch, mean ± standard deviation over the seeds, beside the same
 network's before training (epoch 0: the randomly initialised network, the floor that shows a
-rule learned anything). ``python benchmarks/probes.py RECORDS... [-o FIGURE]``.
+rule learned anything). Runs that are not complete (running, interrupted, diverged) are left
+out and named. ``python benchmarks/probes.py RECORDS... [-o FIGURE]``.
 """
 
 from __future__ import annotations
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.output and Path(args.output).suffix.lower() not in (".png", ".pdf", ".svg"):
             raise ConfigError(f"output must end in .png, .pdf or .svg; got {args.output!r}")
         records = [read_record(path) | {"file": path} for path in args.records]
+        apart = [r["file"] for r in records if r.get("status") != "complete"]
+        records = [r for r in records if r.get("status") == "complete"]
+        if not records:
+            raise DataError("no complete run among the records")
         text = table(records)
         if args.output:
             from .plots import save_figure
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print("probes.py: error: " + " ".join(str(err).splitlines()), file=sys.stderr)
         return 2
     print(text)
+    if apart:  # running, interrupted or diverged: never averaged in
+        print("left out (not complete): " + ", ".join(map(str, apart)))
     if args.output:
         print(f"wrote {path}")
     return 0
