@@ -95,7 +95,7 @@ def run_main(capsys, monkeypatch):
 # The slow tier, `-m slow`: the tests that take SLOW_SECONDS or more, as measured by
 # `python tests/durations.py` (see there) into tests/durations.json. The README's test
 # command leaves them out; .ci/run runs them after it. A test not in the file is fast.
-SLOW_SECONDS = 3.0
+SLOW_SECONDS = 2.0
 DURATIONS = ROOT / "tests" / "durations.json"
 
 

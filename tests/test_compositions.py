@@ -39,7 +39,8 @@ def stacks():
 
 def _options(rule, head, loss):
     cls = RULES.get(rule).factory
-    return {cls.head_option: head, cls.loss_option: loss}
+    small = {"aux_features": 16, "aux_hidden": 32} if head == "projector" else {}
+    return {cls.head_option: head, cls.loss_option: loss, **small}  # ResNet-50's is 84M
 
 
 def _one_step(stack, rule):
@@ -56,32 +57,11 @@ def _one_step(stack, rule):
         assert any(not torch.equal(a, b) for a, b in zip(old, new, strict=True)), i
 
 
-def _default(rule: str, option: str) -> str:
-    """The rule's own head (``option="head_option"``) or loss (``"loss_option"``)."""
-    cls = RULES.get(rule).factory
-    return getattr(cls.Config(), getattr(cls, option))
-
-
-# Every rule x head x loss (the slow tier); the fast tier covers every pair: each head with
-# each loss under layerwise, each rule with each head at its own loss and each loss at its
-# own head.
 GRID = [(r, h, loss) for r in LOCAL_RULES for h in CLASSIFIER_HEADS for loss in LOCAL_LOSSES]
-PAIRS = [(r, h, loss) for r, h, loss in GRID if r == "layerwise"
-         or h == _default(r, "head_option") or loss == _default(r, "loss_option")]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("rule, head, loss", GRID)
 def test_every_head_and_loss_trains_under_every_local_rule(stacks, rule, head, loss):
-    _trains_or_is_refused(stacks, rule, head, loss)
-
-
-@pytest.mark.parametrize("rule, head, loss", PAIRS)
-def test_every_pair_of_rule_head_and_loss_trains(stacks, rule, head, loss):
-    _trains_or_is_refused(stacks, rule, head, loss)
-
-
-def _trains_or_is_refused(stacks, rule, head, loss):
     if RULES.get(rule).factory.label_free and loss not in label_free_losses():
         with pytest.raises(ConfigError, match=f"loss={loss} is not a label-free") as err:
             create_rule(rule, **_options(rule, head, loss))
