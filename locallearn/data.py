@@ -29,11 +29,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from locallearn.errors import ConfigError, DataError, unknown_name
+from locallearn.views import ssl_views
 
 DATASETS: tuple[str, ...] = (
     "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder:PATH", "synthetic",
 )
-AUGMENTS: tuple[str, ...] = ("crop_flip", "crop", "flip", "none")
+AUGMENTS: tuple[str, ...] = ("crop_flip", "crop", "flip", "ssl", "none")
 
 # name -> (torchvision class, display name, augmentation, classes, image side, training
 # images, test images): a run needs the shape before loading the set (for the model and
@@ -457,7 +458,8 @@ class BatchTransform:
 
     ``crop_flip`` matches torchvision's ``RandomCrop(size, padding)`` (zero padding
     of the raw image) followed by ``RandomHorizontalFlip(0.5)``; ``crop`` omits the
-    flip, ``flip`` the crop (what the seed paper's CIFAR code uses). Random numbers
+    flip, ``flip`` the crop (what the seed paper's CIFAR code uses); ``ssl`` draws
+    self-supervised views (:func:`locallearn.views.ssl_views`). Random numbers
     come from ``generator`` (drawn on its device, CPU unless given otherwise), or
     from torch's default generator when it is ``None``.
 
@@ -478,7 +480,9 @@ class BatchTransform:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
         """Augment (if configured) and normalise uint8 ``(B, C, H, W)`` images to float32."""
-        if self.augment != "none":
+        if self.augment == "ssl":
+            images = ssl_views(images, generator).mul_(255)
+        elif self.augment != "none":
             images = self._augment(images, generator)
         if images.device not in self._on_device:  # copy the stats to each device only once
             self._on_device[images.device] = (self.mean.to(images.device),

@@ -365,7 +365,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("test-subset", IDENTITY, "test on a fixed, seeded, class-balanced subset of N images",
          type=positive_int, metavar="N", row=False),
     Flag("augment", IDENTITY, "training augmentation (default: the data set's, crop_flip for "
-         "CIFAR)", choices=("crop_flip", "crop", "flip", "none")),
+         "CIFAR; ssl: Barlow Twins' views)", choices=("crop_flip", "crop", "flip", "ssl", "none")),
     Flag("norm-mean", IDENTITY, "normalisation mean in [0, 1] units (default: measured on the "
          "training split)", type=per_channel(), metavar="R,G,B"),
     Flag("norm-std", IDENTITY, "normalisation std in [0, 1] units (default: measured on the "
