@@ -82,21 +82,20 @@ def crop_boxes(size: tuple[int, int] | torch.Size, n: int, generator: torch.Gene
         n, attempts, generator=generator, device=rng, dtype=torch.float64))
     cw = torch.round(torch.sqrt(area * ratio)).long()
     ch = torch.round(torch.sqrt(area / ratio)).long()
-    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-    first = torch.where(fits.any(1), fits.float().argmax(1), -1)
-    pick = first.clamp_min(0)[:, None]
-    ch, cw = ch.gather(1, pick)[:, 0], cw.gather(1, pick)[:, 0]
     if w / h < RATIO[0]:
         fh, fw = round(w / RATIO[0]), w
     elif w / h > RATIO[1]:
         fh, fw = h, round(h * RATIO[1])
     else:
         fh, fw = h, w
-    ch = torch.where(first < 0, fh, ch)
-    cw = torch.where(first < 0, fw, cw)
+    # The centre crop is a last try that always fits: the first try that fits is taken.
+    ch = torch.cat([ch, ch.new_full((n, 1), fh)], 1)
+    cw = torch.cat([cw, cw.new_full((n, 1), fw)], 1)
+    first = ((cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)).float().argmax(1, keepdim=True)
+    ch, cw, centre = ch.gather(1, first)[:, 0], cw.gather(1, first)[:, 0], first[:, 0] == attempts
     u = torch.rand(n, 2, generator=generator, device=rng, dtype=torch.float64)
-    top = torch.where(first < 0, (h - fh) // 2, (u[:, 0] * (h - ch + 1)).long())
-    left = torch.where(first < 0, (w - fw) // 2, (u[:, 1] * (w - cw + 1)).long())
+    top = torch.where(centre, (h - fh) // 2, (u[:, 0] * (h - ch + 1)).long())
+    left = torch.where(centre, (w - fw) // 2, (u[:, 1] * (w - cw + 1)).long())
     return torch.stack([top, left, ch, cw], 1)
 
 
