@@ -20,7 +20,7 @@ PACKAGE = "locallearn"
 FLOORS: list[tuple[str, ...]] = [
     # maths and basics
     ("errors",),
-    ("version", "registry", "config", "measure", "hsic", "optim", "recompute", "step",
+    ("version", "registry", "config", "measure", "hsic", "optim", "recompute", "step", "views",
      "observers"),
     ("losses", "heads", "models", "models.*", "data", "transport"),
     ("adapters", "objectives", "settings"),  # adapters lay out the models' families for blocks;
