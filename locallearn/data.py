@@ -480,15 +480,15 @@ class BatchTransform:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
         """Augment (if configured) and normalise uint8 ``(B, C, H, W)`` images to float32."""
-        if self.augment == "ssl":
-            images = ssl_views(images, generator).mul_(255)
-        elif self.augment != "none":
-            images = self._augment(images, generator)
-        if images.device not in self._on_device:  # copy the stats to each device only once
-            self._on_device[images.device] = (self.mean.to(images.device),
-                                              self.std.to(images.device))
-        mean, std = self._on_device[images.device]
-        return images.float().div_(255).sub_(mean).div_(std)
+        if self.augment == "ssl":  # views are floats in [0, 1] already
+            x = ssl_views(images, generator)
+        else:
+            x = (images if self.augment == "none" else self._augment(images, generator))
+            x = x.float().div_(255)
+        if x.device not in self._on_device:  # copy the stats to each device only once
+            self._on_device[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self._on_device[x.device]
+        return x.sub_(mean).div_(std)
 
     def _augment(self, images: torch.Tensor, generator: torch.Generator | None
                  ) -> torch.Tensor:

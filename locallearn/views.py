@@ -43,24 +43,24 @@ def ssl_views(images: torch.Tensor, generator: torch.Generator | None = None) ->
     b = len(images)
     rng = generator.device if generator is not None else torch.device("cpu")
 
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        u = torch.rand(b, *shape, generator=generator, device=rng)
+    def uniform(low: float, high: float) -> torch.Tensor:
+        u = torch.rand(b, generator=generator, device=rng)
         return (low + (high - low) * u).to(images.device)
 
     def coin(p: float) -> torch.Tensor:
         return (torch.rand(b, generator=generator, device=rng) < p).to(images.device)
 
     boxes = crop_boxes(images.shape[-2:], b, generator)
-    x = resized_crop(images.float().div(255), boxes.to(images.device), flip=coin(0.5))
+    x = resized_crop(images.float().div(255), boxes, flip=coin(0.5))
     factors = {name: uniform(1 - s, 1 + s) if name != "hue" else uniform(-s, s)
                for name, s in JITTER.items()}
     order = torch.rand(b, len(JITTER), generator=generator, device=rng).argsort(1)
     jittered = coin(P_JITTER)
+    names = [n for n in JITTER if n in ("brightness", "contrast") or x.shape[1] == 3]
     for step in range(len(JITTER)):  # each image's own order of the four operations
-        for k, name in enumerate(JITTER):
-            chosen = jittered & (order[:, step] == k).to(images.device)
-            if chosen.any() and (name in ("brightness", "contrast") or x.shape[1] == 3):
-                x = torch.where(chosen.view(-1, 1, 1, 1), adjust(x, name, factors[name]), x)
+        for name in names:  # every image computed, the chosen kept: no host sync on a GPU
+            chosen = jittered & (order[:, step] == list(JITTER).index(name)).to(images.device)
+            x = torch.where(chosen.view(-1, 1, 1, 1), adjust(x, name, factors[name]), x)
     if x.shape[1] == 3:
         x = torch.where(coin(P_GRAY).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
     solarized = torch.where(x >= 128 / 255, 1 - x, x)
