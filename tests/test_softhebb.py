@@ -35,8 +35,8 @@ def data():
 
 def _trainer(data, model="softhebb_cnn", epochs=3, **options):
     torch.manual_seed(0)
-    kwargs = {"width": 0.05, "img_size": SIDE} if model == "softhebb_cnn" else {
-        "widths": (4, 8, 8)}
+    kwargs = {"softhebb_cnn": {"width": 0.05, "img_size": SIDE},
+              "resnet32_cifar": {"widths": (4, 8, 8)}}.get(model, {})
     stack = split(timm.create_model(model, num_classes=10, **kwargs), "stage",
                   input_size=(3, SIDE, SIDE))
     cfg = TrainConfig(progress=False, batch_size=16, epochs=epochs, lr=1.0, momentum=0.0,
@@ -86,7 +86,7 @@ def _hebbian_weights(trainer):
     return [p.detach().clone() for part in trainer.parts for p in part.parameters()]
 
 
-@pytest.mark.parametrize("model", ["softhebb_cnn", "resnet32_cifar"])
+@pytest.mark.parametrize("model", ["softhebb_cnn", "resnet32_cifar", "resnet18_cifar"])
 def test_a_step_is_the_rule_and_reads_no_label(data, model):
     trainer = _trainer(data, model)
     first = trainer.parts[0]
@@ -103,7 +103,7 @@ def test_a_step_is_the_rule_and_reads_no_label(data, model):
     first.train()
     rate = neuron_rate(conv.weight, first.settings[next(iter(first.convs))][1], 0.5)
     want = conv.weight.detach() + rate * softhebb_delta(conv, seen[0], first.settings[
-        next(iter(first.convs))][0]) if model == "resnet32_cifar" else None
+        next(iter(first.convs))][0]) if model != "softhebb_cnn" else None
     shuffled = _trainer(data, model)
     trainer.train_step(x, step, trainer.schedule[0])
     labels = step.labels[torch.randperm(len(step.labels))]
