@@ -369,6 +369,13 @@ def _print_registries(kinds: list[str]) -> None:
                 print(f"{'':{width}s}  defaults: {' '.join(rule_flags(entry.name))}")
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: ``print`` writes the text and its newline apart, and
+    stderr writes through, so the stages of a pipelined run could splice their lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status.
 
@@ -400,13 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import Diverged
 
         line = " ".join(str(err).splitlines())  # user text may hold line breaks
-        print(f"run.py: error: {line}", file=sys.stderr)
+        _say(f"run.py: error: {line}")
         return EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_BAD_INPUT
     except Terminated:
-        print("run.py: terminated", file=sys.stderr)
+        _say("run.py: terminated")
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("run.py: interrupted", file=sys.stderr)
+        _say("run.py: interrupted")
         return EXIT_INTERRUPTED
     finally:
         if handler is not None:
