@@ -55,11 +55,13 @@ def ssl_views(images: torch.Tensor, generator: torch.Generator | None = None) ->
     factors = {name: uniform(1 - s, 1 + s) if name != "hue" else uniform(-s, s)
                for name, s in JITTER.items()}
     order = torch.rand(b, len(JITTER), generator=generator, device=rng).argsort(1)
+    order = order.to(images.device)  # moved once, read at every step
     jittered = coin(P_JITTER)
-    names = [n for n in JITTER if n in ("brightness", "contrast") or x.shape[1] == 3]
+    codes = {n: i for i, n in enumerate(JITTER)
+             if n in ("brightness", "contrast") or x.shape[1] == 3}  # what 1 channel allows
     for step in range(len(JITTER)):  # each image's own order of the four operations
-        for name in names:  # every image computed, the chosen kept: no host sync on a GPU
-            chosen = jittered & (order[:, step] == list(JITTER).index(name)).to(images.device)
+        for name, code in codes.items():  # every image computed, the chosen kept: no host sync
+            chosen = jittered & (order[:, step] == code)
             x = torch.where(chosen.view(-1, 1, 1, 1), adjust(x, name, factors[name]), x)
     if x.shape[1] == 3:
         x = torch.where(coin(P_GRAY).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
@@ -173,7 +175,7 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``(B, 3, H, W)`` RGB of hue, saturation and value maps ``(B, H, W)`` in [0, 1]."""
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    offsets = torch.arange(5, 0, -2, device=h.device, dtype=h.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = (offsets + 6 * h.unsqueeze(1)) % 6  # channel c is v - v s clamp(min(k, 4 - k), 0, 1)
     v, s = v.unsqueeze(1), s.unsqueeze(1)
     return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
